@@ -1,0 +1,79 @@
+"""Database connections: one place that opens them, sets ``application_name`` and timeouts.
+
+A DBA must see who is connected in ``pg_stat_activity``; every connection the daemon opens goes
+through here so it always carries ``application_name`` (``sync-daemon/<role>``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+APP = "sync-daemon"
+
+
+def app_name(role: str) -> str:
+    return f"{APP}/{role}"
+
+
+def pg_connect(dsn: str, role: str, *, connect_timeout: float = 10.0, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection to a PostgreSQL ERP with application_name and UTC/ISO settings."""
+    return psycopg.connect(
+        dsn,
+        application_name=app_name(role),
+        connect_timeout=max(1, int(connect_timeout)),
+        options="-c timezone=UTC -c datestyle=ISO",
+        **kwargs,
+    )
+
+
+def sqlalchemy_url(url: str) -> sa.URL:
+    """Normalise a URL for SQLAlchemy: ``postgresql://`` uses psycopg 3, ``mysql://`` PyMySQL."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    elif u.drivername in ("mysql", "mariadb"):
+        u = u.set(drivername="mysql+pymysql")
+    return u
+
+
+def make_engine(url: str, role: str, **kwargs: Any) -> sa.Engine:
+    """A SQLAlchemy engine with application_name (PostgreSQL) or WAL + busy timeout (SQLite)."""
+    u = sqlalchemy_url(url)
+    connect_args: dict[str, Any] = {}
+    if u.get_backend_name() == "postgresql":
+        connect_args = {"application_name": app_name(role), "connect_timeout": 10}
+    elif u.get_backend_name() == "mysql":
+        connect_args = {"connect_timeout": 10, "program_name": app_name(role)}
+    elif u.get_backend_name() == "sqlite":
+        connect_args = {"timeout": 30, "check_same_thread": False}
+    engine = sa.create_engine(u, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+    if u.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            # Python's sqlite3 opens transactions lazily and not for DDL; take control so that
+            # BEGIN covers everything, as on PostgreSQL.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def null_pool_engine(url: str, role: str) -> sa.Engine:
+    """An engine without pooling, for short-lived CLI commands."""
+    return make_engine(url, role, poolclass=NullPool)

@@ -1,0 +1,1 @@
+"""Mappers: webshop orders to ERP rows, and ERP changes to webshop updates."""
