@@ -32,7 +32,8 @@ from replicator.config.core import (
 )
 from replicator.config.ops import NotifySection, SchedulesSection
 from replicator.config.push import StockPushSection, InvoicePushSection
-from replicator.config.shops import OrdersSection, ShopSection
+from replicator.config.orders import OrdersSection
+from replicator.config.shops import ShopSection
 from replicator.errors import ConfigError
 
 __all__ = [

@@ -1,0 +1,152 @@
+"""Command line: parse arguments, load and validate config, configure logging, dispatch.
+
+Core subcommands live here (``run``, ``check-config``, ``status``, ``resync``, ``lag``); feature
+areas contribute theirs from modules in :mod:`replicator.commands`, each exposing
+``register(subparsers)``. A handler takes the parsed ``argparse.Namespace`` and returns the exit
+code. Exit codes: 0 ok, 1 failure at run time, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from replicator import __version__
+from replicator.errors import ConfigError, SyncError
+
+DEFAULT_CONFIG = os.environ.get("SYNC_DAEMON_CONFIG", "/etc/sync-daemon/config.toml")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    """Every command that needs the config takes ``--config FILE`` (env SYNC_DAEMON_CONFIG)."""
+    p.add_argument(
+        "--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
+    )
+
+
+def load(args: argparse.Namespace) -> Any:
+    """Load the config named by ``--config`` and set up logging for a CLI command."""
+    from replicator.config import load_config
+    from replicator.log import setup_logging
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging, quiet=not getattr(args, "verbose", False))
+    return cfg
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from replicator.config import load_config, warn_if_world_readable
+    from replicator.log import setup_logging
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.logging, quiet=True)
+    warn_if_world_readable(args.config, cfg)
+    if getattr(args, "connect", False):
+        from replicator.daemon import preflight
+
+        for line in preflight(cfg):
+            print(line)
+    print(f"{args.config}: OK (capture {cfg.capture.mode}, {len(cfg.capture.tables)} table(s), "
+          f"staging {cfg.staging_url.split(':', 1)[0]})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from replicator.daemon import run_daemon
+
+    return run_daemon(args.config)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from replicator.status import print_status
+
+    cfg = load(args)
+    return print_status(cfg, as_json=args.json, show_all=getattr(args, "all", False))
+
+
+def _cmd_resync(args: argparse.Namespace) -> int:
+    from replicator.daemon import resync
+
+    cfg = load(args)
+    if not args.yes:
+        print("resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
+              "Stop the daemon first. Run again with --yes to proceed.", file=sys.stderr)
+        return 2
+    resync(cfg)
+    print("resync: new slot created and snapshot taken; start the daemon to resume streaming")
+    return 0
+
+
+def _cmd_lag(args: argparse.Namespace) -> int:
+    from replicator.status import print_lag
+
+    cfg = load(args)
+    return print_lag(cfg, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sync-daemon",
+        description="Replicate an ERP database into a staging store and bridge it with a webshop.",
+    )
+    parser.add_argument("--version", action="version", version=f"sync-daemon {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr while running CLI commands")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    add_config_arg(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the configuration without running")
+    add_config_arg(p)
+    p.add_argument("--connect", action="store_true", help="also connect and check the ERP and staging")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("status", help="replication status, services and orders")
+    add_config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list all orders, not the latest 20 per state")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("lag", help="per-slot lag, retained WAL and invalidation risk (for DBAs)")
+    add_config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_lag)
+
+    p = sub.add_parser("resync", help="drop and recreate the slot, take a new snapshot (on purpose)")
+    add_config_arg(p)
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p.set_defaults(func=_cmd_resync)
+
+    import replicator.commands as commands
+
+    for mod in pkgutil.iter_modules(commands.__path__):
+        module = importlib.import_module(f"replicator.commands.{mod.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except SyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

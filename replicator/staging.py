@@ -1,0 +1,711 @@
+"""The staging store: mirror tables, the change journal, checkpoints and the replication status.
+
+Any SQLAlchemy URL; SQLite (a file under the state directory) by default, PostgreSQL supported.
+
+Why the apply path looks the way it does
+----------------------------------------
+*Exactly once.* A batch of changes and the source position it reaches commit in one staging
+transaction (:meth:`ApplyTxn.commit` writes the checkpoint row in the same transaction). The
+capture source confirms that position to the ERP only after the commit returned. A source
+transaction is never split across two staging commits: a transaction larger than the batch is
+*flushed* in chunks (so memory stays bounded) but committed only once its source commit arrived.
+After a crash, staging holds whole source transactions up to the checkpoint, and capture resumes
+right after it.
+
+*Batches, not round trips.* Within a staging transaction, pending changes are coalesced per row
+key (the last image wins; a partial image — unchanged TOAST columns left out — is merged onto the
+one before it) and written with ``executemany`` per (table, column set). Changes to different
+keys commute, so the coalesced writes reach the same final state as applying one by one.
+
+*Values.* Capture sources hand over Python values (ints, Decimals, datetimes, UUIDs, dicts,
+lists, bytes). On PostgreSQL staging they keep their types; on SQLite, numerics and temporal
+values are stored as text in ISO/decimal form (never as REAL, which would round) and JSON and
+arrays as JSON text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.db import make_engine
+
+log = structlog.get_logger(__name__)
+
+SYSTEM_TABLES = (
+    "sync_checkpoints",
+    "sync_journal",
+    "sync_cursors",
+    "sync_tables",
+)
+
+_BUILTIN_OID_LIMIT = 16384  # FirstNormalObjectId: types below are built into PostgreSQL
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(v).hex()
+    if isinstance(v, dt.timedelta):
+        return str(v)
+    return str(v)
+
+
+def to_json(v: Any) -> str:
+    return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+
+
+def _category(col: Column) -> str:
+    """A coarse storage category from the source type name."""
+    t = col.type_name.lower()
+    if t.endswith("[]"):
+        return "array"
+    base = t.split("(")[0].strip()
+    if base in ("smallint", "integer", "bigint", "int2", "int4", "int8", "smallserial", "serial",
+                "bigserial", "int", "tinyint", "mediumint"):
+        return "int"
+    if base in ("boolean", "bool"):
+        return "bool"
+    if base in ("real", "double precision", "float4", "float8", "float", "double"):
+        return "float"
+    if base in ("bytea", "blob", "longblob", "mediumblob", "varbinary", "binary"):
+        return "bytes"
+    if base in ("json", "jsonb"):
+        return "json"
+    return "text"
+
+
+def _sqlite_value(v: Any) -> Any:
+    if v is None or isinstance(v, (int, float, str, bytes)):
+        return v  # bool is an int
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, dt.datetime):
+        return v.isoformat(sep=" ")
+    if isinstance(v, (dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if isinstance(v, (dict, list, tuple)):
+        return to_json(v)
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    return str(v)
+
+
+def _sqlite_type(col: Column) -> str:
+    return {"int": "INTEGER", "bool": "INTEGER", "float": "REAL", "bytes": "BLOB"}.get(
+        _category(col), "TEXT"
+    )
+
+
+def _pg_type(col: Column) -> str:
+    # Built-in types are recreated as they are; user-defined ones (enums, domains) as text.
+    if col.type_oid and col.type_oid >= _BUILTIN_OID_LIMIT:
+        return "text"
+    return col.type_name or "text"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorInfo:
+    """A mirror table and how to write into it."""
+
+    source_table: str
+    name: str
+    schema: TableSchema
+
+
+class _Pending:
+    """Coalesced pending changes of one table inside an open staging transaction."""
+
+    __slots__ = ("deletes", "upserts")
+
+    def __init__(self) -> None:
+        # key tuple -> (values dict, partial?) for upserts; key tuple -> position for deletes
+        self.upserts: dict[tuple[Any, ...], tuple[dict[str, Any], bool, str]] = {}
+        self.deletes: dict[tuple[Any, ...], str] = {}
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.deletes)
+
+
+class StagingStore:
+    """Mirror tables + change journal + checkpoints in one SQLAlchemy database."""
+
+    def __init__(self, url: str, *, journal: bool = True, role: str = "staging") -> None:
+        self.url = url
+        self.engine = make_engine(url, role)
+        self.dialect = self.engine.dialect.name
+        self.journal_enabled = journal
+        self._mirrors: dict[str, MirrorInfo] = {}
+        self._sql_cache: dict[tuple[Any, ...], str] = {}
+        self._ready = False
+
+    # ------------------------------------------------------------------ set-up
+    def q(self, ident: str) -> str:
+        """Quote an identifier for the staging dialect."""
+        return self.engine.dialect.identifier_preparer.quote_identifier(ident)
+
+    def setup(self) -> None:
+        """Create the system tables and the ``replication_status`` view (idempotent)."""
+        if self._ready:
+            return
+        text = "TEXT"
+        ts = "TIMESTAMP WITH TIME ZONE" if self.dialect == "postgresql" else "TEXT"
+        ident = (
+            "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+            if self.dialect == "postgresql"
+            else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        )
+        big = "BIGINT"
+        dbl = "DOUBLE PRECISION" if self.dialect == "postgresql" else "REAL"
+        ddl = [
+            f"""CREATE TABLE IF NOT EXISTS sync_checkpoints (
+                source {text} PRIMARY KEY,
+                slot {text},
+                position {text} NOT NULL,
+                state {text} NOT NULL,
+                extra {text} NOT NULL DEFAULT '{{}}',
+                updated_at {ts} NOT NULL,
+                last_replication_at {ts},
+                source_commit_at {ts},
+                heartbeat_at {ts},
+                heartbeat_sent_at {ts},
+                lag_seconds {dbl},
+                lag_bytes {big},
+                server_position {text},
+                changes_applied {big} NOT NULL DEFAULT 0
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_journal (
+                id {ident},
+                source {text} NOT NULL,
+                table_name {text} NOT NULL,
+                op {text} NOT NULL,
+                row_key {text},
+                position {text} NOT NULL,
+                at {ts} NOT NULL
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_cursors (
+                consumer {text} PRIMARY KEY,
+                journal_id {big} NOT NULL,
+                updated_at {ts} NOT NULL
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_tables (
+                source_table {text} PRIMARY KEY,
+                mirror_name {text} NOT NULL,
+                definition {text} NOT NULL,
+                updated_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS sync_journal_table ON sync_journal (table_name, id)",
+        ]
+        view = """CREATE VIEW replication_status AS
+            SELECT source, slot, last_replication_at, position AS confirmed_position,
+                   lag_seconds, lag_bytes, heartbeat_at, state, changes_applied, updated_at
+            FROM sync_checkpoints"""
+        with self.engine.begin() as conn:
+            for stmt in ddl:
+                conn.exec_driver_sql(stmt)
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE OR REPLACE VIEW"))
+            else:
+                conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE VIEW IF NOT EXISTS"))
+        self._load_mirrors()
+        self._ready = True
+
+    def _load_mirrors(self) -> None:
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT source_table, mirror_name, definition FROM sync_tables"
+            ).fetchall()
+        for source_table, mirror_name, definition in rows:
+            d = json.loads(definition)
+            schema = TableSchema(
+                schema=d["schema"],
+                name=d["name"],
+                columns=tuple(Column(**c) for c in d["columns"]),
+                key=tuple(d["key"]),
+            )
+            self._mirrors[source_table] = MirrorInfo(source_table, mirror_name, schema)
+
+    @staticmethod
+    def mirror_name(table: str) -> str:
+        schema, _, name = table.partition(".")
+        return name if schema == "public" else f"{schema}__{name}"
+
+    def mirror(self, table: str) -> MirrorInfo | None:
+        return self._mirrors.get(table)
+
+    def mirrors(self) -> list[MirrorInfo]:
+        return list(self._mirrors.values())
+
+    def _col_ddl(self, col: Column) -> str:
+        typ = _pg_type(col) if self.dialect == "postgresql" else _sqlite_type(col)
+        return f"{self.q(col.name)} {typ}"
+
+    def ensure_mirror(self, schema: TableSchema, conn: sa.Connection | None = None) -> MirrorInfo:
+        """Create the mirror of a source table, or add columns the source gained.
+
+        Columns the source dropped are kept in staging (their history stays queryable) and are
+        no longer written.
+        """
+        if conn is None:
+            with self.engine.begin() as c:
+                return self.ensure_mirror(schema, c)
+        name = self.mirror_name(schema.qualified)
+        known = self._mirrors.get(schema.qualified)
+        if known is None:
+            cols = ", ".join(self._col_ddl(c) for c in schema.columns)
+            pk = ", ".join(self.q(k) for k in schema.key)
+            conn.exec_driver_sql(
+                f"CREATE TABLE IF NOT EXISTS {self.q(name)} ({cols}, PRIMARY KEY ({pk}))"
+            )
+            merged = schema
+        else:
+            have = {c.name for c in known.schema.columns}
+            added = [c for c in schema.columns if c.name not in have]
+            for col in added:
+                conn.exec_driver_sql(f"ALTER TABLE {self.q(name)} ADD COLUMN {self._col_ddl(col)}")
+                log.info("mirror_column_added", table=schema.qualified, column=col.name,
+                         type=col.type_name)
+            if not added and known.schema.key == schema.key and all(
+                known.schema.column(c.name) == c for c in schema.columns
+            ):
+                return known
+            kept = [c for c in known.schema.columns if schema.column(c.name) is None]
+            merged = TableSchema(schema.schema, schema.name, tuple(schema.columns) + tuple(kept),
+                                 schema.key)
+        definition = to_json({
+            "schema": merged.schema,
+            "name": merged.name,
+            "columns": [
+                {"name": c.name, "type_name": c.type_name, "type_oid": c.type_oid,
+                 "nullable": c.nullable}
+                for c in merged.columns
+            ],
+            "key": list(merged.key),
+        })
+        now = self._now()
+        updated = conn.exec_driver_sql(
+            "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
+            "WHERE source_table = %s" % ((self._ph,) * 4),
+            (name, definition, now, schema.qualified),
+        ).rowcount
+        if not updated:
+            conn.exec_driver_sql(
+                "INSERT INTO sync_tables (source_table, mirror_name, definition, updated_at) "
+                "VALUES (%s, %s, %s, %s)" % ((self._ph,) * 4),
+                (schema.qualified, name, definition, now),
+            )
+        info = MirrorInfo(schema.qualified, name, merged)
+        self._mirrors[schema.qualified] = info
+        self._sql_cache.clear()
+        return info
+
+    def backfill_column(self, conn: sa.Connection, table: str, column: str, value: Any) -> None:
+        """Set ``column`` of every row of a mirror (rows that predate an added column)."""
+        info = self._mirrors[table]
+        col = info.schema.column(column)
+        v = _sqlite_value(value) if self.dialect == "sqlite" else self._pg_param(col, value)
+        conn.exec_driver_sql(
+            f"UPDATE {self.q(info.name)} SET {self.q(column)} = {self._ph}", (v,)
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _ph(self) -> str:
+        return "?" if self.dialect == "sqlite" else "%s"
+
+    def _now(self) -> Any:
+        now = dt.datetime.now(dt.UTC)
+        return now.isoformat(sep=" ") if self.dialect == "sqlite" else now
+
+    def to_storage(self, v: Any) -> Any:
+        if self.dialect == "sqlite":
+            return _sqlite_value(v)
+        if isinstance(v, (dict, list)) and not isinstance(v, str):
+            return v  # adapted per column in _pg_param
+        return v
+
+    def _pg_param(self, col: Column | None, v: Any) -> Any:
+        if v is None or col is None:
+            return v
+        cat = _category(col)
+        if cat == "json":
+            from psycopg.types.json import Json, Jsonb
+
+            return Jsonb(v) if col.type_name.lower() == "jsonb" else Json(v)
+        if col.type_oid and col.type_oid >= _BUILTIN_OID_LIMIT:
+            return v if isinstance(v, str) else to_json(v)
+        return v
+
+    def converter(self, info: MirrorInfo, cols: Sequence[str]) -> Any:
+        """A function turning a row of Python values into driver parameters for ``cols``."""
+        if self.dialect == "sqlite":
+            return lambda values: tuple(_sqlite_value(values[c]) for c in cols)
+        schema = info.schema
+        typed = [schema.column(c) for c in cols]
+        plain = all(c is not None and _category(c) != "json" and (c.type_oid or 0) < _BUILTIN_OID_LIMIT
+                    for c in typed)
+        if plain:
+            return lambda values: tuple(values[c] for c in cols)
+        pairs = list(zip(cols, typed, strict=True))
+        return lambda values: tuple(self._pg_param(t, values[c]) for c, t in pairs)
+
+    def upsert_sql(self, info: MirrorInfo, cols: tuple[str, ...]) -> str:
+        ck = ("upsert", info.name, cols)
+        sql = self._sql_cache.get(ck)
+        if sql is None:
+            key = info.schema.key
+            collist = ", ".join(self.q(c) for c in cols)
+            ph = ", ".join([self._ph] * len(cols))
+            sets = [f"{self.q(c)} = excluded.{self.q(c)}" for c in cols if c not in key]
+            conflict = ", ".join(self.q(k) for k in key)
+            action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
+            sql = (
+                f"INSERT INTO {self.q(info.name)} ({collist}) VALUES ({ph}) "
+                f"ON CONFLICT ({conflict}) {action}"
+            )
+            self._sql_cache[ck] = sql
+        return sql
+
+    def delete_sql(self, info: MirrorInfo) -> str:
+        ck = ("delete", info.name)
+        sql = self._sql_cache.get(ck)
+        if sql is None:
+            where = " AND ".join(f"{self.q(k)} = {self._ph}" for k in info.schema.key)
+            sql = f"DELETE FROM {self.q(info.name)} WHERE {where}"
+            self._sql_cache[ck] = sql
+        return sql
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, source: str) -> Checkpoint | None:
+        self.setup()
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                f"SELECT position, state, extra FROM sync_checkpoints WHERE source = {self._ph}",
+                (source,),
+            ).fetchone()
+        if row is None:
+            return None
+        return Checkpoint(source=source, position=row[0], state=row[1], extra=json.loads(row[2]))
+
+    def write_checkpoint(
+        self,
+        conn: sa.Connection,
+        cp: Checkpoint,
+        *,
+        slot: str | None = None,
+        changes: int = 0,
+        source_commit_at: dt.datetime | None = None,
+        replicated: bool = True,
+    ) -> None:
+        """Upsert the checkpoint row inside the caller's transaction."""
+        now = self._now()
+        commit_at = self.to_storage(source_commit_at) if source_commit_at else None
+        p = self._ph
+        updated = conn.exec_driver_sql(
+            f"UPDATE sync_checkpoints SET position = {p}, state = {p}, extra = {p}, "
+            f"updated_at = {p}, slot = COALESCE({p}, slot), "
+            f"changes_applied = changes_applied + {p}, "
+            f"last_replication_at = CASE WHEN {p} THEN {p} ELSE last_replication_at END, "
+            f"source_commit_at = COALESCE({p}, source_commit_at) WHERE source = {p}",
+            (cp.position, cp.state, to_json(cp.extra), now, slot, changes,
+             replicated, now, commit_at, cp.source),
+        ).rowcount
+        if not updated:
+            conn.exec_driver_sql(
+                "INSERT INTO sync_checkpoints (source, slot, position, state, extra, updated_at, "
+                f"last_replication_at, source_commit_at, changes_applied) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+                (cp.source, slot, cp.position, cp.state, to_json(cp.extra), now,
+                 now if replicated else None, commit_at, changes),
+            )
+
+    def record_heartbeat(
+        self,
+        source: str,
+        *,
+        sent_at: dt.datetime,
+        lag_seconds: float | None,
+        lag_bytes: int | None = None,
+        server_position: str | None = None,
+        conn: sa.Connection | None = None,
+    ) -> None:
+        """Record that a heartbeat came through the stream (or was written, in trigger mode)."""
+        if conn is None:
+            with self.engine.begin() as c:
+                self.record_heartbeat(source, sent_at=sent_at, lag_seconds=lag_seconds,
+                                      lag_bytes=lag_bytes, server_position=server_position, conn=c)
+            return
+        p = self._ph
+        conn.exec_driver_sql(
+            f"UPDATE sync_checkpoints SET heartbeat_at = {p}, heartbeat_sent_at = {p}, "
+            f"lag_seconds = COALESCE({p}, lag_seconds), lag_bytes = COALESCE({p}, lag_bytes), "
+            f"server_position = COALESCE({p}, server_position) WHERE source = {p}",
+            (self._now(), self.to_storage(sent_at), lag_seconds, lag_bytes, server_position, source),
+        )
+
+    def update_lag(self, source: str, *, lag_bytes: int | None, server_position: str | None) -> None:
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE sync_checkpoints SET lag_bytes = {p}, server_position = {p} "
+                f"WHERE source = {p}",
+                (lag_bytes, server_position, source),
+            )
+
+    def replication_status(self) -> list[dict[str, Any]]:
+        self.setup()
+        with self.engine.connect() as conn:
+            res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
+            return [dict(r._mapping) for r in res]
+
+    # ------------------------------------------------------------------ apply
+    @contextmanager
+    def transaction(self, source: str = "") -> Iterator[ApplyTxn]:
+        """An apply transaction; rolled back unless :meth:`ApplyTxn.commit` was called."""
+        self.setup()
+        txn = ApplyTxn(self, source)
+        try:
+            yield txn
+        finally:
+            txn.close()
+
+    def begin(self, source: str = "") -> ApplyTxn:
+        self.setup()
+        return ApplyTxn(self, source)
+
+    def reset_source(self, source: str, tables: Sequence[str]) -> None:
+        """Forget a source: empty its mirrors and drop its checkpoint (resync, re-snapshot)."""
+        self.setup()
+        with self.engine.begin() as conn:
+            for t in tables:
+                info = self._mirrors.get(t)
+                if info is not None:
+                    conn.exec_driver_sql(f"DELETE FROM {self.q(info.name)}")
+            conn.exec_driver_sql(f"DELETE FROM sync_checkpoints WHERE source = {self._ph}", (source,))
+
+    # ------------------------------------------------------------------ journal
+    def journal_read(self, consumer: str, *, tables: Sequence[str] | None = None,
+                     limit: int = 1000) -> list[dict[str, Any]]:
+        """Journal entries after ``consumer``'s cursor (oldest first)."""
+        self.setup()
+        p = self._ph
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                f"SELECT journal_id FROM sync_cursors WHERE consumer = {p}", (consumer,)
+            ).fetchone()
+            after = row[0] if row else 0
+            sql = f"SELECT id, source, table_name, op, row_key, position, at FROM sync_journal WHERE id > {p}"
+            params: list[Any] = [after]
+            if tables:
+                sql += f" AND table_name IN ({', '.join([p] * len(tables))})"
+                params.extend(tables)
+            sql += f" ORDER BY id LIMIT {int(limit)}"
+            rows = conn.exec_driver_sql(sql, tuple(params)).fetchall()
+        return [
+            {"id": r[0], "source": r[1], "table": r[2], "op": r[3],
+             "key": json.loads(r[4]) if r[4] else None, "position": r[5], "at": r[6]}
+            for r in rows
+        ]
+
+    def journal_commit(self, consumer: str, journal_id: int) -> None:
+        """Move ``consumer``'s cursor (after its work for entries up to ``journal_id`` is done)."""
+        p = self._ph
+        with self.engine.begin() as conn:
+            n = conn.exec_driver_sql(
+                f"UPDATE sync_cursors SET journal_id = {p}, updated_at = {p} WHERE consumer = {p}",
+                (journal_id, self._now(), consumer),
+            ).rowcount
+            if not n:
+                conn.exec_driver_sql(
+                    f"INSERT INTO sync_cursors (consumer, journal_id, updated_at) VALUES ({p}, {p}, {p})",
+                    (consumer, journal_id, self._now()),
+                )
+
+    def journal_prune(self, keep_seconds: float) -> int:
+        """Delete journal entries every consumer has read and that are older than ``keep_seconds``."""
+        p = self._ph
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=keep_seconds)
+        with self.engine.begin() as conn:
+            low = conn.exec_driver_sql("SELECT MIN(journal_id) FROM sync_cursors").scalar()
+            sql = f"DELETE FROM sync_journal WHERE at < {p}"
+            params: list[Any] = [self.to_storage(cutoff)]
+            if low is not None:
+                sql += f" AND id <= {p}"
+                params.append(low)
+            return int(conn.exec_driver_sql(sql, tuple(params)).rowcount or 0)
+
+    # ------------------------------------------------------------------ verification
+    def rows(self, table: str) -> list[tuple[Any, ...]]:
+        """All rows of a mirror, ordered by key (tests and the fault suite compare with the source)."""
+        info = self._mirrors.get(table)
+        if info is None:
+            self._load_mirrors()
+            info = self._mirrors[table]
+        cols = ", ".join(self.q(c.name) for c in info.schema.columns)
+        order = ", ".join(self.q(k) for k in info.schema.key)
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(
+                f"SELECT {cols} FROM {self.q(info.name)} ORDER BY {order}")]
+
+    def checksum(self, table: str) -> tuple[int, str]:
+        h = hashlib.sha256()
+        rows = self.rows(table)
+        for r in rows:
+            h.update(to_json([_sqlite_value(v) for v in r]).encode())
+        return len(rows), h.hexdigest()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class ApplyTxn:
+    """One open staging transaction that changes are applied into.
+
+    ``apply`` buffers and coalesces; ``flush`` writes what is pending (still uncommitted);
+    ``commit(checkpoint)`` flushes, writes the checkpoint and commits — all or nothing.
+    """
+
+    def __init__(self, store: StagingStore, source: str = "") -> None:
+        self.store = store
+        self.source = source
+        self.conn = store.engine.connect()
+        self._tx = self.conn.begin()
+        self._pending: dict[str, _Pending] = {}
+        self.pending_count = 0
+        self.applied = 0  # changes applied (before coalescing) in this transaction
+        self.started = time.monotonic()
+        self.closed = False
+
+    # apply ---------------------------------------------------------------
+    def apply(self, ch: Change) -> None:
+        info = self.store._mirrors.get(ch.table)
+        if info is None:
+            raise KeyError(f"no mirror for {ch.table}: ensure_mirror first")
+        self.applied += 1
+        if ch.op == "T":
+            self._truncate(info, ch.position)
+            return
+        pend = self._pending.get(ch.table)
+        if pend is None:
+            pend = self._pending[ch.table] = _Pending()
+        keycols = info.schema.key
+        before = len(pend)
+        if ch.op == "D":
+            src = ch.key or ch.values or {}
+            k = tuple(src[c] for c in keycols)
+            pend.upserts.pop(k, None)
+            pend.deletes[k] = ch.position
+        else:
+            values = ch.values or {}
+            k = tuple(values[c] for c in keycols)
+            if ch.op == "U" and ch.key is not None:
+                old = tuple(ch.key[c] for c in keycols)
+                if old != k:
+                    pend.upserts.pop(old, None)
+                    pend.deletes[old] = ch.position
+            partial = len(values) < len(info.schema.columns) and ch.op == "U"
+            prev = pend.upserts.get(k)
+            if prev is not None and partial:
+                merged = {**prev[0], **values}
+                pend.upserts[k] = (merged, prev[1], ch.position)
+            else:
+                pend.upserts[k] = (values, partial, ch.position)
+            pend.deletes.pop(k, None)
+        self.pending_count += len(pend) - before
+
+    def _truncate(self, info: MirrorInfo, position: str) -> None:
+        self._pending.pop(info.source_table, None)
+        self.pending_count = sum(len(p) for p in self._pending.values())
+        self.conn.exec_driver_sql(f"DELETE FROM {self.store.q(info.name)}")
+        if self.store.journal_enabled:
+            self._journal([(info.source_table, "T", None, position)])
+
+    def flush(self) -> None:
+        """Write all pending changes (inside the open transaction)."""
+        store = self.store
+        journal: list[tuple[str, str, Any, str]] = []
+        dbapi = self.conn.connection.driver_connection
+        assert dbapi is not None
+        cur = dbapi.cursor()
+        try:
+            for table, pend in self._pending.items():
+                info = store._mirrors[table]
+                if pend.deletes:
+                    cur.executemany(store.delete_sql(info), list(pend.deletes.keys()))
+                    if store.journal_enabled:
+                        journal.extend((table, "D", k, pos) for k, pos in pend.deletes.items())
+                if pend.upserts:
+                    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+                    for values, _partial, _pos in pend.upserts.values():
+                        groups.setdefault(tuple(values.keys()), []).append(values)
+                    for cols, rows in groups.items():
+                        conv = store.converter(info, cols)
+                        cur.executemany(store.upsert_sql(info, cols), [conv(r) for r in rows])
+                    if store.journal_enabled:
+                        journal.extend((table, "U", k, v[2]) for k, v in pend.upserts.items())
+        finally:
+            cur.close()
+        self._pending.clear()
+        self.pending_count = 0
+        if journal:
+            self._journal(journal)
+
+    def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
+        store = self.store
+        now = store._now()
+        p = store._ph
+        dbapi = self.conn.connection.driver_connection
+        assert dbapi is not None
+        cur = dbapi.cursor()
+        try:
+            cur.executemany(
+                f"INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                [(self.source, t, op, to_json(list(k)) if k is not None else None, pos, now)
+                 for t, op, k, pos in entries],
+            )
+        finally:
+            cur.close()
+
+    def commit(self, checkpoint: Checkpoint | None, **kw: Any) -> None:
+        """Flush, write ``checkpoint`` in the same transaction, commit."""
+        self.flush()
+        if checkpoint is not None:
+            self.store.write_checkpoint(self.conn, checkpoint, changes=self.applied, **kw)
+        self._tx.commit()
+        self.close()
+
+    def rollback(self) -> None:
+        if not self.closed:
+            try:
+                self._tx.rollback()
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                if self._tx.is_active:
+                    self._tx.rollback()
+            finally:
+                self.conn.close()
