@@ -1,0 +1,319 @@
+"""The daemon: the main loop and its life cycle, in the Patroni style.
+
+Signal handlers only set flags. The loop is: reload if SIGHUP arrived, run one cycle of every
+service that is due (capture runs continuously, in slices of about a second), write the heartbeat
+when due, tick the liveness clock, repeat. Shutdown always runs in ``finally``: the capture
+source commits the batch of whole source transactions it holds (or rolls back a partial one),
+connections close, and the process exits within ``daemon.shutdown_timeout`` seconds.
+
+Failures are classified: a :class:`RetryableError` (connection lost, server restarting) closes
+the source and reconnects with capped exponential backoff and jitter; a :class:`FatalError`
+(slot gone, bad schema, a second daemon) stops the daemon with the reason, exit code 3, which
+the systemd unit does not restart in a loop (``RestartPreventExitStatus=3``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+
+import structlog
+
+from replicator.cdc import make_source
+from replicator.cdc.base import CaptureSource
+from replicator.config import Config, load_config, warn_if_world_readable
+from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
+from replicator.log import setup_logging
+from replicator.staging import StagingStore
+
+log = structlog.get_logger(__name__, service="daemon")
+
+EXIT_FATAL = 3
+
+
+@dataclass
+class ServiceState:
+    """What status and the Manage page show for one service."""
+
+    name: str
+    last_run_at: dt.datetime | None = None
+    last_result: str = "not run yet"
+    last_ok: bool | None = None
+    next_run_at: dt.datetime | None = None
+    breaker_open: bool = False
+    progress: str = ""
+    failures: int = 0
+
+
+@dataclass
+class DaemonState:
+    """Shared between the loop and the health server (read-only there)."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    last_tick: float = field(default_factory=time.monotonic)
+    capture_connected: bool = False
+    last_error: str = ""
+    services: dict[str, ServiceState] = field(default_factory=dict)
+
+    def service(self, name: str) -> ServiceState:
+        s = self.services.get(name)
+        if s is None:
+            s = self.services[name] = ServiceState(name)
+        return s
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        self.attempt += 1
+        return random.uniform(0, min(self.cap, self.base * 2 ** (self.attempt - 1))) + 0.1
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Daemon:
+    """One sync-daemon process."""
+
+    def __init__(self, config_path: str, cfg: Config | None = None) -> None:
+        self.config_path = config_path
+        self.cfg = cfg or load_config(config_path)
+        self.stop = threading.Event()
+        self._reload = threading.Event()
+        self.state = DaemonState()
+        self.store: StagingStore | None = None
+        self.source: CaptureSource | None = None
+        self._backoff = Backoff()
+        self._retry_at = 0.0
+        self._last_heartbeat = 0.0
+        self._last_summary = time.monotonic()
+        self._summary_changes = 0
+        self.hooks: list[Callable[[Daemon], None]] = []  # extra per-cycle work (services)
+        self.on_stop: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop.set()
+
+    def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload.set()
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self) -> int:
+        cfg = self.cfg
+        warn_if_world_readable(self.config_path, cfg)
+        if cfg.staging.url is None:
+            os.makedirs(cfg.daemon.state_dir, exist_ok=True)
+        self.store = StagingStore(cfg.staging_url)
+        log.info("daemon_starting", config=self.config_path, mode=cfg.capture.mode,
+                 tables=list(cfg.capture.tables), staging=cfg.staging_url.split(":", 1)[0],
+                 pid=os.getpid())
+        code = 0
+        try:
+            self.store.setup()
+            while not self.stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self.cycle()
+        except FatalError as exc:
+            log.error("daemon_stopped_fatal", error=str(exc))
+            self.state.last_error = str(exc)
+            code = EXIT_FATAL
+        finally:
+            self.shutdown()
+        log.info("daemon_stopped", exit_code=code)
+        return code
+
+    def cycle(self) -> None:
+        """One turn of the main loop."""
+        now = time.monotonic()
+        self.state.last_tick = now
+        if self.source is None and now >= self._retry_at:
+            self._connect()
+        if self.source is not None:
+            try:
+                n = self.source.run_cycle(1.0, self.stop)
+                self._summary_changes += n
+                svc = self.state.service("capture")
+                svc.last_run_at = dt.datetime.now(dt.UTC)
+                svc.last_ok, svc.last_result = True, f"{n} changes"
+                if time.monotonic() - self._last_heartbeat >= self.cfg.capture.heartbeat_interval:
+                    self._last_heartbeat = time.monotonic()
+                    self.source.heartbeat()
+            except RetryableError as exc:
+                self._lost(exc)
+        else:
+            self.stop.wait(min(1.0, max(0.0, self._retry_at - time.monotonic())))
+        for hook in list(self.hooks):
+            try:
+                hook(self)
+            except FatalError:
+                raise
+            except Exception as exc:
+                log.exception("service_hook_failed", error=str(exc))
+        self.state.last_tick = time.monotonic()
+        if time.monotonic() - self._last_summary >= 30:
+            self._log_summary()
+
+    def _connect(self) -> None:
+        assert self.store is not None
+        source = make_source(self.cfg, self.store)
+        try:
+            source.start()
+        except RetryableError as exc:
+            source.close()
+            self._lost(exc)
+            return
+        except FatalError:
+            source.close()
+            raise
+        except Exception as exc:  # connection refused and friends: psycopg.OperationalError
+            source.close()
+            if _is_transient(exc):
+                self._lost(exc)
+                return
+            raise
+        self.source = source
+        self.state.capture_connected = True
+        self.state.last_error = ""
+        self._backoff.reset()
+        log.info("capture_started", source=source.name, mode=self.cfg.capture.mode)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        self.state.capture_connected = False
+        self.state.last_error = str(exc)
+        delay = self._backoff.next()
+        self._retry_at = time.monotonic() + delay
+        svc = self.state.service("capture")
+        svc.last_ok, svc.last_result = False, str(exc)
+        svc.failures += 1
+        log.warning("capture_interrupted", error=str(exc), retry_in=round(delay, 1))
+
+    def _log_summary(self) -> None:
+        elapsed = time.monotonic() - self._last_summary
+        progress = getattr(self.source, "progress", None)
+        log.info(
+            "cycle_summary",
+            changes=self._summary_changes,
+            rate=round(self._summary_changes / elapsed, 1) if elapsed else 0,
+            position=getattr(progress, "confirmed_lsn", None) and _lsn(progress.confirmed_lsn),
+            lag_seconds=getattr(progress, "lag_seconds", None),
+            connected=self.state.capture_connected,
+        )
+        self._summary_changes = 0
+        self._last_summary = time.monotonic()
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again; a bad new config is logged and the old one stays."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", reason=str(exc), hint="the previous configuration stays in force")
+            return
+        old = self.cfg
+        self.cfg = new
+        setup_logging(new.logging)
+        restart_capture = (old.erp, old.capture, old.staging) != (new.erp, new.capture, new.staging)
+        if restart_capture and self.source is not None:
+            self.source.close()
+            self.source = None
+            self._retry_at = 0.0
+        if new.staging != old.staging and self.store is not None:
+            self.store.dispose()
+            self.store = StagingStore(new.staging_url)
+            self.store.setup()
+        log.info("config_reloaded", capture_restarted=restart_capture)
+
+    def shutdown(self) -> None:
+        for fn in self.on_stop:
+            with contextlib.suppress(Exception):
+                fn()
+        if self.source is not None:
+            self.source.close()  # commits whole transactions it holds, rolls back a partial one
+            self.source = None
+        if self.store is not None:
+            self.store.dispose()
+
+
+def _lsn(v: int) -> str:
+    return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, OSError, TimeoutError))
+
+
+def run_daemon(config_path: str) -> int:
+    """Entry point of ``sync-daemon run``."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError:
+        raise
+    setup_logging(cfg.logging)
+    daemon = Daemon(config_path, cfg)
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except SyncError as exc:
+        log.error("daemon_failed", error=str(exc))
+        return 1
+
+
+def resync(cfg: Config) -> None:
+    """Drop and recreate the slot and take a new snapshot (``sync-daemon resync``)."""
+    store = StagingStore(cfg.staging_url)
+    if cfg.capture.mode != "logical":
+        raise FatalError("resync applies to capture.mode = 'logical'")
+    from replicator.cdc.logical import LogicalSource
+
+    src = LogicalSource(cfg, store)
+    try:
+        src.resync()
+    finally:
+        src.close()
+        store.dispose()
+
+
+def preflight(cfg: Config) -> Iterator[str]:
+    """``check-config --connect``: reach the ERP and the staging store, describe the tables."""
+    from replicator.db import pg_connect
+
+    if cfg.erp.dialect == "postgresql":
+        with pg_connect(cfg.erp.url, "check", connect_timeout=cfg.erp.connect_timeout) as conn:
+            (ver,) = conn.execute("SHOW server_version").fetchone() or ("?",)
+            (wal,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
+            yield f"erp: PostgreSQL {ver}, wal_level={wal} ({cfg.erp.redacted})"
+            if cfg.capture.mode == "logical":
+                from replicator.cdc.logical import describe_tables
+
+                for t in describe_tables(conn, cfg):
+                    yield f"table {t.qualified}: {len(t.columns)} columns, key ({', '.join(t.key)})"
+    store = StagingStore(cfg.staging_url)
+    try:
+        store.setup()
+        yield f"staging: {store.dialect} reachable and writable"
+    finally:
+        store.dispose()

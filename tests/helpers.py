@@ -1,0 +1,180 @@
+"""Test helpers: write configs, run the daemon as a real process, compare staging with the source."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from replicator.staging import StagingStore, _sqlite_value, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, body in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in body.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    path.chmod(0o600)
+    return path
+
+
+def base_config(tmp: Path, erp_url: str, staging_url: str, tables: Sequence[str], **capture: Any) -> Path:
+    return write_config(tmp / "config.toml", {
+        "erp": {"dsn": erp_url},
+        "capture": {"mode": "logical", "tables": list(tables), "batch_ms": 50,
+                    "heartbeat_interval": 1, "status_interval": 1, **capture},
+        "staging": {"url": staging_url},
+        "health": {"listen": "127.0.0.1:0"},
+        "daemon": {"state_dir": str(tmp / "state")},
+        "logging": {"format": "json"},
+    })
+
+
+class DaemonProcess:
+    """``sync-daemon run`` in a subprocess, output captured to a file."""
+
+    def __init__(self, config: Path, log: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log or config.with_suffix(".log")
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        fh = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(self.config)],
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+        )
+        fh.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def norm(v: Any) -> Any:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, dt.datetime) and v.tzinfo is not None:
+        v = v.astimezone(dt.UTC)
+    return _sqlite_value(v)
+
+
+def source_rows(erp_url: str, table: str, columns: Sequence[str], key: Sequence[str]) -> list[str]:
+    cols = ", ".join(f'"{c}"' for c in columns)
+    order = ", ".join(f'"{k}"' for k in key)
+    with psycopg.connect(erp_url, options="-c timezone=UTC") as conn:
+        rows = conn.execute(f"SELECT {cols} FROM {table} ORDER BY {order}").fetchall()
+    return [to_json([norm(v) for v in r]) for r in rows]
+
+
+def staging_rows(staging_url: str, table: str) -> tuple[list[str], list[str], tuple[str, ...]]:
+    store = StagingStore(staging_url)
+    try:
+        store.setup()
+        info = store.mirror(table)
+        if info is None:
+            return [], [], ()
+        cols = [c.name for c in info.schema.columns]
+        rows = store.rows(table)
+        out = []
+        for r in rows:
+            vals = []
+            for c, v in zip(info.schema.columns, r, strict=True):
+                if isinstance(v, str) and c.type_name in ("json", "jsonb"):
+                    vals.append(v)
+                elif isinstance(v, int) and not isinstance(v, bool) and c.type_name == "boolean":
+                    vals.append(v)
+                else:
+                    vals.append(norm(v))
+            out.append(to_json(vals))
+        return out, cols, info.schema.key
+    finally:
+        store.dispose()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+
+
+def assert_staging_equals_source(erp_url: str, staging_url: str, tables: Sequence[str],
+                                 timeout: float = 60) -> None:
+    """Wait until every mirror equals its source table row by row, then assert it."""
+    last: dict[str, Any] = {}
+
+    def equal() -> bool:
+        for t in tables:
+            st, cols, key = staging_rows(staging_url, t)
+            if not cols:
+                return False
+            src = source_rows(erp_url, t, cols, key)
+            last[t] = (len(src), len(st))
+            if src != st:
+                last[t] = (len(src), len(st), next(((a, b) for a, b in zip(src, st, strict=False) if a != b), None))
+                return False
+        return True
+
+    try:
+        wait_until(equal, timeout, 0.5, "staging == source")
+    except AssertionError:
+        raise AssertionError(f"staging differs from source: {last}") from None
