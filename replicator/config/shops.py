@@ -47,7 +47,19 @@ class ShopSection(Section):
 
     ``kind``: ``woocommerce`` and ``magento`` poll the shop's REST API; ``inbox`` reads JSON order
     files dropped into ``inbox_dir``; ``webhook`` receives WooCommerce webhooks (and, when ``url``
-    and keys are set, uses the REST API for stock, invoices and catch-up polls).
+    and keys are set, uses the REST API for stock, invoices and catch-up polls)::
+
+        [[shops]]
+        name = "webshop"
+        kind = "woocommerce"
+        url = "https://shop.example.com"
+        consumer_key_file = "woo_ck"        # systemd LoadCredential=woo_ck:/etc/sync-daemon/woo_ck
+        consumer_secret_file = "woo_cs"
+
+        [[shops]]
+        name = "dropbox"
+        kind = "inbox"
+        inbox_dir = "/var/lib/sync-daemon/inbox"   # writers: write NAME.json.tmp, then rename
     """
 
     name: str

@@ -1,2 +1,103 @@
 """Webshop connectors: where orders come from (REST polling, webhooks, an inbox folder) and where
-stock levels and invoices go to."""
+stock levels and invoices go to.
+
+:func:`make_connector` builds the connector a ``[[shops]]`` section describes; the rest of the
+daemon only sees :class:`~replicator.connectors.base.ShopConnector`. Webhook shops also need a
+:class:`~replicator.connectors.webhook.WebhookReceiver` (:func:`make_webhook_receiver`), whose
+store callback the order ledger provides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+from replicator.config.shops import ShopSection
+from replicator.connectors.base import ShopConnector, ShopError, ShopOrder, StockUpdate
+from replicator.connectors.webhook import WebhookDelivery, WebhookReceiver
+
+__all__ = [
+    "ShopConnector",
+    "WebhookOnlyConnector",
+    "make_connector",
+    "make_webhook_receiver",
+]
+
+
+class WebhookOnlyConnector(ShopConnector):
+    """A shop that only delivers orders by webhook and has no REST access configured."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fetch_orders(self, since: datetime, until: datetime | None = None) -> Iterator[ShopOrder]:
+        # Orders arrive through the webhook receiver; there is nothing to poll.
+        return iter(())
+
+    def fetch_order(self, e_number: str) -> ShopOrder | None:
+        return None
+
+    def _no_rest(self, what: str) -> ShopError:
+        return ShopError(
+            f"shop {self.name!r} has no REST access configured, so it cannot {what}; "
+            "set url, consumer_key and consumer_secret in its [[shops]] section"
+        )
+
+    def push_stock(self, updates: list[StockUpdate]) -> list[str]:
+        raise self._no_rest("receive stock levels")
+
+    def fetch_stock(self) -> Iterator[StockUpdate]:
+        raise self._no_rest("report stock levels")
+
+    def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
+        raise self._no_rest("receive invoices")
+
+
+def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConnector:
+    """The connector for one ``[[shops]]`` section; ``base_dir`` resolves a relative inbox_dir."""
+    if shop.kind == "magento":
+        from replicator.connectors.magento import MagentoConnector
+
+        assert shop.url is not None  # the section validator guarantees it
+        return MagentoConnector(
+            shop.name,
+            shop.url,
+            shop.secret("token"),
+            timeout=shop.timeout,
+            per_page=shop.per_page,
+            source_code=shop.source_code,
+            verify_tls=shop.verify_tls,
+        )
+    if shop.kind == "woocommerce" or (shop.kind == "webhook" and shop.url is not None):
+        from replicator.connectors.woocommerce import WooCommerceConnector
+
+        assert shop.url is not None
+        return WooCommerceConnector(
+            shop.name,
+            shop.url,
+            shop.secret("consumer_key"),
+            shop.secret("consumer_secret"),
+            timeout=shop.timeout,
+            per_page=shop.per_page,
+            invoice_url=shop.invoice_url,
+            verify_tls=shop.verify_tls,
+        )
+    if shop.kind == "inbox":
+        from replicator.connectors.inbox import InboxConnector
+
+        assert shop.inbox_dir is not None
+        directory = Path(shop.inbox_dir)
+        if not directory.is_absolute() and base_dir is not None:
+            directory = base_dir / directory
+        return InboxConnector(shop.name, directory, settle=shop.inbox_settle)
+    return WebhookOnlyConnector(shop.name)
+
+
+def make_webhook_receiver(
+    shop: ShopSection, store: Callable[[WebhookDelivery], bool]
+) -> WebhookReceiver:
+    """The webhook receiver of a ``kind = "webhook"`` shop; ``store`` is the ledger's callback
+    (it stores the raw delivery atomically with its de-duplication keys, False for a duplicate)."""
+
+    return WebhookReceiver(shop.secret("webhook_secret"), shop.max_body, store, shop=shop.name)

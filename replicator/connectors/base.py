@@ -12,7 +12,17 @@ Contract:
   keep the payload as received;
 * transient failures (network, 5xx, 429) raise :class:`replicator.errors.RetryableError` (with
   ``retry_after`` seconds when the shop said so); anything else that is the shop's fault raises
-  :class:`ShopError` with a message a person can act on.
+  :class:`ShopError` with a message a person can act on; no message ever contains a credential;
+* ``fetch_order`` returns None for an e-number the shop does not know; ``attach_invoice`` raises
+  :class:`ShopError` for one.
+
+Order sources that are not queried by time window deliver differently:
+:class:`replicator.connectors.inbox.InboxConnector`'s ``fetch_orders`` yields every complete file
+waiting in the folder whatever its time (a dropped file is a delivery) and moves it to processed/
+once the consumer asks for the next order; it also offers ``poll``/``mark_done``/``mark_failed``
+for consumers that decide per order. Webhooks arrive through
+:class:`replicator.connectors.webhook.WebhookReceiver` (a store callback the ledger provides); a
+webhook shop's connector polls the REST API when it has one and yields nothing otherwise.
 """
 
 from __future__ import annotations
@@ -72,8 +82,10 @@ class ShopConnector(ABC):
         """One order by e-number, or None when the shop does not know it."""
         raise NotImplementedError
 
-    def push_stock(self, updates: list[StockUpdate]) -> None:
-        """Set absolute stock quantities (batch endpoint where the shop has one)."""
+    def push_stock(self, updates: list[StockUpdate]) -> list[str]:
+        """Set absolute stock quantities (batch endpoint where the shop has one, chunked to its
+        limit); returns the SKUs the shop does not know or refused — skipped and logged, while
+        every other SKU was written (an ERP usually stocks articles the shop does not sell)."""
         raise NotImplementedError
 
     def fetch_stock(self) -> Iterator[StockUpdate]:
@@ -84,5 +96,5 @@ class ShopConnector(ABC):
         """Attach an invoice PDF to the shop order ``e_number``."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release HTTP connections."""

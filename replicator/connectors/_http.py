@@ -1,0 +1,187 @@
+"""HTTP plumbing shared by the REST connectors: one ``httpx.Client`` per shop, and the mapping of
+transport and HTTP failures onto the connector error contract.
+
+Mapping (the contract in :mod:`replicator.connectors.base`):
+
+* connection refused/reset, timeouts, 5xx, 429 → :class:`ShopUnavailable` (``retry_after`` from a
+  ``Retry-After`` header, seconds or HTTP date);
+* a body cut short or not JSON → :class:`ShopUnavailable`: that is what a proxy or a crashing PHP
+  worker produces, and it usually passes;
+* 401/403 → :class:`ShopError` naming the shop and the credential to check; 404 of an endpoint →
+  :class:`ShopError` about the URL; other 4xx → :class:`ShopError` with the shop's own message.
+
+Secrets never reach a message: credentials travel in headers (never in the URL), messages name the
+path without its query string, and every message is scrubbed of the configured secrets anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from replicator import __version__
+from replicator.connectors.base import ShopError, ShopUnavailable
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = f"sync-daemon/{__version__}"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class ShopHttp:
+    """A shop's REST endpoint: ``request()`` returns decoded JSON or raises the contract errors."""
+
+    def __init__(
+        self,
+        shop: str,
+        base_url: str,
+        *,
+        auth: httpx.Auth | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        secrets: tuple[str, ...] = (),
+        auth_hint: str = "check the shop's credentials",
+        verify: bool = True,
+    ) -> None:
+        self.shop = shop
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._secrets = tuple(s for s in secrets if s)
+        self._auth_hint = auth_hint
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            auth=auth,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})},
+            # Connect fast or not at all; reads may legitimately take a while on a busy shop.
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            verify=verify,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        json_body: Any = None,
+        missing_ok: bool = False,
+    ) -> tuple[httpx.Response, Any]:
+        """Send one request; return (response, decoded JSON). ``missing_ok``: a 404 returns
+        (response, None) instead of raising (the *resource* is missing, not the endpoint)."""
+        what = f"{method} {path}"
+        try:
+            resp = self.client.request(method, path, params=params, json=json_body)
+        except httpx.TimeoutException as exc:
+            raise ShopUnavailable(
+                self._msg(f"{what} timed out after {self.timeout:g}s ({type(exc).__name__})")
+            ) from None
+        except httpx.RemoteProtocolError as exc:
+            raise ShopUnavailable(
+                self._msg(
+                    f"{what}: the connection was cut mid-response ({exc}); a proxy or the shop's "
+                    "server dropped it"
+                )
+            ) from None
+        except httpx.TransportError as exc:
+            raise ShopUnavailable(
+                self._msg(f"{what}: cannot reach {self.base_url} ({type(exc).__name__}: {exc})")
+            ) from None
+        status = resp.status_code
+        if status == 429:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            hint = f"; retry after {retry_after:g}s" if retry_after is not None else ""
+            raise ShopUnavailable(self._msg(f"{what}: rate limited (HTTP 429){hint}"), retry_after)
+        if status >= 500:
+            raise ShopUnavailable(
+                self._msg(f"{what}: the shop answered HTTP {status}{self._detail(resp)}"),
+                parse_retry_after(resp.headers.get("Retry-After")),
+            )
+        if status in (401, 403):
+            raise ShopError(
+                self._msg(
+                    f"{what}: the shop refused our credentials (HTTP {status}): {self._auth_hint}"
+                )
+            )
+        if status == 404 and missing_ok:
+            return resp, None
+        if status == 404:
+            raise ShopError(
+                self._msg(
+                    f"{what}: not found (HTTP 404){self._detail(resp)}; check the shop's url "
+                    f"({self.base_url}) and that its REST API is enabled"
+                )
+            )
+        if 300 <= status < 400:
+            where = resp.headers.get("Location", "?").split("?", 1)[0]
+            raise ShopError(
+                self._msg(
+                    f"{what}: redirected (HTTP {status}) to {where}; set the shop's url to the "
+                    "address the shop really answers on (https? www?)"
+                )
+            )
+        if status >= 400:
+            raise ShopError(
+                self._msg(
+                    f"{what}: the shop rejected the request (HTTP {status}){self._detail(resp)}"
+                )
+            )
+        try:
+            data = json.loads(resp.content) if resp.content else None
+        except (ValueError, UnicodeDecodeError):
+            ctype = resp.headers.get("Content-Type", "?")
+            raise ShopUnavailable(
+                self._msg(
+                    f"{what}: the answer is not JSON (HTTP {status}, {ctype}, {len(resp.content)} "
+                    "bytes); a proxy or a cut connection probably mangled it"
+                )
+            ) from None
+        return resp, data
+
+    def _msg(self, text: str) -> str:
+        return self.scrub(f"shop {self.shop!r}: {text}")
+
+    @staticmethod
+    def _detail(resp: httpx.Response) -> str:
+        """The shop's own error message, short (WooCommerce ``message``, Magento ``message``)."""
+        try:
+            body = resp.json()
+        except ValueError:
+            return ""
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            msg = body["message"]
+            if isinstance(body.get("parameters"), dict):
+                for k, v in body["parameters"].items():
+                    msg = msg.replace(f"%{k}", str(v))
+            return f": {msg[:200]}"
+        return ""
