@@ -1,0 +1,636 @@
+"""The daemon's HTTP server: liveness, readiness, Prometheus metrics, and mounted feature routes.
+
+Responsibilities (the Patroni split, see ``patroni/api.py``):
+
+* ``GET /healthz`` — **liveness**: 200 while the main loop is not overdue, i.e. the last loop
+  tick is younger than ``health.loop_overdue`` seconds; 503 otherwise. A supervisor restarts the
+  daemon on 503; it says nothing about the ERP or the shops.
+* ``GET /readyz`` — **readiness**: runs every check registered with :meth:`HealthServer.add_check`
+  (each in its own worker thread with a timeout, so a stuck database cannot hang the probe) and
+  answers 503 when a *critical* check fails. Non-critical failures are listed but keep 200.
+* ``GET /metrics`` — Prometheus text exposition of :data:`replicator.metrics.REGISTRY`.
+* Routes mounted by other features with :meth:`HealthServer.add_route` (webhook receivers, the
+  Manage page).
+
+Protection: when ``health.listen`` is not a loopback address, every route except ``/healthz`` and
+``/readyz`` requires ``health.token`` (``Authorization: Bearer <token>``, or basic auth whose
+password — or ``user:password`` — equals the token); the server refuses to start on such an
+address without a token. A configured token is enforced on loopback too. Routes mounted with
+``public=True`` (webhook receivers that verify the shop's own signature) skip the token.
+Bodies larger than ``max_body`` get 413, connections have a socket timeout (slow clients cannot
+hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
+an exception becomes a 500 whose body names the exception type only, redacted.
+
+Wiring (for ``replicator/daemon.py``)::
+
+    from replicator.health import HealthServer, Response
+
+    health = HealthServer(cfg.health)            # or HealthServer(cfg.health, last_tick=fn)
+    health.add_check("staging", engine_check(staging_engine))    # fn() -> (ok, detail)
+    health.add_check("erp", engine_check(erp_engine), critical=True, timeout=2.0)
+    health.add_check("lag", threshold_check(lambda: capture.lag_seconds,
+                                            cfg.health.max_lag_seconds, "lag seconds"))
+    health.add_check("shop:demo", shop_ping, critical=False)
+    # A WooCommerce receiver (replicator.connectors.webhook) checks its own signature:
+    def woo(req: Request) -> Response:
+        status, body = receiver.handle(req.headers, req.body)
+        return Response.json(body, status)
+    health.add_route("POST", "/webhooks/woocommerce/demo", woo, public=True,
+                     max_body=receiver.max_body)
+    health.start()                # binds; raises ConfigError (health.token) / OSError
+    ...
+    while running:
+        run_one_cycle()
+        health.tick()             # liveness: the loop made progress
+    ...
+    health.stop()                 # in the daemon's ``finally``
+
+``last_tick`` (alternative to :meth:`HealthServer.tick`) is a callable returning the time of the
+last loop tick on the ``clock`` given to the server (default :func:`time.monotonic`), or ``None``
+before the first tick. Before the first tick the server's start time counts as a tick, so a loop
+that never gets going turns liveness red after ``loop_overdue`` seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import io
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import sqlalchemy as sa
+import structlog
+
+from replicator import metrics
+from replicator.config.core import HealthSection
+from replicator.errors import ConfigError
+from replicator.log import redact
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "Check",
+    "HealthServer",
+    "Request",
+    "Response",
+    "engine_check",
+    "is_loopback",
+    "threshold_check",
+]
+
+CheckFn = Callable[[], tuple[bool, str]]
+RouteHandler = Callable[["Request"], "Response"]
+
+# Probes must be reachable without a token: a load balancer or systemd-side monitor has none,
+# and the bodies hold no secrets.
+_OPEN_PATHS = ("/healthz", "/readyz")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a mounted route handler receives. ``headers`` keys are lower-case."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    client: str = ""
+
+    def json(self) -> Any:
+        """The body parsed as JSON (raises ``ValueError`` on invalid JSON)."""
+        return json.loads(self.body.decode("utf-8"))
+
+
+@dataclass
+class Response:
+    """What a mounted route handler returns."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200) -> Response:
+        body = json.dumps(data, indent=None, separators=(",", ":"), default=str).encode()
+        return cls(status, {"Content-Type": "application/json"}, body + b"\n")
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, content_type: str = "text/plain") -> Response:
+        return cls(status, {"Content-Type": f"{content_type}; charset=utf-8"}, text.encode())
+
+
+@dataclass
+class _Route:
+    method: str
+    prefix: str
+    handler: RouteHandler
+    public: bool
+    max_body: int | None
+
+
+class _Run:
+    """One execution of a check in its worker thread; shared by concurrent probes."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.ok = False
+        self.detail = ""
+        self.ms = 0.0
+
+
+@dataclass
+class Check:
+    """A named readiness check. At most one run of it is in flight at any time."""
+
+    name: str
+    fn: CheckFn
+    critical: bool
+    timeout: float
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _run: _Run | None = field(default=None, repr=False)
+
+    def start(self) -> _Run:
+        """Start a run, or join the one still in flight (a stuck check never piles up threads)."""
+        with self._lock:
+            if self._run is not None and not self._run.done.is_set():
+                return self._run
+            run = self._run = _Run()
+        threading.Thread(
+            target=self._execute, args=(run,), name=f"readyz-{self.name}", daemon=True
+        ).start()
+        return run
+
+    def _execute(self, run: _Run) -> None:
+        try:
+            result = self.fn()
+            ok, detail = bool(result[0]), str(result[1])
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        run.ok, run.detail = ok, redact(detail)
+        run.ms = (time.monotonic() - run.started) * 1000
+        run.done.set()
+
+    def result(self, run: _Run) -> dict[str, Any]:
+        remaining = run.started + self.timeout - time.monotonic()
+        if run.done.wait(max(0.0, remaining)):
+            ok, detail, ms = run.ok, run.detail, run.ms
+        else:
+            ok, detail = False, f"timed out after {self.timeout:g}s"
+            ms = (time.monotonic() - run.started) * 1000
+        return {
+            "name": self.name,
+            "ok": ok,
+            "critical": self.critical,
+            "detail": detail,
+            "ms": round(ms, 1),
+        }
+
+
+def engine_check(engine: sa.Engine) -> CheckFn:
+    """A readiness check that runs ``SELECT 1`` on ``engine`` (staging store, ERP)."""
+
+    def check() -> tuple[bool, str]:
+        started = time.monotonic()
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True, f"SELECT 1 in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    return check
+
+
+def threshold_check(value: Callable[[], float | None], limit: float, what: str) -> CheckFn:
+    """A readiness check that fails when ``value()`` exceeds ``limit`` (e.g. lag seconds).
+
+    ``value()`` returning None (nothing measured yet) fails with "no <what> measured yet".
+    """
+
+    def check() -> tuple[bool, str]:
+        v = value()
+        if v is None:
+            return False, f"no {what} measured yet"
+        return v <= limit, f"{what} {v:.1f} (limit {limit:g})"
+
+    return check
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; a host name we cannot judge is not loopback."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], app: HealthServer, max_connections: int) -> None:
+        host = addr[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.app = app
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(addr, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Bounded concurrency: with every slot taken (slow clients), answer 503 at once
+        # instead of spawning threads without limit.
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail with TimeoutError once a per-connection deadline has passed."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received in time")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "sync-daemon"
+    sys_version = ""
+    # HTTP/1.0: one request per connection, so idle keep-alive connections never hold threads.
+    protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        super().setup()
+        timeout = self.server.app.request_timeout
+        # Writes to a client that stopped reading give up after ``timeout``.
+        self.connection.settimeout(timeout)
+        # Reads share one deadline for request line, headers and body: a slowloris client that
+        # drips a byte every few seconds is cut off as surely as a silent one.
+        self.rfile.close()
+        self.reader = _DeadlineReader(self.connection, time.monotonic() + timeout)
+        self.rfile = io.BufferedReader(self.reader, 65536)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http_request", client=self.client_address[0], line=redact(format % args))
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch(head=True)
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self, head: bool = False) -> None:
+        try:
+            resp = self.server.app._handle(self)
+        except Exception as exc:  # last resort: the server thread must never die on a request
+            log.error("http_handler_failed", path=redact(self.path), error=f"{type(exc).__name__}")
+            resp = Response.json({"error": "internal error"}, 500)
+        if resp is None:  # connection already answered (e.g. body too large, client gone)
+            return
+        self._send(resp, head=head)
+
+    def _send(self, resp: Response, head: bool = False) -> None:
+        try:
+            # The read deadline may have left a tiny socket timeout; writes get the full one.
+            self.connection.settimeout(self.server.app.request_timeout)
+            self.send_response(resp.status)
+            headers = {k.lower(): (k, v) for k, v in resp.headers.items()}
+            for k, v in headers.values():
+                if k.lower() not in ("content-length", "connection"):
+                    self.send_header(k, v)
+            if "content-type" not in headers:
+                self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if not head:
+                self.wfile.write(resp.body)
+        except OSError:  # the client went away; nothing to tell it
+            self.close_connection = True
+
+
+class HealthServer:
+    """Liveness, readiness and metrics over HTTP, served from a daemon thread."""
+
+    def __init__(
+        self,
+        cfg: HealthSection,
+        *,
+        last_tick: Callable[[], float | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        check_timeout: float = 2.0,
+        max_body: int = 1024 * 1024,
+        request_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.check_timeout = check_timeout
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._last_tick_fn = last_tick
+        self._last_tick: float | None = None
+        self._started_at = clock()
+        self._checks: dict[str, Check] = {}
+        self._routes: list[_Route] = []
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._token = cfg.token.get_secret_value() if cfg.token is not None else None
+        if not is_loopback(cfg.host) and not self._token:
+            raise ConfigError(
+                f"health.token: required when health.listen = {cfg.listen!r} is not a loopback "
+                "address (or listen on 127.0.0.1)"
+            )
+
+    # -- wiring API ---------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Record that the main loop completed a cycle (liveness)."""
+        self._last_tick = self.clock()
+
+    def add_check(
+        self, name: str, fn: CheckFn, critical: bool = True, timeout: float | None = None
+    ) -> None:
+        """Register (or replace) a readiness check ``fn() -> (ok, detail)``."""
+        with self._lock:
+            self._checks[name] = Check(name, fn, critical, timeout or self.check_timeout)
+
+    def remove_check(self, name: str) -> None:
+        with self._lock:
+            self._checks.pop(name, None)
+
+    def add_route(
+        self,
+        method: str,
+        path_prefix: str,
+        handler: RouteHandler,
+        *,
+        public: bool = False,
+        max_body: int | None = None,
+    ) -> None:
+        """Mount ``handler(Request) -> Response`` for ``method`` on paths starting with the prefix.
+
+        The longest matching prefix wins. ``public=True`` skips the token (the handler must
+        authenticate the caller itself, e.g. by the shop's webhook signature). ``max_body``
+        overrides the server's body limit for this route (413 before the body is read).
+        """
+        if not path_prefix.startswith("/"):
+            raise ValueError(f"path prefix {path_prefix!r} must start with /")
+        with self._lock:
+            self._routes.append(_Route(method.upper(), path_prefix, handler, public, max_body))
+            self._routes.sort(key=lambda r: len(r.prefix), reverse=True)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("health server is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Bind ``health.listen`` and serve in a daemon thread."""
+        if self._server is not None:
+            return
+        self._server = _Server((self.cfg.host, self.cfg.port), self, self.max_connections)
+        self._started_at = self.clock()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="health-http",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info(
+            "health_server_started",
+            listen=f"{self.cfg.host}:{self.port}",
+            token_required=bool(self._token),
+        )
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Safe to call twice or before start."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        log.info("health_server_stopped")
+
+    # -- probes -------------------------------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """``(alive, body)``: alive while the last tick is younger than ``loop_overdue``."""
+        last = self._last_tick_fn() if self._last_tick_fn is not None else self._last_tick
+        if last is None:
+            last = self._started_at
+        age = max(0.0, self.clock() - last)
+        alive = age <= self.cfg.loop_overdue
+        return alive, {
+            "status": "alive" if alive else "overdue",
+            "last_tick_age_seconds": round(age, 3),
+            "overdue_after_seconds": self.cfg.loop_overdue,
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """``(ready, body)``: run every check in parallel, each bounded by its timeout."""
+        with self._lock:
+            checks = list(self._checks.values())
+        runs = [(c, c.start()) for c in checks]
+        results = [c.result(run) for c, run in runs]
+        ready = all(r["ok"] for r in results if r["critical"])
+        return ready, {"status": "ready" if ready else "not ready", "checks": results}
+
+    # -- request handling ---------------------------------------------------------------------
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        if not self._token:
+            return True
+        auth = headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        value = value.strip()
+        token = self._token.encode()
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(value.encode(), token)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(value, validate=True)
+            except ValueError:
+                return False
+            password = decoded.partition(b":")[2]
+            # Both compared, always: timing must not reveal which form matched.
+            whole = hmac.compare_digest(decoded, token)
+            pw = hmac.compare_digest(password, token)
+            return whole or pw
+        return False
+
+    def _handle(self, h: _Handler) -> Response | None:
+        parts = urlsplit(h.path)
+        path = parts.path or "/"
+        method = h.command.upper()
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        if method == "HEAD":
+            method = "GET"
+
+        if method == "GET" and path == "/healthz":
+            alive, body = self.liveness()
+            return Response.json(body, 200 if alive else 503)
+        if method == "GET" and path == "/readyz":
+            ready, body = self.readiness()
+            return Response.json(body, 200 if ready else 503)
+
+        route: _Route | None = None
+        if path != "/metrics":
+            with self._lock:
+                matches = [r for r in self._routes if path.startswith(r.prefix)]
+            route = next((r for r in matches if r.method == method), None)
+            if route is None:
+                if matches:
+                    allowed = ", ".join(sorted({r.method for r in matches}))
+                    return Response(
+                        405,
+                        {"Allow": allowed, "Content-Type": "text/plain"},
+                        b"method not allowed\n",
+                    )
+                return Response.json({"error": "not found"}, 404)
+
+        if (route is None or not route.public) and not self._authorized(headers):
+            return Response(
+                401,
+                {"WWW-Authenticate": 'Basic realm="sync-daemon"', "Content-Type": "text/plain"},
+                b"authentication required\n",
+            )
+
+        if route is None:  # /metrics
+            if method != "GET":
+                return Response(405, {"Allow": "GET", "Content-Type": "text/plain"}, b"")
+            try:
+                return Response(200, {"Content-Type": metrics.CONTENT_TYPE}, metrics.render())
+            except Exception as exc:
+                log.error("metrics_render_failed", error=redact(f"{type(exc).__name__}: {exc}"))
+                return Response.json({"error": "metrics unavailable"}, 500)
+
+        limit = self.max_body if route.max_body is None else route.max_body
+        payload = self._read_body(h, headers, limit)
+        if payload is None:
+            return None
+        request = Request(
+            method=method,
+            path=path,
+            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            headers=headers,
+            body=payload,
+            client=str(h.client_address[0]),
+        )
+        try:
+            resp = route.handler(request)
+        except Exception as exc:
+            log.error(
+                "route_handler_failed",
+                path=path,
+                method=method,
+                error=redact(f"{type(exc).__name__}: {exc}"),
+            )
+            return Response.json({"error": "internal error", "type": type(exc).__name__}, 500)
+        if not isinstance(resp, Response):
+            log.error("route_handler_bad_return", path=path, returned=type(resp).__name__)
+            return Response.json({"error": "internal error"}, 500)
+        return resp
+
+    def _read_body(self, h: _Handler, headers: dict[str, str], limit: int) -> bytes | None:
+        """Read the body within ``max_body`` and the request timeout; ``None`` when answered."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            h._send(Response.text("chunked bodies are not accepted; send Content-Length\n", 411))
+            return None
+        raw = headers.get("content-length", "0").strip() or "0"
+        if not raw.isdigit():
+            h._send(Response.text("invalid Content-Length\n", 400))
+            return None
+        length = int(raw)
+        if length > limit:
+            h._send(Response.text(f"body larger than {limit} bytes\n", 413))
+            self._discard(h, length)
+            return None
+        chunks: list[bytes] = []
+        remaining = length
+        try:
+            while remaining > 0:  # the connection's read deadline bounds the whole loop
+                chunk = h.rfile.read1(min(remaining, 65536))
+                if not chunk:
+                    raise ConnectionError
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        except (OSError, ConnectionError):
+            h.close_connection = True
+            return None
+        return b"".join(chunks)
+
+    @staticmethod
+    def _discard(h: _Handler, length: int) -> None:
+        # Swallow a bounded part of the refused body so the client reads our 413 instead of a
+        # connection reset (closing a socket with unread data sends RST).
+        budget = min(length, 8 * 1024 * 1024)
+        h.reader.deadline = min(h.reader.deadline, time.monotonic() + 1.0)
+        try:
+            while budget > 0:
+                chunk = h.rfile.read1(min(budget, 65536))
+                if not chunk:
+                    break
+                budget -= len(chunk)
+        except OSError:
+            pass
+        h.close_connection = True
