@@ -90,7 +90,14 @@ def _format_value(value: Any) -> str:
 
 
 def _secret_key(loc: tuple[Any, ...]) -> bool:
-    return any(str(p) in ("dsn", "url", "token", "password", "secret", "key") for p in loc)
+    """Errors on these keys (or on a whole section holding them) never echo the value."""
+    for part in map(str, loc):
+        p = part.lower()
+        if p in ("dsn", "url", "token", "key", "erp", "staging", "notify", "smtp", "shops") or any(
+            s in p for s in ("password", "secret", "token", "_url", "_key", "credential")
+        ):
+            return True
+    return False
 
 
 def format_validation_error(path: str, exc: ValidationError) -> str:
