@@ -22,11 +22,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from types import FrameType
 
 import structlog
 
+from replicator import metrics, sdnotify
 from replicator.cdc import make_source
 from replicator.cdc.base import CaptureSource
 from replicator.config import Config, load_config, warn_if_world_readable
@@ -102,6 +104,12 @@ class Daemon:
         self._summary_changes = 0
         self.hooks: list[Callable[[Daemon], None]] = []  # extra per-cycle work (services)
         self.on_stop: list[Callable[[], None]] = []
+        self.health: Any = None
+        self.logstore: Any = None
+        self.notifier: Any = None
+        self._ready_sent = False
+        self._watchdog = sdnotify.watchdog_interval()
+        self._last_watchdog = 0.0
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -128,6 +136,7 @@ class Daemon:
         code = 0
         try:
             self.store.setup()
+            self._start_side_services()
             while not self.stop.is_set():
                 if self._reload.is_set():
                     self._reload.clear()
@@ -137,13 +146,113 @@ class Daemon:
             log.error("daemon_stopped_fatal", error=str(exc))
             self.state.last_error = str(exc)
             code = EXIT_FATAL
+            if self.notifier is not None:
+                self.notifier.report("capture", "erp", False, f"stopped: {exc}")
+                self.notifier.tick()
         finally:
             self.shutdown()
         log.info("daemon_stopped", exit_code=code)
         return code
 
+    def _start_side_services(self) -> None:
+        """Log store, notifier, health server: everything around the capture loop."""
+        from replicator.log import add_sink
+        from replicator.logstore import LogStore
+        from replicator.notify import Notifier
+
+        assert self.store is not None
+        cfg = self.cfg
+        self.logstore = LogStore(self.store.engine, cfg.logging.retention_days)
+        self.logstore.start()
+        add_sink(self.logstore.sink)
+        self.notifier = Notifier(cfg.notify, name=cfg.daemon.name)
+        if cfg.health.enabled:
+            self._start_health()
+
+    def _start_health(self) -> None:
+        from replicator.health import HealthServer, engine_check, threshold_check
+
+        assert self.store is not None
+        cfg = self.cfg
+        health = HealthServer(cfg.health)
+        health.add_check("staging", engine_check(self.store.engine))
+        health.add_check("erp", self._erp_check)
+        health.add_check("capture", self._capture_check)
+        health.add_check("lag", threshold_check(self._lag_seconds, cfg.health.max_lag_seconds,
+                                                "lag seconds"))
+        health.add_check("heartbeat", threshold_check(self._heartbeat_age,
+                                                      cfg.health.max_heartbeat_age, "heartbeat age"))
+        health.add_check("breakers", self._breaker_check)
+        metrics.on_scrape(self._refresh_metrics)
+        health.start()
+        self.health = health
+        log.info("health_server_listening", url=f"http://{cfg.health.host}:{health.port}/",
+                 endpoints=["/healthz", "/readyz", "/metrics"])
+        self.on_stop.append(lambda: metrics.remove_on_scrape(self._refresh_metrics))
+
+    # -- readiness checks and metrics (called from the health server's threads) -------------
+    def _erp_check(self) -> tuple[bool, str]:
+        """Reach the ERP on a connection of its own, with a short timeout."""
+        if self.cfg.erp.dialect != "postgresql":
+            from replicator.db import make_engine
+
+            eng = make_engine(self.cfg.erp.url, "health")
+            try:
+                with eng.connect() as c:
+                    c.exec_driver_sql("SELECT 1")
+            finally:
+                eng.dispose()
+            return True, "reachable"
+        from replicator.db import pg_connect
+
+        t0 = time.monotonic()
+        with pg_connect(self.cfg.erp.url, "health", connect_timeout=2) as conn:
+            conn.execute("SET statement_timeout = 2000")
+            conn.execute("SELECT 1")
+        return True, f"SELECT 1 in {(time.monotonic() - t0) * 1000:.0f} ms"
+
+    def _capture_check(self) -> tuple[bool, str]:
+        if self.source is None:
+            return False, f"not capturing: {self.state.last_error or 'starting'}"
+        return True, f"{self.cfg.capture.mode} capture streaming"
+
+    def _progress(self) -> Any:
+        return getattr(self.source, "progress", None)
+
+    def _lag_seconds(self) -> float | None:
+        p = self._progress()
+        return None if p is None else p.lag_seconds
+
+    def _heartbeat_age(self) -> float | None:
+        p = self._progress()
+        at = getattr(p, "last_heartbeat_at", None)
+        return None if at is None else (dt.datetime.now(dt.UTC) - at).total_seconds()
+
+    def _breaker_check(self) -> tuple[bool, str]:
+        open_ = [s.name for s in self.state.services.values() if s.breaker_open]
+        return (not open_), ("open: " + ", ".join(open_)) if open_ else "all closed"
+
+    def _refresh_metrics(self) -> None:
+        p = self._progress()
+        source = getattr(self.source, "name", "erp")
+        slot = self.cfg.capture.slot if self.cfg.capture.mode == "logical" else ""
+        if p is not None:
+            if p.lag_seconds is not None:
+                metrics.REPLICATION_LAG_SECONDS.labels(source, slot).set(p.lag_seconds)
+            if getattr(p, "server_wal_end", 0) and getattr(p, "confirmed_lsn", 0):
+                metrics.REPLICATION_LAG_BYTES.labels(source, slot).set(
+                    max(0, p.server_wal_end - p.confirmed_lsn))
+            if getattr(p, "last_applied_at", None) is not None:
+                metrics.LAST_REPLICATION_TIMESTAMP.labels(source).set(p.last_applied_at.timestamp())
+        age = self._heartbeat_age()
+        if age is not None:
+            metrics.HEARTBEAT_AGE.labels(source).set(age)
+        for s in self.state.services.values():
+            metrics.BREAKER_OPEN.labels(s.name).set(1 if s.breaker_open else 0)
+
     def cycle(self) -> None:
         """One turn of the main loop."""
+        t_cycle = time.monotonic()
         now = time.monotonic()
         self.state.last_tick = now
         if self.source is None and now >= self._retry_at:
@@ -170,6 +279,14 @@ class Daemon:
             except Exception as exc:
                 log.exception("service_hook_failed", error=str(exc))
         self.state.last_tick = time.monotonic()
+        if self.health is not None:
+            self.health.tick()
+        if self.notifier is not None:
+            self.notifier.tick()
+        if self._watchdog and time.monotonic() - self._last_watchdog >= self._watchdog / 3:
+            self._last_watchdog = time.monotonic()
+            sdnotify.watchdog_ping()
+        metrics.LOOP_DURATION.observe(time.monotonic() - t_cycle)
         if time.monotonic() - self._last_summary >= 30:
             self._log_summary()
 
@@ -196,6 +313,12 @@ class Daemon:
         self.state.last_error = ""
         self._backoff.reset()
         log.info("capture_started", source=source.name, mode=self.cfg.capture.mode)
+        if self.notifier is not None:
+            self.notifier.report("capture", source.name, True, "capturing again")
+        if not self._ready_sent:
+            # Start-up checks passed (config, staging, ERP, slot): tell systemd we are up.
+            self._ready_sent = True
+            sdnotify.ready(f"capturing {len(self.cfg.capture.tables)} table(s)")
 
     def _lost(self, exc: BaseException) -> None:
         if self.source is not None:
@@ -209,6 +332,8 @@ class Daemon:
         svc.last_ok, svc.last_result = False, str(exc)
         svc.failures += 1
         log.warning("capture_interrupted", error=str(exc), retry_in=round(delay, 1))
+        if self.notifier is not None:
+            self.notifier.report("capture", "erp", False, str(exc))
 
     def _log_summary(self) -> None:
         elapsed = time.monotonic() - self._last_summary
@@ -221,15 +346,22 @@ class Daemon:
             lag_seconds=getattr(progress, "lag_seconds", None),
             connected=self.state.capture_connected,
         )
+        sdnotify.status(
+            f"{self._summary_changes} changes in {elapsed:.0f}s, lag "
+            f"{'?' if getattr(progress, 'lag_seconds', None) is None else round(progress.lag_seconds, 2)}s"
+            f"{'' if self.state.capture_connected else ', capture reconnecting'}"
+        )
         self._summary_changes = 0
         self._last_summary = time.monotonic()
 
     def reload(self) -> None:
         """SIGHUP: load the config again; a bad new config is logged and the old one stays."""
+        sdnotify.reloading()
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", reason=str(exc), hint="the previous configuration stays in force")
+            sdnotify.ready()
             return
         old = self.cfg
         self.cfg = new
@@ -244,14 +376,25 @@ class Daemon:
             self.store = StagingStore(new.staging_url)
             self.store.setup()
         log.info("config_reloaded", capture_restarted=restart_capture)
+        sdnotify.ready()
 
     def shutdown(self) -> None:
+        sdnotify.stopping()
         for fn in self.on_stop:
             with contextlib.suppress(Exception):
                 fn()
         if self.source is not None:
             self.source.close()  # commits whole transactions it holds, rolls back a partial one
             self.source = None
+        if self.health is not None:
+            with contextlib.suppress(Exception):
+                self.health.stop()
+        if self.logstore is not None:
+            from replicator.log import remove_sink
+
+            remove_sink(self.logstore.sink)
+            with contextlib.suppress(Exception):
+                self.logstore.stop()
         if self.store is not None:
             self.store.dispose()
 

@@ -592,6 +592,7 @@ class ApplyTxn:
         self._pending: dict[str, _Pending] = {}
         self.pending_count = 0
         self.applied = 0  # changes applied (before coalescing) in this transaction
+        self.counts: dict[tuple[str, str], int] = {}
         self.started = time.monotonic()
         self.closed = False
 
@@ -601,6 +602,8 @@ class ApplyTxn:
         if info is None:
             raise KeyError(f"no mirror for {ch.table}: ensure_mirror first")
         self.applied += 1
+        ck = (ch.table, ch.op)
+        self.counts[ck] = self.counts.get(ck, 0) + 1
         if ch.op == "T":
             self._truncate(info, ch.position)
             return
@@ -693,6 +696,11 @@ class ApplyTxn:
             self.store.write_checkpoint(self.conn, checkpoint, changes=self.applied, **kw)
         self._tx.commit()
         self.close()
+        if checkpoint is not None and self.counts:
+            from replicator.metrics import CHANGES_APPLIED
+
+            for (table, op), n in self.counts.items():
+                CHANGES_APPLIED.labels(self.source, table, op).inc(n)
 
     def rollback(self) -> None:
         if not self.closed:

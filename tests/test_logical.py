@@ -280,3 +280,51 @@ def test_table_without_key_is_a_clear_startup_error(erp_db: str, tmp_path: Path)
             c.execute("INSERT INTO log VALUES (now(), 'c')")
         assert_staging_equals_source(erp_db, f"sqlite:///{tmp_path / 's.db'}", ["public.log"], timeout=60)
         d.terminate()
+
+
+def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> None:
+    """The running daemon answers /healthz, /readyz and /metrics, and tells systemd it is ready."""
+    import re
+    import socket
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    staging_url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(tmp_path, erp, staging_url, TABLES)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    with DaemonProcess(cfg, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "3000000",
+                                 "WATCHDOG_PID": ""}) as d:
+        got: list[str] = []
+        while not any("READY=1" in m for m in got):
+            got.append(sock.recv(4096).decode())
+        wait_until(lambda: "health_server_listening" in d.output(), 20, what="health server")
+        url = re.search(r'"url": "(http://[^"]+)"', d.output()).group(1)  # type: ignore[union-attr]
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
+        with _erp(erp) as c:
+            c.execute("UPDATE stock SET qty = qty + 1 WHERE warehouse = 1")
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
+        assert httpx.get(url + "healthz").status_code == 200
+
+        def ready() -> bool:
+            r = httpx.get(url + "readyz")
+            return r.status_code == 200
+        wait_until(ready, 30, what="/readyz 200")
+        body = httpx.get(url + "readyz").json()
+        names = {c["name"] for c in body["checks"]}
+        assert {"staging", "erp", "capture", "lag", "heartbeat"} <= names
+        text = httpx.get(url + "metrics").text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        applied = fams["sync_changes_applied"]
+        assert any(s.value > 0 for s in applied.samples)
+        assert "sync_replication_lag_seconds" in fams and "sync_heartbeat_age_seconds" in fams
+        assert "postgres@" not in text and "password" not in text.lower()
+        # watchdog pings keep coming while the loop runs
+        sock.settimeout(5)
+        later = [sock.recv(4096).decode() for _ in range(2)]
+        assert any("WATCHDOG=1" in m for m in later)
+        d.terminate()
+    sock.close()

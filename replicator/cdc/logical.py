@@ -86,6 +86,8 @@ class Progress:
     transactions: int = 0
     last_commit_at: dt.datetime | None = None
     lag_seconds: float | None = None
+    last_applied_at: dt.datetime | None = None
+    last_heartbeat_at: dt.datetime | None = None
 
 
 def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSchema]:
@@ -640,6 +642,9 @@ class LogicalSource(CaptureSource):
             raise
         if lag is not None:
             self.progress.lag_seconds = max(0.0, lag)
+        self.progress.last_applied_at = now
+        if self._batch_heartbeat is not None:
+            self.progress.last_heartbeat_at = now
         self._batch_heartbeat = None
         self._batch_latest_event = None
         self._checkpoint_lsn = end
