@@ -72,6 +72,15 @@ def to_json(v: Any) -> str:
     return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
 
 
+def _key_json(k: tuple[Any, ...] | None) -> str | None:
+    """A row key as JSON text; ints and plain strings without a JSON encoder round trip."""
+    if k is None:
+        return None
+    if len(k) == 1 and type(k[0]) is int:
+        return f"[{k[0]}]"
+    return to_json(list(k))
+
+
 def _category(col: Column) -> str:
     """A coarse storage category from the source type name."""
     t = col.type_name.lower()
@@ -358,7 +367,18 @@ class StagingStore:
     def converter(self, info: MirrorInfo, cols: Sequence[str]) -> Any:
         """A function turning a row of Python values into driver parameters for ``cols``."""
         if self.dialect == "sqlite":
-            return lambda values: tuple(_sqlite_value(values[c]) for c in cols)
+            # Only columns whose values need converting pay for it (ints, text, floats, blobs
+            # go to SQLite as they are).
+            conv = [
+                (c, (col is None or _category(col) not in ("int", "float", "bytes")))
+                for c in cols
+                for col in (info.schema.column(c),)
+            ]
+            if not any(needs for _, needs in conv):
+                return lambda values: tuple(values[c] for c in cols)
+            return lambda values: tuple(
+                _sqlite_value(values[c]) if needs else values[c] for c, needs in conv
+            )
         schema = info.schema
         typed = [schema.column(c) for c in cols]
         plain = all(c is not None and _category(c) != "json" and (c.type_oid or 0) < _BUILTIN_OID_LIMIT
@@ -598,46 +618,50 @@ class ApplyTxn:
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
-        info = self.store._mirrors.get(ch.table)
+        table, op = ch.table, ch.op
+        info = self.store._mirrors.get(table)
         if info is None:
-            raise KeyError(f"no mirror for {ch.table}: ensure_mirror first")
+            raise KeyError(f"no mirror for {table}: ensure_mirror first")
         self.applied += 1
-        ck = (ch.table, ch.op)
+        ck = (table, op)
         self.counts[ck] = self.counts.get(ck, 0) + 1
-        if ch.op == "T":
+        if op == "T":
             self._truncate(info, ch.position)
             return
-        pend = self._pending.get(ch.table)
+        pend = self._pending.get(table)
         if pend is None:
-            pend = self._pending[ch.table] = _Pending()
+            pend = self._pending[table] = _Pending()
         keycols = info.schema.key
-        before = len(pend)
-        if ch.op == "D":
+        # pending_count counts changes since the last flush (an upper bound of what is held).
+        self.pending_count += 1
+        if op == "D":
             src = ch.key or ch.values or {}
-            k = tuple(src[c] for c in keycols)
+            k = tuple([src[c] for c in keycols])
             pend.upserts.pop(k, None)
             pend.deletes[k] = ch.position
-        else:
-            values = ch.values or {}
-            k = tuple(values[c] for c in keycols)
-            if ch.op == "U" and ch.key is not None:
-                old = tuple(ch.key[c] for c in keycols)
+            return
+        values = ch.values or {}
+        k = tuple([values[c] for c in keycols])
+        upserts = pend.upserts
+        if op == "U":
+            if ch.key is not None:
+                old = tuple([ch.key[c] for c in keycols])
                 if old != k:
-                    pend.upserts.pop(old, None)
+                    upserts.pop(old, None)
                     pend.deletes[old] = ch.position
-            partial = len(values) < len(info.schema.columns) and ch.op == "U"
-            prev = pend.upserts.get(k)
-            if prev is not None and partial:
-                merged = {**prev[0], **values}
-                pend.upserts[k] = (merged, prev[1], ch.position)
-            else:
-                pend.upserts[k] = (values, partial, ch.position)
+            if len(values) < len(info.schema.columns):  # unchanged TOAST columns left out
+                prev = upserts.get(k)
+                upserts[k] = ({**prev[0], **values}, prev[1], ch.position) if prev else (
+                    values, True, ch.position)
+                if pend.deletes:
+                    pend.deletes.pop(k, None)
+                return
+        upserts[k] = (values, False, ch.position)
+        if pend.deletes:
             pend.deletes.pop(k, None)
-        self.pending_count += len(pend) - before
 
     def _truncate(self, info: MirrorInfo, position: str) -> None:
         self._pending.pop(info.source_table, None)
-        self.pending_count = sum(len(p) for p in self._pending.values())
         self.conn.exec_driver_sql(f"DELETE FROM {self.store.q(info.name)}")
         if self.store.journal_enabled:
             self._journal([(info.source_table, "T", None, position)])
@@ -683,8 +707,7 @@ class ApplyTxn:
             cur.executemany(
                 f"INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
                 f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
-                [(self.source, t, op, to_json(list(k)) if k is not None else None, pos, now)
-                 for t, op, k, pos in entries],
+                [(self.source, t, op, _key_json(k), pos, now) for t, op, k, pos in entries],
             )
         finally:
             cur.close()

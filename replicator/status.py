@@ -22,7 +22,7 @@ def _age(v: Any, now: dt.datetime) -> float | None:
         v = dt.datetime.fromisoformat(v)
     if v.tzinfo is None:
         v = v.replace(tzinfo=dt.UTC)
-    return round((now - v).total_seconds(), 1)
+    return max(0.0, round((now - v).total_seconds(), 1))
 
 
 def _iso(v: Any) -> str | None:

@@ -177,6 +177,7 @@ class LogicalSource(CaptureSource):
         self._in_source_txn = False
         self._skip_txn = False
         self._txn_commit_time: dt.datetime | None = None
+        self._txn_pos = "0/0"  # commit LSN of the source transaction being applied
         self._batch_txns = 0
         self._batch_started = 0.0
         self._batch_end_lsn = 0
@@ -486,6 +487,7 @@ class LogicalSource(CaptureSource):
             # A transaction that committed before our checkpoint is already in staging.
             self._skip_txn = msg.final_lsn < self._checkpoint_lsn
             self._txn_commit_time = pg_time_to_datetime(msg.commit_time)
+            self._txn_pos = int_to_lsn(msg.final_lsn)
             if not self._skip_txn:
                 self._open_txn()
         elif isinstance(msg, Commit):
@@ -586,8 +588,8 @@ class LogicalSource(CaptureSource):
         table = self._rel_tables[msg.relation_oid]
         if table not in self._schemas:
             return
-        txn = self._open_txn()
-        pos = int_to_lsn(self.progress.received_lsn)
+        txn = self._txn or self._open_txn()
+        pos = self._txn_pos
         dec = self._decoder
         if msg.op == "I":
             assert msg.new is not None

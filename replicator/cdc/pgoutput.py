@@ -268,6 +268,7 @@ class ValueDecoder:
     def __init__(self, context: adapt.AdaptContext | None = None) -> None:
         self._tx = adapt.Transformer(context)
         self._loaders: dict[int, Any] = {}
+        self._plans: dict[int, tuple[Relation, list[tuple[str, Any]]]] = {}
 
     def loader(self, oid: int) -> Any:
         ld = self._loaders.get(oid)
@@ -277,9 +278,14 @@ class ValueDecoder:
 
     def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
         """Column name -> value, leaving out unchanged TOAST columns."""
+        plan = self._plans.get(id(rel))
+        if plan is None or plan[0] is not rel:
+            plan = (rel, [(c.name, self.loader(c.type_oid)) for c in rel.columns])
+            self._plans[id(rel)] = plan
         out: dict[str, Any] = {}
-        for col, v in zip(rel.columns, raw, strict=False):
-            if v is UNCHANGED:
-                continue
-            out[col.name] = None if v is None else self.loader(col.type_oid)(v)
+        for (name, load), v in zip(plan[1], raw, strict=False):
+            if v is None:
+                out[name] = None
+            elif v is not UNCHANGED:
+                out[name] = load(v)
         return out
