@@ -1,0 +1,218 @@
+"""Plumbing shared by the pushers: reading the change journal past a consumer's cursor, a shop's
+gate (token bucket + back-off after failures), and the staging tables the pushers own.
+
+The journal is read forward from an in-memory read position (so entries waiting for a slow shop
+are not re-read every cycle), while the consumer's durable cursor (``sync_cursors``) is moved
+only with :meth:`StagingStore.journal_commit` — after the work the entries stand for is done.
+After a restart the read position starts again at the durable cursor, so at worst entries are
+looked at twice; every push is idempotent (absolute quantities, "attached once" bookkeeping).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from replicator.connectors.base import ShopConnector
+from replicator.push.ratelimit import TokenBucket
+from replicator.staging import StagingStore
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+
+
+def utcnow_text() -> str:
+    """A UTC timestamp as ISO text (portable across SQLite and PostgreSQL staging)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def can_push(conn: ShopConnector) -> bool:
+    """Whether a connector implements the outbound API (webhook-only and inbox shops do not)."""
+    from replicator.connectors import WebhookOnlyConnector
+
+    if isinstance(conn, WebhookOnlyConnector):
+        return False
+    return type(conn).push_stock is not ShopConnector.push_stock
+
+
+def select_connectors(
+    connectors: Mapping[str, ShopConnector] | Iterable[ShopConnector], names: Sequence[str] = ()
+) -> dict[str, ShopConnector]:
+    """Connectors by shop name: the ``names`` asked for, or every one that can push."""
+    if isinstance(connectors, Mapping):
+        by_name = dict(connectors)
+    else:
+        by_name = {c.name: c for c in connectors}
+    if names:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"no connector for shop(s) {', '.join(missing)}")
+        return {n: by_name[n] for n in names}
+    return {n: c for n, c in by_name.items() if can_push(c)}
+
+
+class SkuFilter:
+    """Per-SKU exclusions: exact SKUs or shell patterns (``GIFT-*``)."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.exact = {p for p in patterns if not any(ch in p for ch in "*?[")}
+        self.globs = [p for p in patterns if p not in self.exact]
+
+    def excluded(self, sku: str) -> bool:
+        return sku in self.exact or any(fnmatch.fnmatchcase(sku, g) for g in self.globs)
+
+
+class ShopGate:
+    """One shop's request budget and failure back-off, shared by every thread that pushes."""
+
+    def __init__(
+        self, name: str, rate: float, burst: int, max_backoff: float, clock: Clock
+    ) -> None:
+        self.name = name
+        self.bucket = TokenBucket(rate, burst, clock=clock)
+        self.clock = clock
+        self.max_backoff = max_backoff
+        self.blocked_until = 0.0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.lock = threading.Lock()  # one request at a time per shop and pusher
+
+    def blocked(self, now: float | None = None) -> bool:
+        return (self.clock() if now is None else now) < self.blocked_until
+
+    def failed(self, error: str, retry_after: float | None) -> float:
+        """Record a failure; returns the seconds until the next attempt."""
+        self.failures += 1
+        self.last_error = error
+        if retry_after is not None:
+            wait = min(max(retry_after, 0.0), self.max_backoff)
+            self.bucket.pause(wait)
+        else:
+            wait = min(self.max_backoff, 0.5 * 2 ** min(self.failures - 1, 20))
+        self.blocked_until = self.clock() + wait
+        return wait
+
+    def ok(self) -> None:
+        if self.failures:
+            log.info("shop_push_recovered", shop=self.name, after_failures=self.failures)
+        self.failures = 0
+        self.last_error = None
+        self.blocked_until = 0.0
+
+
+class JournalReader:
+    """Reads a consumer's journal entries for some tables, oldest first."""
+
+    def __init__(self, store: StagingStore, consumer: str, tables: Sequence[str]) -> None:
+        self.store = store
+        self.consumer = consumer
+        self.tables = list(tables)
+        store.setup()
+        self.committed = self._durable_cursor()
+        self.read_upto = self.committed
+
+    def _durable_cursor(self) -> int:
+        with self.store.engine.connect() as conn:
+            row = conn.exec_driver_sql(
+                f"SELECT journal_id FROM sync_cursors WHERE consumer = {self.store._ph}",
+                (self.consumer,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def read(self, limit: int) -> list[dict[str, Any]]:
+        """The next entries after the read position (which then moves past them)."""
+        p = self.store._ph
+        sql = (
+            "SELECT id, table_name, op, row_key, at FROM sync_journal "
+            f"WHERE id > {p} AND table_name IN ({', '.join([p] * len(self.tables))}) "
+            f"ORDER BY id LIMIT {int(limit)}"
+        )
+        with self.store.engine.connect() as conn:
+            rows = conn.exec_driver_sql(sql, (self.read_upto, *self.tables)).fetchall()
+        out = [
+            {
+                "id": int(r[0]),
+                "table": r[1],
+                "op": r[2],
+                "key": json.loads(r[3]) if r[3] else None,
+                "at": r[4],
+            }
+            for r in rows
+        ]
+        if out:
+            self.read_upto = out[-1]["id"]
+        return out
+
+    def commit(self, journal_id: int) -> bool:
+        """Move the durable cursor forward to ``journal_id`` (never backwards)."""
+        if journal_id <= self.committed:
+            return False
+        self.store.journal_commit(self.consumer, journal_id)
+        self.committed = journal_id
+        return True
+
+    def caught_up(self) -> bool:
+        with self.store.engine.connect() as conn:
+            p = self.store._ph
+            row = conn.exec_driver_sql(
+                f"SELECT MAX(id) FROM sync_journal WHERE table_name IN "
+                f"({', '.join([p] * len(self.tables))})",
+                tuple(self.tables),
+            ).fetchone()
+        return row is None or row[0] is None or int(row[0]) <= self.committed
+
+
+def mirror_info(store: StagingStore, table: str) -> Any:
+    """The mirror of a captured table, re-reading the catalogue when capture created it since."""
+    info = store.mirror(table)
+    if info is None:
+        store._load_mirrors()  # the capture source may have created it after our setup()
+        info = store.mirror(table)
+    return info
+
+
+def erp_table(table: str, columns: Iterable[str]) -> sa.TableClause:
+    """A lightweight SQLAlchemy table for direct ERP reads (quoting per the ERP's dialect)."""
+    schema, _, name = table.rpartition(".")
+    return sa.table(name, *(sa.column(c) for c in dict.fromkeys(columns)), schema=schema or None)
+
+
+class ProgressReporter:
+    """A progress string for status output, logged every ``interval`` seconds while it moves."""
+
+    def __init__(
+        self,
+        pusher: str,
+        interval: float,
+        clock: Clock = time.monotonic,
+        callback: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pusher = pusher
+        self.interval = interval
+        self.clock = clock
+        self.callback = callback
+        self.text = "idle"
+        self._logged = 0.0
+
+    def set(self, text: str, *, force_log: bool = False) -> None:
+        self.text = text
+        if self.callback is not None:
+            self.callback(text)
+        now = self.clock()
+        if force_log or now - self._logged >= self.interval:
+            self._logged = now
+            log.info("push_progress", pusher=self.pusher, progress=text)
+
+    def idle(self) -> None:
+        self.text = "idle"
+        if self.callback is not None:
+            self.callback(self.text)
