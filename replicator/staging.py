@@ -51,7 +51,8 @@ SYSTEM_TABLES = (
     "sync_tables",
 )
 
-_BUILTIN_OID_LIMIT = 16384  # FirstNormalObjectId: types below are built into PostgreSQL
+_BUILTIN_OID_LIMIT = 16384
+_COPY_THRESHOLD = 500  # rows in one group from which PostgreSQL staging uses COPY  # FirstNormalObjectId: types below are built into PostgreSQL
 
 
 def _json_default(v: Any) -> Any:
@@ -613,6 +614,7 @@ class ApplyTxn:
         self.pending_count = 0
         self.applied = 0  # changes applied (before coalescing) in this transaction
         self.counts: dict[tuple[str, str], int] = {}
+        self._temp_tables: set[str] = set()  # PostgreSQL COPY staging tables made in this txn
         self.started = time.monotonic()
         self.closed = False
 
@@ -686,7 +688,10 @@ class ApplyTxn:
                         groups.setdefault(tuple(values.keys()), []).append(values)
                     for cols, rows in groups.items():
                         conv = store.converter(info, cols)
-                        cur.executemany(store.upsert_sql(info, cols), [conv(r) for r in rows])
+                        if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+                            self._copy_upsert(cur, info, cols, (conv(r) for r in rows))
+                        else:
+                            cur.executemany(store.upsert_sql(info, cols), [conv(r) for r in rows])
                     if store.journal_enabled:
                         journal.extend((table, "U", k, v[2]) for k, v in pend.upserts.items())
         finally:
@@ -696,6 +701,34 @@ class ApplyTxn:
         if journal:
             self._journal(journal)
 
+    def _copy_upsert(self, cur: Any, info: MirrorInfo, cols: tuple[str, ...], rows: Any) -> None:
+        """PostgreSQL staging, large groups: COPY into a temporary table, then one upsert.
+
+        Several times faster than ``executemany`` for big batches: rows travel in COPY format
+        and the server resolves conflicts in one statement. Keys are unique within a group
+        (coalesced), so ``ON CONFLICT`` never meets the same row twice.
+        """
+        store = self.store
+        q = store.q
+        tmp = q(f"_sync_stage_{info.name}"[:63])
+        collist = ", ".join(q(c) for c in cols)
+        if info.name not in self._temp_tables:
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {q(info.name)}) "
+                        "ON COMMIT DROP")
+            self._temp_tables.add(info.name)
+        else:
+            cur.execute(f"TRUNCATE {tmp}")
+        with cur.copy(f"COPY {tmp} ({collist}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        key = info.schema.key
+        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in key)
+        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
+        cur.execute(
+            f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} FROM {tmp} "
+            f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
+        )
+
     def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
         store = self.store
         now = store._now()
@@ -703,12 +736,19 @@ class ApplyTxn:
         dbapi = self.conn.connection.driver_connection
         assert dbapi is not None
         cur = dbapi.cursor()
+        rows = ((self.source, t, op, _key_json(k), pos, now) for t, op, k, pos in entries)
         try:
-            cur.executemany(
-                f"INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
-                f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
-                [(self.source, t, op, _key_json(k), pos, now) for t, op, k, pos in entries],
-            )
+            if store.dialect == "postgresql" and len(entries) >= _COPY_THRESHOLD:
+                with cur.copy("COPY sync_journal (source, table_name, op, row_key, position, at) "
+                              "FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            else:
+                cur.executemany(
+                    f"INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+                    f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                    list(rows),
+                )
         finally:
             cur.close()
 
