@@ -1,0 +1,554 @@
+"""What the Manage page shows, read from the staging store and the daemon state.
+
+Every function here only reads. The order ledger is read with SQLAlchemy Core on its tables
+(:mod:`replicator.orders.ledger`) because the page needs paging, counts per state and a search by
+ERP order number, which :class:`~replicator.orders.ledger.Ledger` does not offer; the order page
+reads the same rows as :meth:`Ledger.get` and :meth:`Ledger.events` (without constructing a
+``Ledger``, which would create the tables). Nothing creates the ledger tables: a daemon
+whose order import never ran shows "no orders yet".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from markupsafe import Markup
+
+from replicator.log import redact
+from replicator.logstore import LEVELS, LogRecord, log_records, query_records
+from replicator.orders.ledger import Entry, Event, events_t, ledger_t
+from replicator.web.lag import (
+    NO_VALUE,
+    LagSample,
+    human_bytes,
+    human_seconds,
+    lag_history,
+    sparkline_svg,
+)
+
+log = structlog.get_logger(__name__)
+
+ORDER_COLUMNS = ("delivered", "awaiting", "failed")
+OTHER_STATES = ("skipped", "update-pending")
+
+_LIST_COLS = (
+    ledger_t.c.id,
+    ledger_t.c.shop,
+    ledger_t.c.e_number,
+    ledger_t.c.erp_order_no,
+    ledger_t.c.state,
+    ledger_t.c.attempts,
+    ledger_t.c.last_error,
+    ledger_t.c.shop_status,
+    ledger_t.c.first_seen,
+    ledger_t.c.last_seen,
+    ledger_t.c.delivered_at,
+    ledger_t.c.next_attempt_at,
+    ledger_t.c.update_queued,
+    ledger_t.c.diff,
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(t: datetime | None) -> datetime | None:
+    if t is None:
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def fmt_time(t: Any) -> str:
+    """``2026-11-22 06:41:01 UTC``; NO_VALUE (an en dash) for None; text as it is."""
+    if t is None:
+        return NO_VALUE
+    if isinstance(t, str):
+        try:
+            t = datetime.fromisoformat(t)
+        except ValueError:
+            return t
+    if isinstance(t, datetime):
+        u = as_utc(t)
+        assert u is not None
+        return u.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return str(t)
+
+
+def age(t: Any, now: datetime | None = None) -> float | None:
+    """Seconds since ``t`` (None when unknown)."""
+    if t is None:
+        return None
+    if isinstance(t, str):
+        try:
+            t = datetime.fromisoformat(t)
+        except ValueError:
+            return None
+    if not isinstance(t, datetime):
+        return None
+    u = as_utc(t)
+    assert u is not None
+    return max(0.0, ((now or utcnow()) - u).total_seconds())
+
+
+def ago(t: Any, now: datetime | None = None) -> str:
+    a = age(t, now)
+    if a is None:
+        return ""
+    if a < 60:
+        return "just now" if a < 5 else f"{a:.0f} s ago"
+    if a < 3600:
+        return f"{a / 60:.0f} min ago"
+    if a < 172800:
+        return f"{a / 3600:.1f} h ago"
+    return f"{a / 86400:.0f} days ago"
+
+
+def _has_table(engine: sa.Engine, name: str) -> bool:
+    return sa.inspect(engine).has_table(name)
+
+
+# -------------------------------------------------------------------------------------- orders
+
+
+@dataclass
+class OrderColumn:
+    """One state's column: a page of orders, newest first."""
+
+    state: str
+    rows: list[dict[str, Any]]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+
+@dataclass
+class OrdersView:
+    available: bool
+    columns: list[OrderColumn] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    query: str = ""
+
+
+def _search(q: str) -> Any:
+    return sa.or_(
+        ledger_t.c.e_number.icontains(q, autoescape=True),
+        ledger_t.c.erp_order_no.icontains(q, autoescape=True),
+    )
+
+
+def orders_view(
+    engine: sa.Engine, pages: dict[str, int], per_page: int = 20, query: str = ""
+) -> OrdersView:
+    """The three order columns (delivered, awaiting, failed) and the count of every state."""
+    if not _has_table(engine, ledger_t.name):
+        return OrdersView(available=False, query=query)
+    q = query.strip()
+    view = OrdersView(available=True, query=q)
+    with engine.connect() as conn:
+        counts = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
+        if q:
+            counts = counts.where(_search(q))
+        view.counts = {str(s): int(n) for s, n in conn.execute(counts)}
+        for state in ORDER_COLUMNS:
+            total = view.counts.get(state, 0)
+            per = max(1, per_page)
+            page = min(max(1, pages.get(state, 1)), max(1, -(-total // per)))
+            stmt = (
+                sa.select(*_LIST_COLS)
+                .where(ledger_t.c.state == state)
+                .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
+                .limit(per)
+                .offset((page - 1) * per)
+            )
+            if q:
+                stmt = stmt.where(_search(q))
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+            for r in rows:
+                if r["last_error"]:
+                    r["last_error"] = redact(r["last_error"])
+            view.columns.append(OrderColumn(state, rows, total, page, per))
+    return view
+
+
+def order_counts(engine: sa.Engine) -> dict[str, int]:
+    """Orders per state (empty when the ledger does not exist yet)."""
+    if not _has_table(engine, ledger_t.name):
+        return {}
+    stmt = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
+    with engine.connect() as conn:
+        return {str(s): int(n) for s, n in conn.execute(stmt)}
+
+
+def updates_view(engine: sa.Engine, limit: int = 100) -> tuple[bool, list[dict[str, Any]]]:
+    """Orders changed in the shop after import (``update-pending``), newest first, with diffs."""
+    if not _has_table(engine, ledger_t.name):
+        return False, []
+    stmt = (
+        sa.select(*_LIST_COLS)
+        .where(ledger_t.c.state == "update-pending")
+        .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:
+        r["changes"] = parse_diff(r.get("diff"))
+        if r["last_error"]:
+            r["last_error"] = redact(r["last_error"])
+    return True, rows
+
+
+def parse_diff(diff: str | None) -> list[dict[str, Any]]:
+    if not diff:
+        return []
+    try:
+        data = json.loads(diff)
+    except ValueError:
+        return [{"field": "(unreadable diff)", "old": "", "new": diff[:500]}]
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+@dataclass
+class OrderDetail:
+    entry: Entry
+    events: list[Event]
+    payload_text: str
+    pending_text: str | None
+    changes: list[dict[str, Any]]
+    mapped: dict[str, Any] | None = None
+    mapped_error: str | None = None
+
+
+def _pretty(raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace")
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text
+
+
+MAX_PAYLOAD_SHOWN = 512 * 1024
+
+
+def order_detail(engine: sa.Engine, shop: str, e_number: str) -> OrderDetail | None:
+    if not _has_table(engine, ledger_t.name):
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(ledger_t).where(ledger_t.c.shop == shop, ledger_t.c.e_number == e_number)
+        ).first()
+        if row is None:
+            return None
+        m = row._mapping
+        values = {f: m[f] for f in Entry.__dataclass_fields__}
+        values["payload"] = bytes(values["payload"])
+        if values["pending_payload"] is not None:
+            values["pending_payload"] = bytes(values["pending_payload"])
+        values["update_queued"] = bool(values["update_queued"])
+        if values["last_error"]:
+            values["last_error"] = redact(values["last_error"])
+        entry = Entry(**values)
+        events = [
+            Event(r.at, r.event, redact(r.detail) if r.detail else r.detail)
+            for r in conn.execute(
+                sa.select(events_t.c.at, events_t.c.event, events_t.c.detail)
+                .where(events_t.c.shop == shop, events_t.c.e_number == e_number)
+                .order_by(events_t.c.id)
+            )
+        ]
+    payload = _pretty(entry.payload[:MAX_PAYLOAD_SHOWN])
+    if len(entry.payload) > MAX_PAYLOAD_SHOWN:
+        payload += f"\n… ({len(entry.payload)} bytes in all; first {MAX_PAYLOAD_SHOWN} shown)"
+    pending = _pretty(entry.pending_payload) if entry.pending_payload is not None else None
+    return OrderDetail(
+        entry=entry,
+        events=events,
+        payload_text=payload,
+        pending_text=pending,
+        changes=parse_diff(entry.diff),
+    )
+
+
+def map_order_rows(importer: Any, entry: Entry) -> tuple[dict[str, Any] | None, str | None]:
+    """What the shop's current mapping makes of the stored payload (``sync-daemon map
+    --dry-run``): ({table: rows}, None), or (None, why not). Nothing is written."""
+    from replicator.mappers.orders import OrderRejected
+    from replicator.orders.inbox import PayloadError, parse_payload
+
+    try:
+        writer = importer.writer_for(entry.shop)
+        m = writer.m
+        payload = parse_payload(entry.payload)
+        crit = importer.ocfg.criteria_for(entry.shop)
+        with importer.engine.connect() as conn:
+            try:
+                mapped = writer.map(
+                    conn, entry.shop, entry.e_number, payload, crit.mode == "auto_invoice"
+                )
+            finally:
+                conn.rollback()
+    except (OrderRejected, PayloadError) as exc:
+        return None, str(getattr(exc, "reason", None) or exc)
+    except Exception as exc:  # ERP unreachable, mapping missing: say so, keep the page up
+        return None, redact(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+    header = dict(mapped.header)
+    header[m.order_number_column] = entry.erp_order_no or "<assigned at import>"
+    lines = [
+        {**ln, m.lines_order_column: entry.erp_order_no or "<order number>"} for ln in mapped.lines
+    ]
+    tables: dict[str, Any] = {m.header_table: [header], m.lines_table: lines}
+    return tables, None
+
+
+# ---------------------------------------------------------------------------------------- logs
+
+SINCE_CHOICES = {
+    "15m": ("last 15 minutes", timedelta(minutes=15)),
+    "1h": ("last hour", timedelta(hours=1)),
+    "6h": ("last 6 hours", timedelta(hours=6)),
+    "24h": ("last 24 hours", timedelta(hours=24)),
+    "7d": ("last 7 days", timedelta(days=7)),
+    "all": ("any time", None),
+}
+
+
+@dataclass
+class LogsView:
+    available: bool
+    records: list[LogRecord]
+    services: list[str]
+    service: str
+    level: str
+    since: str
+    limit: int
+
+
+def logs_view(
+    engine: sa.Engine,
+    query: Callable[..., list[LogRecord]] | None,
+    service: str = "",
+    level: str = "",
+    since: str = "24h",
+    limit: int = 200,
+) -> LogsView:
+    """Newest first; ``level`` means "this level and above"."""
+    if level not in LEVELS:
+        level = ""
+    if since not in SINCE_CHOICES:
+        since = "24h"
+    if not _has_table(engine, log_records.name):
+        return LogsView(False, [], [], service, level, since, limit)
+    delta = SINCE_CHOICES[since][1]
+    start = utcnow() - delta if delta is not None else None
+    run = query or (lambda **kw: query_records(engine, **kw))
+    records = run(service=service or None, level=level or None, since=start, limit=limit)
+    records = list(reversed(records))
+    with engine.connect() as conn:
+        services = sorted(
+            str(s)
+            for (s,) in conn.execute(
+                sa.select(log_records.c.service)
+                .where(log_records.c.service.is_not(None))
+                .distinct()
+            )
+        )
+    return LogsView(True, records, services, service, level, since, limit)
+
+
+def log_fields(rec: LogRecord) -> str:
+    """The record's extra fields as ``key=value`` text, redacted."""
+    parts = []
+    for k, v in rec.fields.items():
+        text = v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False)
+        parts.append(f"{k}={text}")
+    return redact(" ".join(parts))
+
+
+# ------------------------------------------------------------------------------------ services
+
+
+_PROGRESS = re.compile(r"(\d[\d,]*)\s*(?:/|of)\s*(\d[\d,]*)")
+
+
+@dataclass
+class ServiceRow:
+    name: str
+    schedule: str
+    schedule_expr: str
+    next_runs: list[datetime]
+    last_run_at: datetime | None
+    last_result: str
+    last_ok: bool | None
+    breaker_open: bool
+    progress: str
+    progress_pct: float | None
+    failures: int
+
+
+def progress_pct(text: str) -> float | None:
+    m = _PROGRESS.search(text or "")
+    if not m:
+        return None
+    done, total = (int(x.replace(",", "")) for x in m.groups())
+    return None if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
+
+
+def services_view(
+    schedules: dict[str, Any], state: Any, now: datetime | None = None
+) -> list[ServiceRow]:
+    """Every scheduled service and every service the daemon reports, schedules first."""
+    now_local = (now or utcnow()).astimezone()
+    services = dict(getattr(state, "services", {}) or {})
+    names = list(schedules) + [n for n in services if n not in schedules]
+    rows = []
+    for name in names:
+        sched = schedules.get(name)
+        st = services.get(name)
+        nxt: list[datetime] = []
+        next_at = getattr(st, "next_run_at", None)
+        if next_at is not None:
+            nxt.append(next_at)
+        if sched is not None and sched.kind != "continuous":
+            after = next_at or now_local
+            if sched.kind == "interval" and next_at is None:
+                last = getattr(st, "last_run_at", None)
+                after = last.astimezone() if last is not None else now_local
+            try:
+                nxt += sched.next_runs(3 - len(nxt), after)
+            except Exception as exc:  # a schedule we cannot evaluate must not break the page
+                log.warning("schedule_next_runs_failed", service=name, error=str(exc))
+        text = getattr(st, "progress", "") or ""
+        rows.append(
+            ServiceRow(
+                name=name,
+                schedule=sched.describe() if sched is not None else "run by the daemon",
+                schedule_expr=sched.expr if sched is not None else "",
+                next_runs=nxt[:3],
+                last_run_at=getattr(st, "last_run_at", None),
+                last_result=redact(getattr(st, "last_result", "not run yet") or ""),
+                last_ok=getattr(st, "last_ok", None),
+                breaker_open=bool(getattr(st, "breaker_open", False)),
+                progress=redact(text),
+                progress_pct=progress_pct(text),
+                failures=int(getattr(st, "failures", 0) or 0),
+            )
+        )
+    return rows
+
+
+def fmt_local(t: datetime | None) -> str:
+    """Schedule times are local (what an operator means by "at 02:30")."""
+    if t is None:
+        return NO_VALUE
+    return t.astimezone().strftime("%a %Y-%m-%d %H:%M %Z")
+
+
+# --------------------------------------------------------------------------------- replication
+
+
+@dataclass
+class SourceRow:
+    source: str
+    slot: str | None
+    state: str | None
+    confirmed_position: str | None
+    last_replication_at: Any
+    last_replication_age: float | None
+    heartbeat_at: Any
+    heartbeat_age: float | None
+    lag_seconds: float | None
+    lag_bytes: int | None
+    changes_applied: int | None
+    chart_seconds: Markup
+    chart_bytes: Markup
+    samples: int
+
+
+def replication_view(
+    engine: sa.Engine,
+    status_rows: Sequence[dict[str, Any]],
+    hours: float = 6.0,
+    now: datetime | None = None,
+) -> list[SourceRow]:
+    end = now or utcnow()
+    start = end - timedelta(hours=hours)
+    history = lag_history(engine, start)
+    out = []
+    for r in status_rows:
+        source = str(r.get("source"))
+        samples: list[LagSample] = history.get(source, [])
+        ls = r.get("lag_seconds")
+        lb = r.get("lag_bytes")
+        out.append(
+            SourceRow(
+                source=source,
+                slot=r.get("slot"),
+                state=r.get("state"),
+                confirmed_position=r.get("confirmed_position"),
+                last_replication_at=r.get("last_replication_at"),
+                last_replication_age=age(r.get("last_replication_at"), end),
+                heartbeat_at=r.get("heartbeat_at"),
+                heartbeat_age=age(r.get("heartbeat_at"), end),
+                lag_seconds=None if ls is None else float(ls),
+                lag_bytes=None if lb is None else int(lb),
+                changes_applied=r.get("changes_applied"),
+                chart_seconds=sparkline_svg(
+                    samples,
+                    field="lag_seconds",
+                    start=start,
+                    end=end,
+                    title=f"lag in seconds of {source}, last {hours:g} hours",
+                ),
+                chart_bytes=sparkline_svg(
+                    samples,
+                    field="lag_bytes",
+                    start=start,
+                    end=end,
+                    title=f"lag in bytes of {source}, last {hours:g} hours",
+                ),
+                samples=len(samples),
+            )
+        )
+    return out
+
+
+__all__ = [
+    "ORDER_COLUMNS",
+    "SINCE_CHOICES",
+    "LogsView",
+    "OrderColumn",
+    "OrderDetail",
+    "OrdersView",
+    "ServiceRow",
+    "SourceRow",
+    "age",
+    "ago",
+    "fmt_local",
+    "fmt_time",
+    "human_bytes",
+    "human_seconds",
+    "log_fields",
+    "logs_view",
+    "map_order_rows",
+    "order_counts",
+    "order_detail",
+    "orders_view",
+    "replication_view",
+    "services_view",
+    "updates_view",
+]
