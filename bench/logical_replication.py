@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def wait_flushed(conn: psycopg.Connection[Any], slot: str, target: str, timeout:
             raise TimeoutError(slot)
         time.sleep(0.05)
     return time.monotonic() - t0
+
+
+def wait_active(conn: psycopg.Connection[Any], slot: str, timeout: float = 60) -> float:
+    t0 = time.monotonic()
+    while not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                           (slot,)).fetchone()[0]:  # type: ignore[index]
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{slot} never became active")
+        time.sleep(0.01)
+    return time.monotonic()
 
 
 def workload_large(conn: psycopg.Connection[Any], n: int) -> int:
@@ -285,6 +296,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up the cluster on SIGTERM too
     n_large = int(1_000_000 * args.scale)
     n_small = int(100_000 * args.scale)
 
@@ -320,8 +332,10 @@ def main() -> int:
                 if isinstance(cons, RecvlogicalConsumer):
                     secs = cons.run_to(target)
                 else:
-                    t0 = time.monotonic()
                     cons.start()
+                    # The clock starts when the consumer is connected to its slot, so process
+                    # start-up (Python imports, worker launch) is not counted for anyone.
+                    t0 = wait_active(admin, cons.slot)
                     wait_flushed(admin, cons.slot, target)
                     secs = time.monotonic() - t0
                     cons.stop()

@@ -108,6 +108,9 @@ class Daemon:
         self.logstore: Any = None
         self.notifier: Any = None
         self._ready_sent = False
+        self.runners: list[Any] = []
+        self.pushers: dict[str, Any] = {}
+        self.order_service: Any = None
         self._watchdog = sdnotify.watchdog_interval()
         self._last_watchdog = 0.0
 
@@ -166,8 +169,139 @@ class Daemon:
         self.logstore.start()
         add_sink(self.logstore.sink)
         self.notifier = Notifier(cfg.notify, name=cfg.daemon.name)
+        groups = self._build_services()
         if cfg.health.enabled:
             self._start_health()
+        from replicator.services import ServiceRunner
+
+        for group in groups:
+            runner = ServiceRunner(group, self.state, self.notifier, self.stop)
+            runner.start()
+            self.runners.append(runner)
+
+    def _build_services(self) -> list[list[Any]]:
+        """Order import, stock and invoice push, housekeeping: one worker thread per group."""
+        from replicator.services import Service
+
+        assert self.store is not None
+        cfg = self.cfg
+        store = self.store
+        groups: list[list[Service]] = []
+        connectors = self._connectors()
+        if cfg.orders.enabled and cfg.shops:
+            groups.append(self._order_services(connectors))
+        push: list[Service] = []
+        if cfg.stock_push is not None:
+            push.extend(self._stock_services(connectors))
+        if cfg.invoice_push is not None:
+            from replicator.push.invoices import InvoicePushService
+
+            invoices = InvoicePushService(cfg, store, connectors)
+            self.pushers["invoices"] = invoices
+            push.append(Service("invoices", cfg.schedules.schedule("invoices"),
+                                lambda _now: _summary(invoices.run_cycle()),
+                                progress=lambda: invoices.progress, close=invoices.close))
+        if push:
+            groups.append(push)
+        groups.append(self._housekeeping_services())
+        return groups
+
+    def _mount_routes(self, health: Any) -> None:
+        """Webhook receivers (shops, ERP) and the Manage page on the daemon's HTTP server."""
+        cfg = self.cfg
+        if self.pushers:
+            from replicator.push.erp_webhook import erp_webhook_secret, make_erp_webhook_handler
+
+            secret = erp_webhook_secret(cfg)
+            if secret:
+                handler = make_erp_webhook_handler(secret, stock=self.pushers.get("stock"),
+                                                   invoices=self.pushers.get("invoices"))
+                health.add_route("GET", "/webhooks/erp", handler, public=True)
+                health.add_route("POST", "/webhooks/erp", handler, public=True)
+        if self.order_service is not None:
+            from replicator.connectors import make_webhook_receiver
+            from replicator.health import Response
+
+            for shop in cfg.shops:
+                if shop.kind != "webhook" and shop.webhook_secret is None:
+                    continue
+                receiver = make_webhook_receiver(shop, self.order_service.store_webhook_delivery)
+
+                def route(req: Any, r: Any = receiver) -> Any:
+                    status, body = r.handle(req.headers, req.body)
+                    return Response.json(body, status)
+
+                health.add_route("POST", f"/webhooks/shop/{shop.name}", route, public=True,
+                                 max_body=receiver.max_body)
+        from replicator.web.app import WebContext, mount
+
+        assert self.store is not None
+        mount(health, WebContext(config=cfg, staging_engine=self.store.engine,
+                                 daemon_state=lambda: self.state, store=self.store,
+                                 logstore=self.logstore, importer=self.order_service))
+
+    def _connectors(self) -> dict[str, Any]:
+        from pathlib import Path
+
+        from replicator.connectors import make_connector
+
+        base = Path(self.cfg.source_path).parent if self.cfg.source_path else None
+        return {s.name: make_connector(s, base) for s in self.cfg.shops if s.kind != "webhook"}
+
+    def _order_services(self, connectors: dict[str, Any]) -> list[Any]:
+        from replicator.orders.importer import OrderImportService
+        from replicator.services import Service
+
+        cfg = self.cfg
+        orders = OrderImportService(cfg, connectors)
+        self.order_service = orders
+        return [
+            Service("orders", cfg.schedules.schedule("orders"),
+                    lambda now: orders.run_cycle().summary(), close=orders.close),
+            Service("sweep", cfg.schedules.schedule("sweep"),
+                    lambda now: orders.run_cycle(
+                        since=dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                        - dt.timedelta(days=cfg.orders.reconcile_days)).summary()),
+        ]
+
+    def _stock_services(self, connectors: dict[str, Any]) -> list[Any]:
+        from replicator.push.stock import StockPushService
+        from replicator.schedules import Schedule
+        from replicator.services import Service
+
+        assert self.store is not None and self.cfg.stock_push is not None
+        stock = StockPushService(self.cfg, self.store, connectors)
+        self.pushers["stock"] = stock
+        return [
+            Service("stock_push", Schedule.parse("continuous"),
+                    lambda _now: _summary(stock.run_cycle(stop=self.stop)),
+                    progress=lambda: stock.progress, close=stock.close),
+            Service("reconcile", Schedule.parse(self.cfg.stock_push.reconcile_schedule,
+                                                "stock_push.reconcile_schedule"),
+                    lambda now: _summary(stock.reconcile(now, stop=self.stop)),
+                    progress=lambda: stock.progress),
+        ]
+
+    def _housekeeping_services(self) -> list[Any]:
+        from replicator.schedules import Schedule
+        from replicator.services import Service
+
+        def housekeeping(_now: dt.datetime) -> str:
+            assert self.store is not None
+            purged = self.logstore.purge() if self.logstore is not None else 0
+            pruned = self.store.journal_prune(keep_seconds=7 * 86400)
+            return f"{purged} log records and {pruned} journal entries removed"
+
+        services = [Service("housekeeping", Schedule.parse("every 1h"), housekeeping)]
+        from replicator.web.lag import record_lag_sample
+
+        def lag_sample(_now: dt.datetime) -> str:
+            assert self.store is not None
+            record_lag_sample(self.store.engine, self.store.replication_status())
+            return ""
+
+        services.append(Service("lag_history", Schedule.parse("every 1m"), lag_sample))
+        return services
 
     def _start_health(self) -> None:
         from replicator.health import HealthServer, engine_check, threshold_check
@@ -184,6 +318,7 @@ class Daemon:
                                                       cfg.health.max_heartbeat_age, "heartbeat age"))
         health.add_check("breakers", self._breaker_check)
         metrics.on_scrape(self._refresh_metrics)
+        self._mount_routes(health)
         health.start()
         self.health = health
         log.info("health_server_listening", url=f"http://{cfg.health.host}:{health.port}/",
@@ -380,6 +515,10 @@ class Daemon:
 
     def shutdown(self) -> None:
         sdnotify.stopping()
+        self.stop.set()
+        deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout / 2
+        for runner in self.runners:
+            runner.join(max(0.1, deadline - time.monotonic()))
         for fn in self.on_stop:
             with contextlib.suppress(Exception):
                 fn()
@@ -397,6 +536,15 @@ class Daemon:
                 self.logstore.stop()
         if self.store is not None:
             self.store.dispose()
+
+
+def _summary(d: Any) -> str:
+    """One line from a service's summary dict (only the non-empty figures)."""
+    if not isinstance(d, dict):
+        return str(d)
+    parts = [f"{k}={v}" for k, v in d.items() if v not in (None, 0, "", [], {})
+             and not isinstance(v, (dict, list))]
+    return ", ".join(parts)
 
 
 def _lsn(v: int) -> str:

@@ -81,12 +81,18 @@ state_dir = "{state}"
     return cfg
 
 
+def _sigterm(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     from replicator.config import load_config
     from replicator.localpg import LocalCluster, find_bindir, free_port, wait_port
     from replicator.status import print_status
 
     state = Path(os.environ.get("SYNC_DEMO_STATE", ROOT / "demo-state"))
+    # SIGTERM behaves like Ctrl-C, so the throwaway cluster is always removed.
+    signal.signal(signal.SIGTERM, _sigterm)
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     cluster: LocalCluster | None = None

@@ -9,6 +9,10 @@ fi
 if ! command -v mariadbd >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >/dev/null
 fi
+# Headless Chromium for the Manage page's browser tests (Debian's package; never a downloaded build).
+if ! [ -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 if command -v mariadb-admin >/dev/null 2>&1 && ! mariadb-admin -uroot -h127.0.0.1 ping >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null

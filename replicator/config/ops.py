@@ -145,6 +145,7 @@ class SchedulesSection(Section):
     reconcile: str = "0 * * * *"
     sweep: str = "30 2 * * *"
     capture: str = "continuous"
+    invoices: str = "every 30s"
 
     @field_validator("*")
     @classmethod
