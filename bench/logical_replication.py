@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +58,9 @@ def slot_flushed(conn: psycopg.Connection[Any], slot: str, target: str) -> bool:
     return bool(row and row[0])
 
 
-def wait_flushed(conn: psycopg.Connection[Any], slot: str, target: str, timeout: float = 3600) -> float:
+def wait_flushed(
+    conn: psycopg.Connection[Any], slot: str, target: str, timeout: float = 3600
+) -> float:
     t0 = time.monotonic()
     while not slot_flushed(conn, slot, target):
         if time.monotonic() - t0 > timeout:
@@ -71,8 +71,9 @@ def wait_flushed(conn: psycopg.Connection[Any], slot: str, target: str, timeout:
 
 def wait_active(conn: psycopg.Connection[Any], slot: str, timeout: float = 60) -> float:
     t0 = time.monotonic()
-    while not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                           (slot,)).fetchone()[0]:  # type: ignore[index]
+    while not conn.execute(
+        "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()[0]:  # type: ignore[index]
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"{slot} never became active")
         time.sleep(0.01)
@@ -84,11 +85,15 @@ def workload_large(conn: psycopg.Connection[Any], n: int) -> int:
     for start in range(0, n, chunk):
         conn.execute(
             "INSERT INTO bench SELECT g, 'SKU-' || g, g %% 100, g * 0.01, now() "
-            "FROM generate_series(%s::bigint, %s::bigint) g", (start + 1, min(n, start + chunk)))
+            "FROM generate_series(%s::bigint, %s::bigint) g",
+            (start + 1, min(n, start + chunk)),
+        )
         conn.commit()
     for start in range(0, n, chunk):
-        conn.execute("UPDATE bench SET qty = qty + 1 WHERE id BETWEEN %s AND %s",
-                     (start + 1, min(n, start + chunk)))
+        conn.execute(
+            "UPDATE bench SET qty = qty + 1 WHERE id BETWEEN %s AND %s",
+            (start + 1, min(n, start + chunk)),
+        )
         conn.commit()
     return 2 * n
 
@@ -156,9 +161,12 @@ class DaemonConsumer(Consumer):
         self._sampling = threading.Event()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config",
-                                      str(self.cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(self.cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
         self._sampling.clear()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -177,8 +185,9 @@ class DaemonConsumer(Consumer):
         self._start()
         assert admin is not None
         t0 = time.monotonic()
-        while not admin.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
-                                (self.slot,)).fetchone():
+        while not admin.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (self.slot,)
+        ).fetchone():
             if time.monotonic() - t0 > 60:
                 raise TimeoutError("daemon did not start")
             time.sleep(0.1)
@@ -208,7 +217,8 @@ class NativeConsumer(Consumer):
             s.execute(
                 f"CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port={self.cluster.port} "
                 f"user=postgres dbname={self.erp_db}' PUBLICATION bench_pub WITH (create_slot = false, "
-                "slot_name = 'native_slot', enabled = false, copy_data = false)")
+                "slot_name = 'native_slot', enabled = false, copy_data = false)"
+            )
 
     def start(self) -> None:
         with psycopg.connect(self.sub_dsn, autocommit=True) as s:
@@ -235,11 +245,34 @@ class RecvlogicalConsumer(Consumer):
         assert bindir is not None
         t0 = time.monotonic()
         subprocess.run(
-            [str(bindir / "pg_recvlogical"), "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U",
-             "postgres", "-d", self.erp_db, "-S", "recv_slot", "--start", "-f", "/dev/null",
-             "-o", "proto_version=1", "-o", "publication_names=bench_pub", "-E", target,
-             "--no-loop", "-s", "1"],
-            check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(bindir / "pg_recvlogical"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.cluster.port),
+                "-U",
+                "postgres",
+                "-d",
+                self.erp_db,
+                "-S",
+                "recv_slot",
+                "--start",
+                "-f",
+                "/dev/null",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=bench_pub",
+                "-E",
+                target,
+                "--no-loop",
+                "-s",
+                "1",
+            ],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return time.monotonic() - t0
 
@@ -268,8 +301,10 @@ def steady(erp: str, rate: int, seconds: int, probe_seen: Any) -> list[float]:
         base = 500_000_000
         t_start = time.monotonic()
         for tick in range(seconds * 10):
-            c.execute("INSERT INTO bench SELECT %s::bigint + g, 'T', 1, 1, now() FROM generate_series(1, %s::int) g",
-                      (base + tick * per_tick, per_tick - 1))
+            c.execute(
+                "INSERT INTO bench SELECT %s::bigint + g, 'T', 1, 1, now() FROM generate_series(1, %s::int) g",
+                (base + tick * per_tick, per_tick - 1),
+            )
             c.execute("INSERT INTO probe VALUES (%s, now())", (tick,))
             c.commit()
             pending[tick] = time.monotonic()
@@ -286,11 +321,13 @@ def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the workload sizes")
     ap.add_argument("--steady-seconds", type=int, default=60)
     ap.add_argument("--rate", type=int, default=5000)
@@ -312,17 +349,26 @@ def main() -> int:
             c.execute("CREATE PUBLICATION bench_pub FOR TABLE bench, probe")
         admin = psycopg.connect(erp, autocommit=True)
         consumers: list[Any] = [
-            DaemonConsumer(tmp, erp, f"sqlite:///{tmp / 'staging.db'}", "sd_sqlite", "sync-daemon -> SQLite"),
-            DaemonConsumer(tmp, erp, staging_pg.replace("postgresql://", "postgresql://"), "sd_pg",
-                           "sync-daemon -> PostgreSQL"),
+            DaemonConsumer(
+                tmp, erp, f"sqlite:///{tmp / 'staging.db'}", "sd_sqlite", "sync-daemon -> SQLite"
+            ),
+            DaemonConsumer(
+                tmp,
+                erp,
+                staging_pg.replace("postgresql://", "postgresql://"),
+                "sd_pg",
+                "sync-daemon -> PostgreSQL",
+            ),
             NativeConsumer(cluster, "erp"),
             RecvlogicalConsumer(cluster, "erp"),
         ]
         for cons in consumers:
             cons.prepare(admin)
 
-        for wl_name, fn, n in (("A: 1M inserts + 1M updates (large txns)", workload_large, n_large),
-                               ("B: 100k small txns of 1-10 rows", workload_small, n_small)):
+        for wl_name, fn, n in (
+            ("A: 1M inserts + 1M updates (large txns)", workload_large, n_large),
+            ("B: 100k small txns of 1-10 rows", workload_small, n_small),
+        ):
             with psycopg.connect(erp) as c:
                 changes = fn(c, n)
                 target = lsn(c)
@@ -345,15 +391,19 @@ def main() -> int:
                 if isinstance(cons, DaemonConsumer):
                     figures[cons.name]["peak_rss_mb"] = round(cons.peak_rss / 2**20, 1)
                     extra = f"  peak RSS {cons.peak_rss / 2**20:.0f} MiB"
-                print(f"  {cons.name:36s} {secs:8.2f} s  {rate:>10,.0f} changes/s{extra}", flush=True)
+                print(
+                    f"  {cons.name:36s} {secs:8.2f} s  {rate:>10,.0f} changes/s{extra}", flush=True
+                )
             native = figures["native logical replication"]["changes_per_s"]
             limit = figures["pg_recvlogical (decoding limit)"]["changes_per_s"]
             for k, v in figures.items():
                 if k.startswith("sync-daemon"):
                     v["ratio_vs_native"] = round(v["changes_per_s"] / native, 2)
                     v["ratio_vs_recvlogical"] = round(v["changes_per_s"] / limit, 2)
-                    print(f"  {k}: {v['ratio_vs_native']:.2f}x native, "
-                          f"{v['ratio_vs_recvlogical']:.0%} of the pg_recvlogical limit")
+                    print(
+                        f"  {k}: {v['ratio_vs_native']:.2f}x native, "
+                        f"{v['ratio_vs_recvlogical']:.0%} of the pg_recvlogical limit"
+                    )
             results["workloads"][wl_name] = figures
             with psycopg.connect(erp, autocommit=True) as c:
                 c.execute("TRUNCATE bench")
@@ -366,8 +416,11 @@ def main() -> int:
                     wait_flushed(admin, cons.slot, target)
                     cons.stop()
 
-        print(f"\n== C: steady {args.rate:,} changes/s for {args.steady_seconds} s "
-              "(end-to-end lag of probe rows)", flush=True)
+        print(
+            f"\n== C: steady {args.rate:,} changes/s for {args.steady_seconds} s "
+            "(end-to-end lag of probe rows)",
+            flush=True,
+        )
         lag_fig: dict[str, Any] = {}
         for cons in consumers:
             if isinstance(cons, RecvlogicalConsumer):
@@ -381,17 +434,27 @@ def main() -> int:
                     sconn = sqlite3.connect(path, check_same_thread=False)
 
                     def seen(pid: int, s: Any = sconn) -> bool:
-                        return s.execute("SELECT 1 FROM probe WHERE id = ?", (pid,)).fetchone() is not None
+                        return (
+                            s.execute("SELECT 1 FROM probe WHERE id = ?", (pid,)).fetchone()
+                            is not None
+                        )
                 else:
                     pconn = psycopg.connect(store_url, autocommit=True)
 
                     def seen(pid: int, s: Any = pconn) -> bool:
-                        return s.execute("SELECT 1 FROM probe WHERE id = %s", (pid,)).fetchone() is not None
+                        return (
+                            s.execute("SELECT 1 FROM probe WHERE id = %s", (pid,)).fetchone()
+                            is not None
+                        )
             else:
                 nconn = psycopg.connect(cons.sub_dsn, autocommit=True)
 
                 def seen(pid: int, s: Any = nconn) -> bool:
-                    return s.execute("SELECT 1 FROM probe WHERE id = %s", (pid,)).fetchone() is not None
+                    return (
+                        s.execute("SELECT 1 FROM probe WHERE id = %s", (pid,)).fetchone()
+                        is not None
+                    )
+
             cons.start()
             time.sleep(2)
             with psycopg.connect(erp, autocommit=True) as c:
@@ -400,9 +463,16 @@ def main() -> int:
             lags = steady(erp, args.rate, args.steady_seconds, seen)
             cons.stop()
             p50, p99 = pct(lags, 50), pct(lags, 99)
-            lag_fig[cons.name] = {"p50_s": round(p50, 3), "p99_s": round(p99, 3), "probes": len(lags)}
-            print(f"  {cons.name:36s} lag p50 {p50 * 1000:7.0f} ms  p99 {p99 * 1000:7.0f} ms  "
-                  f"({len(lags)} probes)", flush=True)
+            lag_fig[cons.name] = {
+                "p50_s": round(p50, 3),
+                "p99_s": round(p99, 3),
+                "probes": len(lags),
+            }
+            print(
+                f"  {cons.name:36s} lag p50 {p50 * 1000:7.0f} ms  p99 {p99 * 1000:7.0f} ms  "
+                f"({len(lags)} probes)",
+                flush=True,
+            )
         results["steady_lag"] = lag_fig
         admin.close()
     finally:

@@ -27,7 +27,10 @@ Handler = Callable[[argparse.Namespace], int]
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     """Every command that needs the config takes ``--config FILE`` (env SYNC_DAEMON_CONFIG)."""
     p.add_argument(
-        "--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
         help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
 
@@ -54,8 +57,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
         for line in preflight(cfg):
             print(line)
-    print(f"{args.config}: OK (capture {cfg.capture.mode}, {len(cfg.capture.tables)} table(s), "
-          f"staging {cfg.staging_url.split(':', 1)[0]})")
+    print(
+        f"{args.config}: OK (capture {cfg.capture.mode}, {len(cfg.capture.tables)} table(s), "
+        f"staging {cfg.staging_url.split(':', 1)[0]})"
+    )
     return 0
 
 
@@ -77,8 +82,11 @@ def _cmd_resync(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     if not args.yes:
-        print("resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
-              "Stop the daemon first. Run again with --yes to proceed.", file=sys.stderr)
+        print(
+            "resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
+            "Stop the daemon first. Run again with --yes to proceed.",
+            file=sys.stderr,
+        )
         return 2
     resync(cfg)
     print("resync: new slot created and snapshot taken; start the daemon to resume streaming")
@@ -98,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replicate an ERP database into a staging store and bridge it with a webshop.",
     )
     parser.add_argument("--version", action="version", version=f"sync-daemon {__version__}")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr while running CLI commands")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="log to stderr while running CLI commands"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
@@ -107,13 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate the configuration without running")
     add_config_arg(p)
-    p.add_argument("--connect", action="store_true", help="also connect and check the ERP and staging")
+    p.add_argument(
+        "--connect", action="store_true", help="also connect and check the ERP and staging"
+    )
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("status", help="replication status, services and orders")
     add_config_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--all", action="store_true", help="list all orders, not the latest 20 per state")
+    p.add_argument(
+        "--all", action="store_true", help="list all orders, not the latest 20 per state"
+    )
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("lag", help="per-slot lag, retained WAL and invalidation risk (for DBAs)")
@@ -121,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_lag)
 
-    p = sub.add_parser("resync", help="drop and recreate the slot, take a new snapshot (on purpose)")
+    p = sub.add_parser(
+        "resync", help="drop and recreate the slot, take a new snapshot (on purpose)"
+    )
     add_config_arg(p)
     p.add_argument("--yes", action="store_true", help="really do it")
     p.set_defaults(func=_cmd_resync)

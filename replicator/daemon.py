@@ -22,9 +22,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -133,9 +133,14 @@ class Daemon:
         if cfg.staging.url is None:
             os.makedirs(cfg.daemon.state_dir, exist_ok=True)
         self.store = StagingStore(cfg.staging_url)
-        log.info("daemon_starting", config=self.config_path, mode=cfg.capture.mode,
-                 tables=list(cfg.capture.tables), staging=cfg.staging_url.split(":", 1)[0],
-                 pid=os.getpid())
+        log.info(
+            "daemon_starting",
+            config=self.config_path,
+            mode=cfg.capture.mode,
+            tables=list(cfg.capture.tables),
+            staging=cfg.staging_url.split(":", 1)[0],
+            pid=os.getpid(),
+        )
         code = 0
         try:
             self.store.setup()
@@ -198,9 +203,15 @@ class Daemon:
 
             invoices = InvoicePushService(cfg, store, connectors)
             self.pushers["invoices"] = invoices
-            push.append(Service("invoices", cfg.schedules.schedule("invoices"),
-                                lambda _now: _summary(invoices.run_cycle()),
-                                progress=lambda: invoices.progress, close=invoices.close))
+            push.append(
+                Service(
+                    "invoices",
+                    cfg.schedules.schedule("invoices"),
+                    lambda _now: _summary(invoices.run_cycle()),
+                    progress=lambda: invoices.progress,
+                    close=invoices.close,
+                )
+            )
         if push:
             groups.append(push)
         groups.append(self._housekeeping_services())
@@ -214,8 +225,9 @@ class Daemon:
 
             secret = erp_webhook_secret(cfg)
             if secret:
-                handler = make_erp_webhook_handler(secret, stock=self.pushers.get("stock"),
-                                                   invoices=self.pushers.get("invoices"))
+                handler = make_erp_webhook_handler(
+                    secret, stock=self.pushers.get("stock"), invoices=self.pushers.get("invoices")
+                )
                 health.add_route("GET", "/webhooks/erp", handler, public=True)
                 health.add_route("POST", "/webhooks/erp", handler, public=True)
         if self.order_service is not None:
@@ -231,14 +243,27 @@ class Daemon:
                     status, body = r.handle(req.headers, req.body)
                     return Response.json(body, status)
 
-                health.add_route("POST", f"/webhooks/shop/{shop.name}", route, public=True,
-                                 max_body=receiver.max_body)
+                health.add_route(
+                    "POST",
+                    f"/webhooks/shop/{shop.name}",
+                    route,
+                    public=True,
+                    max_body=receiver.max_body,
+                )
         from replicator.web.app import WebContext, mount
 
         assert self.store is not None
-        mount(health, WebContext(config=cfg, staging_engine=self.store.engine,
-                                 daemon_state=lambda: self.state, store=self.store,
-                                 logstore=self.logstore, importer=self.order_service))
+        mount(
+            health,
+            WebContext(
+                config=cfg,
+                staging_engine=self.store.engine,
+                daemon_state=lambda: self.state,
+                store=self.store,
+                logstore=self.logstore,
+                importer=self.order_service,
+            ),
+        )
 
     def _connectors(self) -> dict[str, Any]:
         from pathlib import Path
@@ -256,12 +281,20 @@ class Daemon:
         orders = OrderImportService(cfg, connectors)
         self.order_service = orders
         return [
-            Service("orders", cfg.schedules.schedule("orders"),
-                    lambda now: orders.run_cycle().summary(), close=orders.close),
-            Service("sweep", cfg.schedules.schedule("sweep"),
-                    lambda now: orders.run_cycle(
-                        since=dt.datetime.now(dt.UTC).replace(tzinfo=None)
-                        - dt.timedelta(days=cfg.orders.reconcile_days)).summary()),
+            Service(
+                "orders",
+                cfg.schedules.schedule("orders"),
+                lambda now: orders.run_cycle().summary(),
+                close=orders.close,
+            ),
+            Service(
+                "sweep",
+                cfg.schedules.schedule("sweep"),
+                lambda now: orders.run_cycle(
+                    since=dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                    - dt.timedelta(days=cfg.orders.reconcile_days)
+                ).summary(),
+            ),
         ]
 
     def _stock_services(self, connectors: dict[str, Any]) -> list[Any]:
@@ -273,13 +306,21 @@ class Daemon:
         stock = StockPushService(self.cfg, self.store, connectors)
         self.pushers["stock"] = stock
         return [
-            Service("stock_push", Schedule.parse("continuous"),
-                    lambda _now: _summary(stock.run_cycle(stop=self.stop)),
-                    progress=lambda: stock.progress, close=stock.close),
-            Service("reconcile", Schedule.parse(self.cfg.stock_push.reconcile_schedule,
-                                                "stock_push.reconcile_schedule"),
-                    lambda now: _summary(stock.reconcile(now, stop=self.stop)),
-                    progress=lambda: stock.progress),
+            Service(
+                "stock_push",
+                Schedule.parse("continuous"),
+                lambda _now: _summary(stock.run_cycle(stop=self.stop)),
+                progress=lambda: stock.progress,
+                close=stock.close,
+            ),
+            Service(
+                "reconcile",
+                Schedule.parse(
+                    self.cfg.stock_push.reconcile_schedule, "stock_push.reconcile_schedule"
+                ),
+                lambda now: _summary(stock.reconcile(now, stop=self.stop)),
+                progress=lambda: stock.progress,
+            ),
         ]
 
     def _housekeeping_services(self) -> list[Any]:
@@ -312,17 +353,23 @@ class Daemon:
         health.add_check("staging", engine_check(self.store.engine))
         health.add_check("erp", self._erp_check)
         health.add_check("capture", self._capture_check)
-        health.add_check("lag", threshold_check(self._lag_seconds, cfg.health.max_lag_seconds,
-                                                "lag seconds"))
-        health.add_check("heartbeat", threshold_check(self._heartbeat_age,
-                                                      cfg.health.max_heartbeat_age, "heartbeat age"))
+        health.add_check(
+            "lag", threshold_check(self._lag_seconds, cfg.health.max_lag_seconds, "lag seconds")
+        )
+        health.add_check(
+            "heartbeat",
+            threshold_check(self._heartbeat_age, cfg.health.max_heartbeat_age, "heartbeat age"),
+        )
         health.add_check("breakers", self._breaker_check)
         metrics.on_scrape(self._refresh_metrics)
         self._mount_routes(health)
         health.start()
         self.health = health
-        log.info("health_server_listening", url=f"http://{cfg.health.host}:{health.port}/",
-                 endpoints=["/healthz", "/readyz", "/metrics"])
+        log.info(
+            "health_server_listening",
+            url=f"http://{cfg.health.host}:{health.port}/",
+            endpoints=["/healthz", "/readyz", "/metrics"],
+        )
         self.on_stop.append(lambda: metrics.remove_on_scrape(self._refresh_metrics))
 
     # -- readiness checks and metrics (called from the health server's threads) -------------
@@ -376,7 +423,8 @@ class Daemon:
                 metrics.REPLICATION_LAG_SECONDS.labels(source, slot).set(p.lag_seconds)
             if getattr(p, "server_wal_end", 0) and getattr(p, "confirmed_lsn", 0):
                 metrics.REPLICATION_LAG_BYTES.labels(source, slot).set(
-                    max(0, p.server_wal_end - p.confirmed_lsn))
+                    max(0, p.server_wal_end - p.confirmed_lsn)
+                )
             if getattr(p, "last_applied_at", None) is not None:
                 metrics.LAST_REPLICATION_TIMESTAMP.labels(source).set(p.last_applied_at.timestamp())
         age = self._heartbeat_age()
@@ -472,7 +520,7 @@ class Daemon:
 
     def _log_summary(self) -> None:
         elapsed = time.monotonic() - self._last_summary
-        progress = getattr(self.source, "progress", None)
+        progress: Any = getattr(self.source, "progress", None)
         log.info(
             "cycle_summary",
             changes=self._summary_changes,
@@ -495,7 +543,9 @@ class Daemon:
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("reload_rejected", reason=str(exc), hint="the previous configuration stays in force")
+            log.error(
+                "reload_rejected", reason=str(exc), hint="the previous configuration stays in force"
+            )
             sdnotify.ready()
             return
         old = self.cfg
@@ -542,8 +592,11 @@ def _summary(d: Any) -> str:
     """One line from a service's summary dict (only the non-empty figures)."""
     if not isinstance(d, dict):
         return str(d)
-    parts = [f"{k}={v}" for k, v in d.items() if v not in (None, 0, "", [], {})
-             and not isinstance(v, (dict, list))]
+    parts = [
+        f"{k}={v}"
+        for k, v in d.items()
+        if v not in (None, 0, "", [], {}) and not isinstance(v, (dict, list))
+    ]
     return ", ".join(parts)
 
 

@@ -21,7 +21,9 @@ def app_name(role: str) -> str:
     return f"{APP}/{role}"
 
 
-def pg_connect(dsn: str, role: str, *, connect_timeout: float = 10.0, **kwargs: Any) -> psycopg.Connection[Any]:
+def pg_connect(
+    dsn: str, role: str, *, connect_timeout: float = 10.0, **kwargs: Any
+) -> psycopg.Connection[Any]:
     """A psycopg connection to a PostgreSQL ERP with application_name and UTC/ISO settings."""
     return psycopg.connect(
         dsn,

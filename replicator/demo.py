@@ -48,18 +48,23 @@ def _writer(dsn: str, stop: threading.Event, counter: list[int]) -> None:
             )
             if rnd.random() < 0.1:
                 n += 1
-                conn.execute("INSERT INTO items (item_no, name, price) VALUES (%s, %s, %s)",
-                             (f"ITEM-{n:04d}", f"Sample item {n}", round(rnd.uniform(1, 200), 2)))
+                conn.execute(
+                    "INSERT INTO items (item_no, name, price) VALUES (%s, %s, %s)",
+                    (f"ITEM-{n:04d}", f"Sample item {n}", round(rnd.uniform(1, 200), 2)),
+                )
             if rnd.random() < 0.05:
-                conn.execute("UPDATE items SET price = price * 1.01, updated_at = now() "
-                             "WHERE item_no = %s", (item,))
+                conn.execute(
+                    "UPDATE items SET price = price * 1.01, updated_at = now() WHERE item_no = %s",
+                    (item,),
+                )
             counter[0] += 1
             stop.wait(rnd.uniform(0.05, 0.4))
 
 
 def _write_config(state: Path, erp_dsn: str, mode: str, tables: list[str]) -> Path:
     cfg = state / "config.toml"
-    cfg.write_text(f"""# Written by `make demo`.
+    cfg.write_text(
+        f"""# Written by `make demo`.
 [erp]
 dsn = "{erp_dsn}"
 
@@ -69,14 +74,15 @@ tables = {tables!r}
 heartbeat_interval = 5
 
 [staging]
-url = "sqlite:///{state / 'staging.db'}"
+url = "sqlite:///{state / "staging.db"}"
 
 [health]
 listen = "127.0.0.1:8787"
 
 [daemon]
 state_dir = "{state}"
-""".replace("'", '"'))
+""".replace("'", '"')
+    )
     cfg.chmod(0o600)
     return cfg
 
@@ -101,9 +107,11 @@ def main() -> int:
     daemon: subprocess.Popen[bytes] | None = None
     try:
         if find_bindir() is None:
-            print("demo: no PostgreSQL server binaries here, and the SQLite-trigger ERP is not "
-                  "available in this build: install postgresql (apt-get install postgresql)",
-                  file=sys.stderr)
+            print(
+                "demo: no PostgreSQL server binaries here, and the SQLite-trigger ERP is not "
+                "available in this build: install postgresql (apt-get install postgresql)",
+                file=sys.stderr,
+            )
             return 1
         print("demo: starting a throwaway PostgreSQL ERP (wal_level=logical) ...", flush=True)
         cluster = LocalCluster().init()
@@ -113,39 +121,56 @@ def main() -> int:
 
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(SAMPLE_SCHEMA)
-            conn.execute("INSERT INTO items (item_no, name, price) SELECT 'ITEM-' || lpad(g::text, 4, '0'), "
-                         "'Sample item ' || g, round((random() * 200)::numeric, 2) "
-                         "FROM generate_series(1, 100) g")
-            conn.execute("INSERT INTO stock SELECT item_no, w, (random() * 50)::int, 0 FROM items, "
-                         "(VALUES ('MAIN'), ('SHOP')) v(w)")
+            conn.execute(
+                "INSERT INTO items (item_no, name, price) SELECT 'ITEM-' || lpad(g::text, 4, '0'), "
+                "'Sample item ' || g, round((random() * 200)::numeric, 2) "
+                "FROM generate_series(1, 100) g"
+            )
+            conn.execute(
+                "INSERT INTO stock SELECT item_no, w, (random() * 50)::int, 0 FROM items, "
+                "(VALUES ('MAIN'), ('SHOP')) v(w)"
+            )
         cfg_path = _write_config(state, dsn, "logical", ["public.items", "public.stock"])
         port = 8787
-        if wait_port("127.0.0.1", port, timeout=0.2):  # 8787 taken (another daemon?): pick a free one
+        if wait_port(
+            "127.0.0.1", port, timeout=0.2
+        ):  # 8787 taken (another daemon?): pick a free one
             port = free_port()
             cfg_path.write_text(cfg_path.read_text().replace("127.0.0.1:8787", f"127.0.0.1:{port}"))
         log_path = state / "daemon.log"
         daemon = subprocess.Popen(
             [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(cfg_path)],
-            stdout=log_path.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         writer = threading.Thread(target=_writer, args=(dsn, stop, counter), daemon=True)
         writer.start()
-        print(f"""
+        print(
+            f"""
 demo: running. Where to look:
   health     http://127.0.0.1:{port}/healthz   readiness http://127.0.0.1:{port}/readyz
   metrics    http://127.0.0.1:{port}/metrics   Manage page http://127.0.0.1:{port}/
-  staging    {state / 'staging.db'}  (sqlite3 ... 'SELECT * FROM replication_status')
+  staging    {state / "staging.db"}  (sqlite3 ... 'SELECT * FROM replication_status')
   daemon log {log_path}
   status     .venv/bin/sync-daemon status --config {cfg_path}
 Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
         cfg = load_config(cfg_path)
         while daemon.poll() is None:
             time.sleep(5)
-            print(f"--- {time.strftime('%H:%M:%S')}  writer made {counter[0]} changes so far", flush=True)
+            print(
+                f"--- {time.strftime('%H:%M:%S')}  writer made {counter[0]} changes so far",
+                flush=True,
+            )
             with contextlib.suppress(Exception):
                 print_status(cfg)
-        print(f"demo: the daemon exited with code {daemon.returncode}; see {log_path}", file=sys.stderr)
+        print(
+            f"demo: the daemon exited with code {daemon.returncode}; see {log_path}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("\ndemo: stopping ...", flush=True)

@@ -40,7 +40,9 @@ def free_port() -> int:
 class LocalCluster:
     """One throwaway PostgreSQL cluster."""
 
-    def __init__(self, *, settings: dict[str, str] | None = None, bindir: Path | None = None) -> None:
+    def __init__(
+        self, *, settings: dict[str, str] | None = None, bindir: Path | None = None
+    ) -> None:
         found = bindir or find_bindir()
         if found is None:
             raise RuntimeError("no PostgreSQL server binaries found (set PG_BINDIR)")
@@ -72,15 +74,28 @@ class LocalCluster:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self._as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            cmd, check=check, capture_output=True, text=True, stdin=subprocess.DEVNULL
+        )
 
     def init(self) -> LocalCluster:
         if self._as_root:
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.root.chmod(0o755)
-        self._run("initdb", "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                  "--no-sync", "--locale=C")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
         with (self.datadir / "postgresql.conf").open("a") as f:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
@@ -89,8 +104,17 @@ class LocalCluster:
         return self
 
     def start(self, timeout: float = 30) -> LocalCluster:
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.root / "server.log"), "-w",
-                  "-t", str(int(timeout)), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "start",
+        )
         self.started = True
         return self
 

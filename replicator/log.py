@@ -10,6 +10,7 @@ register with :func:`add_sink`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -26,8 +27,16 @@ _sinks: list[Sink] = []
 # user:password@ in URLs/DSNs, password=... in key/value DSNs, and common secret-ish keys.
 _URL_PW = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
 _KV_PW = re.compile(r"(?P<pre>\b(?:password|passwd|pwd|secret|token)\s*=\s*)('[^']*'|\S+)", re.I)
-_SECRET_KEYS = {"password", "passwd", "secret", "token", "dsn_password", "consumer_secret", "api_key",
-                "authorization"}
+_SECRET_KEYS = {
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "dsn_password",
+    "consumer_secret",
+    "api_key",
+    "authorization",
+}
 
 
 def redact(text: str) -> str:
@@ -36,7 +45,9 @@ def redact(text: str) -> str:
     return _KV_PW.sub(lambda m: f"{m.group('pre')}***", text)
 
 
-def redact_secrets(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact_secrets(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for k, v in list(event_dict.items()):
         if k.lower() in _SECRET_KEYS:
             event_dict[k] = "***"
@@ -58,16 +69,18 @@ def remove_sink(sink: Sink) -> None:
         _sinks.remove(sink)
 
 
-def _to_sinks(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _to_sinks(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for sink in list(_sinks):
-        try:
+        with contextlib.suppress(Exception):  # a sink must never break logging
             sink(event_dict)
-        except Exception:  # a sink must never break logging
-            pass
     return event_dict
 
 
-def setup_logging(cfg: LoggingSection | None = None, *, quiet: bool = False, stream: Any = None) -> None:
+def setup_logging(
+    cfg: LoggingSection | None = None, *, quiet: bool = False, stream: Any = None
+) -> None:
     """Configure structlog and the stdlib root logger.
 
     ``quiet`` (CLI commands): only warnings and errors reach stderr, so command output stays clean.
@@ -112,4 +125,6 @@ def setup_logging(cfg: LoggingSection | None = None, *, quiet: bool = False, str
     root.setLevel(level)
     # Driver chatter stays at warning unless we debug.
     for noisy in ("psycopg", "sqlalchemy", "watchdog", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if cfg.level == "debug" else logging.WARNING)
+        logging.getLogger(noisy).setLevel(
+            logging.DEBUG if cfg.level == "debug" else logging.WARNING
+        )

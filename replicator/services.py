@@ -40,8 +40,14 @@ class Service:
 class ServiceRunner:
     """Runs due services in one background thread until ``stop`` is set."""
 
-    def __init__(self, services: list[Service], state: Any, notifier: Any, stop: threading.Event,
-                 tick: float = 1.0) -> None:
+    def __init__(
+        self,
+        services: list[Service],
+        state: Any,
+        notifier: Any,
+        stop: threading.Event,
+        tick: float = 1.0,
+    ) -> None:
         self.services = services
         self.state = state
         self.notifier = notifier
@@ -102,8 +108,12 @@ class ServiceRunner:
             if self.notifier is not None:
                 self.notifier.report(s.name, s.name, True, result)
             if result and s.schedule.kind != "continuous":
-                log.info("service_run", name=s.name, result=result,
-                         seconds=round(time.monotonic() - t0, 2))
+                log.info(
+                    "service_run",
+                    name=s.name,
+                    result=result,
+                    seconds=round(time.monotonic() - t0, 2),
+                )
         except Exception as exc:
             st.last_ok, st.last_result = False, f"{type(exc).__name__}: {exc}"
             st.failures += 1

@@ -88,8 +88,20 @@ def _category(col: Column) -> str:
     if t.endswith("[]"):
         return "array"
     base = t.split("(")[0].strip()
-    if base in ("smallint", "integer", "bigint", "int2", "int4", "int8", "smallserial", "serial",
-                "bigserial", "int", "tinyint", "mediumint"):
+    if base in (
+        "smallint",
+        "integer",
+        "bigint",
+        "int2",
+        "int4",
+        "int8",
+        "smallserial",
+        "serial",
+        "bigserial",
+        "int",
+        "tinyint",
+        "mediumint",
+    ):
         return "int"
     if base in ("boolean", "bool"):
         return "bool"
@@ -292,25 +304,38 @@ class StagingStore:
             added = [c for c in schema.columns if c.name not in have]
             for col in added:
                 conn.exec_driver_sql(f"ALTER TABLE {self.q(name)} ADD COLUMN {self._col_ddl(col)}")
-                log.info("mirror_column_added", table=schema.qualified, column=col.name,
-                         type=col.type_name)
-            if not added and known.schema.key == schema.key and all(
-                known.schema.column(c.name) == c for c in schema.columns
+                log.info(
+                    "mirror_column_added",
+                    table=schema.qualified,
+                    column=col.name,
+                    type=col.type_name,
+                )
+            if (
+                not added
+                and known.schema.key == schema.key
+                and all(known.schema.column(c.name) == c for c in schema.columns)
             ):
                 return known
             kept = [c for c in known.schema.columns if schema.column(c.name) is None]
-            merged = TableSchema(schema.schema, schema.name, tuple(schema.columns) + tuple(kept),
-                                 schema.key)
-        definition = to_json({
-            "schema": merged.schema,
-            "name": merged.name,
-            "columns": [
-                {"name": c.name, "type_name": c.type_name, "type_oid": c.type_oid,
-                 "nullable": c.nullable}
-                for c in merged.columns
-            ],
-            "key": list(merged.key),
-        })
+            merged = TableSchema(
+                schema.schema, schema.name, tuple(schema.columns) + tuple(kept), schema.key
+            )
+        definition = to_json(
+            {
+                "schema": merged.schema,
+                "name": merged.name,
+                "columns": [
+                    {
+                        "name": c.name,
+                        "type_name": c.type_name,
+                        "type_oid": c.type_oid,
+                        "nullable": c.nullable,
+                    }
+                    for c in merged.columns
+                ],
+                "key": list(merged.key),
+            }
+        )
         now = self._now()
         updated = conn.exec_driver_sql(
             "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
@@ -333,9 +358,7 @@ class StagingStore:
         info = self._mirrors[table]
         col = info.schema.column(column)
         v = _sqlite_value(value) if self.dialect == "sqlite" else self._pg_param(col, value)
-        conn.exec_driver_sql(
-            f"UPDATE {self.q(info.name)} SET {self.q(column)} = {self._ph}", (v,)
-        )
+        conn.exec_driver_sql(f"UPDATE {self.q(info.name)} SET {self.q(column)} = {self._ph}", (v,))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -382,8 +405,10 @@ class StagingStore:
             )
         schema = info.schema
         typed = [schema.column(c) for c in cols]
-        plain = all(c is not None and _category(c) != "json" and (c.type_oid or 0) < _BUILTIN_OID_LIMIT
-                    for c in typed)
+        plain = all(
+            c is not None and _category(c) != "json" and (c.type_oid or 0) < _BUILTIN_OID_LIMIT
+            for c in typed
+        )
         if plain:
             return lambda values: tuple(values[c] for c in cols)
         pairs = list(zip(cols, typed, strict=True))
@@ -447,16 +472,35 @@ class StagingStore:
             f"changes_applied = changes_applied + {p}, "
             f"last_replication_at = CASE WHEN {p} THEN {p} ELSE last_replication_at END, "
             f"source_commit_at = COALESCE({p}, source_commit_at) WHERE source = {p}",
-            (cp.position, cp.state, to_json(cp.extra), now, slot, changes,
-             replicated, now, commit_at, cp.source),
+            (
+                cp.position,
+                cp.state,
+                to_json(cp.extra),
+                now,
+                slot,
+                changes,
+                replicated,
+                now,
+                commit_at,
+                cp.source,
+            ),
         ).rowcount
         if not updated:
             conn.exec_driver_sql(
                 "INSERT INTO sync_checkpoints (source, slot, position, state, extra, updated_at, "
                 f"last_replication_at, source_commit_at, changes_applied) "
                 f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
-                (cp.source, slot, cp.position, cp.state, to_json(cp.extra), now,
-                 now if replicated else None, commit_at, changes),
+                (
+                    cp.source,
+                    slot,
+                    cp.position,
+                    cp.state,
+                    to_json(cp.extra),
+                    now,
+                    now if replicated else None,
+                    commit_at,
+                    changes,
+                ),
             )
 
     def record_heartbeat(
@@ -472,18 +516,33 @@ class StagingStore:
         """Record that a heartbeat came through the stream (or was written, in trigger mode)."""
         if conn is None:
             with self.engine.begin() as c:
-                self.record_heartbeat(source, sent_at=sent_at, lag_seconds=lag_seconds,
-                                      lag_bytes=lag_bytes, server_position=server_position, conn=c)
+                self.record_heartbeat(
+                    source,
+                    sent_at=sent_at,
+                    lag_seconds=lag_seconds,
+                    lag_bytes=lag_bytes,
+                    server_position=server_position,
+                    conn=c,
+                )
             return
         p = self._ph
         conn.exec_driver_sql(
             f"UPDATE sync_checkpoints SET heartbeat_at = {p}, heartbeat_sent_at = {p}, "
             f"lag_seconds = COALESCE({p}, lag_seconds), lag_bytes = COALESCE({p}, lag_bytes), "
             f"server_position = COALESCE({p}, server_position) WHERE source = {p}",
-            (self._now(), self.to_storage(sent_at), lag_seconds, lag_bytes, server_position, source),
+            (
+                self._now(),
+                self.to_storage(sent_at),
+                lag_seconds,
+                lag_bytes,
+                server_position,
+                source,
+            ),
         )
 
-    def update_lag(self, source: str, *, lag_bytes: int | None, server_position: str | None) -> None:
+    def update_lag(
+        self, source: str, *, lag_bytes: int | None, server_position: str | None
+    ) -> None:
         p = self._ph
         with self.engine.begin() as conn:
             conn.exec_driver_sql(
@@ -521,11 +580,14 @@ class StagingStore:
                 info = self._mirrors.get(t)
                 if info is not None:
                     conn.exec_driver_sql(f"DELETE FROM {self.q(info.name)}")
-            conn.exec_driver_sql(f"DELETE FROM sync_checkpoints WHERE source = {self._ph}", (source,))
+            conn.exec_driver_sql(
+                f"DELETE FROM sync_checkpoints WHERE source = {self._ph}", (source,)
+            )
 
     # ------------------------------------------------------------------ journal
-    def journal_read(self, consumer: str, *, tables: Sequence[str] | None = None,
-                     limit: int = 1000) -> list[dict[str, Any]]:
+    def journal_read(
+        self, consumer: str, *, tables: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         """Journal entries after ``consumer``'s cursor (oldest first)."""
         self.setup()
         p = self._ph
@@ -542,8 +604,15 @@ class StagingStore:
             sql += f" ORDER BY id LIMIT {int(limit)}"
             rows = conn.exec_driver_sql(sql, tuple(params)).fetchall()
         return [
-            {"id": r[0], "source": r[1], "table": r[2], "op": r[3],
-             "key": json.loads(r[4]) if r[4] else None, "position": r[5], "at": r[6]}
+            {
+                "id": r[0],
+                "source": r[1],
+                "table": r[2],
+                "op": r[3],
+                "key": json.loads(r[4]) if r[4] else None,
+                "position": r[5],
+                "at": r[6],
+            }
             for r in rows
         ]
 
@@ -584,8 +653,12 @@ class StagingStore:
         cols = ", ".join(self.q(c.name) for c in info.schema.columns)
         order = ", ".join(self.q(k) for k in info.schema.key)
         with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.exec_driver_sql(
-                f"SELECT {cols} FROM {self.q(info.name)} ORDER BY {order}")]
+            return [
+                tuple(r)
+                for r in conn.exec_driver_sql(
+                    f"SELECT {cols} FROM {self.q(info.name)} ORDER BY {order}"
+                )
+            ]
 
     def checksum(self, table: str) -> tuple[int, str]:
         h = hashlib.sha256()
@@ -653,8 +726,11 @@ class ApplyTxn:
                     pend.deletes[old] = ch.position
             if len(values) < len(info.schema.columns):  # unchanged TOAST columns left out
                 prev = upserts.get(k)
-                upserts[k] = ({**prev[0], **values}, prev[1], ch.position) if prev else (
-                    values, True, ch.position)
+                upserts[k] = (
+                    ({**prev[0], **values}, prev[1], ch.position)
+                    if prev
+                    else (values, True, ch.position)
+                )
                 if pend.deletes:
                     pend.deletes.pop(k, None)
                 return
@@ -713,8 +789,9 @@ class ApplyTxn:
         tmp = q(f"_sync_stage_{info.name}"[:63])
         collist = ", ".join(q(c) for c in cols)
         if info.name not in self._temp_tables:
-            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {q(info.name)}) "
-                        "ON COMMIT DROP")
+            cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {q(info.name)}) ON COMMIT DROP"
+            )
             self._temp_tables.add(info.name)
         else:
             cur.execute(f"TRUNCATE {tmp}")
@@ -739,8 +816,9 @@ class ApplyTxn:
         rows = ((self.source, t, op, _key_json(k), pos, now) for t, op, k, pos in entries)
         try:
             if store.dialect == "postgresql" and len(entries) >= _COPY_THRESHOLD:
-                with cur.copy("COPY sync_journal (source, table_name, op, row_key, position, at) "
-                              "FROM STDIN") as copy:
+                with cur.copy(
+                    "COPY sync_journal (source, table_name, op, row_key, position, at) FROM STDIN"
+                ) as copy:
                     for row in rows:
                         copy.write_row(row)
             else:

@@ -41,19 +41,21 @@ def collect_status(cfg: Config) -> dict[str, Any]:
         store.dispose()
     sources = []
     for r in rows:
-        sources.append({
-            "source": r["source"],
-            "slot": r["slot"],
-            "state": r["state"],
-            "confirmed_position": r["confirmed_position"],
-            "last_replication_at": _iso(r["last_replication_at"]),
-            "last_replication_age_seconds": _age(r["last_replication_at"], now),
-            "heartbeat_at": _iso(r["heartbeat_at"]),
-            "heartbeat_age_seconds": _age(r["heartbeat_at"], now),
-            "lag_seconds": r["lag_seconds"],
-            "lag_bytes": r["lag_bytes"],
-            "changes_applied": r["changes_applied"],
-        })
+        sources.append(
+            {
+                "source": r["source"],
+                "slot": r["slot"],
+                "state": r["state"],
+                "confirmed_position": r["confirmed_position"],
+                "last_replication_at": _iso(r["last_replication_at"]),
+                "last_replication_age_seconds": _age(r["last_replication_at"], now),
+                "heartbeat_at": _iso(r["heartbeat_at"]),
+                "heartbeat_age_seconds": _age(r["heartbeat_at"], now),
+                "lag_seconds": r["lag_seconds"],
+                "lag_bytes": r["lag_bytes"],
+                "changes_applied": r["changes_applied"],
+            }
+        )
     return {"now": now.isoformat(), "capture_mode": cfg.capture.mode, "sources": sources}
 
 
@@ -67,7 +69,9 @@ def _fmt_age(v: float | None) -> str:
     return f"{v / 3600:.1f}h ago"
 
 
-def print_status(cfg: Config, *, as_json: bool = False, show_all: bool = False, out: Any = None) -> int:
+def print_status(
+    cfg: Config, *, as_json: bool = False, show_all: bool = False, out: Any = None
+) -> int:
     out = out or sys.stdout
     st = collect_status(cfg)
     if as_json:
@@ -75,18 +79,28 @@ def print_status(cfg: Config, *, as_json: bool = False, show_all: bool = False, 
         out.write("\n")
         return 0
     if not st["sources"]:
-        print("capture: no checkpoint yet (the daemon has not finished its first snapshot)", file=out)
+        print(
+            "capture: no checkpoint yet (the daemon has not finished its first snapshot)", file=out
+        )
         return 0
     for s in st["sources"]:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
         lag_b = "" if s["lag_bytes"] is None else f", {s['lag_bytes']} bytes behind"
-        print(f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}): {s['state']}", file=out)
-        print(f"  last replication  {s['last_replication_at'] or 'never'} "
-              f"({_fmt_age(s['last_replication_age_seconds'])})", file=out)
+        print(
+            f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}): {s['state']}",
+            file=out,
+        )
+        print(
+            f"  last replication  {s['last_replication_at'] or 'never'} "
+            f"({_fmt_age(s['last_replication_age_seconds'])})",
+            file=out,
+        )
         print(f"  heartbeat         {_fmt_age(s['heartbeat_age_seconds'])}", file=out)
         print(f"  lag               {lag}{lag_b}", file=out)
-        print(f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
-              file=out)
+        print(
+            f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
+            file=out,
+        )
     return 0
 
 
@@ -113,14 +127,25 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
         if wal_status in ("unreserved", "lost"):
             warn = f"wal_status={wal_status}: the slot is about to be or has been invalidated"
         elif keep is not None and keep >= 0 and safe is not None and keep > 0 and safe < 0.2 * keep:
-            warn = f"only {safe} bytes of WAL left before max_slot_wal_keep_size invalidates the slot"
+            warn = (
+                f"only {safe} bytes of WAL left before max_slot_wal_keep_size invalidates the slot"
+            )
         elif not active:
             warn = "slot is not active: no consumer is streaming it, WAL is piling up"
-        out.append({
-            "slot": name, "active": active, "active_pid": pid, "lag_bytes": lag_b,
-            "retained_wal_bytes": retained, "wal_status": wal_status, "safe_wal_size": safe,
-            "confirmed_flush_lsn": confirmed, "max_slot_wal_keep_size": keep, "warning": warn,
-        })
+        out.append(
+            {
+                "slot": name,
+                "active": active,
+                "active_pid": pid,
+                "lag_bytes": lag_b,
+                "retained_wal_bytes": retained,
+                "wal_status": wal_status,
+                "safe_wal_size": safe,
+                "confirmed_flush_lsn": confirmed,
+                "max_slot_wal_keep_size": keep,
+                "warning": warn,
+            }
+        )
     return out
 
 
@@ -139,10 +164,12 @@ def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
         print("no logical replication slots in this database", file=out)
     for s in slots:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
-        print(f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag {s['lag_bytes']} bytes / "
-              f"{lag}, retained WAL {s['retained_wal_bytes']} bytes, wal_status {s['wal_status']}, "
-              f"safe_wal_size {s['safe_wal_size'] if s['safe_wal_size'] is not None else 'unlimited'}",
-              file=out)
+        print(
+            f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag {s['lag_bytes']} bytes / "
+            f"{lag}, retained WAL {s['retained_wal_bytes']} bytes, wal_status {s['wal_status']}, "
+            f"safe_wal_size {s['safe_wal_size'] if s['safe_wal_size'] is not None else 'unlimited'}",
+            file=out,
+        )
         if s["warning"]:
             print(f"  WARNING: {s['warning']}", file=out)
     return 1 if any(s["warning"] for s in slots) else 0

@@ -8,6 +8,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ class PgServer:
     def url(self, dbname: str) -> str:
         info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
         user = info.get("user", "postgres")
-        return f"postgresql://{user}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{dbname}"
+        return (
+            f"postgresql://{user}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{dbname}"
+        )
 
     def createdb(self, prefix: str = "t") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -50,10 +53,8 @@ class PgServer:
                     "WHERE slot_name = %s AND active_pid IS NOT NULL",
                     (slot,),
                 )
-                try:
+                with contextlib.suppress(psycopg.Error):
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                except psycopg.Error:
-                    pass
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -84,7 +85,9 @@ def erp_db(pg_server: PgServer) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def staging_url(request: pytest.FixtureRequest, tmp_path: Path, pg_server: PgServer) -> Iterator[str]:
+def staging_url(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_server: PgServer
+) -> Iterator[str]:
     """A staging store URL: the same test body runs against SQLite and PostgreSQL."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'staging.db'}"
@@ -103,7 +106,9 @@ def mariadb_url() -> str:
     try:
         import pymysql
 
-        pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3).close()
+        pymysql.connect(
+            host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3
+        ).close()
     except Exception as exc:  # pragma: no cover - environment dependent
         if os.environ.get("CI"):
             raise

@@ -42,22 +42,35 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def base_config(tmp: Path, erp_url: str, staging_url: str, tables: Sequence[str], **capture: Any) -> Path:
-    return write_config(tmp / "config.toml", {
-        "erp": {"dsn": erp_url},
-        "capture": {"mode": "logical", "tables": list(tables), "batch_ms": 50,
-                    "heartbeat_interval": 1, "status_interval": 1, **capture},
-        "staging": {"url": staging_url},
-        "health": {"listen": "127.0.0.1:0"},
-        "daemon": {"state_dir": str(tmp / "state")},
-        "logging": {"format": "json"},
-    })
+def base_config(
+    tmp: Path, erp_url: str, staging_url: str, tables: Sequence[str], **capture: Any
+) -> Path:
+    return write_config(
+        tmp / "config.toml",
+        {
+            "erp": {"dsn": erp_url},
+            "capture": {
+                "mode": "logical",
+                "tables": list(tables),
+                "batch_ms": 50,
+                "heartbeat_interval": 1,
+                "status_interval": 1,
+                **capture,
+            },
+            "staging": {"url": staging_url},
+            "health": {"listen": "127.0.0.1:0"},
+            "daemon": {"state_dir": str(tmp / "state")},
+            "logging": {"format": "json"},
+        },
+    )
 
 
 class DaemonProcess:
     """``sync-daemon run`` in a subprocess, output captured to a file."""
 
-    def __init__(self, config: Path, log: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.log = log or config.with_suffix(".log")
         self.env = {**os.environ, **(env or {})}
@@ -67,7 +80,10 @@ class DaemonProcess:
         fh = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(self.config)],
-            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         fh.close()
         return self
@@ -136,9 +152,7 @@ def staging_rows(staging_url: str, table: str) -> tuple[list[str], list[str], tu
         for r in rows:
             vals = []
             for c, v in zip(info.schema.columns, r, strict=True):
-                if isinstance(v, str) and c.type_name in ("json", "jsonb"):
-                    vals.append(v)
-                elif isinstance(v, int) and not isinstance(v, bool) and c.type_name == "boolean":
+                if (isinstance(v, str) and c.type_name in ("json", "jsonb")) or (isinstance(v, int) and not isinstance(v, bool) and c.type_name == "boolean"):
                     vals.append(v)
                 else:
                     vals.append(norm(v))
@@ -148,7 +162,9 @@ def staging_rows(staging_url: str, table: str) -> tuple[list[str], list[str], tu
         store.dispose()
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "") -> None:
+def wait_until(
+    pred: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -157,8 +173,9 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.2, 
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
 
 
-def assert_staging_equals_source(erp_url: str, staging_url: str, tables: Sequence[str],
-                                 timeout: float = 60) -> None:
+def assert_staging_equals_source(
+    erp_url: str, staging_url: str, tables: Sequence[str], timeout: float = 60
+) -> None:
     """Wait until every mirror equals its source table row by row, then assert it."""
     last: dict[str, Any] = {}
 
@@ -170,7 +187,11 @@ def assert_staging_equals_source(erp_url: str, staging_url: str, tables: Sequenc
             src = source_rows(erp_url, t, cols, key)
             last[t] = (len(src), len(st))
             if src != st:
-                last[t] = (len(src), len(st), next(((a, b) for a, b in zip(src, st, strict=False) if a != b), None))
+                last[t] = (
+                    len(src),
+                    len(st),
+                    next(((a, b) for a, b in zip(src, st, strict=False) if a != b), None),
+                )
                 return False
         return True
 

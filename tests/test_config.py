@@ -49,7 +49,10 @@ def test_minimal_config_from_the_issue_is_valid(tmp_path: Path) -> None:
         (MINIMAL.replace('"public.stock"', '"public.sto ck"'), "capture.tables"),
         (MINIMAL.replace("127.0.0.1:8787", "localhost"), "health.listen = 'localhost'"),
         (MINIMAL + "\n[daemon]\nnmae = 'x'\n", "daemon.nmae: unknown key"),
-        (MINIMAL.replace('dsn = "postgresql://sync@127.0.0.1:5432/erp"', ""), "erp.dsn: required key is missing"),
+        (
+            MINIMAL.replace('dsn = "postgresql://sync@127.0.0.1:5432/erp"', ""),
+            "erp.dsn: required key is missing",
+        ),
         (MINIMAL.replace("[capture]", "[capture]\nbatch_size = -5"), "capture.batch_size = -5"),
         ("[erp\n", "invalid TOML"),
     ],
@@ -63,22 +66,34 @@ def test_errors_name_file_key_and_value(tmp_path: Path, text: str, expected: str
     assert expected in msg
 
 
-def test_password_from_env_and_file_and_never_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_password_from_env_and_file_and_never_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ERP_PW", "s3cr3t-env")
-    cfg = load_config(_write(tmp_path, MINIMAL.replace('[capture]', 'password_env = "ERP_PW"\n\n[capture]')))
+    cfg = load_config(
+        _write(tmp_path, MINIMAL.replace("[capture]", 'password_env = "ERP_PW"\n\n[capture]'))
+    )
     assert cfg.erp.url == "postgresql://sync:s3cr3t-env@127.0.0.1:5432/erp"
     assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in cfg.erp.redacted
     (tmp_path / "pw").write_text("from-file\n")
-    cfg = load_config(_write(tmp_path, MINIMAL.replace(
-        '[capture]', f'password_file = "{tmp_path / "pw"}"\n\n[capture]')))
+    cfg = load_config(
+        _write(
+            tmp_path,
+            MINIMAL.replace("[capture]", f'password_file = "{tmp_path / "pw"}"\n\n[capture]'),
+        )
+    )
     assert cfg.erp.url.startswith("postgresql://sync:from-file@")
     # systemd LoadCredential: relative names resolve in $CREDENTIALS_DIRECTORY
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    cfg = load_config(_write(tmp_path, MINIMAL.replace('[capture]', 'password_file = "pw"\n\n[capture]')))
+    cfg = load_config(
+        _write(tmp_path, MINIMAL.replace("[capture]", 'password_file = "pw"\n\n[capture]'))
+    )
     assert ":from-file@" in cfg.erp.url
     monkeypatch.delenv("ERP_PW")
     with pytest.raises(ConfigError, match="ERP_PW"):
-        load_config(_write(tmp_path, MINIMAL.replace('[capture]', 'password_env = "ERP_PW"\n\n[capture]')))
+        load_config(
+            _write(tmp_path, MINIMAL.replace("[capture]", 'password_env = "ERP_PW"\n\n[capture]'))
+        )
 
 
 def test_bad_dsn_error_does_not_echo_the_secret(tmp_path: Path) -> None:
@@ -90,19 +105,28 @@ def test_bad_dsn_error_does_not_echo_the_secret(tmp_path: Path) -> None:
 
 def test_check_config_cli(tmp_path: Path) -> None:
     p = _write(tmp_path, MINIMAL)
-    ok = subprocess.run([sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "OK" in ok.stdout
     bad = _write(tmp_path, MINIMAL.replace('mode = "logical"', 'mode = "x"'))
-    res = subprocess.run([sys.executable, "sync_daemon.py", "check-config", "--config", str(bad)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "capture.mode = 'x'" in res.stderr
 
 
 def test_world_readable_config_with_password_warns(tmp_path: Path) -> None:
     p = _write(tmp_path, MINIMAL.replace("sync@", "sync:pw@"))
     p.chmod(0o644)
-    res = subprocess.run([sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
     assert "config_readable_by_others" in res.stderr + res.stdout
     assert ":pw@" not in res.stderr + res.stdout

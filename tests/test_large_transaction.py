@@ -18,7 +18,9 @@ ROWS = 1_000_000
 def test_million_row_transaction_memory_bounded(erp_db: str, tmp_path: Path) -> None:
     staging_url = f"sqlite:///{tmp_path / 's.db'}"
     with psycopg.connect(erp_db, autocommit=True) as c:
-        c.execute("CREATE TABLE big (id bigint PRIMARY KEY, sku text, qty int, price numeric(12,2))")
+        c.execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, sku text, qty int, price numeric(12,2))"
+        )
     cfg = base_config(tmp_path, erp_db, staging_url, ["public.big"], batch_size=5000)
     peak = [0]
     with DaemonProcess(cfg) as d:
@@ -39,8 +41,10 @@ def test_million_row_transaction_memory_bounded(erp_db: str, tmp_path: Path) -> 
         time.sleep(1)
         baseline = proc.memory_info().rss
         with psycopg.connect(erp_db) as c:
-            c.execute(f"INSERT INTO big SELECT g, 'SKU-' || g, g % 100, g * 0.01 "
-                      f"FROM generate_series(1, {ROWS}) g")
+            c.execute(
+                f"INSERT INTO big SELECT g, 'SKU-' || g, g % 100, g * 0.01 "
+                f"FROM generate_series(1, {ROWS}) g"
+            )
             c.commit()
 
         import sqlite3
@@ -57,8 +61,10 @@ def test_million_row_transaction_memory_bounded(erp_db: str, tmp_path: Path) -> 
         sampler.join()
         d.terminate()
     growth = peak[0] - baseline
-    print(f"baseline RSS {baseline / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
-          f"growth {growth / 2**20:.0f} MiB")
+    print(
+        f"baseline RSS {baseline / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
+        f"growth {growth / 2**20:.0f} MiB"
+    )
     # A million rows of this shape are ~100 MB as Python objects; bounded apply must stay far below.
     assert growth < 60 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
     assert peak[0] < 300 * 2**20

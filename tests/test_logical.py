@@ -50,8 +50,10 @@ def erp(erp_db: str) -> str:
         c.execute(SCHEMA)
         for i in range(1, 201):
             c.execute(ROW, (i, f"SKU-{i}", i, "x" * (20000 if i % 50 == 0 else 10)))
-        c.execute("INSERT INTO stock SELECT 'SKU-' || g, w, g * w FROM generate_series(1, 100) g, "
-                  "generate_series(1, 3) w")
+        c.execute(
+            "INSERT INTO stock SELECT 'SKU-' || g, w, g * w FROM generate_series(1, 100) g, "
+            "generate_series(1, 3) w"
+        )
     return erp_db
 
 
@@ -74,7 +76,7 @@ def test_snapshot_then_stream_all_types(erp: str, staging_url: str, tmp_path: Pa
         assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
         rows, cols, _ = staging_rows(staging_url, "public.items")
         assert "color" in cols
-        big = [json.loads(r) for r in rows if json.loads(r)[0] == 50][0]
+        big = next(json.loads(r) for r in rows if json.loads(r)[0] == 50)
         assert len(big[cols.index("note")]) == 20000  # TOAST value kept, never a placeholder
         with _erp(erp) as c:
             c.execute("TRUNCATE stock")
@@ -93,21 +95,33 @@ def test_replication_status_view_and_status_cli(erp: str, staging_url: str, tmp_
                 rows = store.replication_status()
             finally:
                 store.dispose()
-            return bool(rows) and rows[0]["heartbeat_at"] is not None and rows[0]["lag_seconds"] is not None
+            return (
+                bool(rows)
+                and rows[0]["heartbeat_at"] is not None
+                and rows[0]["lag_seconds"] is not None
+            )
 
         wait_until(heartbeat_seen, 30, what="heartbeat through the slot")
         import subprocess
         import sys
 
-        out = subprocess.run([sys.executable, "sync_daemon.py", "status", "--config", str(cfg), "--json"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "sync_daemon.py", "status", "--config", str(cfg), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         st = json.loads(out.stdout)
         src = st["sources"][0]
         assert src["slot"] == "sync_daemon" and src["state"] == "streaming"
         assert src["heartbeat_age_seconds"] is not None and src["heartbeat_age_seconds"] < 30
         assert src["lag_seconds"] < 5
-        text = subprocess.run([sys.executable, "sync_daemon.py", "status", "--config", str(cfg)],
-                              capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [sys.executable, "sync_daemon.py", "status", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "last replication" in text and "heartbeat" in text
         # The slot keeps advancing while the ERP is idle (heartbeats go through the WAL).
         with _erp(erp) as c:
@@ -128,13 +142,18 @@ def _writer(url: str, stop: threading.Event, seed: int, counter: list[int]) -> N
                     sku = f"SKU-{rnd.randint(1, 150)}"
                     w = rnd.randint(1, 4)
                     if op < 0.6:
-                        c.execute("INSERT INTO stock VALUES (%s, %s, %s) ON CONFLICT (sku, warehouse) "
-                                  "DO UPDATE SET qty = stock.qty + excluded.qty", (sku, w, rnd.randint(1, 9)))
+                        c.execute(
+                            "INSERT INTO stock VALUES (%s, %s, %s) ON CONFLICT (sku, warehouse) "
+                            "DO UPDATE SET qty = stock.qty + excluded.qty",
+                            (sku, w, rnd.randint(1, 9)),
+                        )
                     elif op < 0.8:
                         c.execute("DELETE FROM stock WHERE sku = %s AND warehouse = %s", (sku, w))
                     else:
-                        c.execute("UPDATE items SET qty = %s, at = now() WHERE id = %s",
-                                  (rnd.randint(0, 1000), rnd.randint(1, 200)))
+                        c.execute(
+                            "UPDATE items SET qty = %s, at = now() WHERE id = %s",
+                            (rnd.randint(0, 1000), rnd.randint(1, 200)),
+                        )
                 c.commit()
                 counter[0] += 1
             except psycopg.errors.DeadlockDetected:
@@ -166,7 +185,9 @@ def test_kill9_at_several_points_then_restart(erp: str, staging_url: str, tmp_pa
     cfg = base_config(tmp_path, erp, staging_url, TABLES, batch_size=2000)
     stop = threading.Event()
     counter = [0]
-    threads = [threading.Thread(target=_writer, args=(erp, stop, 100 + s, counter)) for s in range(3)]
+    threads = [
+        threading.Thread(target=_writer, args=(erp, stop, 100 + s, counter)) for s in range(3)
+    ]
     rnd = random.Random(42)
     d = DaemonProcess(cfg).start()
     try:
@@ -202,7 +223,9 @@ def test_sigterm_stops_within_10s_and_sighup_reload(erp: str, tmp_path: Path) ->
         assert "capture.mode" in d.output()
         with _erp(erp) as c:
             c.execute("UPDATE stock SET qty = 0 WHERE warehouse = 1")
-        assert_staging_equals_source(erp, staging_url, TABLES, timeout=30)  # old config still in force
+        assert_staging_equals_source(
+            erp, staging_url, TABLES, timeout=30
+        )  # old config still in force
         cfg.write_text(good)
         d.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         wait_until(lambda: "config_reloaded" in d.output(), 10, what="reload accepted")
@@ -218,7 +241,9 @@ def test_sigterm_stops_within_10s_and_sighup_reload(erp: str, tmp_path: Path) ->
         d2.terminate()
 
 
-def test_slot_dropped_is_reported_not_recreated_and_resync_recovers(erp: str, tmp_path: Path) -> None:
+def test_slot_dropped_is_reported_not_recreated_and_resync_recovers(
+    erp: str, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
@@ -236,8 +261,11 @@ def test_slot_dropped_is_reported_not_recreated_and_resync_recovers(erp: str, tm
         assert "is gone" in d.output() and "resync" in d.output()
     with _erp(erp) as c:
         assert c.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
-    res = subprocess.run([sys.executable, "sync_daemon.py", "resync", "--config", str(cfg), "--yes"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "sync_daemon.py", "resync", "--config", str(cfg), "--yes"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert_staging_equals_source(erp, staging_url, TABLES, timeout=10)
     with DaemonProcess(cfg) as d:
@@ -272,13 +300,20 @@ def test_table_without_key_is_a_clear_startup_error(erp_db: str, tmp_path: Path)
     with _erp(erp_db) as c:
         c.execute("ALTER TABLE log REPLICA IDENTITY FULL")
         c.execute("INSERT INTO log VALUES (now(), 'a'), (now(), 'b')")
-    cfg = base_config(tmp_path, erp_db, f"sqlite:///{tmp_path / 's.db'}", ["public.log"],
-                      keys={"public.log": ["at", "msg"]})
+    cfg = base_config(
+        tmp_path,
+        erp_db,
+        f"sqlite:///{tmp_path / 's.db'}",
+        ["public.log"],
+        keys={"public.log": ["at", "msg"]},
+    )
     with DaemonProcess(cfg) as d:
         with _erp(erp_db) as c:
             c.execute("DELETE FROM log WHERE msg = 'a'")
             c.execute("INSERT INTO log VALUES (now(), 'c')")
-        assert_staging_equals_source(erp_db, f"sqlite:///{tmp_path / 's.db'}", ["public.log"], timeout=60)
+        assert_staging_equals_source(
+            erp_db, f"sqlite:///{tmp_path / 's.db'}", ["public.log"], timeout=60
+        )
         d.terminate()
 
 
@@ -296,8 +331,9 @@ def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> N
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(30)
-    with DaemonProcess(cfg, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "3000000",
-                                 "WATCHDOG_PID": ""}) as d:
+    with DaemonProcess(
+        cfg, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": ""}
+    ) as d:
         got: list[str] = []
         while not any("READY=1" in m for m in got):
             got.append(sock.recv(4096).decode())
@@ -312,6 +348,7 @@ def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> N
         def ready() -> bool:
             r = httpx.get(url + "readyz")
             return r.status_code == 200
+
         wait_until(ready, 30, what="/readyz 200")
         body = httpx.get(url + "readyz").json()
         names = {c["name"] for c in body["checks"]}

@@ -18,7 +18,7 @@ def make_source(cfg: Config, store: StagingStore) -> CaptureSource:
         if cfg.erp.dialect != "postgresql":
             raise ConfigError(
                 f"{cfg.source_path}: capture.mode = 'logical' needs a PostgreSQL ERP; "
-                f"erp.dsn is {cfg.erp.dialect}: use capture.mode = \"triggers\""
+                f'erp.dsn is {cfg.erp.dialect}: use capture.mode = "triggers"'
             )
         from replicator.cdc.logical import LogicalSource
 

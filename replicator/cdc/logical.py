@@ -29,6 +29,7 @@ commit LSN lies before the checkpoint, in case the server sends one again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import select
@@ -112,20 +113,26 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
             (oid,),
         ).fetchall()
         columns = tuple(Column(n, t, int(o), bool(nl)) for n, t, o, nl in cols)
-        pk = [r[0] for r in conn.execute(
-            "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true "
-            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-            "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
-            (oid,),
-        ).fetchall()]
+        pk = [
+            r[0]
+            for r in conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
+                (oid,),
+            ).fetchall()
+        ]
         configured = cfg.capture.key_columns(table)
         if ident == "i" and not pk:
-            pk = [r[0] for r in conn.execute(
-                "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
-                "ON true JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-                "WHERE i.indrelid = %s AND i.indisreplident ORDER BY k.ord",
-                (oid,),
-            ).fetchall()]
+            pk = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
+                    "ON true JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                    "WHERE i.indrelid = %s AND i.indisreplident ORDER BY k.ord",
+                    (oid,),
+                ).fetchall()
+            ]
         if configured:
             unknown = [c for c in configured if not any(col.name == c for col in columns)]
             if unknown:
@@ -143,8 +150,11 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
             key = tuple(pk)
         elif ident == "f":
             key = tuple(c.name for c in columns if c.type_name not in ("json", "jsonb", "bytea"))
-            log.warning("table_keyed_by_all_columns", table=table,
-                        hint="set capture.keys for this table; identical rows collapse into one")
+            log.warning(
+                "table_keyed_by_all_columns",
+                table=table,
+                hint="set capture.keys for this table; identical rows collapse into one",
+            )
         else:
             problems.append(
                 f"{table} has no primary key: add one, or run ALTER TABLE {table} REPLICA IDENTITY FULL "
@@ -191,15 +201,19 @@ class LogicalSource(CaptureSource):
     def _connect(self) -> psycopg.Connection[Any]:
         """Connect, check the server, take the per-slot advisory lock."""
         self.store.setup()
-        self._conn = pg_connect(self.cfg.erp.url, "capture", autocommit=True,
-                                connect_timeout=self.cfg.erp.connect_timeout)
+        self._conn = pg_connect(
+            self.cfg.erp.url,
+            "capture",
+            autocommit=True,
+            connect_timeout=self.cfg.erp.connect_timeout,
+        )
         conn = self._conn
         (wal_level,) = conn.execute("SHOW wal_level").fetchone() or ("",)
         if wal_level != "logical":
             raise FatalError(
                 f"the ERP server has wal_level={wal_level}; logical replication needs "
                 "wal_level=logical (ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL), "
-                "or use capture.mode = \"triggers\""
+                'or use capture.mode = "triggers"'
             )
         locked = conn.execute(
             "SELECT pg_try_advisory_lock(hashtext(%s))", (f"sync-daemon:{self.slot}",)
@@ -212,7 +226,11 @@ class LogicalSource(CaptureSource):
                 "AND l.pid <> pg_backend_pid() LIMIT 1",
                 (f"sync-daemon:{self.slot}",),
             ).fetchone()
-            who = f" (pid {holder[0]}, {holder[1]}, from {holder[2] or 'local socket'})" if holder else ""
+            who = (
+                f" (pid {holder[0]}, {holder[1]}, from {holder[2] or 'local socket'})"
+                if holder
+                else ""
+            )
             raise DaemonAlreadyRunning(
                 f"another sync-daemon already captures slot {self.slot!r} on this ERP{who}; "
                 "only one may capture a slot"
@@ -239,8 +257,11 @@ class LogicalSource(CaptureSource):
         if cp is None and slot is None:
             self._snapshot()
         elif cp is not None and cp.state == "snapshot":
-            log.warning("snapshot_restarting", slot=self.slot,
-                        reason="the previous initial copy did not finish")
+            log.warning(
+                "snapshot_restarting",
+                slot=self.slot,
+                reason="the previous initial copy did not finish",
+            )
             if slot is not None:
                 self._drop_slot()
             self._snapshot()
@@ -293,28 +314,39 @@ class LogicalSource(CaptureSource):
         assert self._conn is not None
         conn = self._conn
         wanted = {s.qualified for s in schemas}
-        exists = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s",
-                              (self.publication,)).fetchone()
-        tables = sql.SQL(", ").join(
-            sql.Identifier(s.schema, s.name) for s in schemas
-        )
+        exists = conn.execute(
+            "SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,)
+        ).fetchone()
+        tables = sql.SQL(", ").join(sql.Identifier(s.schema, s.name) for s in schemas)
         try:
             if exists is None:
-                conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                    sql.Identifier(self.publication), tables))
+                conn.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                        sql.Identifier(self.publication), tables
+                    )
+                )
                 log.info("publication_created", publication=self.publication, tables=sorted(wanted))
                 return
             if exists[0]:
                 return
-            have = {f"{r[0]}.{r[1]}" for r in conn.execute(
-                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-                (self.publication,))}
+            have = {
+                f"{r[0]}.{r[1]}"
+                for r in conn.execute(
+                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    (self.publication,),
+                )
+            }
             missing = wanted - have
             if missing:
-                conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                    sql.Identifier(self.publication),
-                    sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in sorted(missing))))
-                log.info("publication_tables_added", publication=self.publication, tables=sorted(missing))
+                conn.execute(
+                    sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                        sql.Identifier(self.publication),
+                        sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in sorted(missing)),
+                    )
+                )
+                log.info(
+                    "publication_tables_added", publication=self.publication, tables=sorted(missing)
+                )
         except psycopg.errors.InsufficientPrivilege:
             raise FatalError(
                 f"publication {self.publication!r} is missing or lacks tables and this role may not "
@@ -329,23 +361,33 @@ class LogicalSource(CaptureSource):
         tables = list(self._schemas)
         self.store.reset_source(self.name, tables)
         with self.store.transaction(self.name) as txn:
-            txn.commit(Checkpoint(self.name, "0/0", state="snapshot"), slot=self.slot, replicated=False)
+            txn.commit(
+                Checkpoint(self.name, "0/0", state="snapshot"), slot=self.slot, replicated=False
+            )
         repl = psycopg.connect(
-            self.cfg.erp.url, replication="database", autocommit=True,
-            application_name=app_name("snapshot"), connect_timeout=int(self.cfg.erp.connect_timeout),
+            self.cfg.erp.url,
+            replication="database",
+            autocommit=True,
+            application_name=app_name("snapshot"),
+            connect_timeout=int(self.cfg.erp.connect_timeout),
         )
         try:
             row = repl.execute(
                 sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(
-                    sql.Identifier(self.slot))
+                    sql.Identifier(self.slot)
+                )
             ).fetchone()
             assert row is not None
             consistent_point, snapshot_name = row[1], row[2]
             log.info("slot_created", slot=self.slot, consistent_point=consistent_point)
-            snap = pg_connect(self.cfg.erp.url, "snapshot", connect_timeout=self.cfg.erp.connect_timeout)
+            snap = pg_connect(
+                self.cfg.erp.url, "snapshot", connect_timeout=self.cfg.erp.connect_timeout
+            )
             try:
                 snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                snap.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+                snap.execute(
+                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
+                )
                 # The snapshot is imported; the walsender may now be released.
                 repl.close()
                 for t in tables:
@@ -357,7 +399,9 @@ class LogicalSource(CaptureSource):
             repl.close()
         with self.store.transaction(self.name) as txn:
             txn.commit(Checkpoint(self.name, consistent_point, state="streaming"), slot=self.slot)
-        log.info("snapshot_done", slot=self.slot, rows=self.snapshot_rows, position=consistent_point)
+        log.info(
+            "snapshot_done", slot=self.slot, rows=self.snapshot_rows, position=consistent_point
+        )
 
     def _copy_table(self, snap: psycopg.Connection[Any], schema: TableSchema) -> None:
         cols = [c.name for c in schema.columns]
@@ -372,8 +416,14 @@ class LogicalSource(CaptureSource):
             with snap.cursor() as cur, cur.copy(query) as copy:
                 copy.set_types([c.type_oid for c in schema.columns])
                 for row in copy.rows():
-                    txn.apply(Change(schema.qualified, "I", dict(zip(cols, row, strict=True)),
-                                     position="snapshot"))
+                    txn.apply(
+                        Change(
+                            schema.qualified,
+                            "I",
+                            dict(zip(cols, row, strict=True)),
+                            position="snapshot",
+                        )
+                    )
                     n += 1
                     if txn.pending_count >= batch:
                         txn.commit(None)
@@ -387,8 +437,11 @@ class LogicalSource(CaptureSource):
     # ------------------------------------------------------------------ stream
     def _start_stream(self, lsn: int) -> None:
         repl = psycopg.connect(
-            self.cfg.erp.url, replication="database", autocommit=True,
-            application_name=app_name("capture"), connect_timeout=int(self.cfg.erp.connect_timeout),
+            self.cfg.erp.url,
+            replication="database",
+            autocommit=True,
+            application_name=app_name("capture"),
+            connect_timeout=int(self.cfg.erp.connect_timeout),
             options="-c timezone=UTC -c datestyle=ISO",
         )
         self._repl = repl
@@ -409,7 +462,7 @@ class LogicalSource(CaptureSource):
             select.select([pgconn.socket], [], [], 0.2)
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
-            msg = (res.error_message.decode(errors="replace") if res is not None else "no result")
+            msg = res.error_message.decode(errors="replace") if res is not None else "no result"
             if "does not exist" in msg and "slot" in msg:
                 raise SlotMissingError(f"replication slot {self.slot!r} is gone: {msg.strip()}")
             if "is active for PID" in msg:
@@ -432,23 +485,30 @@ class LogicalSource(CaptureSource):
                 n, data = pgconn.get_copy_data(1)
                 if n == 0:
                     # Nothing buffered: commit a batch that is old enough, then wait on the socket.
-                    if self._txn is not None and not self._in_source_txn and (
-                        time.monotonic() - self._batch_started >= batch_ms
+                    if (
+                        self._txn is not None
+                        and not self._in_source_txn
+                        and (time.monotonic() - self._batch_started >= batch_ms)
                     ):
                         self._commit_batch()
                     self._maybe_send_status()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    wait = min(remaining, max(0.01, batch_ms) if self._txn is not None else remaining,
-                               self.cfg.capture.status_interval)
+                    wait = min(
+                        remaining,
+                        max(0.01, batch_ms) if self._txn is not None else remaining,
+                        self.cfg.capture.status_interval,
+                    )
                     select.select([pgconn.socket], [], [], wait)
                     pgconn.consume_input()
                     continue
                 if n == -1:
                     res = pgconn.get_result()
                     msg = res.error_message.decode(errors="replace") if res is not None else ""
-                    raise RetryableError(f"replication stream ended: {msg.strip() or 'server closed it'}")
+                    raise RetryableError(
+                        f"replication stream ended: {msg.strip() or 'server closed it'}"
+                    )
                 self._handle_frame(data)
                 if time.monotonic() > deadline and not self._in_source_txn:
                     break
@@ -542,8 +602,9 @@ class LogicalSource(CaptureSource):
             if old is not None and old.type_oid == rc.type_oid:
                 columns.append(old)
             else:
-                (tname,) = self._conn.execute("SELECT format_type(%s, %s)",
-                                              (rc.type_oid, rc.type_mod)).fetchone() or ("text",)
+                (tname,) = self._conn.execute(
+                    "SELECT format_type(%s, %s)", (rc.type_oid, rc.type_mod)
+                ).fetchone() or ("text",)
                 columns.append(Column(rc.name, tname, rc.type_oid))
         schema = TableSchema(known.schema, known.name, tuple(columns), known.key)
         txn = self._open_txn()
@@ -578,9 +639,11 @@ class LogicalSource(CaptureSource):
             log.info("mirror_column_backfilled", table=table, column=col.name)
         elif has_default:
             log.error(
-                "column_added_with_rewrite", table=table, column=col.name,
+                "column_added_with_rewrite",
+                table=table,
+                column=col.name,
                 hint="the ERP rewrote the table for a volatile default; rows that existed before "
-                     "have no value in staging: run `sync-daemon resync`",
+                "have no value in staging: run `sync-daemon resync`",
             )
 
     def _apply_row(self, msg: RowChange) -> None:
@@ -633,12 +696,18 @@ class LogicalSource(CaptureSource):
             if self._batch_heartbeat is not None:
                 sent, _ = self._batch_heartbeat
                 self.store.record_heartbeat(
-                    self.name, sent_at=sent, lag_seconds=max(0.0, lag or 0.0),
+                    self.name,
+                    sent_at=sent,
+                    lag_seconds=max(0.0, lag or 0.0),
                     lag_bytes=max(0, self.progress.server_wal_end - end),
-                    server_position=int_to_lsn(self.progress.server_wal_end), conn=txn.conn,
+                    server_position=int_to_lsn(self.progress.server_wal_end),
+                    conn=txn.conn,
                 )
-            txn.commit(Checkpoint(self.name, int_to_lsn(end)), slot=self.slot,
-                       source_commit_at=self.progress.last_commit_at)
+            txn.commit(
+                Checkpoint(self.name, int_to_lsn(end)),
+                slot=self.slot,
+                source_commit_at=self.progress.last_commit_at,
+            )
         except BaseException:
             txn.rollback()
             raise
@@ -681,9 +750,11 @@ class LogicalSource(CaptureSource):
                 (f"{HEARTBEAT_PREFIX}:{self.slot}", payload),
             )
         except psycopg.errors.InsufficientPrivilege:
-            log.warning("heartbeat_not_permitted",
-                        hint="GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) "
-                             "TO the capture role")
+            log.warning(
+                "heartbeat_not_permitted",
+                hint="GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) "
+                "TO the capture role",
+            )
         except psycopg.OperationalError as exc:
             raise RetryableError(f"heartbeat failed: {exc}") from exc
 
@@ -705,10 +776,8 @@ class LogicalSource(CaptureSource):
                 txn.rollback()
         for c in (self._repl, self._conn):
             if c is not None:
-                try:
+                with contextlib.suppress(Exception):
                     c.close()
-                except Exception:
-                    pass
         self._repl = None
         self._conn = None
 

@@ -265,7 +265,7 @@ def decode_message(data: memoryview | bytes) -> Message:
 class ValueDecoder:
     """Turns raw text column values into Python values with psycopg's text loaders."""
 
-    def __init__(self, context: adapt.AdaptContext | None = None) -> None:
+    def __init__(self, context: Any = None) -> None:
         self._tx = adapt.Transformer(context)
         self._loaders: dict[int, Any] = {}
         self._plans: dict[int, tuple[Relation, list[tuple[str, Any]]]] = {}

@@ -31,8 +31,8 @@ from replicator.config.core import (
     redact_url,
 )
 from replicator.config.ops import NotifySection, SchedulesSection
-from replicator.config.push import StockPushSection, InvoicePushSection
 from replicator.config.orders import OrdersSection
+from replicator.config.push import InvoicePushSection, StockPushSection
 from replicator.config.shops import ShopSection
 from replicator.errors import ConfigError
 
@@ -154,7 +154,9 @@ def warn_if_world_readable(path: str | os.PathLike[str], cfg: Config) -> bool:
     except OSError:
         return False
     holds_secret = any(
-        s is not None and ":" in (urlparts := s.split("://", 1)[-1].split("@", 1))[0] and len(urlparts) == 2
+        s is not None
+        and ":" in (urlparts := s.split("://", 1)[-1].split("@", 1))[0]
+        and len(urlparts) == 2
         for s in (cfg.erp.url, cfg.staging_url)
     )
     if holds_secret and mode & (stat.S_IRGRP | stat.S_IROTH):

@@ -194,7 +194,9 @@ class StagingSection(Section):
         secret = _read_secret(self.password_env, self.password_file)
         if secret is not None and self.url is not None:
             parts = urlsplit(self.url.get_secret_value())
-            netloc = f"{quote(parts.username or '', safe='')}:{quote(secret, safe='')}@{parts.hostname}"
+            netloc = (
+                f"{quote(parts.username or '', safe='')}:{quote(secret, safe='')}@{parts.hostname}"
+            )
             if parts.port:
                 netloc += f":{parts.port}"
             object.__setattr__(self, "url", SecretStr(urlunsplit(parts._replace(netloc=netloc))))
@@ -218,7 +220,9 @@ class HealthSection(Section):
     def _host_port(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{v!r} must be host:port, e.g. 127.0.0.1:8787 (port 0 picks a free one)")
+            raise ValueError(
+                f"{v!r} must be host:port, e.g. 127.0.0.1:8787 (port 0 picks a free one)"
+            )
         return v
 
     @property

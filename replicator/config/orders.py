@@ -48,6 +48,9 @@ class OrdersSection(Section):
     mapping: str = "mappings/orders.toml"
     shop_mappings: dict[str, str] = Field(default_factory=dict)
     criteria: dict[str, ImportCriteria] = Field(default_factory=dict)
+    # ERP writers working off one cycle's orders in parallel (each order is its own ERP
+    # transaction; the number series row is locked only for the last statements of each).
+    workers: int = Field(default=4, ge=1, le=32)
     # Transient failures (network, 5xx, 429, lock timeouts, lost ERP connection) are retried in
     # place with exponential backoff and jitter, then the order waits for the next cycle.
     retry_attempts: int = Field(default=4, ge=1, le=20)
