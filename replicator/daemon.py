@@ -287,14 +287,6 @@ class Daemon:
                 lambda now: orders.run_cycle().summary(),
                 close=orders.close,
             ),
-            Service(
-                "sweep",
-                cfg.schedules.schedule("sweep"),
-                lambda now: orders.run_cycle(
-                    since=dt.datetime.now(dt.UTC).replace(tzinfo=None)
-                    - dt.timedelta(days=cfg.orders.reconcile_days)
-                ).summary(),
-            ),
         ]
 
     def _stock_services(self, connectors: dict[str, Any]) -> list[Any]:

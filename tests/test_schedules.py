@@ -99,9 +99,9 @@ def test_invalid_expression_names_the_key(expr: str) -> None:
 def test_scheduler_tracks_services() -> None:
     section = SchedulesSection(orders="every 5m")
     sched = Scheduler(section.all(), started=T0)
-    assert set(sched.schedules) == {"orders", "reconcile", "sweep", "capture"}
+    assert set(sched.schedules) == {"orders", "reconcile", "capture", "invoices"}
     # Interval and continuous services run at once; crontab ones wait for their slot.
-    assert sched.due(T0) == ["orders", "capture"]
+    assert sched.due(T0) == ["orders", "capture", "invoices"]
     sched.done("orders", T0)
     assert sched.due(T0 + timedelta(minutes=1)) == ["capture"]
     at_seven = T0.replace(hour=7, minute=0, second=5)
@@ -159,7 +159,7 @@ def test_notify_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert cfg.notify.smtp is not None and cfg.notify.smtp.password is not None
     assert cfg.notify.smtp.password.get_secret_value() == "from-env"
 
-    with pytest.raises(ConfigError, match=r"notify = .*neither"):
+    with pytest.raises(ConfigError, match=r"notify: .*neither"):
         parse_config({**_base(), "notify": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"notify\.webhook_url"):
         parse_config({**_base(), "notify": {"webhook_url": "ftp://x"}})

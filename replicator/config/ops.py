@@ -20,7 +20,6 @@ Example::
     [schedules]
     orders = "*/5 * * * *"      # crontab, "every 5m" or "continuous"
     reconcile = "0 * * * *"
-    sweep = "30 2 * * *"
     capture = "continuous"
 """
 
@@ -143,7 +142,6 @@ class SchedulesSection(Section):
 
     orders: str = "*/5 * * * *"
     reconcile: str = "0 * * * *"
-    sweep: str = "30 2 * * *"
     capture: str = "continuous"
     invoices: str = "every 30s"
 
