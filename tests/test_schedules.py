@@ -103,9 +103,10 @@ def test_scheduler_tracks_services() -> None:
     # Interval and continuous services run at once; crontab ones wait for their slot.
     assert sched.due(T0) == ["orders", "capture", "invoices"]
     sched.done("orders", T0)
+    sched.done("invoices", T0 + timedelta(minutes=1))
     assert sched.due(T0 + timedelta(minutes=1)) == ["capture"]
     at_seven = T0.replace(hour=7, minute=0, second=5)
-    assert sched.due(at_seven) == ["orders", "reconcile", "capture"]
+    assert sched.due(at_seven) == ["orders", "reconcile", "capture", "invoices"]
     sched.done("reconcile", at_seven)
     assert "reconcile" not in sched.due(at_seven + timedelta(seconds=30))
     assert sched.next_run("reconcile") == T0.replace(hour=8, minute=0, second=0)
@@ -173,5 +174,5 @@ def test_notify_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         parse_config({**_base(), "notify": {**data, "smtp": no_user}})
     assert "pw-s3cret" not in str(exc.value)
     missing = {**smtp_data, "password_file": str(tmp_path / "nope")}
-    with pytest.raises(ConfigError, match=r"notify\.smtp\.password_file = .*cannot read"):
+    with pytest.raises(ConfigError, match=r"notify\.smtp\.password_file: .*cannot read"):
         parse_config({**_base(), "notify": {**data, "smtp": missing}})

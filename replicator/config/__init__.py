@@ -90,14 +90,15 @@ def _format_value(value: Any) -> str:
 
 
 def _secret_key(loc: tuple[Any, ...]) -> bool:
-    """Errors on these keys (or on a whole section holding them) never echo the value."""
-    for part in map(str, loc):
-        p = part.lower()
-        if p in ("dsn", "url", "token", "key", "erp", "staging", "notify", "smtp", "shops") or any(
-            s in p for s in ("password", "secret", "token", "_url", "_key", "credential")
-        ):
-            return True
-    return False
+    """Errors on secret keys, or on a whole section that holds secrets, never echo the value."""
+    if not loc:
+        return True
+    last = str(loc[-1]).lower()
+    if last in ("erp", "staging", "notify", "smtp", "shops", "health") or isinstance(loc[-1], int):
+        return True  # the input is a whole section: it may contain a DSN or a password
+    return last in ("dsn", "url", "token", "key") or any(
+        s in last for s in ("password", "secret", "token", "_url", "_key", "credential")
+    )
 
 
 def format_validation_error(path: str, exc: ValidationError) -> str:
