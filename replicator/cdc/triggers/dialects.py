@@ -1,0 +1,913 @@
+"""Per-dialect changelog DDL, trigger templates, catalog introspection and connections.
+
+Responsible for everything the trigger mode must know about PostgreSQL, MariaDB and SQLite as
+*databases*: how to connect (every connection carries ``application_name`` / ``program_name``),
+how a watched table is described (:class:`~replicator.cdc.base.TableSchema`, with PostgreSQL type
+names whatever the dialect so that staging mirrors and :mod:`.decode` work the same), and how the
+changelog table, the ``<changelog>_meta`` version table and the triggers are installed, checked
+and removed. How changes are *read* lives in :mod:`.source`.
+
+Installation is idempotent (``CREATE ... IF NOT EXISTS`` / ``CREATE OR REPLACE``), versioned (one
+row per table in ``<changelog>_meta`` with :data:`VERSION` and a hash of the generated DDL, so a
+new release or a changed table shows up as *outdated* in ``sync-daemon triggers status``) and
+reversible (``uninstall`` drops exactly what ``install`` created). Trigger bodies are templates per
+dialect below (Python string templates rather than ``.sql`` files so that they ship with the
+package without packaging rules); identifiers are quoted with sqlglot, literals with the dialect's
+string-literal rules.
+
+Row images: PostgreSQL writes ``to_jsonb(NEW)`` — the whole row, built in C, which we measured as
+cheaper than computing "key + changed columns" in PL/pgSQL (see docs/triggers.md) and which picks
+up added columns without reinstalling. MariaDB and SQLite have no row-to-JSON function, so their
+templates list the columns (``JSON_OBJECT('c', NEW.c, ...)``); a column added later makes the
+table *outdated* until ``triggers install`` is run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlglot.expressions as exp
+from sqlalchemy.engine import make_url
+
+from replicator.cdc.base import Column, TableSchema
+from replicator.config.core import CaptureSection
+from replicator.db import app_name, pg_connect
+from replicator.errors import SchemaError
+
+VERSION = 1
+"""Bump when a template changes: installed triggers then show as outdated until reinstalled."""
+
+DialectName = Literal["postgresql", "mysql", "sqlite"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableStatus:
+    """What ``triggers status`` reports for one table."""
+
+    table: str
+    state: Literal["current", "outdated", "missing", "error"]
+    detail: str = ""
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _short_name(base: str, suffix: str, limit: int = 63) -> str:
+    name = f"{base}_{suffix}"
+    if len(name) <= limit:
+        return name
+    h = _digest(base)[:8]
+    return f"{base[: limit - len(suffix) - 10]}_{h}_{suffix}"
+
+
+class Dialect(ABC):
+    """One ERP database kind: connections, introspection, DDL."""
+
+    name: DialectName
+    sqlglot_dialect: str
+
+    def __init__(self, url: str, capture: CaptureSection) -> None:
+        self.url = url
+        self.capture = capture
+        self.changelog = capture.changelog_table
+        self.meta = f"{capture.changelog_table}_meta"
+
+    # -- quoting ---------------------------------------------------------------------------
+    def q(self, ident: str) -> str:
+        return exp.to_identifier(ident, quoted=True).sql(dialect=self.sqlglot_dialect)
+
+    @staticmethod
+    def lit(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    def split(self, table: str) -> tuple[str, str]:
+        schema, _, name = table.partition(".")
+        return schema, name
+
+    @property
+    @abstractmethod
+    def cl(self) -> str:
+        """The quoted, qualified changelog table."""
+
+    # -- connections & catalog ---------------------------------------------------------------
+    @abstractmethod
+    def connect(self, role: str, *, autocommit: bool = True) -> Any: ...
+
+    @abstractmethod
+    def table_schema(self, conn: Any, table: str) -> TableSchema: ...
+
+    def key_for(self, table: str, catalog_key: list[str]) -> tuple[str, ...]:
+        key = self.capture.key_columns(table) or tuple(catalog_key)
+        if not key:
+            raise SchemaError(
+                f'{table} has no primary key; set capture.keys."{table}" = ["col", ...]'
+            )
+        return tuple(key)
+
+    # -- install / status / uninstall --------------------------------------------------------
+    @abstractmethod
+    def base_ddl(self) -> list[str]:
+        """The changelog and meta tables (idempotent)."""
+
+    @abstractmethod
+    def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
+        """Functions and triggers of one watched table (idempotent, replaces older versions)."""
+
+    @abstractmethod
+    def drop_ddl(self, table: str) -> list[str]: ...
+
+    @abstractmethod
+    def drop_base_ddl(self) -> list[str]: ...
+
+    @abstractmethod
+    def trigger_names(self, table: str) -> list[str]: ...
+
+    @abstractmethod
+    def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
+        """Trigger name -> enabled as required, for the triggers that exist on ``table``."""
+
+    def consumer_lock(self) -> Any:
+        """Hold the one-consumer-per-changelog lock (a second reader would delete entries the
+        first has not applied); returns the holder to close, or ``None`` if another has it."""
+        conn = self.connect("capture-lock")
+        if self._try_lock(conn):
+            return conn
+        conn.close()
+        return None
+
+    def _try_lock(self, conn: Any) -> bool:
+        return True
+
+    def lock_name(self) -> str:
+        return f"sync-daemon:{self.changelog}"
+
+    def definition_hash(self, schema: TableSchema, table: str) -> str:
+        return _digest(str(VERSION), *self.table_ddl(schema, table))
+
+    @abstractmethod
+    def copy_sql(self, schema: TableSchema, table: str) -> str:
+        """SELECT returning one JSON text per row, built like the trigger's row image."""
+
+    # helpers shared by the DB-API based implementations
+    def _exec(self, conn: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        cur = conn.cursor()
+        cur.execute(sql, params) if params else cur.execute(sql)
+        return cur
+
+    def meta_rows(self, conn: Any) -> dict[str, tuple[int, str]]:
+        try:
+            cur = self._exec(conn, f"SELECT table_name, version, definition_hash FROM {self.qmeta}")
+        except Exception:
+            self.reset(conn)
+            return {}
+        return {r[0]: (int(r[1]), r[2]) for r in cur.fetchall()}
+
+    def reset(self, conn: Any) -> None:  # noqa: B027 - optional hook
+        """After a failed statement: make the connection usable again."""
+
+    @property
+    @abstractmethod
+    def qmeta(self) -> str: ...
+
+    @abstractmethod
+    def upsert_meta_sql(self) -> str: ...
+
+    def install(self, conn: Any, tables: list[str]) -> list[TableSchema]:
+        """Create the changelog and the triggers of ``tables``, and remove the triggers of
+        tables that left ``capture.tables``; returns the schemas of ``tables``."""
+        schemas = [self.table_schema(conn, t) for t in tables]
+        stale = sorted(set(self.meta_rows(conn)) - set(tables))
+        stmts = list(self.base_ddl())
+        for t in stale:
+            stmts.extend(self.drop_ddl(t))
+            stmts.append(f"DELETE FROM {self.qmeta} WHERE table_name = {self.lit(t)}")
+        metas: list[tuple[str, int, str]] = []
+        for table, schema in zip(tables, schemas, strict=True):
+            stmts.extend(self.table_ddl(schema, table))
+            metas.append((table, VERSION, self.definition_hash(schema, table)))
+        self._run_ddl(conn, stmts, metas)
+        return schemas
+
+    @abstractmethod
+    def _run_ddl(self, conn: Any, stmts: list[str], metas: list[tuple[str, int, str]]) -> None: ...
+
+    def uninstall(self, conn: Any, tables: list[str]) -> list[str]:
+        """Drop the triggers of ``tables`` and of every table the meta table lists, then the
+        changelog and meta tables. Returns the tables whose triggers were removed."""
+        known = set(self.meta_rows(conn)) | set(tables)
+        stmts: list[str] = []
+        for t in sorted(known):
+            stmts.extend(self.drop_ddl(t))
+        stmts.extend(self.drop_base_ddl())
+        self._run_ddl(conn, stmts, [])
+        return sorted(known)
+
+    def status(self, conn: Any, tables: list[str]) -> list[TableStatus]:
+        metas = self.meta_rows(conn)
+        out: list[TableStatus] = []
+        for t in tables:
+            try:
+                schema = self.table_schema(conn, t)
+            except SchemaError as exc:
+                out.append(TableStatus(t, "error", str(exc)))
+                continue
+            present = self.present_triggers(conn, t)
+            want = self.trigger_names(t)
+            missing = [n for n in want if n not in present]
+            disabled = [n for n in want if n in present and not present[n]]
+            meta = metas.get(t)
+            if missing and len(missing) == len(want):
+                out.append(TableStatus(t, "missing", "no capture trigger"))
+            elif missing or disabled:
+                detail = ", ".join(
+                    [f"missing {n}" for n in missing]
+                    + [f"not ENABLE ALWAYS: {n}" for n in disabled]
+                )
+                out.append(TableStatus(t, "outdated", detail))
+            elif meta is None:
+                out.append(TableStatus(t, "outdated", "triggers present but not recorded in meta"))
+            elif meta[0] != VERSION:
+                out.append(TableStatus(t, "outdated", f"version {meta[0]}, current is {VERSION}"))
+            elif meta[1] != self.definition_hash(schema, t):
+                out.append(TableStatus(t, "outdated", "table or settings changed since install"))
+            else:
+                out.append(TableStatus(t, "current", f"version {VERSION}"))
+        for t in sorted(set(metas) - set(tables)):
+            out.append(TableStatus(t, "outdated", "installed but no longer in capture.tables"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------------------------
+
+_PG_CHANGELOG = """\
+CREATE TABLE IF NOT EXISTS {cl} (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    at timestamptz NOT NULL DEFAULT now(),
+    tbl text NOT NULL,
+    op "char" NOT NULL,
+    row_data jsonb,
+    old_key jsonb
+)"""
+
+_PG_META = """\
+CREATE TABLE IF NOT EXISTS {meta} (
+    table_name text PRIMARY KEY,
+    version integer NOT NULL,
+    definition_hash text NOT NULL,
+    installed_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+_PG_NOTIFY_FN = """\
+CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
+BEGIN
+    PERFORM pg_notify({channel}, '');
+    RETURN NULL;
+END
+$sync$"""
+
+# One function per table: key columns are compiled in, the row image is to_jsonb(NEW).
+_PG_CAPTURE_FN = """\
+CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        INSERT INTO {cl} (tbl, op, row_data, old_key)
+        VALUES ({tbl}, 'U', to_jsonb(NEW),
+                CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
+                     THEN jsonb_build_object({old_key_pairs}) END);
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', to_jsonb(NEW));
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {cl} (tbl, op, old_key)
+        VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
+    ELSE
+        INSERT INTO {cl} (tbl, op) VALUES ({tbl}, 'T');
+    END IF;
+    RETURN NULL;
+END
+$sync$"""
+
+
+class PostgresDialect(Dialect):
+    name: DialectName = "postgresql"
+    sqlglot_dialect = "postgres"
+    cl_schema = "public"
+
+    @property
+    def cl(self) -> str:
+        return f"{self.q(self.cl_schema)}.{self.q(self.changelog)}"
+
+    @property
+    def qmeta(self) -> str:
+        return f"{self.q(self.cl_schema)}.{self.q(self.meta)}"
+
+    @property
+    def notify_fn(self) -> str:
+        return f"{self.q(self.cl_schema)}.{self.q(self.changelog + '_notify')}"
+
+    def qtable(self, table: str) -> str:
+        s, n = self.split(table)
+        return f"{self.q(s)}.{self.q(n)}"
+
+    def capture_fn(self, table: str) -> str:
+        s, n = self.split(table)
+        base = f"{self.changelog}_{n}" if s == "public" else f"{self.changelog}_{s}_{n}"
+        return f"{self.q(self.cl_schema)}.{self.q(_short_name(base, 'fn'))}"
+
+    def trigger_names(self, table: str) -> list[str]:
+        names = [f"{self.changelog}_row", f"{self.changelog}_truncate"]
+        if self.capture.notify:
+            names.append(f"{self.changelog}_notify")
+        return names
+
+    def connect(self, role: str, *, autocommit: bool = True) -> Any:
+        return pg_connect(self.url, role, autocommit=autocommit)
+
+    def reset(self, conn: Any) -> None:
+        if not conn.autocommit:
+            conn.rollback()
+
+    def _try_lock(self, conn: Any) -> bool:
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.lock_name(),))
+        return bool(row.fetchone()[0])
+
+    def table_schema(self, conn: Any, table: str) -> TableSchema:
+        s, n = self.split(table)
+        rel = conn.execute(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace "
+            "WHERE ns.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+            (s, n),
+        ).fetchone()
+        if rel is None:
+            raise SchemaError(f"table {table} not found in the ERP database")
+        cols = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod), atttypid::int, NOT attnotnull "
+            "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+            "ORDER BY attnum",
+            (rel[0],),
+        ).fetchall()
+        pk = [
+            r[0]
+            for r in conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+                "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                "WHERE i.indrelid = %s AND i.indisprimary "
+                "ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                (rel[0],),
+            ).fetchall()
+        ]
+        columns = tuple(Column(c[0], c[1], c[2], c[3]) for c in cols)
+        return TableSchema(s, n, columns, self.key_for(table, pk))
+
+    def base_ddl(self) -> list[str]:
+        ddl = [
+            _PG_META.format(meta=self.qmeta),
+            _PG_CHANGELOG.format(cl=self.cl),
+            # Batches are selected by transaction id range (see source.py).
+            f"CREATE INDEX IF NOT EXISTS {self.q(self.changelog + '_txid')} ON {self.cl} (txid)",
+        ]
+        if self.capture.notify:
+            ddl.append(_PG_NOTIFY_FN.format(fn=self.notify_fn, channel=self.lit(self.changelog)))
+        return ddl
+
+    def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
+        fn = self.capture_fn(table)
+        t = self.qtable(table)
+        key = schema.key
+        stmts = [
+            _PG_CAPTURE_FN.format(
+                fn=fn,
+                cl=self.cl,
+                tbl=self.lit(table),
+                old_key_cols=", ".join(f"OLD.{self.q(k)}" for k in key),
+                new_key_cols=", ".join(f"NEW.{self.q(k)}" for k in key),
+                old_key_pairs=", ".join(f"{self.lit(k)}, OLD.{self.q(k)}" for k in key),
+            ),
+            f"CREATE OR REPLACE TRIGGER {self.q(self.changelog + '_row')} "
+            f"AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {fn}()",
+            f"CREATE OR REPLACE TRIGGER {self.q(self.changelog + '_truncate')} "
+            f"AFTER TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()",
+        ]
+        if self.capture.notify:
+            stmts.append(
+                f"CREATE OR REPLACE TRIGGER {self.q(self.changelog + '_notify')} "
+                f"AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {self.notify_fn}()"
+            )
+        else:
+            stmts.append(f"DROP TRIGGER IF EXISTS {self.q(self.changelog + '_notify')} ON {t}")
+        # Fire also in sessions with session_replication_role = replica (bulk loads, pglogical).
+        stmts.extend(
+            f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER {self.q(n)}" for n in self.trigger_names(table)
+        )
+        return stmts
+
+    def drop_ddl(self, table: str) -> list[str]:
+        t = self.qtable(table)
+        drops = [
+            f"DROP TRIGGER IF EXISTS {self.q(self.changelog + sfx)} ON {t}"
+            for sfx in ("_row", "_truncate", "_notify")
+        ]
+        stmts = [
+            f"DO $sync$ BEGIN IF to_regclass({self.lit(t)}) IS NOT NULL THEN "
+            + " ".join(f"EXECUTE {self.lit(d)};" for d in drops)
+            + " END IF; END $sync$",
+            f"DROP FUNCTION IF EXISTS {self.capture_fn(table)}()",
+        ]
+        return stmts
+
+    def drop_base_ddl(self) -> list[str]:
+        return [
+            f"DROP FUNCTION IF EXISTS {self.notify_fn}()",
+            f"DROP TABLE IF EXISTS {self.cl}",
+            f"DROP TABLE IF EXISTS {self.qmeta}",
+        ]
+
+    def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
+        s, n = self.split(table)
+        rows = conn.execute(
+            "SELECT t.tgname, t.tgenabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace ns ON ns.oid = c.relnamespace "
+            "WHERE ns.nspname = %s AND c.relname = %s AND NOT t.tgisinternal",
+            (s, n),
+        ).fetchall()
+        return {r[0]: r[1] == "A" for r in rows}
+
+    def upsert_meta_sql(self) -> str:
+        return (
+            f"INSERT INTO {self.qmeta} (table_name, version, definition_hash) VALUES (%s, %s, %s) "
+            "ON CONFLICT (table_name) DO UPDATE SET version = excluded.version, "
+            "definition_hash = excluded.definition_hash, installed_at = now()"
+        )
+
+    def _run_ddl(self, conn: Any, stmts: list[str], metas: list[tuple[str, int, str]]) -> None:
+        # All or nothing: PostgreSQL DDL is transactional, so no window without a trigger.
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '10s'")
+            for s in stmts:
+                conn.execute(s)
+            for m in metas:
+                conn.execute(self.upsert_meta_sql(), m)
+
+    def copy_sql(self, schema: TableSchema, table: str) -> str:
+        # t.* (not t): a column named "t" would shadow the row.
+        return f"SELECT to_jsonb(t.*)::text FROM {self.qtable(table)} AS t"
+
+
+# ---------------------------------------------------------------------------------------------
+# MariaDB / MySQL
+# ---------------------------------------------------------------------------------------------
+
+_MY_CHANGELOG = """\
+CREATE TABLE IF NOT EXISTS {cl} (
+    id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    tbl VARCHAR(200) NOT NULL,
+    op CHAR(1) NOT NULL,
+    row_data LONGTEXT NULL,
+    old_key LONGTEXT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
+
+_MY_META = """\
+CREATE TABLE IF NOT EXISTS {meta} (
+    table_name VARCHAR(200) NOT NULL PRIMARY KEY,
+    version INT NOT NULL,
+    definition_hash VARCHAR(64) NOT NULL,
+    installed_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""
+
+_MY_INSERT = (
+    "CREATE OR REPLACE TRIGGER {name} AFTER INSERT ON {t} FOR EACH ROW\n"
+    "INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image})"
+)
+_MY_UPDATE = (
+    "CREATE OR REPLACE TRIGGER {name} AFTER UPDATE ON {t} FOR EACH ROW\n"
+    "INSERT INTO {cl} (tbl, op, row_data, old_key) VALUES ({tbl}, 'U', {new_image},\n"
+    "    IF({key_changed}, {old_key}, NULL))"
+)
+_MY_DELETE = (
+    "CREATE OR REPLACE TRIGGER {name} AFTER DELETE ON {t} FOR EACH ROW\n"
+    "INSERT INTO {cl} (tbl, op, old_key) VALUES ({tbl}, 'D', {old_key})"
+)
+
+_MY_INT = {
+    "tinyint": "smallint",
+    "smallint": "smallint",
+    "mediumint": "integer",
+    "int": "integer",
+    "integer": "integer",
+    "bigint": "bigint",
+    "year": "integer",
+    "bit": "bigint",
+}
+_MY_BIN = {"blob", "tinyblob", "mediumblob", "longblob", "binary", "varbinary"}
+
+
+def mysql_pg_type(data_type: str, column_type: str) -> str:
+    """A MariaDB column type described with the PostgreSQL name staging mirrors use."""
+    dtp = data_type.lower()
+    unsigned = "unsigned" in column_type.lower()
+    if dtp in _MY_INT:
+        t = _MY_INT[dtp]
+        if unsigned and t == "integer":
+            return "bigint"
+        if unsigned and t == "bigint" and dtp == "bigint":
+            return "numeric(20,0)"
+        return t
+    if dtp in ("decimal", "numeric"):
+        inside = ""
+        if "(" in column_type:
+            inside = column_type[column_type.find("(") :].split(")")[0] + ")"
+        return f"numeric{inside}"
+    if dtp == "float":
+        return "real"
+    if dtp in ("double", "real"):
+        return "double precision"
+    if dtp == "date":
+        return "date"
+    if dtp == "datetime":
+        return "timestamp without time zone"
+    if dtp == "timestamp":
+        return "timestamp with time zone"  # captured as UNIX_TIMESTAMP(): session time zone free
+    if dtp in _MY_BIN:
+        return "bytea"
+    if dtp == "json":
+        return "jsonb"
+    return "text"  # char, varchar, text, enum, set, time (may exceed 24 h), ...
+
+
+class MysqlDialect(Dialect):
+    name: DialectName = "mysql"
+    sqlglot_dialect = "mysql"
+
+    def __init__(self, url: str, capture: CaptureSection) -> None:
+        super().__init__(url, capture)
+        u = make_url(url)
+        if not u.database:
+            raise SchemaError("erp.dsn must name the MariaDB database, e.g. mysql://user@host/erp")
+        self.database = u.database
+        self._u = u
+
+    @property
+    def cl(self) -> str:
+        return f"{self.q(self.database)}.{self.q(self.changelog)}"
+
+    @property
+    def qmeta(self) -> str:
+        return f"{self.q(self.database)}.{self.q(self.meta)}"
+
+    def db_of(self, table: str) -> str:
+        s, _ = self.split(table)
+        return self.database if s == "public" else s
+
+    def qtable(self, table: str) -> str:
+        return f"{self.q(self.db_of(table))}.{self.q(self.split(table)[1])}"
+
+    def trigger_names(self, table: str) -> list[str]:
+        s, n = self.split(table)
+        base = f"{self.changelog}_{n}" if s == "public" else f"{self.changelog}_{s}_{n}"
+        return [_short_name(base, sfx, 64) for sfx in ("ins", "upd", "del")]
+
+    def connect(self, role: str, *, autocommit: bool = True) -> Any:
+        import pymysql
+
+        u = self._u
+        conn = pymysql.connect(
+            host=u.host or "127.0.0.1",
+            port=u.port or 3306,
+            user=u.username or "root",
+            password=u.password or "",
+            database=u.database,
+            charset="utf8mb4",
+            autocommit=autocommit,
+            program_name=app_name(role),
+            connect_timeout=10,
+        )
+        with conn.cursor() as cur:
+            # Each statement reads what is committed when it starts (see source.py).
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            cur.execute("SET SESSION time_zone = '+00:00'")
+        return conn
+
+    def _try_lock(self, conn: Any) -> bool:
+        cur = self._exec(conn, "SELECT GET_LOCK(%s, 0)", (f"{self.lock_name()}:{self.database}",))
+        return bool(cur.fetchone()[0])
+
+    def table_schema(self, conn: Any, table: str) -> TableSchema:
+        db, n = self.db_of(table), self.split(table)[1]
+        cur = self._exec(
+            conn,
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, IS_NULLABLE "
+            "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s "
+            "ORDER BY ORDINAL_POSITION",
+            (db, n),
+        )
+        cols = cur.fetchall()
+        if not cols:
+            raise SchemaError(f"table {table} ({db}.{n}) not found in the ERP database")
+        cur = self._exec(
+            conn,
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = %s "
+            "AND TABLE_NAME = %s AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION",
+            (db, n),
+        )
+        pk = [r[0] for r in cur.fetchall()]
+        columns = tuple(Column(c[0], mysql_pg_type(c[1], c[2]), 0, c[3] == "YES") for c in cols)
+        return TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+
+    def _value(self, col: Column, alias: str) -> str:
+        ref = f"{alias}.{self.q(col.name)}"
+        if col.type_name == "bytea":
+            return f"HEX({ref})"
+        if col.type_name == "timestamp with time zone":
+            return f"UNIX_TIMESTAMP({ref})"
+        return ref
+
+    def image(self, cols: tuple[Column, ...], alias: str) -> str:
+        return (
+            "JSON_OBJECT("
+            + ", ".join(f"{self.lit(c.name)}, {self._value(c, alias)}" for c in cols)
+            + ")"
+        )
+
+    def base_ddl(self) -> list[str]:
+        return [_MY_META.format(meta=self.qmeta), _MY_CHANGELOG.format(cl=self.cl)]
+
+    def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
+        t = self.qtable(table)
+        ins, upd, dele = (self.q(n) for n in self.trigger_names(table))
+        keycols = tuple(c for k in schema.key for c in schema.columns if c.name == k)
+        args = {
+            "t": t,
+            "cl": self.cl,
+            "tbl": self.lit(table),
+            "new_image": self.image(schema.columns, "NEW"),
+            "old_key": self.image(keycols, "OLD"),
+            "key_changed": " OR ".join(
+                f"NOT (OLD.{self.q(k)} <=> NEW.{self.q(k)})" for k in schema.key
+            ),
+        }
+        return [
+            _MY_INSERT.format(name=ins, **args),
+            _MY_UPDATE.format(name=upd, **args),
+            _MY_DELETE.format(name=dele, **args),
+        ]
+
+    def drop_ddl(self, table: str) -> list[str]:
+        db = self.q(self.db_of(table))
+        return [f"DROP TRIGGER IF EXISTS {db}.{self.q(n)}" for n in self.trigger_names(table)]
+
+    def drop_base_ddl(self) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
+
+    def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
+        cur = self._exec(
+            conn,
+            "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s "
+            "AND EVENT_OBJECT_TABLE = %s",
+            (self.db_of(table), self.split(table)[1]),
+        )
+        return {r[0]: True for r in cur.fetchall()}
+
+    def upsert_meta_sql(self) -> str:
+        return (
+            f"INSERT INTO {self.qmeta} (table_name, version, definition_hash) VALUES (%s, %s, %s) "
+            "ON DUPLICATE KEY UPDATE version = VALUES(version), "
+            "definition_hash = VALUES(definition_hash), installed_at = CURRENT_TIMESTAMP(6)"
+        )
+
+    def _run_ddl(self, conn: Any, stmts: list[str], metas: list[tuple[str, int, str]]) -> None:
+        # MariaDB DDL commits implicitly; CREATE OR REPLACE TRIGGER swaps a trigger under the
+        # table's metadata lock, so a reinstall leaves no window in which a write goes unlogged.
+        for s in stmts:
+            self._exec(conn, s)
+        for m in metas:
+            self._exec(conn, self.upsert_meta_sql(), m)
+
+    def copy_sql(self, schema: TableSchema, table: str) -> str:
+        return f"SELECT {self.image(schema.columns, 't')} FROM {self.qtable(table)} AS t"
+
+    def cascade_children(self, conn: Any, tables: list[str]) -> list[str]:
+        """Watched tables whose rows a foreign-key action changes (no trigger fires for those)."""
+        watched = {(self.db_of(t), self.split(t)[1]): t for t in tables}
+        cur = self._exec(
+            conn,
+            "SELECT CONSTRAINT_SCHEMA, TABLE_NAME, CONSTRAINT_NAME, DELETE_RULE, UPDATE_RULE "
+            "FROM information_schema.REFERENTIAL_CONSTRAINTS "
+            "WHERE DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') "
+            "OR UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT')",
+        )
+        out = []
+        for schema, tname, cname, d_rule, u_rule in cur.fetchall():
+            t = watched.get((schema, tname))
+            if t is not None:
+                out.append(f"{t} ({cname}: ON DELETE {d_rule}, ON UPDATE {u_rule})")
+        return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite
+# ---------------------------------------------------------------------------------------------
+
+_LITE_CHANGELOG = """\
+CREATE TABLE IF NOT EXISTS {cl} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
+    tbl TEXT NOT NULL,
+    op TEXT NOT NULL,
+    row_data TEXT,
+    old_key TEXT
+)"""
+
+_LITE_META = """\
+CREATE TABLE IF NOT EXISTS {meta} (
+    table_name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    definition_hash TEXT NOT NULL,
+    installed_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+)"""
+
+_LITE_INSERT = (
+    "CREATE TRIGGER {name} AFTER INSERT ON {t} BEGIN\n"
+    "INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image}); END"
+)
+_LITE_UPDATE = (
+    "CREATE TRIGGER {name} AFTER UPDATE ON {t} BEGIN\n"
+    "INSERT INTO {cl} (tbl, op, row_data, old_key) VALUES ({tbl}, 'U', {new_image},\n"
+    "    CASE WHEN {key_changed} THEN {old_key} END); END"
+)
+_LITE_DELETE = (
+    "CREATE TRIGGER {name} AFTER DELETE ON {t} BEGIN\n"
+    "INSERT INTO {cl} (tbl, op, old_key) VALUES ({tbl}, 'D', {old_key}); END"
+)
+
+
+def sqlite_pg_type(declared: str) -> str:
+    """SQLite's declared type (affinity rules) as the PostgreSQL name staging mirrors use."""
+    t = declared.upper()
+    if "INT" in t:
+        return "bigint"
+    if "BOOL" in t:
+        return "boolean"
+    if "TIMESTAMP" in t or "DATETIME" in t:
+        return "timestamp without time zone"
+    if t.startswith("DATE"):
+        return "date"
+    if any(x in t for x in ("CHAR", "CLOB", "TEXT")) or not t:
+        return "text"
+    if "BLOB" in t:
+        return "bytea"
+    if any(x in t for x in ("REAL", "FLOA", "DOUB")):
+        return "double precision"
+    if "NUMERIC" in t or "DECIMAL" in t:
+        inside = declared[declared.find("(") :] if "(" in declared else ""
+        return f"numeric{inside}".replace(" ", "")
+    return "text"
+
+
+class SqliteDialect(Dialect):
+    name: DialectName = "sqlite"
+    sqlglot_dialect = "sqlite"
+
+    def __init__(self, url: str, capture: CaptureSection) -> None:
+        super().__init__(url, capture)
+        path = make_url(url).database
+        if not path:
+            raise SchemaError("erp.dsn must name the SQLite file, e.g. sqlite:////var/lib/erp.db")
+        self.path = path
+
+    @property
+    def cl(self) -> str:
+        return self.q(self.changelog)
+
+    @property
+    def qmeta(self) -> str:
+        return self.q(self.meta)
+
+    def consumer_lock(self) -> Any:
+        import fcntl
+
+        f = open(f"{self.path}.{self.changelog}.lock", "a")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return None
+        return f
+
+    def check_schema(self, table: str) -> str:
+        s, n = self.split(table)
+        if s not in ("public", "main"):
+            raise SchemaError(f"{table}: SQLite triggers watch tables of the main database only")
+        return n
+
+    def trigger_names(self, table: str) -> list[str]:
+        n = self.split(table)[1]
+        return [_short_name(f"{self.changelog}_{n}", sfx) for sfx in ("ins", "upd", "del")]
+
+    def connect(self, role: str, *, autocommit: bool = True) -> Any:
+        # Plain sqlite3, not make_engine: the daemon must not switch the ERP's journal mode.
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def table_schema(self, conn: Any, table: str) -> TableSchema:
+        n = self.check_schema(table)
+        rows = conn.execute(f"PRAGMA table_info({self.q(n)})").fetchall()
+        if not rows:
+            raise SchemaError(f"table {table} not found in the ERP database")
+        pk = [r[1] for r in sorted((r for r in rows if r[5]), key=lambda r: r[5])]
+        columns = tuple(Column(r[1], sqlite_pg_type(r[2] or ""), 0, not r[3]) for r in rows)
+        return TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+
+    def _value(self, col: Column, alias: str) -> str:
+        ref = f"{alias}.{self.q(col.name)}"
+        # hex(NULL) is '' in SQLite: keep NULL apart from an empty blob.
+        return (
+            f"CASE WHEN {ref} IS NULL THEN NULL ELSE hex({ref}) END"
+            if col.type_name == "bytea"
+            else ref
+        )
+
+    def image(self, cols: tuple[Column, ...], alias: str) -> str:
+        return (
+            "json_object("
+            + ", ".join(f"{self.lit(c.name)}, {self._value(c, alias)}" for c in cols)
+            + ")"
+        )
+
+    def base_ddl(self) -> list[str]:
+        return [_LITE_META.format(meta=self.qmeta), _LITE_CHANGELOG.format(cl=self.cl)]
+
+    def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
+        t = self.q(schema.name)
+        names = [self.q(n) for n in self.trigger_names(table)]
+        keycols = tuple(c for k in schema.key for c in schema.columns if c.name == k)
+        args = {
+            "t": t,
+            "cl": self.cl,
+            "tbl": self.lit(table),
+            "new_image": self.image(schema.columns, "NEW"),
+            "old_key": self.image(keycols, "OLD"),
+            "key_changed": " OR ".join(
+                f"OLD.{self.q(k)} IS NOT NEW.{self.q(k)}" for k in schema.key
+            ),
+        }
+        drops = [f"DROP TRIGGER IF EXISTS {n}" for n in names]
+        return [
+            *drops,
+            _LITE_INSERT.format(name=names[0], **args),
+            _LITE_UPDATE.format(name=names[1], **args),
+            _LITE_DELETE.format(name=names[2], **args),
+        ]
+
+    def drop_ddl(self, table: str) -> list[str]:
+        return [f"DROP TRIGGER IF EXISTS {self.q(n)}" for n in self.trigger_names(table)]
+
+    def drop_base_ddl(self) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
+
+    def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
+        n = self.split(table)[1]
+        rows = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (n,)
+        ).fetchall()
+        return {r[0]: True for r in rows}
+
+    def upsert_meta_sql(self) -> str:
+        return (
+            f"INSERT INTO {self.qmeta} (table_name, version, definition_hash) VALUES (?, ?, ?) "
+            "ON CONFLICT (table_name) DO UPDATE SET version = excluded.version, "
+            "definition_hash = excluded.definition_hash, installed_at = CURRENT_TIMESTAMP"
+        )
+
+    def _run_ddl(self, conn: Any, stmts: list[str], metas: list[tuple[str, int, str]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for s in stmts:
+                conn.execute(s)
+            for m in metas:
+                conn.execute(self.upsert_meta_sql(), m)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def copy_sql(self, schema: TableSchema, table: str) -> str:
+        return f"SELECT {self.image(schema.columns, 't')} FROM {self.q(schema.name)} AS t"
+
+
+def dialect_for(url: str, capture: CaptureSection, name: str) -> Dialect:
+    """The dialect of an ERP URL (``ErpSection.dialect`` gives ``name``)."""
+    if name == "postgresql":
+        return PostgresDialect(url, capture)
+    if name == "mysql":
+        return MysqlDialect(url, capture)
+    return SqliteDialect(url, capture)

@@ -1,0 +1,856 @@
+"""Trigger capture: reads the changelog the triggers fill and applies it to staging, exactly once.
+
+Responsible for turning changelog rows into :class:`~replicator.cdc.base.Change` events in an
+order that leaves staging equal to the source, committing them with a position from which capture
+resumes after any crash, and deleting changelog rows only once a staging commit covers them.
+
+Why the order is correct
+------------------------
+All three dialects rest on one fact: a trigger writes its changelog row *while the transaction
+holds the row lock* of the changed row, and keeps it until commit. So for any one row, the
+changelog entries of two transactions are created — and their ids drawn — in the order in which
+the transactions committed, and a reader that sees the later transaction committed also sees the
+earlier one (it committed before the later one could take the lock). Changes of different rows
+commute. Hence: **applying every committed entry of a set of whole transactions in changelog id
+order gives the right final state**, provided no entry is skipped and the set grows only by whole
+transactions that committed after it. What differs per dialect is how a reader knows which
+committed entries it has not applied yet — id order is *not* commit order across rows, so
+"``id > last id``" loses a row whose transaction drew a small id and committed late.
+
+*PostgreSQL* (as PgQ does): every entry carries ``pg_current_xact_id()``. A batch is the set of
+transactions visible in the current snapshot but not in the previous one (``pg_current_snapshot()``,
+``pg_visible_in_snapshot``), read inside the REPEATABLE READ transaction whose snapshot *is* the
+current one, applied in id order. The snapshot becomes the next "previous" snapshot and is stored
+in the staging commit (``Checkpoint.extra["snapshot"]``), with the last id as the position. The
+initial copy runs in a REPEATABLE READ transaction and records its snapshot as the first previous
+snapshot: rows of transactions visible to the copy are in the copy, the others come from the
+changelog — no overlap, no gap. Cleanup deletes entries whose transaction is visible in the
+*committed* snapshot — exactly what staging already holds.
+
+*MariaDB* (no snapshot functions): a single consumer reads, in one READ COMMITTED statement (one
+InnoDB read view: the set of transactions committed at that instant, so whole transactions only),
+*every* entry, applies them in id order, commits to staging with the exact set of ids it read
+(``extra["applied"]``, as id ranges), then deletes exactly those ids. Entries of transactions that
+were still open keep their (smaller) ids and are simply read by a later cycle — nothing is
+skipped because nothing is skipped *by id*: what has not been deleted has not been applied. The
+delete happens after the staging commit; after a crash in between, the checkpoint's id set is
+deleted again before the next read (idempotent), so nothing is applied twice. The initial copy
+reads the tables and the changelog ids in one ``START TRANSACTION WITH CONSISTENT SNAPSHOT``:
+the ids it sees are covered by the copy and are deleted like an applied batch.
+MariaDB does not fire triggers for rows changed by foreign-key actions (ON DELETE CASCADE, SET
+NULL) nor for TRUNCATE; :meth:`TriggerSource.start` warns naming such tables.
+
+*SQLite* (one writer at a time): a writer holds the database write lock from its first write to
+its commit, so ``AUTOINCREMENT`` ids are drawn in commit order, and a read transaction sees a
+prefix of them. An id cursor (``id > last_id``, the position) is therefore safe; AUTOINCREMENT
+(not plain rowid) guarantees that ids freed by cleanup are never drawn again.
+
+A batch is always *all* committed, unapplied entries (streamed, flushed to staging every
+``capture.batch_size`` changes so memory stays bounded) and commits in one staging transaction, so
+a source transaction is never split across two positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import structlog
+
+from replicator.cdc.base import CaptureSource, Change, Checkpoint, TableSchema
+from replicator.cdc.triggers.decode import RowDecoder, loads
+from replicator.cdc.triggers.dialects import (
+    Dialect,
+    MysqlDialect,
+    PostgresDialect,
+    SqliteDialect,
+    dialect_for,
+)
+from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
+from replicator.staging import ApplyTxn, StagingStore
+
+if TYPE_CHECKING:
+    from replicator.config import Config
+
+log = structlog.get_logger(__name__)
+
+# (id, table, op, row image JSON, old key JSON, unix time of the change)
+Entry = tuple[int, str, str, str | None, str | None, Any]
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    import pymysql
+
+    return (
+        psycopg.OperationalError,
+        pymysql.err.OperationalError,
+        pymysql.err.InterfaceError,
+        sqlite3.OperationalError,
+    )
+
+
+def ranges_of(ids: Iterable[int]) -> list[list[int]]:
+    """Sorted ids as inclusive ``[lo, hi]`` ranges (the MariaDB checkpoint's applied set)."""
+    out: list[list[int]] = []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+class _RangeBuilder:
+    __slots__ = ("ranges",)
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+
+    def add(self, i: int) -> None:
+        r = self.ranges
+        if r and i == r[-1][1] + 1:
+            r[-1][1] = i
+        else:
+            r.append([i, i])
+
+
+class TriggerSource(CaptureSource):
+    """Capture of one ERP database through triggers and a changelog table.
+
+    ``TriggerSource(cfg, store, stop_event=None, *, name="erp")``: ``cfg`` is the loaded
+    :class:`~replicator.config.Config` (``erp.dsn`` and ``[capture]`` with ``mode = "triggers"``),
+    ``store`` the :class:`StagingStore` (set up or not), ``stop_event`` ends a long initial copy
+    early, ``name`` is the checkpoint key in ``sync_checkpoints`` (the ``slot`` column shows the
+    changelog table). Drive it like every capture source: ``start()`` once, ``run_cycle(timeout,
+    stop)`` in the loop, ``heartbeat()`` every ``capture.heartbeat_interval``, ``close()`` at the
+    end. A lost connection raises :class:`RetryableError` from ``run_cycle``; the next call
+    reconnects and resumes from the staging checkpoint.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: StagingStore,
+        stop_event: threading.Event | None = None,
+        *,
+        name: str = "erp",
+    ) -> None:
+        self.cfg = cfg
+        self.capture = cfg.capture
+        self.store = store
+        self.stop_event = stop_event or threading.Event()
+        self.name = name
+        self.dialect: Dialect = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
+        self.tables = list(cfg.capture.tables)
+        self.decoders: dict[str, RowDecoder] = {}
+        self.reader: _Reader
+        if isinstance(self.dialect, PostgresDialect):
+            self.reader = _PgReader(self, self.dialect)
+        elif isinstance(self.dialect, MysqlDialect):
+            self.reader = _MysqlReader(self, self.dialect)
+        else:
+            assert isinstance(self.dialect, SqliteDialect)
+            self.reader = _SqliteReader(self, self.dialect)
+        self._started = False
+        self._lock: Any = None
+        self._need_resume = False
+        self.last_batch_at: float = 0.0
+
+    # ------------------------------------------------------------------ contract
+    def start(self) -> None:
+        self.store.setup()
+        self._lock = self.dialect.consumer_lock()
+        if self._lock is None:
+            raise DaemonAlreadyRunning(
+                f"another daemon already reads changelog {self.capture.changelog_table} "
+                "of this ERP database"
+            )
+        conn = self.dialect.connect("capture-setup")
+        try:
+            statuses = self.dialect.status(conn, self.tables)
+            bad = [s for s in statuses if s.table in self.tables and s.state != "current"]
+            if bad:
+                detail = "; ".join(f"{s.table}: {s.state} ({s.detail})" for s in bad)
+                raise FatalError(
+                    f"capture triggers are not installed or not current: {detail}. "
+                    "Run `sync-daemon triggers install --config FILE`."
+                )
+            schemas = [self.dialect.table_schema(conn, t) for t in self.tables]
+            if isinstance(self.dialect, MysqlDialect):
+                children = self.dialect.cascade_children(conn, self.tables)
+                if children:
+                    log.warning(
+                        "cascade_changes_not_captured",
+                        tables=children,
+                        hint="MariaDB fires no triggers for rows changed by foreign-key actions; "
+                        "these changes reach staging only with a resync",
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        with self.store.engine.begin() as sconn:
+            for table, schema in zip(self.tables, schemas, strict=True):
+                self.store.ensure_mirror(schema, sconn)
+                self.decoders[table] = RowDecoder(schema)
+        cp = self.store.load_checkpoint(self.name)
+        if cp is None or cp.state != "streaming" or cp.extra.get("mode") != "triggers":
+            if cp is not None:
+                log.warning(
+                    "checkpoint_not_from_triggers",
+                    source=self.name,
+                    hint="taking a new initial copy",
+                )
+            self.reader.initial_copy()
+        elif sorted(cp.extra.get("tables", [])) != sorted(self.tables):
+            # A table joined (or left) capture.tables: its mirror has no copy yet. A new copy
+            # of all tables with a new boundary is correct for every dialect (see above).
+            log.warning(
+                "capture_tables_changed",
+                source=self.name,
+                before=cp.extra.get("tables"),
+                now=self.tables,
+                hint="taking a new initial copy",
+            )
+            self.reader.initial_copy()
+        else:
+            self.reader.resume(cp)
+        self.reader.open_doorbell()
+        self._started = True
+        log.info(
+            "trigger_capture_started",
+            source=self.name,
+            dialect=self.dialect.name,
+            tables=len(self.tables),
+        )
+
+    def run_cycle(self, timeout: float, stop: threading.Event) -> int:
+        deadline = time.monotonic() + timeout
+        try:
+            if self._need_resume:
+                cp = self.store.load_checkpoint(self.name)
+                if cp is None:
+                    raise FatalError(f"checkpoint of {self.name} vanished from staging; resync")
+                self.reader.close()
+                self.reader.resume(cp)
+                self.reader.open_doorbell()
+                self._need_resume = False
+            while True:
+                n = self.reader.read_batch_and_cleanup()
+                if n:
+                    self.last_batch_at = time.monotonic()
+                    return n
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    return 0
+                self.reader.wait(min(self.capture.poll_interval, left), stop)
+                if time.monotonic() >= deadline or stop.is_set():
+                    return self.reader.read_batch_and_cleanup()
+        except _driver_errors() as exc:
+            self._need_resume = True
+            self.reader.close()
+            raise RetryableError(f"ERP connection lost: {exc}") from exc
+        except BaseException:
+            self._need_resume = True
+            raise
+
+    def heartbeat(self) -> None:
+        try:
+            lag = self.reader.lag_seconds()
+        except _driver_errors() as exc:
+            self._need_resume = True
+            self.reader.close()
+            raise RetryableError(f"ERP connection lost: {exc}") from exc
+        self.store.record_heartbeat(self.name, sent_at=dt.datetime.now(dt.UTC), lag_seconds=lag)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.reader.close()
+        if self._lock is not None:
+            with contextlib.suppress(Exception):
+                self._lock.close()
+            self._lock = None
+
+    # ------------------------------------------------------------------ shared apply path
+    def refresh_schema(self, table: str, txn: ApplyTxn) -> RowDecoder:
+        """A row image with an unknown column: the table gained it; widen the mirror."""
+        conn = self.dialect.connect("capture-setup")
+        try:
+            schema: TableSchema = self.dialect.table_schema(conn, table)
+        finally:
+            conn.close()
+        self.store.ensure_mirror(schema, txn.conn)
+        dec = self.decoders[table] = RowDecoder(schema)
+        return dec
+
+    def to_change(self, e: Entry, txn: ApplyTxn) -> Change | None:
+        cid, table, op, row, old, _at = e
+        dec = self.decoders.get(table)
+        if dec is None:
+            return None  # a table no longer watched: its entries are dropped with cleanup
+        pos = str(cid)
+        if op == "T":
+            return Change(table, "T", position=pos)
+        key = dec.decode(loads(old)) if old else None
+        if op == "D":
+            return Change(table, "D", key=key, position=pos)
+        image = loads(row)
+        if not dec.knows(image):
+            dec = self.refresh_schema(table, txn)
+            if not dec.knows(image):  # dropped again meanwhile: keep what the mirror knows
+                image = {k: v for k, v in image.items() if k in dec.decoders}
+        return Change(
+            table, "U" if op == "U" else "I", values=dec.decode(image), key=key, position=pos
+        )
+
+    def apply_entries(self, txn: ApplyTxn, entries: Iterator[Entry]) -> tuple[int, int, Any]:
+        """Apply entries in the order given; returns (count, last id, latest change time)."""
+        n = 0
+        last = 0
+        latest: Any = None
+        limit = self.capture.batch_size
+        for e in entries:
+            ch = self.to_change(e, txn)
+            last = e[0]
+            latest = e[5]
+            if ch is None:
+                continue
+            txn.apply(ch)
+            n += 1
+            if txn.pending_count >= limit:
+                txn.flush()
+        return n, last, latest
+
+    def copy_tables(self, txn: ApplyTxn, rows_of: Any) -> int:
+        """The initial copy of every watched table (``rows_of(table)`` yields JSON texts)."""
+        n = 0
+        limit = self.capture.batch_size
+        for table in self.tables:
+            dec = self.decoders[table]
+            txn.apply(Change(table, "T", position="0"))  # start from empty mirrors
+            for text in rows_of(table):
+                if self.stop_event.is_set():
+                    raise FatalError("stopped during the initial copy; it restarts on next start")
+                txn.apply(Change(table, "I", values=dec.decode(loads(text)), position="0"))
+                n += 1
+                if txn.pending_count >= limit:
+                    txn.flush()
+        return n
+
+    def checkpoint(self, position: int | str, extra: dict[str, Any]) -> Checkpoint:
+        return Checkpoint(
+            self.name,
+            str(position),
+            "streaming",
+            {"mode": "triggers", "tables": sorted(self.tables), **extra},
+        )
+
+    def commit(self, txn: ApplyTxn, cp: Checkpoint, latest: Any) -> None:
+        commit_at = _as_utc(latest)
+        txn.commit(cp, slot=self.capture.changelog_table, source_commit_at=commit_at)
+
+
+def _as_utc(v: Any) -> dt.datetime | None:
+    if v is None:
+        return None
+    if isinstance(v, dt.datetime):
+        return v if v.tzinfo else v.replace(tzinfo=dt.UTC)
+    if isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            d = dt.datetime.fromisoformat(v)
+            return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
+        return None
+    return dt.datetime.fromtimestamp(float(v), dt.UTC)
+
+
+class _Reader:
+    """How one dialect finds the committed, unapplied changelog entries."""
+
+    def __init__(self, src: TriggerSource) -> None:
+        self.src = src
+        self.cap = src.capture
+
+    def initial_copy(self) -> None:
+        raise NotImplementedError
+
+    def resume(self, cp: Checkpoint) -> None:
+        raise NotImplementedError
+
+    def read_batch(self) -> int:
+        raise NotImplementedError
+
+    def read_batch_and_cleanup(self) -> int:
+        """Read and apply a batch, then delete what the last staging commit covers (a no-op
+        when nothing was committed since the last cleanup)."""
+        n = self.read_batch()
+        self.cleanup()
+        return n
+
+    def cleanup(self) -> int:
+        return 0
+
+    def lag_seconds(self) -> float | None:
+        return None
+
+    def open_doorbell(self) -> None:
+        pass
+
+    def wait(self, seconds: float, stop: threading.Event) -> None:
+        stop.wait(seconds)
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+class _PgReader(_Reader):
+    """PgQ-style batches: transactions visible in this snapshot and not in the previous one."""
+
+    BATCH_SQL = (
+        "SELECT id, tbl, op::text, row_data::text, old_key::text, at FROM {cl} "
+        "WHERE txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot) "
+        "AND txid < pg_snapshot_xmax(%(cur)s::pg_snapshot) "
+        "AND NOT pg_visible_in_snapshot(txid, %(prev)s::pg_snapshot) "
+        "AND pg_visible_in_snapshot(txid, %(cur)s::pg_snapshot) "
+        "ORDER BY id"
+    )
+
+    def __init__(self, src: TriggerSource, d: PostgresDialect) -> None:
+        super().__init__(src)
+        self.d = d
+        self.prev = ""  # the previous snapshot (in memory; may run ahead over empty batches)
+        self.committed = ""  # the snapshot in the last staging commit (cleanup bound)
+        self.last_id = 0
+        self._read: psycopg.Connection[Any] | None = None
+        self._aux: psycopg.Connection[Any] | None = None
+        self._listen: psycopg.Connection[Any] | None = None
+        self._cleaned = ""
+
+    def _reader(self) -> psycopg.Connection[Any]:
+        if self._read is None or self._read.closed:
+            conn = self.d.connect("capture", autocommit=False)
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            self._read = conn
+        return self._read
+
+    def aux(self) -> psycopg.Connection[Any]:
+        if self._aux is None or self._aux.closed:
+            self._aux = self.d.connect("capture-cleanup", autocommit=True)
+        return self._aux
+
+    def initial_copy(self) -> None:
+        conn = self._reader()
+        src = self.src
+        snap = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+        assert snap is not None
+        t0 = time.monotonic()
+        txn = src.store.begin(src.name)
+        try:
+
+            def rows_of(table: str) -> Iterator[str]:
+                schema = src.decoders[table].schema
+                with conn.cursor(name="sync_initial_copy") as cur:
+                    cur.itersize = self.cap.batch_size
+                    cur.execute(self.d.copy_sql(schema, table))
+                    for (text,) in cur:
+                        yield text
+
+            n = src.copy_tables(txn, rows_of)
+            row = conn.execute(
+                f"SELECT coalesce(max(id), 0) FROM {self.d.cl} "
+                "WHERE pg_visible_in_snapshot(txid, %s::pg_snapshot)",
+                (snap[0],),
+            ).fetchone()
+            last = int(row[0]) if row else 0
+            src.commit(txn, src.checkpoint(last, {"snapshot": snap[0]}), None)
+        finally:
+            txn.close()
+            conn.rollback()
+        self.prev = self.committed = snap[0]
+        self.last_id = last
+        log.info(
+            "initial_copy_done",
+            source=src.name,
+            rows=n,
+            snapshot=snap[0],
+            seconds=round(time.monotonic() - t0, 2),
+        )
+
+    def resume(self, cp: Checkpoint) -> None:
+        snap = cp.extra.get("snapshot")
+        if not snap:
+            raise FatalError(f"checkpoint of {cp.source} has no snapshot; resync")
+        self.prev = self.committed = str(snap)
+        self.last_id = int(cp.position or 0)
+
+    def read_batch(self) -> int:
+        conn = self._reader()
+        src = self.src
+        try:
+            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            cur_snap: str = row[0]
+            if cur_snap == self.prev:
+                return 0
+            with conn.cursor(name="sync_changelog_batch") as cur:
+                cur.itersize = max(1000, min(self.cap.batch_size, 20000))
+                cur.execute(
+                    self.BATCH_SQL.format(cl=self.d.cl), {"prev": self.prev, "cur": cur_snap}
+                )
+                first = cur.fetchmany(1)
+                if not first:
+                    self.prev = cur_snap  # nothing committed in between: nothing to persist
+                    return 0
+                txn = src.store.begin(src.name)
+                try:
+                    entries = _chain(first, cur)
+                    n, last, latest = src.apply_entries(txn, entries)
+                    self.last_id = max(self.last_id, last)
+                    src.commit(txn, src.checkpoint(self.last_id, {"snapshot": cur_snap}), latest)
+                finally:
+                    txn.close()
+            self.prev = self.committed = cur_snap
+            log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+            return n
+        finally:
+            if not conn.closed:
+                conn.rollback()
+
+    def cleanup(self) -> int:
+        if not self.committed or self.committed == self._cleaned:
+            return 0
+        total = 0
+        conn = self.aux()
+        sql = (
+            f"DELETE FROM {self.d.cl} WHERE id = ANY(ARRAY("
+            f"SELECT id FROM {self.d.cl} WHERE txid < pg_snapshot_xmax(%(s)s::pg_snapshot) "
+            "AND pg_visible_in_snapshot(txid, %(s)s::pg_snapshot) LIMIT %(n)s))"
+        )
+        for _ in range(10):  # bounded per cycle; the rest goes next cycle
+            n = conn.execute(sql, {"s": self.committed, "n": self.cap.cleanup_batch}).rowcount
+            total += n
+            if n < self.cap.cleanup_batch:
+                self._cleaned = self.committed
+                break
+        return total
+
+    def lag_seconds(self) -> float | None:
+        row = (
+            self.aux()
+            .execute(
+                f"SELECT extract(epoch FROM clock_timestamp() - min(at))::float8 FROM {self.d.cl} "
+                "WHERE txid >= pg_snapshot_xmin(%(s)s::pg_snapshot) "
+                "AND NOT pg_visible_in_snapshot(txid, %(s)s::pg_snapshot)",
+                {"s": self.committed},
+            )
+            .fetchone()
+        )
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    def open_doorbell(self) -> None:
+        if not self.cap.notify:
+            return
+        conn = self.d.connect("capture-listen", autocommit=True)
+        conn.execute(f"LISTEN {self.d.q(self.cap.changelog_table)}")
+        self._listen = conn
+
+    def wait(self, seconds: float, stop: threading.Event) -> None:
+        if self._listen is None:
+            stop.wait(seconds)
+            return
+        # The doorbell only shortens the wait; polling stays the fallback (a lost notification
+        # costs at most poll_interval).
+        for _ in self._listen.notifies(timeout=seconds, stop_after=1):
+            pass
+        for _ in self._listen.notifies(timeout=0.0):
+            pass
+
+    def close(self) -> None:
+        for c in (self._read, self._aux, self._listen):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    c.close()
+        self._read = self._aux = self._listen = None
+
+
+def _chain(first: list[Any], rest: Iterable[Any]) -> Iterator[Entry]:
+    yield from first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------
+class _MysqlReader(_Reader):
+    """Read everything committed, apply, commit with the id set, then delete exactly that set."""
+
+    def __init__(self, src: TriggerSource, d: MysqlDialect) -> None:
+        super().__init__(src)
+        self.d = d
+        self.pending_delete: list[list[int]] = []
+        self.last_id = 0
+        self._conn: Any = None
+
+    def conn(self) -> Any:
+        if self._conn is None or not self._conn.open:
+            self._conn = self.d.connect("capture", autocommit=True)
+        return self._conn
+
+    def _stream(self, sql: str, conn: Any | None = None) -> Iterator[Any]:
+        import pymysql.cursors
+
+        c = conn or self.conn()
+        cur = c.cursor(pymysql.cursors.SSCursor)
+        try:
+            cur.execute(sql)
+            while True:
+                rows = cur.fetchmany(5000)
+                if not rows:
+                    break
+                yield from rows
+        finally:
+            cur.close()
+
+    def initial_copy(self) -> None:
+        src = self.src
+        conn = self.d.connect("capture-copy", autocommit=False)
+        t0 = time.monotonic()
+        try:
+            with conn.cursor() as c:
+                c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                c.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            seen = _RangeBuilder()
+            for (i,) in self._stream(f"SELECT id FROM {self.d.cl} ORDER BY id", conn):
+                seen.add(int(i))
+            txn = src.store.begin(src.name)
+            try:
+
+                def rows_of(table: str) -> Iterator[str]:
+                    schema = src.decoders[table].schema
+                    for (text,) in self._stream(self.d.copy_sql(schema, table), conn):
+                        yield text
+
+                n = src.copy_tables(txn, rows_of)
+                last = seen.ranges[-1][1] if seen.ranges else 0
+                src.commit(txn, src.checkpoint(last, {"applied": seen.ranges}), None)
+            finally:
+                txn.close()
+            conn.rollback()
+        finally:
+            conn.close()
+        self.pending_delete = seen.ranges
+        self.last_id = last
+        log.info(
+            "initial_copy_done", source=src.name, rows=n, seconds=round(time.monotonic() - t0, 2)
+        )
+        self.cleanup()
+
+    def resume(self, cp: Checkpoint) -> None:
+        self.pending_delete = [list(r) for r in cp.extra.get("applied", [])]
+        self.last_id = int(cp.position or 0)
+
+    def read_batch(self) -> int:
+        if self.pending_delete:
+            self.cleanup()  # a crash (or error) after the last staging commit left them
+        src = self.src
+        rows = self._stream(
+            f"SELECT id, tbl, op, row_data, old_key, UNIX_TIMESTAMP(at) FROM {self.d.cl} "
+            "ORDER BY id"
+        )
+        first = next(rows, None)
+        if first is None:
+            return 0
+        applied = _RangeBuilder()
+
+        def entries() -> Iterator[Entry]:
+            for e in _chain([first], rows):
+                applied.add(int(e[0]))
+                yield (int(e[0]), e[1], e[2], e[3], e[4], e[5])
+
+        txn = src.store.begin(src.name)
+        try:
+            n, last, latest = src.apply_entries(txn, entries())
+            self.last_id = max(self.last_id, last)
+            src.commit(txn, src.checkpoint(self.last_id, {"applied": applied.ranges}), latest)
+        finally:
+            txn.close()
+        self.pending_delete = applied.ranges
+        log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+        return n
+
+    def cleanup(self) -> int:
+        """Delete the id set of the last staging commit, about ``cleanup_batch`` ids per statement.
+
+        InnoDB locks every record a DELETE scans, also in READ COMMITTED, and waits when that
+        record belongs to a writer's open transaction. A closed range ``id BETWEEN lo AND hi``
+        reads the record after ``hi`` (possibly such an uncommitted entry), and a long ``IN``
+        list becomes a table scan. So each applied range ``[lo, hi]`` is deleted as the
+        half-open range ``lo <= id < hi`` — its scan stops at ``hi``, an entry we read, hence
+        committed — plus the point ``id = hi``.
+        """
+        if not self.pending_delete:
+            return 0
+        step = self.cap.cleanup_batch
+        total = 0
+        conn = self.conn()
+        preds: list[str] = []
+        points: list[int] = []
+        span = 0
+
+        def flush() -> None:
+            nonlocal total, span
+            with conn.cursor() as c:
+                if preds:
+                    total += c.execute(f"DELETE FROM {self.d.cl} WHERE " + " OR ".join(preds))
+                if points:
+                    total += (
+                        c.executemany(
+                            f"DELETE FROM {self.d.cl} WHERE id = %s", [(p,) for p in points]
+                        )
+                        or 0
+                    )
+            preds.clear()
+            points.clear()
+            span = 0
+
+        for lo, hi in self.pending_delete:
+            a = int(lo)
+            while a <= int(hi):
+                b = min(int(hi), a + step - 1)
+                if b > a:
+                    preds.append(f"(id >= {a} AND id < {b})")
+                points.append(b)
+                span += b - a + 1
+                if span >= step or len(preds) >= 500:
+                    flush()
+                a = b + 1
+        flush()
+        self.pending_delete = []
+        return total
+
+    def lag_seconds(self) -> float | None:
+        with self.conn().cursor() as c:
+            c.execute(
+                "SELECT UNIX_TIMESTAMP(CURRENT_TIMESTAMP(6)) - UNIX_TIMESTAMP(MIN(at)) "
+                f"FROM {self.d.cl}"
+            )
+            row = c.fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+
+
+# ---------------------------------------------------------------------------------------------
+class _SqliteReader(_Reader):
+    """An id cursor: SQLite draws AUTOINCREMENT ids in commit order (one writer at a time)."""
+
+    def __init__(self, src: TriggerSource, d: SqliteDialect) -> None:
+        super().__init__(src)
+        self.d = d
+        self.last_id = 0
+        self.committed_id = 0
+        self._cleaned = 0
+        self._conn: sqlite3.Connection | None = None
+
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self.d.connect("capture")
+        return self._conn
+
+    def initial_copy(self) -> None:
+        src = self.src
+        conn = self.conn()
+        t0 = time.monotonic()
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(f"SELECT coalesce(max(id), 0) FROM {self.d.cl}").fetchone()
+            last = int(row[0]) if row else 0
+            txn = src.store.begin(src.name)
+            try:
+
+                def rows_of(table: str) -> Iterator[str]:
+                    schema = src.decoders[table].schema
+                    for (text,) in conn.execute(self.d.copy_sql(schema, table)):
+                        yield text
+
+                n = src.copy_tables(txn, rows_of)
+                src.commit(txn, src.checkpoint(last, {}), None)
+            finally:
+                txn.close()
+        finally:
+            conn.execute("ROLLBACK")
+        self.last_id = self.committed_id = last
+        log.info(
+            "initial_copy_done", source=src.name, rows=n, seconds=round(time.monotonic() - t0, 2)
+        )
+
+    def resume(self, cp: Checkpoint) -> None:
+        self.last_id = self.committed_id = int(cp.position or 0)
+
+    def read_batch(self) -> int:
+        src = self.src
+        conn = self.conn()
+        conn.execute("BEGIN")
+        try:
+            cur = conn.execute(
+                f"SELECT id, tbl, op, row_data, old_key, at FROM {self.d.cl} WHERE id > ? "
+                "ORDER BY id",
+                (self.last_id,),
+            )
+            first = cur.fetchmany(1)
+            if not first:
+                return 0
+            txn = src.store.begin(src.name)
+            try:
+                n, last, latest = src.apply_entries(txn, _chain(first, cur))
+                src.commit(txn, src.checkpoint(last, {}), latest)
+            finally:
+                txn.close()
+        finally:
+            conn.execute("ROLLBACK")
+        self.last_id = self.committed_id = last
+        log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+        return n
+
+    def cleanup(self) -> int:
+        if self.committed_id <= self._cleaned:
+            return 0
+        conn = self.conn()
+        total = 0
+        for _ in range(10):
+            n = conn.execute(
+                f"DELETE FROM {self.d.cl} WHERE id IN (SELECT id FROM {self.d.cl} "
+                "WHERE id <= ? ORDER BY id LIMIT ?)",
+                (self.committed_id, self.cap.cleanup_batch),
+            ).rowcount
+            total += n
+            if n < self.cap.cleanup_batch:
+                self._cleaned = self.committed_id
+                break
+        return total
+
+    def lag_seconds(self) -> float | None:
+        row = (
+            self.conn()
+            .execute(
+                f"SELECT (julianday('now') - julianday(min(at))) * 86400.0 FROM {self.d.cl} "
+                "WHERE id > ?",
+                (self.committed_id,),
+            )
+            .fetchone()
+        )
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
