@@ -174,7 +174,11 @@ def build_source(mode: str, cfg: Config, store: StagingStore, stop: threading.Ev
         from replicator.cdc.triggers import TriggerSource
 
         return TriggerSource(cfg, store, stop)
-    # HOOK (lead): mode "logical" -> return the logical replication source here.
+    if mode == "logical":
+        from replicator.cdc.logical import LogicalSource
+
+        capture = cfg.capture.model_copy(update={"mode": "logical", "batch_ms": 20})
+        return LogicalSource(cfg.model_copy(update={"capture": capture}), store)
     raise SystemExit(f"unknown capture mode {mode!r}")
 
 

@@ -6,10 +6,8 @@ parametrized ``capture_mode`` fixture. Each mode is a factory in :data:`MODES` t
 ERP database and returns a :class:`Harness`; ``harness.start()`` returns a started source for
 (erp_url, staging_url, tables).
 
-HOOK for the logical replication mode (lead): add ``"logical"`` to :data:`MODES` with a factory
-that uses the ``erp_db`` fixture (PostgreSQL with wal_level=logical), sets ``worker_mode =
-"logical"`` and needs no trigger install; add the same mode to ``build_source`` in
-``tests/capture_worker.py`` for the kill -9 case.
+The ``logical`` mode runs the same bodies through logical replication (pgoutput) on the
+throwaway cluster, which runs with wal_level=logical; it installs no triggers.
 """
 
 from __future__ import annotations
@@ -99,7 +97,7 @@ MODES: dict[str, Callable[[pytest.FixtureRequest, Path], tuple[Erp, Callable[[],
     "triggers-postgresql": _pg_mode,
     "triggers-mysql": _mysql_mode,
     "triggers-sqlite": _sqlite_mode,
-    # "logical": _logical_mode,   <- HOOK: the lead adds the logical replication mode here.
+    "logical": _pg_mode,  # the same throwaway cluster runs with wal_level=logical
 }
 
 
@@ -107,6 +105,8 @@ MODES: dict[str, Callable[[pytest.FixtureRequest, Path], tuple[Erp, Callable[[],
 def capture_mode(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     erp, drop = MODES[request.param](request, tmp_path)
     h = Harness(request.param, erp, f"sqlite:///{tmp_path / 'staging.db'}")
+    if request.param == "logical":
+        h.worker_mode, h.install = "logical", False
     try:
         yield h
     finally:
