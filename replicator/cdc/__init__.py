@@ -23,7 +23,7 @@ def make_source(cfg: Config, store: StagingStore) -> CaptureSource:
         from replicator.cdc.logical import LogicalSource
 
         return LogicalSource(cfg, store)
-    from replicator.cdc.triggers.source import TriggerSource  # type: ignore[import-not-found]
+    from replicator.cdc.triggers.source import TriggerSource
 
     source: CaptureSource = TriggerSource(cfg, store)
     return source

@@ -14,6 +14,7 @@ The contract each backend must keep:
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -77,6 +78,22 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Progress:
+    """What a capture source reports to status, health checks and metrics (positions are
+    integers: an LSN for logical replication, a changelog id for triggers)."""
+
+    received_lsn: int = 0
+    confirmed_lsn: int = 0
+    server_wal_end: int = 0
+    changes: int = 0
+    transactions: int = 0
+    last_commit_at: dt.datetime | None = None
+    lag_seconds: float | None = None
+    last_applied_at: dt.datetime | None = None
+    last_heartbeat_at: dt.datetime | None = None
+
+
 class CaptureSource(ABC):
     """One ERP database captured into staging.
 
@@ -86,6 +103,7 @@ class CaptureSource(ABC):
     """
 
     name: str
+    progress: Progress
 
     @abstractmethod
     def start(self) -> None:

@@ -35,14 +35,13 @@ import json
 import select
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import structlog
 from psycopg import pq, sql
 
-from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, TableSchema
+from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, Progress, TableSchema
 from replicator.cdc.pgoutput import (
     Begin,
     Commit,
@@ -74,21 +73,6 @@ from replicator.staging import ApplyTxn, StagingStore
 log = structlog.get_logger(__name__, service="capture")
 
 HEARTBEAT_PREFIX = "sync-daemon-heartbeat"
-
-
-@dataclass(slots=True)
-class Progress:
-    """Counters a status line and metrics read."""
-
-    received_lsn: int = 0
-    confirmed_lsn: int = 0
-    server_wal_end: int = 0
-    changes: int = 0
-    transactions: int = 0
-    last_commit_at: dt.datetime | None = None
-    lag_seconds: float | None = None
-    last_applied_at: dt.datetime | None = None
-    last_heartbeat_at: dt.datetime | None = None
 
 
 def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSchema]:

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import structlog
 
-from replicator.cdc.base import CaptureSource, Change, Checkpoint, TableSchema
+from replicator.cdc.base import CaptureSource, Change, Checkpoint, Progress, TableSchema
 from replicator.cdc.triggers.decode import RowDecoder, loads
 from replicator.cdc.triggers.dialects import (
     Dialect,
@@ -146,6 +146,7 @@ class TriggerSource(CaptureSource):
         self.store = store
         self.stop_event = stop_event or threading.Event()
         self.name = name
+        self.progress = Progress()
         self.dialect: Dialect = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
         self.tables = list(cfg.capture.tables)
         self.decoders: dict[str, RowDecoder] = {}
@@ -244,6 +245,8 @@ class TriggerSource(CaptureSource):
                 n = self.reader.read_batch_and_cleanup()
                 if n:
                     self.last_batch_at = time.monotonic()
+                    self.progress.changes += n
+                    self.progress.last_applied_at = dt.datetime.now(dt.UTC)
                     return n
                 left = deadline - time.monotonic()
                 if left <= 0 or stop.is_set():
@@ -266,7 +269,10 @@ class TriggerSource(CaptureSource):
             self._need_resume = True
             self.reader.close()
             raise RetryableError(f"ERP connection lost: {exc}") from exc
-        self.store.record_heartbeat(self.name, sent_at=dt.datetime.now(dt.UTC), lag_seconds=lag)
+        now = dt.datetime.now(dt.UTC)
+        self.store.record_heartbeat(self.name, sent_at=now, lag_seconds=lag)
+        self.progress.lag_seconds = lag if lag is not None else 0.0
+        self.progress.last_heartbeat_at = now
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
