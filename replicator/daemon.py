@@ -154,6 +154,13 @@ class Daemon:
             log.error("daemon_stopped_fatal", error=str(exc))
             self.state.last_error = str(exc)
             code = EXIT_FATAL
+            svc = self.state.service("capture")
+            svc.last_run_at, svc.last_ok, svc.last_result = (
+                dt.datetime.now(dt.UTC),
+                False,
+                f"stopped: {exc}",
+            )
+            self._save_capture_state()
             if self.notifier is not None:
                 self.notifier.report("capture", "erp", False, f"stopped: {exc}")
                 self.notifier.tick()
@@ -180,7 +187,9 @@ class Daemon:
         from replicator.services import ServiceRunner
 
         for group in groups:
-            runner = ServiceRunner(group, self.state, self.notifier, self.stop)
+            runner = ServiceRunner(
+                group, self.state, self.notifier, self.stop, on_update=self.store.save_service
+            )
             runner.start()
             self.runners.append(runner)
 
@@ -488,6 +497,10 @@ class Daemon:
         self.state.last_error = ""
         self._backoff.reset()
         log.info("capture_started", source=source.name, mode=self.cfg.capture.mode)
+        svc = self.state.service("capture")
+        svc.last_run_at, svc.last_ok = dt.datetime.now(dt.UTC), True
+        svc.last_result = f"streaming ({self.cfg.capture.mode})"
+        self._save_capture_state()
         if self.notifier is not None:
             self.notifier.report("capture", source.name, True, "capturing again")
         if not self._ready_sent:
@@ -509,6 +522,7 @@ class Daemon:
         log.warning("capture_interrupted", error=str(exc), retry_in=round(delay, 1))
         if self.notifier is not None:
             self.notifier.report("capture", "erp", False, str(exc))
+        self._save_capture_state()
 
     def _log_summary(self) -> None:
         elapsed = time.monotonic() - self._last_summary
@@ -528,6 +542,19 @@ class Daemon:
         )
         self._summary_changes = 0
         self._last_summary = time.monotonic()
+        self._save_capture_state()
+
+    def _save_capture_state(self) -> None:
+        if self.store is None:
+            return
+        st = self.state.service("capture")
+        st.progress = (
+            "" if self.state.capture_connected else f"reconnecting: {self.state.last_error}"
+        )
+        try:
+            self.store.save_service(st)
+        except Exception as exc:  # status output is best effort; capture goes on
+            log.warning("service_state_not_saved", name="capture", error=str(exc))
 
     def reload(self) -> None:
         """SIGHUP: load the config again; a bad new config is logged and the old one stays."""

@@ -10,6 +10,7 @@ started and removes the throwaway cluster.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import random
 import shutil
@@ -19,58 +20,69 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SAMPLE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    item_no text PRIMARY KEY, name text NOT NULL, price numeric(12,2) NOT NULL,
-    active boolean NOT NULL DEFAULT true, updated_at timestamptz NOT NULL DEFAULT now());
+STOCK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
-    item_no text NOT NULL, warehouse text NOT NULL, on_hand integer NOT NULL,
-    reserved integer NOT NULL DEFAULT 0, PRIMARY KEY (item_no, warehouse));
+    sku text NOT NULL, warehouse text NOT NULL, on_hand integer NOT NULL,
+    reserved integer NOT NULL DEFAULT 0, PRIMARY KEY (sku, warehouse));
 """
+SKUS = [f"SKU-{i:05d}" for i in range(1, 41)]
 
 
 def _writer(dsn: str, stop: threading.Event, counter: list[int]) -> None:
+    """The ERP at work: stock moves all the time, prices now and then."""
     import psycopg
 
     rnd = random.Random(7)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        n = 100
         while not stop.is_set():
-            item = f"ITEM-{rnd.randint(1, n):04d}"
-            wh = rnd.choice(["MAIN", "SHOP"])
             conn.execute(
-                "INSERT INTO stock VALUES (%s, %s, %s) ON CONFLICT (item_no, warehouse) "
-                "DO UPDATE SET on_hand = greatest(0, stock.on_hand + %s)",
-                (item, wh, rnd.randint(0, 50), rnd.randint(-5, 5)),
+                "UPDATE stock SET on_hand = greatest(0, on_hand + %s) WHERE sku = %s AND warehouse = %s",
+                (rnd.randint(-5, 8), rnd.choice(SKUS), rnd.choice(["MAIN", "SHOP"])),
             )
-            if rnd.random() < 0.1:
-                n += 1
-                conn.execute(
-                    "INSERT INTO items (item_no, name, price) VALUES (%s, %s, %s)",
-                    (f"ITEM-{n:04d}", f"Sample item {n}", round(rnd.uniform(1, 200), 2)),
-                )
             if rnd.random() < 0.05:
                 conn.execute(
-                    "UPDATE items SET price = price * 1.01, updated_at = now() WHERE item_no = %s",
-                    (item,),
+                    "UPDATE items SET price = price * 1.01 WHERE sku = %s", (rnd.choice(SKUS),)
                 )
             counter[0] += 1
             stop.wait(rnd.uniform(0.05, 0.4))
 
 
-def _write_config(state: Path, erp_dsn: str, mode: str, tables: list[str]) -> Path:
+def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
+    """The webshop at work: a new order every few seconds, now and then one the ERP cannot map."""
+    from tests.emulators.orders import generate_orders
+
+    n = 0
+    while not stop.wait(4):
+        n += 1
+        skus = SKUS if n % 7 else [*SKUS, "SKU-UNKNOWN"]
+        order = generate_orders(
+            1,
+            seed=n,
+            first_number=10000 + n,
+            skus=skus,
+            # modified up to 2 min after creation: keep it in the past
+            start=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3),
+        )[0]
+        shop.add_orders([order])
+        counter[0] += 1
+
+
+def _write_config(state: Path, erp_dsn: str, shop: Any) -> Path:
+    mappings = state / "mappings"
+    mappings.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "config" / "mappings" / "orders.toml", mappings / "orders.toml")
     cfg = state / "config.toml"
-    cfg.write_text(
-        f"""# Written by `make demo`.
+    cfg.write_text(f"""# Written by `make demo`.
 [erp]
 dsn = "{erp_dsn}"
 
 [capture]
-mode = "{mode}"
-tables = {tables!r}
+mode = "logical"
+tables = ["public.items", "public.stock", "public.order_header"]
 heartbeat_interval = 5
 
 [staging]
@@ -81,8 +93,28 @@ listen = "127.0.0.1:8787"
 
 [daemon]
 state_dir = "{state}"
-""".replace("'", '"')
-    )
+
+[schedules]
+orders = "every 10s"
+
+[orders]
+enabled = true
+
+[stock_push]
+table = "stock"
+sku_column = "sku"
+on_hand_column = "on_hand"
+reserved_column = "reserved"
+warehouse_column = "warehouse"
+coalesce_seconds = 5
+
+[[shops]]
+name = "demo-shop"
+kind = "woocommerce"
+url = "{shop.url}"
+consumer_key = "{shop.consumer_key}"
+consumer_secret = "{shop.consumer_secret}"
+""")
     cfg.chmod(0o600)
     return cfg
 
@@ -104,7 +136,9 @@ def main() -> int:
     cluster: LocalCluster | None = None
     stop = threading.Event()
     counter = [0]
+    orders_made = [0]
     daemon: subprocess.Popen[bytes] | None = None
+    stack = contextlib.ExitStack()
     try:
         if find_bindir() is None:
             print(
@@ -119,18 +153,25 @@ def main() -> int:
         dsn = cluster.createdb("erp")
         import psycopg
 
+        from replicator.orders.sample import install_sample_erp
+        from tests.emulators import WooCommerceEmulator
+
+        install_sample_erp(dsn, extra_items=0)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SAMPLE_SCHEMA)
-            conn.execute(
-                "INSERT INTO items (item_no, name, price) SELECT 'ITEM-' || lpad(g::text, 4, '0'), "
-                "'Sample item ' || g, round((random() * 200)::numeric, 2) "
-                "FROM generate_series(1, 100) g"
-            )
-            conn.execute(
-                "INSERT INTO stock SELECT item_no, w, (random() * 50)::int, 0 FROM items, "
-                "(VALUES ('MAIN'), ('SHOP')) v(w)"
-            )
-        cfg_path = _write_config(state, dsn, "logical", ["public.items", "public.stock"])
+            conn.execute(STOCK_SCHEMA)
+            for i, sku in enumerate(SKUS, start=1):
+                conn.execute(
+                    "INSERT INTO items VALUES (%s, %s, %s, %s)",
+                    (f"ITEM-{i:04d}", sku, f"Sample item {i}", round(random.uniform(5, 200), 2)),
+                )
+                for wh in ("MAIN", "SHOP"):
+                    conn.execute(
+                        "INSERT INTO stock VALUES (%s, %s, %s, 0)", (sku, wh, random.randint(0, 40))
+                    )
+        shop = WooCommerceEmulator(products=[(s, f"Product {s}", 0) for s in SKUS])
+        shop.start()
+        stack.callback(shop.stop)
+        cfg_path = _write_config(state, dsn, shop)
         port = 8787
         if wait_port(
             "127.0.0.1", port, timeout=0.2
@@ -144,13 +185,16 @@ def main() -> int:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        writer = threading.Thread(target=_writer, args=(dsn, stop, counter), daemon=True)
-        writer.start()
+        threading.Thread(target=_writer, args=(dsn, stop, counter), daemon=True).start()
+        threading.Thread(target=_shop_orders, args=(shop, stop, orders_made), daemon=True).start()
         print(
             f"""
 demo: running. Where to look:
+  Manage page http://127.0.0.1:{port}/   (orders by state, logs, services, replication)
   health     http://127.0.0.1:{port}/healthz   readiness http://127.0.0.1:{port}/readyz
-  metrics    http://127.0.0.1:{port}/metrics   Manage page http://127.0.0.1:{port}/
+  metrics    http://127.0.0.1:{port}/metrics
+  webshop    {shop.url}  (a sample WooCommerce shop placing an order every 4 s;
+             every 7th order has an unknown SKU and fails with a reason you can act on)
   staging    {state / "staging.db"}  (sqlite3 ... 'SELECT * FROM replication_status')
   daemon log {log_path}
   status     .venv/bin/sync-daemon status --config {cfg_path}
@@ -162,7 +206,8 @@ Ctrl-C stops everything.
         while daemon.poll() is None:
             time.sleep(5)
             print(
-                f"--- {time.strftime('%H:%M:%S')}  writer made {counter[0]} changes so far",
+                f"--- {time.strftime('%H:%M:%S')}  ERP writer: {counter[0]} changes, "
+                f"webshop: {orders_made[0]} orders placed",
                 flush=True,
             )
             with contextlib.suppress(Exception):
@@ -183,6 +228,7 @@ Ctrl-C stops everything.
                 daemon.wait(15)
             if daemon.poll() is None:
                 daemon.kill()
+        stack.close()
         if cluster is not None:
             cluster.destroy()
         print("demo: stopped; throwaway cluster removed", flush=True)

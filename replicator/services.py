@@ -47,8 +47,10 @@ class ServiceRunner:
         notifier: Any,
         stop: threading.Event,
         tick: float = 1.0,
+        on_update: Callable[[Any], None] | None = None,
     ) -> None:
         self.services = services
+        self.on_update = on_update
         self.state = state
         self.notifier = notifier
         self.stop = stop
@@ -63,6 +65,7 @@ class ServiceRunner:
         self._thread = threading.Thread(target=self._loop, name="services", daemon=True)
         self._wake = threading.Event()
         self._now: set[str] = set()
+        self._saved: dict[str, float] = {}
 
     def start(self) -> None:
         if self.services:
@@ -126,3 +129,14 @@ class ServiceRunner:
             st.last_run_at = end.astimezone(dt.UTC)
             st.next_run_at = s.schedule.next_after(end)
             st.progress = s.progress() if s.progress else ""
+            if self.on_update is not None and (
+                s.schedule.kind != "continuous"
+                or not st.last_ok
+                or time.monotonic() - self._saved.get(s.name, 0) > 10
+            ):
+                # Continuous services are saved at most every 10 s, failures at once.
+                self._saved[s.name] = time.monotonic()
+                try:
+                    self.on_update(st)
+                except Exception as exc:
+                    log.warning("service_state_not_saved", name=s.name, error=str(exc))

@@ -235,6 +235,17 @@ class StagingStore:
                 definition {text} NOT NULL,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_services (
+                name {text} PRIMARY KEY,
+                last_run_at {ts},
+                last_ok {text},
+                last_result {text},
+                next_run_at {ts},
+                progress {text},
+                breaker_open {text},
+                failures {big} NOT NULL DEFAULT 0,
+                updated_at {ts} NOT NULL
+            )""",
             "CREATE INDEX IF NOT EXISTS sync_journal_table ON sync_journal (table_name, id)",
         ]
         view = """CREATE VIEW replication_status AS
@@ -550,6 +561,50 @@ class StagingStore:
                 f"WHERE source = {p}",
                 (lag_bytes, server_position, source),
             )
+
+    def save_service(self, st: Any) -> None:
+        """Persist what a service last did, so ``sync-daemon status`` (another process) sees it."""
+        p = self._ph
+        values = (
+            self.to_storage(st.last_run_at) if st.last_run_at else None,
+            None if st.last_ok is None else ("yes" if st.last_ok else "no"),
+            st.last_result,
+            self.to_storage(st.next_run_at) if st.next_run_at else None,
+            st.progress,
+            "yes" if st.breaker_open else "no",
+            st.failures,
+            self._now(),
+            st.name,
+        )
+        with self.engine.begin() as conn:
+            n = conn.exec_driver_sql(
+                f"UPDATE sync_services SET last_run_at = {p}, last_ok = {p}, last_result = {p}, "
+                f"next_run_at = {p}, progress = {p}, breaker_open = {p}, failures = {p}, "
+                f"updated_at = {p} WHERE name = {p}",
+                values,
+            ).rowcount
+            if not n:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_services (last_run_at, last_ok, last_result, next_run_at, "
+                    "progress, breaker_open, failures, updated_at, name) "
+                    f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+                    values,
+                )
+
+    def load_services(self) -> list[dict[str, Any]]:
+        self.setup()
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT * FROM sync_services ORDER BY name")
+            out = []
+            for r in rows:
+                d = dict(r._mapping)
+                d["last_ok"] = None if d["last_ok"] is None else d["last_ok"] == "yes"
+                d["breaker_open"] = d["breaker_open"] == "yes"
+                for k in ("last_run_at", "next_run_at", "updated_at"):
+                    if isinstance(d[k], str):
+                        d[k] = dt.datetime.fromisoformat(d[k])
+                out.append(d)
+            return out
 
     def replication_status(self) -> list[dict[str, Any]]:
         self.setup()

@@ -31,12 +31,18 @@ def _iso(v: Any) -> str | None:
     return v if isinstance(v, str) else v.isoformat()
 
 
-def collect_status(cfg: Config) -> dict[str, Any]:
+ORDER_STATES = ("delivered", "awaiting", "failed")
+_COLOURS = {"delivered": "32", "awaiting": "34", "failed": "31", "ok": "32", "fail": "31"}
+
+
+def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]:
     """The facts ``status`` prints, as a JSON-able dict (no secrets)."""
     store = StagingStore(cfg.staging_url, role="status")
     now = dt.datetime.now(dt.UTC)
     try:
         rows = store.replication_status()
+        services = _services(cfg, store)
+        orders = _orders(store, per_state)
     finally:
         store.dispose()
     sources = []
@@ -56,7 +62,83 @@ def collect_status(cfg: Config) -> dict[str, Any]:
                 "changes_applied": r["changes_applied"],
             }
         )
-    return {"now": now.isoformat(), "capture_mode": cfg.capture.mode, "sources": sources}
+    return {
+        "now": now.isoformat(),
+        "capture_mode": cfg.capture.mode,
+        "sources": sources,
+        "services": services,
+        "orders": orders,
+    }
+
+
+def _services(cfg: Config, store: StagingStore) -> list[dict[str, Any]]:
+    """Each service: schedule in words, last run and result, next run, breaker, progress."""
+    from types import SimpleNamespace
+
+    from replicator.web.views import services_view
+
+    saved = {d["name"]: SimpleNamespace(**d) for d in store.load_services()}
+    schedules = cfg.schedules.all()
+    if not (cfg.orders.enabled and cfg.shops):
+        schedules.pop("orders", None)
+    if cfg.stock_push is None:
+        schedules.pop("reconcile", None)
+    if cfg.invoice_push is None:
+        schedules.pop("invoices", None)
+    rows = services_view(schedules, SimpleNamespace(services=saved))
+    return [
+        {
+            "name": r.name,
+            "schedule": r.schedule,
+            "schedule_expr": r.schedule_expr,
+            "last_run_at": _iso(r.last_run_at),
+            "last_ok": r.last_ok,
+            "last_result": r.last_result,
+            "next_runs": [_iso(t) for t in r.next_runs],
+            "breaker_open": r.breaker_open,
+            "progress": r.progress,
+            "failures": r.failures,
+        }
+        for r in rows
+    ]
+
+
+def _orders(store: StagingStore, per_state: int | None) -> dict[str, Any]:
+    """Orders by state — delivered, awaiting, failed — newest first (``per_state`` each)."""
+    from replicator.web.views import order_counts, orders_view
+
+    counts = order_counts(store.engine)
+    if not counts:
+        return {"counts": {}, "latest": {}}
+    per = per_state or max(1, max(counts.values()))
+    view = orders_view(store.engine, {}, per_page=per)
+    latest = {
+        col.state: [
+            {
+                "shop": r["shop"],
+                "e_number": r["e_number"],
+                "erp_order_no": r.get("erp_order_no"),
+                "last_seen": _iso(r.get("last_seen")),
+                "last_error": r.get("last_error"),
+            }
+            for r in col.rows
+        ]
+        for col in view.columns
+    }
+    return {"counts": counts, "latest": latest}
+
+
+def _short(iso: str | None) -> str:
+    """A timestamp for a terminal: local time to the second."""
+    if not iso:
+        return "never"
+    return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _paint(text: str, key: str, out: Any) -> str:
+    if not getattr(out, "isatty", lambda: False)():
+        return text
+    return f"\x1b[{_COLOURS.get(key, '0')}m{text}\x1b[0m"
 
 
 def _fmt_age(v: float | None) -> str:
@@ -72,8 +154,9 @@ def _fmt_age(v: float | None) -> str:
 def print_status(
     cfg: Config, *, as_json: bool = False, show_all: bool = False, out: Any = None
 ) -> int:
+    """The Manage page in a terminal: capture, services, orders by state (coloured on a TTY)."""
     out = out or sys.stdout
-    st = collect_status(cfg)
+    st = collect_status(cfg, per_state=None if show_all else 20)
     if as_json:
         json.dump(st, out, indent=2, default=str)
         out.write("\n")
@@ -82,7 +165,6 @@ def print_status(
         print(
             "capture: no checkpoint yet (the daemon has not finished its first snapshot)", file=out
         )
-        return 0
     for s in st["sources"]:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
         lag_b = "" if s["lag_bytes"] is None else f", {s['lag_bytes']} bytes behind"
@@ -101,6 +183,36 @@ def print_status(
             f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
             file=out,
         )
+    if st["services"]:
+        print("\nservices", file=out)
+        for sv in st["services"]:
+            if sv["last_ok"] is None:
+                result = ""
+            else:
+                result = _paint("ok", "ok", out) if sv["last_ok"] else _paint("FAILED", "fail", out)
+            nxt = _short(sv["next_runs"][0]) if sv["next_runs"] else "-"
+            line = f"  {sv['name']:<13} {sv['schedule']:<26} last {_short(sv['last_run_at'])}"
+            line += f"  {result} {sv['last_result'] or ''}".rstrip()
+            if sv["breaker_open"]:
+                line += "  " + _paint("BREAKER OPEN", "fail", out)
+            print(line, file=out)
+            extra = f"  progress: {sv['progress']}" if sv["progress"] else ""
+            print(f"  {'':<13} next {nxt}{extra}", file=out)
+    orders = st["orders"]
+    if orders["counts"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(orders["counts"].items()))
+        print(f"\norders ({counts})", file=out)
+        for state in ORDER_STATES:
+            rows = orders["latest"].get(state, [])
+            if not rows:
+                continue
+            print(
+                "  " + _paint(f"{state} ({orders['counts'].get(state, 0)})", state, out), file=out
+            )
+            for r in rows:
+                erp = f" -> ERP {r['erp_order_no']}" if r["erp_order_no"] else ""
+                why = f"  {r['last_error']}" if state == "failed" and r["last_error"] else ""
+                print(f"    {r['shop']}/{r['e_number']}{erp}{why}", file=out)
     return 0
 
 

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def erp_stock(url: str) -> dict[str, int]:
     with psycopg.connect(url) as c:
-        rows = c.execute("SELECT sku, GREATEST(0, SUM(on_hand))::int FROM stock GROUP BY sku").fetchall()
+        rows = c.execute(
+            "SELECT sku, GREATEST(0, SUM(on_hand))::int FROM stock GROUP BY sku"
+        ).fetchall()
     return {s: int(q) for s, q in rows}
 
 
@@ -41,8 +43,9 @@ def test_capture_orders_stock_push_and_webhook_in_one_daemon(erp_db: str, tmp_pa
         c.execute("CREATE TABLE stock (sku text PRIMARY KEY, on_hand int NOT NULL)")
         c.cursor().executemany("INSERT INTO stock VALUES (%s, %s)", [(s, 10) for s in skus])
     now = datetime.now(UTC)
-    orders = generate_orders(8, start=now - timedelta(hours=2), spacing=timedelta(minutes=5),
-                             skus=skus)
+    orders = generate_orders(
+        8, start=now - timedelta(hours=2), spacing=timedelta(minutes=5), skus=skus
+    )
     (tmp_path / "mappings").mkdir()
     shutil.copy(ROOT / "config" / "mappings" / "orders.toml", tmp_path / "mappings" / "orders.toml")
     secret = "hook-secret"
@@ -57,7 +60,7 @@ tables = ["public.stock", "public.order_header"]
 batch_ms = 50
 heartbeat_interval = 1
 [staging]
-url = "sqlite:///{tmp_path / 'staging.db'}"
+url = "sqlite:///{tmp_path / "staging.db"}"
 [health]
 listen = "127.0.0.1:0"
 [daemon]
@@ -93,8 +96,11 @@ webhook_secret = "{secret}"
 
             wait_until(lambda: imported() == expected, 60, what="orders in the ERP")
             # Stock: the shop ends with the ERP's quantities, also after a change in the ERP.
-            wait_until(lambda: {k: v for k, v in woo.stock().items()} == erp_stock(erp_db), 60,
-                       what="initial stock in the shop")
+            wait_until(
+                lambda: {k: v for k, v in woo.stock().items()} == erp_stock(erp_db),
+                60,
+                what="initial stock in the shop",
+            )
             with psycopg.connect(erp_db, autocommit=True) as c:
                 c.execute("UPDATE stock SET on_hand = on_hand - 3 WHERE sku = %s", (skus[0],))
             wait_until(lambda: woo.stock()[skus[0]] == 7, 30, what="stock change pushed")
@@ -104,20 +110,30 @@ webhook_secret = "{secret}"
             extra = generate_orders(1, first_number=5001, skus=skus, start=now)[0]
             woo.add_orders([extra])
             body = json.dumps(woo.orders[extra.number]).encode()
-            sig = base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+            sig = base64.b64encode(
+                hmac.new(secret.encode(), body, hashlib.sha256).digest()
+            ).decode()
             for _ in range(3):
-                r = httpx.post(url + "webhooks/shop/woo", content=body, headers={
-                    "X-WC-Webhook-Signature": sig, "X-WC-Webhook-Delivery-ID": "d-1",
-                    "Content-Type": "application/json"})
+                r = httpx.post(
+                    url + "webhooks/shop/woo",
+                    content=body,
+                    headers={
+                        "X-WC-Webhook-Signature": sig,
+                        "X-WC-Webhook-Delivery-ID": "d-1",
+                        "Content-Type": "application/json",
+                    },
+                )
                 assert r.status_code in (200, 202), r.text
-            bad = httpx.post(url + "webhooks/shop/woo", content=body,
-                             headers={"X-WC-Webhook-Signature": "bad"})
+            bad = httpx.post(
+                url + "webhooks/shop/woo", content=body, headers={"X-WC-Webhook-Signature": "bad"}
+            )
             assert bad.status_code == 401
             if extra.status == "processing" and extra.paid:
                 wait_until(lambda: "5001" in imported(), 30, what="webhook order imported")
             with psycopg.connect(erp_db) as c:
-                dup = c.execute("SELECT e_number, count(*) FROM order_header GROUP BY 1 "
-                                "HAVING count(*) > 1").fetchall()
+                dup = c.execute(
+                    "SELECT e_number, count(*) FROM order_header GROUP BY 1 HAVING count(*) > 1"
+                ).fetchall()
                 numbers = c.execute("SELECT count(DISTINCT order_no) FROM order_header").fetchone()
             assert dup == []
             assert numbers is not None and numbers[0] == len(imported())
@@ -125,9 +141,46 @@ webhook_secret = "{secret}"
             # The Manage page and status show the delivered orders.
             page = httpx.get(url).text
             assert "delivered" in page.lower()
-            st = subprocess.run([sys.executable, "sync_daemon.py", "orders", "--config", str(cfg),
-                                 "--status", "delivered"], capture_output=True, text=True)
+            st = subprocess.run(
+                [
+                    sys.executable,
+                    "sync_daemon.py",
+                    "orders",
+                    "--config",
+                    str(cfg),
+                    "--status",
+                    "delivered",
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert st.returncode == 0
             for e in expected:
                 assert e in st.stdout
+            # `status`, the Manage page in a terminal: services with their runs, orders by state.
+            wait_until(
+                lambda: (
+                    "stock_push"
+                    in subprocess.run(
+                        [sys.executable, "sync_daemon.py", "status", "--config", str(cfg)],
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                ),
+                30,
+                what="stock_push in status",
+            )
+            status = subprocess.run(
+                [sys.executable, "sync_daemon.py", "status", "--config", str(cfg), "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            data = json.loads(status.stdout)
+            by_name = {s["name"]: s for s in data["services"]}
+            assert by_name["orders"]["last_ok"] is True and by_name["capture"]["last_ok"] is True
+            assert data["orders"]["counts"]["delivered"] == len(imported())
+            delivered = {r["e_number"] for r in data["orders"]["latest"]["delivered"]}
+            assert expected <= delivered
+            assert all(r["erp_order_no"] for r in data["orders"]["latest"]["delivered"])
             assert d.terminate() == 0
