@@ -43,7 +43,7 @@ def _config(tmp_path: Path, listen: str = "127.0.0.1:0", token: str | None = Non
             "staging": {"url": f"sqlite:///{tmp_path / 'staging.db'}"},
             "daemon": {"state_dir": str(tmp_path)},
             "health": health,
-            "schedules": {"orders": "*/5 * * * *", "sweep": "30 2 * * *"},
+            "schedules": {"orders": "*/5 * * * *", "reconcile": "30 2 * * *"},
         },
         str(tmp_path / "config.toml"),
     )
