@@ -132,6 +132,41 @@ def _sqlite_value(v: Any) -> Any:
     return str(v)
 
 
+def _iso_space(v: Any) -> Any:
+    return v.isoformat(sep=" ") if isinstance(v, dt.datetime) else _sqlite_value(v)
+
+
+def _iso(v: Any) -> Any:
+    return v.isoformat() if isinstance(v, (dt.date, dt.time)) else _sqlite_value(v)
+
+
+def _decimal_text(v: Any) -> Any:
+    return str(v) if isinstance(v, decimal.Decimal) else _sqlite_value(v)
+
+
+def _sqlite_converter(col: Column | None) -> Any:
+    """The value converter for one column on SQLite staging; None when values go as they are.
+
+    Every specialised converter falls back to :func:`_sqlite_value` for an unexpected value
+    type, so the stored form is always the same as the generic path would give.
+    """
+    if col is None:
+        return _sqlite_value
+    cat = _category(col)
+    if cat in ("int", "float", "bytes"):
+        return None
+    base = col.type_name.lower().split("(")[0].strip()
+    if base in ("text", "character varying", "character", "varchar", "char", "bpchar", "name"):
+        return None  # psycopg hands these over as str already
+    if base.startswith("timestamp"):
+        return _iso_space
+    if base in ("date", "time", "time without time zone", "time with time zone"):
+        return _iso
+    if base in ("numeric", "decimal"):
+        return _decimal_text
+    return _sqlite_value
+
+
 def _sqlite_type(col: Column) -> str:
     return {"int": "INTEGER", "bool": "INTEGER", "float": "REAL", "bytes": "BLOB"}.get(
         _category(col), "TEXT"
@@ -403,16 +438,12 @@ class StagingStore:
         """A function turning a row of Python values into driver parameters for ``cols``."""
         if self.dialect == "sqlite":
             # Only columns whose values need converting pay for it (ints, text, floats, blobs
-            # go to SQLite as they are).
-            conv = [
-                (c, (col is None or _category(col) not in ("int", "float", "bytes")))
-                for c in cols
-                for col in (info.schema.column(c),)
-            ]
-            if not any(needs for _, needs in conv):
-                return lambda values: tuple(values[c] for c in cols)
+            # go to SQLite as they are), with a converter chosen once per column type.
+            conv = [(c, _sqlite_converter(info.schema.column(c))) for c in cols]
+            if all(f is None for _, f in conv):
+                return lambda values: tuple([values[c] for c in cols])
             return lambda values: tuple(
-                _sqlite_value(values[c]) if needs else values[c] for c, needs in conv
+                [values[c] if f is None or values[c] is None else f(values[c]) for c, f in conv]
             )
         schema = info.schema
         typed = [schema.column(c) for c in cols]
