@@ -16,23 +16,61 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 import structlog
 
+from replicator.config import Config
 from replicator.connectors.base import ShopConnector
+from replicator.db import make_engine
 from replicator.push.ratelimit import TokenBucket
 from replicator.staging import StagingStore
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+Section = TypeVar("Section")
 
 
 def utcnow_text() -> str:
     """A UTC timestamp as ISO text (portable across SQLite and PostgreSQL staging)."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def push_section(
+    cfg: Config | Section, section_type: type[Section], name: str, erp_url: str | None
+) -> tuple[Section, str | None]:
+    """A pusher's config section and the ERP URL for its direct reads.
+
+    ``cfg`` is either the section itself (then ``erp_url`` is taken as given) or the whole config
+    (then its ``[name]`` section must exist, and ``erp_url`` defaults to the config's ERP URL).
+    """
+    if isinstance(cfg, section_type):
+        return cfg, erp_url
+    section = getattr(cfg, name)
+    if section is None:
+        raise ValueError(f"no [{name}] section in the config")
+    return section, erp_url or cast(Config, cfg).erp.url
+
+
+class ErpReads:
+    """The ERP engine a pusher reads from directly (ERP webhooks), made on first use."""
+
+    _erp_url: str | None
+    _erp_engine: sa.Engine | None
+
+    def _erp(self) -> sa.Engine:
+        if self._erp_engine is None:
+            if not self._erp_url:
+                raise RuntimeError("no ERP URL given for direct reads")
+            self._erp_engine = make_engine(self._erp_url, "push")
+        return self._erp_engine
+
+    def close(self) -> None:
+        if self._erp_engine is not None:
+            self._erp_engine.dispose()
+            self._erp_engine = None
 
 
 def can_push(conn: ShopConnector) -> bool:

@@ -52,13 +52,14 @@ from replicator import metrics
 from replicator.config import Config
 from replicator.config.push import InvoicePushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable
-from replicator.db import make_engine
 from replicator.errors import RetryableError
 from replicator.push.common import (
+    ErpReads,
     JournalReader,
     ProgressReporter,
     ShopGate,
     mirror_info,
+    push_section,
     select_connectors,
     utcnow_text,
 )
@@ -86,7 +87,7 @@ def _fmt(template: str, row: Mapping[str, Any]) -> str:
     return template.format_map({k: "" if v is None else v for k, v in row.items()})
 
 
-class InvoicePushService:
+class InvoicePushService(ErpReads):
     """Attaches booked invoices' PDFs to the shop orders, once."""
 
     pusher = "invoices"
@@ -104,14 +105,9 @@ class InvoicePushService:
         base_dir: Path | None = None,
         ledger: Any = None,
     ) -> None:
-        if isinstance(cfg, InvoicePushSection):
-            section, self._erp_url = cfg, erp_url
-        else:
-            if cfg.invoice_push is None:
-                raise ValueError("no [invoice_push] section in the config")
-            section, self._erp_url = cfg.invoice_push, erp_url or cfg.erp.url
-            if base_dir is None and cfg.source_path:
-                base_dir = Path(cfg.source_path).parent
+        section, self._erp_url = push_section(cfg, InvoicePushSection, "invoice_push", erp_url)
+        if base_dir is None and not isinstance(cfg, InvoicePushSection) and cfg.source_path:
+            base_dir = Path(cfg.source_path).parent
         self.cfg = section
         self.store = store
         self.clock = clock
@@ -258,13 +254,6 @@ class InvoicePushService:
         if row is None:
             return None
         return dict(zip([c.name for c in info.schema.columns], row, strict=True))
-
-    def _erp(self) -> sa.Engine:
-        if self._erp_engine is None:
-            if not self._erp_url:
-                raise RuntimeError("no ERP URL given for direct reads")
-            self._erp_engine = make_engine(self._erp_url, "push")
-        return self._erp_engine
 
     def _erp_row(self, table: str, column: str, value: Any) -> dict[str, Any] | None:
         """One row straight from the ERP (all columns)."""
@@ -547,9 +536,7 @@ class InvoicePushService:
             stop.wait(interval)
 
     def close(self) -> None:
-        if self._erp_engine is not None:
-            self._erp_engine.dispose()
-            self._erp_engine = None
+        super().close()
         if self._http is not None:
             self._http.close()
             self._http = None

@@ -71,15 +71,16 @@ from replicator import metrics
 from replicator.config import Config
 from replicator.config.push import StockPushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable, StockUpdate
-from replicator.db import make_engine
 from replicator.errors import RetryableError
 from replicator.push.common import (
+    ErpReads,
     JournalReader,
     ProgressReporter,
     ShopGate,
     SkuFilter,
     erp_table,
     mirror_info,
+    push_section,
     select_connectors,
     utcnow_text,
 )
@@ -129,7 +130,7 @@ def _dec(v: Any) -> Decimal:
         return Decimal(0)
 
 
-class StockPushService:
+class StockPushService(ErpReads):
     """Pushes stock levels from the staging store's change journal to the shops."""
 
     pusher = "stock"
@@ -145,12 +146,7 @@ class StockPushService:
         on_progress: Callable[[str], None] | None = None,
         consumer: str = CONSUMER,
     ) -> None:
-        if isinstance(cfg, StockPushSection):
-            section, self._erp_url = cfg, erp_url
-        else:
-            if cfg.stock_push is None:
-                raise ValueError("no [stock_push] section in the config")
-            section, self._erp_url = cfg.stock_push, erp_url or cfg.erp.url
+        section, self._erp_url = push_section(cfg, StockPushSection, "stock_push", erp_url)
         self.cfg = section
         self.store = store
         self.clock = clock
@@ -659,13 +655,6 @@ class StockPushService:
         return summary
 
     # ------------------------------------------------------------------ ERP webhook
-    def _erp(self) -> sa.Engine:
-        if self._erp_engine is None:
-            if not self._erp_url:
-                raise RuntimeError("no ERP URL given for direct reads")
-            self._erp_engine = make_engine(self._erp_url, "push")
-        return self._erp_engine
-
     def _erp_quantities(self, skus: Sequence[str]) -> dict[str, int]:
         """Published quantities read straight from the ERP (SKUs without rows are left out)."""
         totals: dict[str, Decimal] = {}
@@ -718,11 +707,6 @@ class StockPushService:
                 log.exception("stock_push_cycle_failed", error=str(exc))
                 stop.wait(5.0)
             stop.wait(interval)
-
-    def close(self) -> None:
-        if self._erp_engine is not None:
-            self._erp_engine.dispose()
-            self._erp_engine = None
 
 
 def _order_lines(raw: Any) -> list[tuple[str, Decimal]]:
