@@ -16,8 +16,9 @@ path without its query string, and every message is scrubbed of the configured s
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ import httpx
 import structlog
 
 from replicator import __version__
-from replicator.connectors.base import ShopError, ShopUnavailable
+from replicator.connectors.base import ShopConnector, ShopError, ShopOrder, ShopUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -185,3 +186,41 @@ class ShopHttp:
                     msg = msg.replace(f"%{k}", str(v))
             return f": {msg[:200]}"
         return ""
+
+
+def raw_json(data: Any) -> bytes:
+    """An order as compact UTF-8 JSON: the raw bytes a :class:`ShopOrder` keeps."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def ceil_second(t: datetime) -> datetime:
+    """``t`` rounded up to a whole second (the shops filter on whole seconds): an exclusive
+    upper bound that still admits everything before ``t``."""
+    whole = t.replace(microsecond=0)
+    if whole < t:
+        whole += timedelta(seconds=1)
+    return whole
+
+
+class RestShopConnector(ShopConnector):
+    """What the REST connectors (Magento, WooCommerce) share around their :class:`ShopHttp`."""
+
+    http: ShopHttp
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _invoice_order(self, e_number: str, filename: str) -> ShopOrder:
+        """The shop order an invoice goes to; :class:`ShopError` when the shop does not know it."""
+        order = self.fetch_order(e_number)
+        if order is None:
+            raise ShopError(
+                f"shop {self.name!r}: order {e_number} not found; cannot attach {filename}"
+            )
+        return order
+
+    @staticmethod
+    def _invoice_text(filename: str, pdf: bytes) -> str:
+        """How an attached invoice is described on the order (name, size, short sha256)."""
+        digest = hashlib.sha256(pdf).hexdigest()[:16]
+        return f"Invoice {filename} ({len(pdf)} bytes, sha256 {digest})"

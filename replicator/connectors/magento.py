@@ -15,16 +15,14 @@ refused chunk is retried item by item to save the rest. Invoices become an order
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from replicator.connectors._http import ShopHttp
-from replicator.connectors.base import ShopConnector, ShopError, ShopOrder, StockUpdate
+from replicator.connectors._http import RestShopConnector, ShopHttp, ceil_second, raw_json
+from replicator.connectors.base import ShopError, ShopOrder, StockUpdate
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +62,7 @@ def criteria(
     return params
 
 
-class MagentoConnector(ShopConnector):
+class MagentoConnector(RestShopConnector):
     """One Magento 2 store."""
 
     def __init__(
@@ -93,9 +91,6 @@ class MagentoConnector(ShopConnector):
             ),
             verify=verify_tls,
         )
-
-    def close(self) -> None:
-        self.http.close()
 
     def _search(
         self, path: str, filters: list[tuple[str, str, str]], sort: list[tuple[str, str]], key: str
@@ -138,7 +133,7 @@ class MagentoConnector(ShopConnector):
             )
 
     def _order(self, data: dict[str, Any]) -> ShopOrder:
-        raw = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        raw = raw_json(data)
         return ShopOrder(
             shop=self.name,
             e_number=str(data["increment_id"]),
@@ -155,10 +150,7 @@ class MagentoConnector(ShopConnector):
         # Magento keeps whole seconds: round the bounds outwards, filter exactly below.
         filters = [("updated_at", "gteq", _mage_date(since))]
         if until is not None:
-            before = until.replace(microsecond=0)
-            if before < until:
-                before += timedelta(seconds=1)
-            filters.append(("updated_at", "lt", _mage_date(before)))
+            filters.append(("updated_at", "lt", _mage_date(ceil_second(until))))
         sort = [("updated_at", "ASC"), ("entity_id", "ASC")]
         for data in self._search("/orders", filters, sort, "entity_id"):
             order = self._order(data)
@@ -227,13 +219,8 @@ class MagentoConnector(ShopConnector):
 
     # -- invoices --------------------------------------------------------------------------------
     def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
-        order = self.fetch_order(e_number)
-        if order is None:
-            raise ShopError(
-                f"shop {self.name!r}: order {e_number} not found; cannot attach {filename}"
-            )
-        digest = hashlib.sha256(pdf).hexdigest()[:16]
-        comment = f"Invoice {filename} ({len(pdf)} bytes, sha256 {digest})"
+        order = self._invoice_order(e_number, filename)
+        comment = self._invoice_text(filename, pdf)
         self.http.request(
             "POST",
             f"/orders/{order.extra['entity_id']}/comments",

@@ -17,8 +17,6 @@ file (and linking to it when ``invoice_url`` is configured).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,8 +24,8 @@ from typing import Any
 import httpx
 import structlog
 
-from replicator.connectors._http import ShopHttp
-from replicator.connectors.base import ShopConnector, ShopError, ShopOrder, StockUpdate
+from replicator.connectors._http import RestShopConnector, ShopHttp, ceil_second, raw_json
+from replicator.connectors.base import ShopError, ShopOrder, StockUpdate
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +45,7 @@ def _wc_date(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-class WooCommerceConnector(ShopConnector):
+class WooCommerceConnector(RestShopConnector):
     """One WooCommerce shop."""
 
     def __init__(
@@ -79,12 +77,9 @@ class WooCommerceConnector(ShopConnector):
         )
         self._sku_ids: dict[str, int] = {}
 
-    def close(self) -> None:
-        self.http.close()
-
     # -- orders ----------------------------------------------------------------------------------
     def _order(self, data: dict[str, Any]) -> ShopOrder:
-        raw = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        raw = raw_json(data)
         updated = _gmt(data.get("date_modified_gmt")) or _gmt(data.get("date_created_gmt"))
         if updated is None:
             raise ShopError(f"shop {self.name!r}: order {data.get('id')} has no date_modified_gmt")
@@ -110,10 +105,7 @@ class WooCommerceConnector(ShopConnector):
             "per_page": self.per_page,
         }
         if until is not None:
-            before = until.replace(microsecond=0)
-            if before < until:
-                before += timedelta(seconds=1)
-            params["modified_before"] = _wc_date(before)
+            params["modified_before"] = _wc_date(ceil_second(until))
         seen: set[int] = set()
         requests = 0
         # Offset paging over a list that changes while we read it can shift an order onto a page
@@ -225,13 +217,8 @@ class WooCommerceConnector(ShopConnector):
 
     # -- invoices --------------------------------------------------------------------------------
     def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
-        order = self.fetch_order(e_number)
-        if order is None:
-            raise ShopError(
-                f"shop {self.name!r}: order {e_number} not found; cannot attach {filename}"
-            )
-        digest = hashlib.sha256(pdf).hexdigest()[:16]
-        note = f"Invoice {filename} ({len(pdf)} bytes, sha256 {digest})"
+        order = self._invoice_order(e_number, filename)
+        note = self._invoice_text(filename, pdf)
         if self.invoice_url:
             note += ": " + self.invoice_url.format(filename=filename, e_number=e_number)
         self.http.request(
