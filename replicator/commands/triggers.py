@@ -10,7 +10,6 @@ triggers are present and current and exits 1 when any is not.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 from replicator.cli import add_config_arg, load
@@ -29,13 +28,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     cfg, d = _dialect(args)
     assert isinstance(d, Dialect)
     tables = list(cfg.capture.tables)  # type: ignore[attr-defined]
-    conn = d.connect("triggers-install")
-    try:
+    with d.connection("triggers-install") as conn:
         d.install(conn, tables)
         warn = d.cascade_children(conn, tables) if isinstance(d, MysqlDialect) else []
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
     print(
         f"triggers v{VERSION} installed on {len(tables)} table(s) ({d.name}); "
         f"changelog {d.changelog}"
@@ -64,12 +59,8 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    conn = d.connect("triggers-uninstall")
-    try:
+    with d.connection("triggers-uninstall") as conn:
         removed = d.uninstall(conn, list(cfg.capture.tables))  # type: ignore[attr-defined]
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
     print(f"triggers removed from {len(removed)} table(s); changelog {d.changelog} dropped")
     return 0
 
@@ -81,12 +72,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     cfg, d = _dialect(args)
     assert isinstance(d, Dialect)
-    conn = d.connect("triggers-status")
-    try:
+    with d.connection("triggers-status") as conn:
         rows = d.status(conn, list(cfg.capture.tables))  # type: ignore[attr-defined]
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
     if args.json:
         print(json.dumps([{"table": r.table, "state": r.state, "detail": r.detail} for r in rows]))
     else:

@@ -24,9 +24,11 @@ table *outdated* until ``triggers install`` is run again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,6 +99,17 @@ class Dialect(ABC):
     # -- connections & catalog ---------------------------------------------------------------
     @abstractmethod
     def connect(self, role: str, *, autocommit: bool = True) -> Any: ...
+
+    @contextlib.contextmanager
+    def connection(self, role: str) -> Iterator[Any]:
+        """An autocommit connection for one piece of work; closed afterwards (an error while
+        closing is ignored: the connection may already be gone)."""
+        conn = self.connect(role)
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     @abstractmethod
     def table_schema(self, conn: Any, table: str) -> TableSchema: ...
@@ -510,6 +523,49 @@ _MY_INT = {
 _MY_BIN = {"blob", "tinyblob", "mediumblob", "longblob", "binary", "varbinary"}
 
 
+class _ListedColumnsDialect(Dialect):
+    """MariaDB and SQLite: no row-to-JSON function, so row images list the columns.
+
+    Both build the trigger templates' row images with ``<json_object>('col', value, ...)`` and
+    fill the same template arguments; only the JSON function's spelling, how a column's value is
+    written (:meth:`_value`) and how a changed key is detected (:meth:`_key_changed`) differ.
+    """
+
+    json_object: str
+    """The dialect's JSON object constructor, as written in the trigger body."""
+
+    @abstractmethod
+    def _value(self, col: Column, alias: str) -> str:
+        """The column of row ``alias`` as it goes into the JSON row image."""
+
+    @abstractmethod
+    def _key_changed(self, key_column: str) -> str:
+        """A condition true when an UPDATE changed ``key_column`` (NULL-safe)."""
+
+    def image(self, cols: tuple[Column, ...], alias: str) -> str:
+        return (
+            f"{self.json_object}("
+            + ", ".join(f"{self.lit(c.name)}, {self._value(c, alias)}" for c in cols)
+            + ")"
+        )
+
+    def _template_args(self, schema: TableSchema, table: str, t: str) -> dict[str, str]:
+        """The arguments of the INSERT/UPDATE/DELETE trigger templates of ``table`` (``t``:
+        the table as the trigger names it)."""
+        keycols = tuple(c for k in schema.key for c in schema.columns if c.name == k)
+        return {
+            "t": t,
+            "cl": self.cl,
+            "tbl": self.lit(table),
+            "new_image": self.image(schema.columns, "NEW"),
+            "old_key": self.image(keycols, "OLD"),
+            "key_changed": " OR ".join(self._key_changed(k) for k in schema.key),
+        }
+
+    def drop_base_ddl(self) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
+
+
 def mysql_pg_type(data_type: str, column_type: str) -> str:
     """A MariaDB column type described with the PostgreSQL name staging mirrors use."""
     dtp = data_type.lower()
@@ -543,9 +599,10 @@ def mysql_pg_type(data_type: str, column_type: str) -> str:
     return "text"  # char, varchar, text, enum, set, time (may exceed 24 h), ...
 
 
-class MysqlDialect(Dialect):
+class MysqlDialect(_ListedColumnsDialect):
     name: DialectName = "mysql"
     sqlglot_dialect = "mysql"
+    json_object = "JSON_OBJECT"
 
     def __init__(self, url: str, capture: CaptureSection) -> None:
         super().__init__(url, capture)
@@ -630,30 +687,15 @@ class MysqlDialect(Dialect):
             return f"UNIX_TIMESTAMP({ref})"
         return ref
 
-    def image(self, cols: tuple[Column, ...], alias: str) -> str:
-        return (
-            "JSON_OBJECT("
-            + ", ".join(f"{self.lit(c.name)}, {self._value(c, alias)}" for c in cols)
-            + ")"
-        )
+    def _key_changed(self, key_column: str) -> str:
+        return f"NOT (OLD.{self.q(key_column)} <=> NEW.{self.q(key_column)})"
 
     def base_ddl(self) -> list[str]:
         return [_MY_META.format(meta=self.qmeta), _MY_CHANGELOG.format(cl=self.cl)]
 
     def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
-        t = self.qtable(table)
         ins, upd, dele = (self.q(n) for n in self.trigger_names(table))
-        keycols = tuple(c for k in schema.key for c in schema.columns if c.name == k)
-        args = {
-            "t": t,
-            "cl": self.cl,
-            "tbl": self.lit(table),
-            "new_image": self.image(schema.columns, "NEW"),
-            "old_key": self.image(keycols, "OLD"),
-            "key_changed": " OR ".join(
-                f"NOT (OLD.{self.q(k)} <=> NEW.{self.q(k)})" for k in schema.key
-            ),
-        }
+        args = self._template_args(schema, table, self.qtable(table))
         return [
             _MY_INSERT.format(name=ins, **args),
             _MY_UPDATE.format(name=upd, **args),
@@ -663,9 +705,6 @@ class MysqlDialect(Dialect):
     def drop_ddl(self, table: str) -> list[str]:
         db = self.q(self.db_of(table))
         return [f"DROP TRIGGER IF EXISTS {db}.{self.q(n)}" for n in self.trigger_names(table)]
-
-    def drop_base_ddl(self) -> list[str]:
-        return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
 
     def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
         cur = self._exec(
@@ -772,9 +811,10 @@ def sqlite_pg_type(declared: str) -> str:
     return "text"
 
 
-class SqliteDialect(Dialect):
+class SqliteDialect(_ListedColumnsDialect):
     name: DialectName = "sqlite"
     sqlglot_dialect = "sqlite"
+    json_object = "json_object"
 
     def __init__(self, url: str, capture: CaptureSection) -> None:
         super().__init__(url, capture)
@@ -836,30 +876,15 @@ class SqliteDialect(Dialect):
             else ref
         )
 
-    def image(self, cols: tuple[Column, ...], alias: str) -> str:
-        return (
-            "json_object("
-            + ", ".join(f"{self.lit(c.name)}, {self._value(c, alias)}" for c in cols)
-            + ")"
-        )
+    def _key_changed(self, key_column: str) -> str:
+        return f"OLD.{self.q(key_column)} IS NOT NEW.{self.q(key_column)}"
 
     def base_ddl(self) -> list[str]:
         return [_LITE_META.format(meta=self.qmeta), _LITE_CHANGELOG.format(cl=self.cl)]
 
     def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
-        t = self.q(schema.name)
         names = [self.q(n) for n in self.trigger_names(table)]
-        keycols = tuple(c for k in schema.key for c in schema.columns if c.name == k)
-        args = {
-            "t": t,
-            "cl": self.cl,
-            "tbl": self.lit(table),
-            "new_image": self.image(schema.columns, "NEW"),
-            "old_key": self.image(keycols, "OLD"),
-            "key_changed": " OR ".join(
-                f"OLD.{self.q(k)} IS NOT NEW.{self.q(k)}" for k in schema.key
-            ),
-        }
+        args = self._template_args(schema, table, self.q(schema.name))
         drops = [f"DROP TRIGGER IF EXISTS {n}" for n in names]
         return [
             *drops,
@@ -870,9 +895,6 @@ class SqliteDialect(Dialect):
 
     def drop_ddl(self, table: str) -> list[str]:
         return [f"DROP TRIGGER IF EXISTS {self.q(n)}" for n in self.trigger_names(table)]
-
-    def drop_base_ddl(self) -> list[str]:
-        return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
 
     def present_triggers(self, conn: Any, table: str) -> dict[str, bool]:
         n = self.split(table)[1]

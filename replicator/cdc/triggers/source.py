@@ -57,7 +57,7 @@ import datetime as dt
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -97,16 +97,15 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
 
 def ranges_of(ids: Iterable[int]) -> list[list[int]]:
     """Sorted ids as inclusive ``[lo, hi]`` ranges (the MariaDB checkpoint's applied set)."""
-    out: list[list[int]] = []
+    builder = _RangeBuilder()
     for i in ids:
-        if out and i == out[-1][1] + 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return out
+        builder.add(i)
+    return builder.ranges
 
 
 class _RangeBuilder:
+    """Builds :func:`ranges_of` one sorted id at a time (while the ids stream past)."""
+
     __slots__ = ("ranges",)
 
     def __init__(self) -> None:
@@ -172,8 +171,7 @@ class TriggerSource(CaptureSource):
                 f"another daemon already reads changelog {self.capture.changelog_table} "
                 "of this ERP database"
             )
-        conn = self.dialect.connect("capture-setup")
-        try:
+        with self.dialect.connection("capture-setup") as conn:
             statuses = self.dialect.status(conn, self.tables)
             bad = [s for s in statuses if s.table in self.tables and s.state != "current"]
             if bad:
@@ -192,9 +190,6 @@ class TriggerSource(CaptureSource):
                         hint="MariaDB fires no triggers for rows changed by foreign-key actions; "
                         "these changes reach staging only with a resync",
                     )
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
         with self.store.engine.begin() as sconn:
             for table, schema in zip(self.tables, schemas, strict=True):
                 self.store.ensure_mirror(schema, sconn)
@@ -374,6 +369,32 @@ def _as_utc(v: Any) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(float(v), dt.UTC)
 
 
+def _seconds(row: Any) -> float:
+    """A lag query's answer: the seconds in its first column, 0.0 when nothing is waiting."""
+    return float(row[0]) if row and row[0] is not None else 0.0
+
+
+def _delete_in_rounds(delete_batch: Callable[[], int], batch: int) -> tuple[int, bool]:
+    """Run a DELETE of at most ``batch`` rows up to 10 times (bounded per cycle; the rest goes
+    next cycle). Returns the rows deleted and whether a round deleted fewer than ``batch`` (all
+    deleted)."""
+    total = 0
+    for _ in range(10):
+        n = delete_batch()
+        total += n
+        if n < batch:
+            return total, True
+    return total, False
+
+
+def _close_quietly(*conns: Any) -> None:
+    """Close the connections that are open, ignoring errors (the connection may be gone)."""
+    for c in conns:
+        if c is not None:
+            with contextlib.suppress(Exception):
+                c.close()
+
+
 class _Reader:
     """How one dialect finds the committed, unapplied changelog entries."""
 
@@ -531,19 +552,18 @@ class _PgReader(_Reader):
     def cleanup(self) -> int:
         if not self.committed or self.committed == self._cleaned:
             return 0
-        total = 0
         conn = self.aux()
         sql = (
             f"DELETE FROM {self.d.cl} WHERE id = ANY(ARRAY("
             f"SELECT id FROM {self.d.cl} WHERE txid < pg_snapshot_xmax(%(s)s::pg_snapshot) "
             "AND pg_visible_in_snapshot(txid, %(s)s::pg_snapshot) LIMIT %(n)s))"
         )
-        for _ in range(10):  # bounded per cycle; the rest goes next cycle
-            n = conn.execute(sql, {"s": self.committed, "n": self.cap.cleanup_batch}).rowcount
-            total += n
-            if n < self.cap.cleanup_batch:
-                self._cleaned = self.committed
-                break
+        total, done = _delete_in_rounds(
+            lambda: conn.execute(sql, {"s": self.committed, "n": self.cap.cleanup_batch}).rowcount,
+            self.cap.cleanup_batch,
+        )
+        if done:
+            self._cleaned = self.committed
         return total
 
     def lag_seconds(self) -> float | None:
@@ -557,7 +577,7 @@ class _PgReader(_Reader):
             )
             .fetchone()
         )
-        return float(row[0]) if row and row[0] is not None else 0.0
+        return _seconds(row)
 
     def open_doorbell(self) -> None:
         if not self.cap.notify:
@@ -578,10 +598,7 @@ class _PgReader(_Reader):
             pass
 
     def close(self) -> None:
-        for c in (self._read, self._aux, self._listen):
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    c.close()
+        _close_quietly(self._read, self._aux, self._listen)
         self._read = self._aux = self._listen = None
 
 
@@ -745,12 +762,10 @@ class _MysqlReader(_Reader):
                 f"FROM {self.d.cl}"
             )
             row = c.fetchone()
-        return float(row[0]) if row and row[0] is not None else 0.0
+        return _seconds(row)
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+        _close_quietly(self._conn)
         self._conn = None
 
 
@@ -830,17 +845,18 @@ class _SqliteReader(_Reader):
         if self.committed_id <= self._cleaned:
             return 0
         conn = self.conn()
-        total = 0
-        for _ in range(10):
-            n = conn.execute(
-                f"DELETE FROM {self.d.cl} WHERE id IN (SELECT id FROM {self.d.cl} "
-                "WHERE id <= ? ORDER BY id LIMIT ?)",
-                (self.committed_id, self.cap.cleanup_batch),
-            ).rowcount
-            total += n
-            if n < self.cap.cleanup_batch:
-                self._cleaned = self.committed_id
-                break
+        total, done = _delete_in_rounds(
+            lambda: (
+                conn.execute(
+                    f"DELETE FROM {self.d.cl} WHERE id IN (SELECT id FROM {self.d.cl} "
+                    "WHERE id <= ? ORDER BY id LIMIT ?)",
+                    (self.committed_id, self.cap.cleanup_batch),
+                ).rowcount
+            ),
+            self.cap.cleanup_batch,
+        )
+        if done:
+            self._cleaned = self.committed_id
         return total
 
     def lag_seconds(self) -> float | None:
@@ -853,10 +869,8 @@ class _SqliteReader(_Reader):
             )
             .fetchone()
         )
-        return float(row[0]) if row and row[0] is not None else 0.0
+        return _seconds(row)
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+        _close_quietly(self._conn)
         self._conn = None
