@@ -47,7 +47,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["LEVELS", "LogRecord", "LogStore", "log_records", "metadata"]
+__all__ = ["LEVELS", "LogRecord", "LogStore", "id_column", "log_records", "metadata", "utc"]
 
 # Lowest first; "this level and above" filters on the suffix of this list.
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -55,15 +55,27 @@ _LEVEL_ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical"}
 
 metadata = sa.MetaData()
 
-log_records = sa.Table(
-    "log_records",
-    metadata,
-    sa.Column(
+
+def id_column() -> sa.Column[Any]:
+    """The ``id`` primary key of a side table in staging: BIGINT, autoincrement (INTEGER on
+    SQLite, whose rowid alias must be declared INTEGER)."""
+    return sa.Column(
         "id",
         sa.BigInteger().with_variant(sa.Integer(), "sqlite"),  # SQLite rowid needs INTEGER
         primary_key=True,
         autoincrement=True,
-    ),
+    )
+
+
+def utc(dt: datetime) -> datetime:
+    """A time as aware UTC: SQLite hands DateTime back naive, and everything stored is UTC."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+log_records = sa.Table(
+    "log_records",
+    metadata,
+    id_column(),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("level", sa.String(10), nullable=False),
     sa.Column("service", sa.String(100), nullable=True),
@@ -90,11 +102,6 @@ def normalize_level(level: str) -> str:
 
 def levels_at_or_above(level: str) -> tuple[str, ...]:
     return LEVELS[LEVELS.index(normalize_level(level)) :]
-
-
-def _utc(dt: datetime) -> datetime:
-    # SQLite hands DateTime back naive; everything we store is UTC.
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _jsonable(value: Any) -> Any:
@@ -170,7 +177,7 @@ class LogStore:
             ts = event_dict.get("timestamp")
             if isinstance(ts, str):
                 with contextlib.suppress(ValueError):
-                    at = _utc(datetime.fromisoformat(ts))
+                    at = utc(datetime.fromisoformat(ts))
             fields = {
                 k: v for k, v in event_dict.items() if k not in _COLUMN_KEYS and k not in _SKIP_KEYS
             }
@@ -316,13 +323,13 @@ def query_records(
     if level is not None:
         stmt = stmt.where(t.c.level.in_(levels_at_or_above(level)))
     if since is not None:
-        stmt = stmt.where(t.c.at >= _utc(since))
+        stmt = stmt.where(t.c.at >= utc(since))
     with engine.connect() as conn:
         rows = conn.execute(stmt).mappings().all()
     records = [
         LogRecord(
             id=int(r["id"]),
-            at=_utc(r["at"]),
+            at=utc(r["at"]),
             level=r["level"],
             service=r["service"],
             logger=r["logger"],

@@ -13,7 +13,8 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,10 +39,28 @@ def parse_time(text: str) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
-def _service(cfg: Any, connectors: dict[str, Any] | None = None) -> Any:
+@contextmanager
+def _open_service(cfg: Any, connectors: dict[str, Any] | None = None) -> Iterator[Any]:
+    """The order import service for one command, closed when the command is done."""
     from replicator.orders.importer import OrderImportService
 
-    return OrderImportService(cfg, connectors)
+    svc = OrderImportService(cfg, connectors)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@contextmanager
+def _open_ledger(cfg: Any) -> Iterator[Any]:
+    """The order ledger in the staging store, for one reading command, closed afterwards."""
+    from replicator.orders.ledger import Ledger
+
+    led = Ledger(cfg.staging_url)
+    try:
+        yield led
+    finally:
+        led.close()
 
 
 def _fmt(t: datetime | None) -> str:
@@ -58,8 +77,7 @@ def run_download(
     connectors: dict[str, Any] | None = None,
 ) -> int:
     out = out or sys.stdout
-    svc = _service(cfg, connectors)
-    try:
+    with _open_service(cfg, connectors) as svc:
         shops = [args.shop] if getattr(args, "shop", None) else list(svc.connectors)
         for s in shops:
             svc.restart_shop(s)
@@ -72,16 +90,11 @@ def run_download(
         for shop, status in r.shops.items():
             print(f"shop {shop}: {status}", file=out)
         return 0 if r.ok else 1
-    finally:
-        svc.close()
 
 
 def run_orders(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    from replicator.orders.ledger import Ledger
-
-    led = Ledger(cfg.staging_url)
-    try:
+    with _open_ledger(cfg) as led:
         rows = led.list_orders(state=args.status, shop=args.shop, limit=args.limit)
         if args.json:
             print(
@@ -123,17 +136,13 @@ def run_orders(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) ->
                 file=out,
             )
         return 0
-    finally:
-        led.close()
 
 
 def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     from replicator.orders.importer import describe
-    from replicator.orders.ledger import Ledger
 
-    led = Ledger(cfg.staging_url)
-    try:
+    with _open_ledger(cfg) as led:
         found = led.find(args.e_number, args.shop)
         if not found:
             print(f"no order {args.e_number!r} in the ledger", file=sys.stderr)
@@ -175,14 +184,11 @@ def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> 
                     file=out,
                 )
         return 0
-    finally:
-        led.close()
 
 
 def run_retry(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    svc = _service(cfg, {})
-    try:
+    with _open_service(cfg, {}) as svc:
         entry = svc.retry(args.e_number, args.shop)
         if entry is None:
             return 1
@@ -193,16 +199,11 @@ def run_retry(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> 
             line += f": {entry.last_error}"
         print(line, file=out)
         return 0 if entry.state == "delivered" else 1
-    finally:
-        svc.close()
 
 
 def run_updates(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    from replicator.orders.ledger import Ledger
-
-    led = Ledger(cfg.staging_url)
-    try:
+    with _open_ledger(cfg) as led:
         rows = led.list_orders(state="update-pending", shop=args.shop)
         if not rows:
             print("no pending updates", file=out)
@@ -214,15 +215,12 @@ def run_updates(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -
             for c in json.loads(e.diff or "[]"):
                 print(f"    {c['field']}: {c['old']!r} -> {c['new']!r}", file=out)
         return 0
-    finally:
-        led.close()
 
 
 def _simple(action: str) -> Callable[[Any, argparse.Namespace, TextIO | None], int]:
     def run(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
         out = out or sys.stdout
-        svc = _service(cfg, {})
-        try:
+        with _open_service(cfg, {}) as svc:
             if action == "accept":
                 res = svc.accept(args.e_number, args.shop, force=args.force)
                 print(
@@ -237,8 +235,6 @@ def _simple(action: str) -> Callable[[Any, argparse.Namespace, TextIO | None], i
                 order_no = svc.cancel(args.e_number, args.shop)
                 print(f"{args.e_number}: ERP order {order_no} marked cancelled", file=out)
             return 0
-        finally:
-            svc.close()
 
     return run
 
@@ -255,8 +251,7 @@ def run_gaps(
     from replicator.orders.gaps import find_gaps
 
     out = out or sys.stdout
-    svc = _service(cfg, connectors)
-    try:
+    with _open_service(cfg, connectors) as svc:
         names = (
             [args.shop]
             if args.shop
@@ -289,8 +284,6 @@ def run_gaps(
             )
             dirty = dirty or not rep.clean
         return 1 if dirty else 0
-    finally:
-        svc.close()
 
 
 def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -492,6 +492,18 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
         if cols is not None and name and name not in cols:
             err(key, f"column {name!r} does not exist in table {tname!r}")
 
+    def row_exists(tname: str, cname: str, value: Any) -> bool:
+        """Whether the ERP table ``tname`` has a row whose ``cname`` is ``value``."""
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    f"SELECT 1 FROM {qtable(tname, mapping.dialect)} WHERE "
+                    f"{qident(cname, mapping.dialect)} = :value"
+                ),
+                {"value": value},
+            ).first()
+        return row is not None
+
     def rules(
         cols: dict[str, ColumnInfo] | None, tname: str, rs: tuple[ColumnRule, ...], own: set[str]
     ) -> None:
@@ -562,17 +574,14 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
         cols = table(f"{s.key}.table", s.table)
         for name in ("key_column", "value_column", "prefix_column"):
             column(f"{s.key}.{name}", cols, getattr(s, name), s.table or "")
-        if cols is not None and s.table and s.key_column and s.value_column:
-            with engine.connect() as conn:
-                row = conn.execute(
-                    sa.text(
-                        f"SELECT 1 FROM {qtable(s.table, mapping.dialect)} WHERE "
-                        f"{qident(s.key_column, mapping.dialect)} = :k"
-                    ),
-                    {"k": s.series_key},
-                ).first()
-            if row is None:
-                err(f"{s.key}.key", f"no row {s.series_key!r} in {s.table}.{s.key_column}")
+        if (
+            cols is not None
+            and s.table
+            and s.key_column
+            and s.value_column
+            and not row_exists(s.table, s.key_column, s.series_key)
+        ):
+            err(f"{s.key}.key", f"no row {s.series_key!r} in {s.table}.{s.key_column}")
 
     series(mapping.order_series)
     if mapping.customer is not None:
@@ -583,17 +592,13 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
         if c.create:
             rules(ct, c.table, c.rules, {c.number_column, c.email_column or ""})
         series(c.series)
-        if c.guest and ct is not None and c.number_column in ct:
-            with engine.connect() as conn:
-                found = conn.execute(
-                    sa.text(
-                        f"SELECT 1 FROM {qtable(c.table, mapping.dialect)} WHERE "
-                        f"{qident(c.number_column, mapping.dialect)} = :n"
-                    ),
-                    {"n": c.guest},
-                ).first()
-            if found is None:
-                err("customer.guest", f"guest customer {c.guest!r} does not exist in {c.table}")
+        if (
+            c.guest
+            and ct is not None
+            and c.number_column in ct
+            and not row_exists(c.table, c.number_column, c.guest)
+        ):
+            err("customer.guest", f"guest customer {c.guest!r} does not exist in {c.table}")
     if mapping.items_table:
         it = table("items.table", mapping.items_table)
         column("items.sku_column", it, mapping.sku_column, mapping.items_table)

@@ -22,7 +22,6 @@ errors") and only probed every ``probe_interval_minutes``; ``sync-daemon downloa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -43,7 +42,7 @@ from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import OrderMapping, OrderRejected, load_mapping, validate_mapping
-from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload
+from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload, read_webhook
 from replicator.orders.ledger import Entry, Ledger, ShopState
 from replicator.orders.writer import (
     ErpUnavailable,
@@ -967,7 +966,7 @@ class OrderImportService:
         now = utcnow()
         offered = self.inbox.offer_webhook(shop, raw, delivery_id, now)
         if offered.outcome in ("new", "changed") and offered.entry_state == "awaiting":
-            e = self._webhook_e_number(raw, delivery_id)
+            _, e = read_webhook(raw, delivery_id, self.ocfg.e_number_fields)
             try:
                 self.process(shop, e, now)
             except (SyncError, sa.exc.SQLAlchemyError) as exc:
@@ -977,15 +976,6 @@ class OrderImportService:
     def store_webhook_delivery(self, delivery: Any) -> bool:
         """``StoreCallback`` for :func:`replicator.connectors.make_webhook_receiver`."""
         return self.ingest_webhook_payload(delivery.shop, delivery.raw, delivery.delivery_id)
-
-    def _webhook_e_number(self, raw: bytes, delivery_id: str | None) -> str:
-        from replicator.orders.inbox import e_number_from
-
-        try:
-            e = e_number_from(parse_payload(raw), self.ocfg.e_number_fields)
-        except PayloadError:
-            e = None
-        return e or f"unreadable-{delivery_id or hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def ingest_webhook_payload(shop: str, raw: bytes, delivery_id: str | None) -> bool:

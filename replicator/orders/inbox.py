@@ -103,6 +103,22 @@ def e_number_from(payload: Any, fields: tuple[str, ...]) -> str | None:
     return None
 
 
+def read_webhook(raw: bytes, delivery_id: str | None, fields: tuple[str, ...]) -> tuple[Any, str]:
+    """A webhook body's payload (None when it is not readable JSON) and its e-number.
+
+    A body without a readable e-number gets ``unreadable-<delivery id or body hash>``, so it is
+    parked in the ledger instead of lost.
+    """
+    try:
+        payload = parse_payload(raw)
+    except PayloadError:
+        payload = None
+    e_number = e_number_from(payload, fields)
+    if e_number is None:
+        e_number = f"unreadable-{delivery_id or hashlib.sha256(raw).hexdigest()[:12]}"
+    return payload, e_number
+
+
 @dataclass(frozen=True)
 class Offered:
     outcome: Outcome
@@ -193,13 +209,7 @@ class Inbox:
         self, shop: str, raw: bytes, delivery_id: str | None, now: datetime
     ) -> Offered:
         """A webhook body: the e-number is read from the payload; unreadable bodies are parked."""
-        try:
-            payload = parse_payload(raw)
-        except PayloadError:
-            payload = None
-        e_number = e_number_from(payload, self.e_number_fields)
-        if e_number is None:
-            e_number = f"unreadable-{delivery_id or hashlib.sha256(raw).hexdigest()[:12]}"
+        payload, e_number = read_webhook(raw, delivery_id, self.e_number_fields)
         status = payload.get("status") if isinstance(payload, dict) else None
         src = f"webhook {delivery_id}" if delivery_id else "webhook"
         return self.offer_raw(shop, e_number, raw, src, now, status=str(status) if status else None)

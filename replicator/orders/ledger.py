@@ -132,7 +132,8 @@ class ShopState:
 _ENTRY_COLS = [ledger_t.c[f] for f in Entry.__dataclass_fields__]
 
 
-def _entry(row: Any) -> Entry:
+def entry_from_row(row: Any) -> Entry:
+    """An :class:`Entry` from a ``order_ledger`` row (blobs as bytes, flags as bool)."""
     m = row._mapping
     values = {f: m[f] for f in Entry.__dataclass_fields__}
     values["payload"] = bytes(values["payload"])
@@ -170,7 +171,7 @@ class Ledger:
         else:
             with self.engine.connect() as c:
                 row = c.execute(q).first()
-        return None if row is None else _entry(row)
+        return None if row is None else entry_from_row(row)
 
     def get_many(
         self, shop: str, e_numbers: Sequence[str], conn: sa.Connection | None = None
@@ -184,7 +185,7 @@ class Ledger:
         else:
             with self.engine.connect() as c:
                 rows = c.execute(q).all()
-        found = {r.e_number: _entry(r) for r in rows}
+        found = {r.e_number: entry_from_row(r) for r in rows}
         return [found[e] for e in e_numbers if e in found]
 
     def find(self, e_number: str, shop: str | None = None) -> list[Entry]:
@@ -192,7 +193,7 @@ class Ledger:
         if shop:
             q = q.where(ledger_t.c.shop == shop)
         with self.engine.connect() as c:
-            return [_entry(r) for r in c.execute(q)]
+            return [entry_from_row(r) for r in c.execute(q)]
 
     def list_orders(
         self,
@@ -211,7 +212,7 @@ class Ledger:
         if limit:
             q = q.limit(limit)
         with self.engine.connect() as c:
-            return [_entry(r) for r in c.execute(q)]
+            return [entry_from_row(r) for r in c.execute(q)]
 
     def counts(self, shop: str | None = None) -> dict[str, int]:
         q = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)

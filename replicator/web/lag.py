@@ -32,6 +32,8 @@ import sqlalchemy as sa
 import structlog
 from markupsafe import Markup, escape
 
+from replicator.logstore import id_column, utc
+
 log = structlog.get_logger(__name__)
 
 __all__ = [
@@ -54,12 +56,7 @@ metadata = sa.MetaData()
 lag_history_t = sa.Table(
     "sync_lag_history",
     metadata,
-    sa.Column(
-        "id",
-        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),  # SQLite rowid needs INTEGER
-        primary_key=True,
-        autoincrement=True,
-    ),
+    id_column(),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("source", sa.String(200), nullable=False),
     sa.Column("lag_seconds", sa.Float(), nullable=True),
@@ -74,11 +71,6 @@ class LagSample:
     at: datetime
     lag_seconds: float | None
     lag_bytes: int | None
-
-
-def _utc(t: datetime) -> datetime:
-    # SQLite hands DateTime back naive; everything stored here is UTC.
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def ensure_lag_history(engine: sa.Engine) -> None:
@@ -107,7 +99,7 @@ def record_lag_sample(
     Returns the number of samples written. Never raises for a database problem: the failure is
     logged and 0 returned (a missing chart point must not disturb the daemon loop).
     """
-    when = _utc(at) if at is not None else datetime.now(UTC)
+    when = utc(at) if at is not None else datetime.now(UTC)
     values = []
     for r in rows:
         source = r.get("source")
@@ -139,7 +131,7 @@ def purge_lag_history(
     engine: sa.Engine, retention: timedelta = DEFAULT_RETENTION, now: datetime | None = None
 ) -> int:
     """Delete samples older than ``retention``; returns how many went."""
-    cutoff = (_utc(now) if now else datetime.now(UTC)) - retention
+    cutoff = (utc(now) if now else datetime.now(UTC)) - retention
     ensure_lag_history(engine)
     with engine.begin() as conn:
         res = conn.execute(lag_history_t.delete().where(lag_history_t.c.at < cutoff))
@@ -155,7 +147,7 @@ def lag_history(
     t = lag_history_t
     stmt = (
         sa.select(t.c.source, t.c.at, t.c.lag_seconds, t.c.lag_bytes)
-        .where(t.c.at >= _utc(since))
+        .where(t.c.at >= utc(since))
         .order_by(t.c.source, t.c.at)
     )
     if sources is not None:
@@ -164,7 +156,7 @@ def lag_history(
     with engine.connect() as conn:
         for source, at, secs, nbytes in conn.execute(stmt):
             out.setdefault(str(source), []).append(
-                LagSample(_utc(at), _num(secs), None if nbytes is None else int(nbytes))
+                LagSample(utc(at), _num(secs), None if nbytes is None else int(nbytes))
             )
     return out
 

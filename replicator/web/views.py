@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,8 +22,8 @@ import structlog
 from markupsafe import Markup
 
 from replicator.log import redact
-from replicator.logstore import LEVELS, LogRecord, log_records, query_records
-from replicator.orders.ledger import Entry, Event, events_t, ledger_t
+from replicator.logstore import LEVELS, LogRecord, log_records, query_records, utc
+from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
 from replicator.web.lag import (
     NO_VALUE,
     LagSample,
@@ -61,9 +61,8 @@ def utcnow() -> datetime:
 
 
 def as_utc(t: datetime | None) -> datetime | None:
-    if t is None:
-        return None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    """:func:`replicator.logstore.utc`, passing None through."""
+    return None if t is None else utc(t)
 
 
 def fmt_time(t: Any) -> str:
@@ -254,15 +253,9 @@ def order_detail(engine: sa.Engine, shop: str, e_number: str) -> OrderDetail | N
         ).first()
         if row is None:
             return None
-        m = row._mapping
-        values = {f: m[f] for f in Entry.__dataclass_fields__}
-        values["payload"] = bytes(values["payload"])
-        if values["pending_payload"] is not None:
-            values["pending_payload"] = bytes(values["pending_payload"])
-        values["update_queued"] = bool(values["update_queued"])
-        if values["last_error"]:
-            values["last_error"] = redact(values["last_error"])
-        entry = Entry(**values)
+        entry = entry_from_row(row)
+        if entry.last_error:
+            entry = replace(entry, last_error=redact(entry.last_error))
         events = [
             Event(r.at, r.event, redact(r.detail) if r.detail else r.detail)
             for r in conn.execute(
