@@ -144,6 +144,7 @@ class Daemon:
         code = 0
         try:
             self.store.setup()
+            self.store.start_checkpointer()
             self._start_side_services()
             while not self.stop.is_set():
                 if self._reload.is_set():
@@ -579,6 +580,7 @@ class Daemon:
             self.store.dispose()
             self.store = StagingStore(new.staging_url)
             self.store.setup()
+            self.store.start_checkpointer()
         log.info("config_reloaded", capture_restarted=restart_capture)
         sdnotify.ready()
 

@@ -214,6 +214,7 @@ class StagingStore:
         self._mirrors: dict[str, MirrorInfo] = {}
         self._sql_cache: dict[tuple[Any, ...], str] = {}
         self._ready = False
+        self._checkpointer: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
     def q(self, ident: str) -> str:
@@ -753,7 +754,52 @@ class StagingStore:
             h.update(to_json([_sqlite_value(v) for v in r]).encode())
         return len(rows), h.hexdigest()
 
+    def start_checkpointer(self, interval: float = 1.0) -> None:
+        """SQLite: checkpoint the WAL from a thread of its own (the daemon calls this).
+
+        By default SQLite checkpoints inside the commit that crosses 1000 WAL pages, in the
+        committing (capture) thread; after a large source transaction that one commit then
+        copies hundreds of megabytes back into the database and every change behind it waits.
+        Here the apply path never checkpoints (``wal_autocheckpoint=0`` on its connections) and
+        a background thread runs PASSIVE checkpoints, which never block writers or readers.
+        """
+        if self.dialect != "sqlite" or self._checkpointer is not None:
+            return
+        import sqlite3
+        import threading
+
+        path = self.engine.url.database
+        if not path or path == ":memory:":
+            return
+
+        @sa.event.listens_for(self.engine, "connect")
+        def _no_autocheckpoint(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
+
+        self.engine.dispose()  # connections made before now still checkpoint on commit
+        stop = threading.Event()
+
+        def run() -> None:
+            conn = sqlite3.connect(path, timeout=5, check_same_thread=False)
+            try:
+                while not stop.wait(interval):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error as exc:
+                        log.warning("wal_checkpoint_failed", error=str(exc))
+            finally:
+                conn.close()
+
+        thread = threading.Thread(target=run, name="sqlite-checkpoint", daemon=True)
+        thread.start()
+        self._checkpointer = (stop, thread)
+
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            stop, thread = self._checkpointer
+            stop.set()
+            thread.join(5)
+            self._checkpointer = None
         self.engine.dispose()
 
 
