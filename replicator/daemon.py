@@ -109,6 +109,9 @@ class Daemon:
         self.notifier: Any = None
         self._ready_sent = False
         self.runners: list[Any] = []
+        self._services_stop = threading.Event()  # set on shutdown, and to rebuild on reload
+        self._reload_at = 0.0
+        self._watcher: Any = None
         self.pushers: dict[str, Any] = {}
         self.order_service: Any = None
         self._watchdog = sdnotify.watchdog_interval()
@@ -124,6 +127,7 @@ class Daemon:
         self.stop.set()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload_at = 0.0
         self._reload.set()
 
     # ------------------------------------------------------------------ life cycle
@@ -147,7 +151,7 @@ class Daemon:
             self.store.start_checkpointer()
             self._start_side_services()
             while not self.stop.is_set():
-                if self._reload.is_set():
+                if self._reload.is_set() and time.monotonic() >= self._reload_at:
                     self._reload.clear()
                     self.reload()
                 self.cycle()
@@ -185,14 +189,59 @@ class Daemon:
         groups = self._build_services()
         if cfg.health.enabled:
             self._start_health()
+        self._start_runners(groups)
+        self._watch_config()
+
+    def _start_runners(self, groups: list[list[Any]]) -> None:
         from replicator.services import ServiceRunner
 
+        assert self.store is not None
         for group in groups:
             runner = ServiceRunner(
-                group, self.state, self.notifier, self.stop, on_update=self.store.save_service
+                group,
+                self.state,
+                self.notifier,
+                self._services_stop,
+                on_update=self.store.save_service,
             )
             runner.start()
             self.runners.append(runner)
+
+    def _stop_runners(self, timeout: float) -> None:
+        self._services_stop.set()
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            runner.join(max(0.1, deadline - time.monotonic()))
+        self.runners = []
+        self.pushers = {}
+        self.order_service = None
+
+    def _watch_config(self) -> None:
+        """Reload when the config file changes on disk (as SIGHUP does); mapping files are
+        re-read by the order import itself when they change."""
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        path = os.path.realpath(self.config_path)
+        daemon = self
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
+                if path in {os.path.realpath(p) for p in paths if p}:
+                    # Editors write in steps: reload once the file has been quiet for 0.5 s.
+                    daemon._reload_at = time.monotonic() + 0.5
+                    daemon._reload.set()
+
+        try:
+            observer = Observer()
+            observer.schedule(_Handler(), os.path.dirname(path), recursive=False)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:  # no inotify here: SIGHUP still works
+            log.warning("config_watch_unavailable", error=str(exc))
+            return
+        self._watcher = observer
 
     def _build_services(self) -> list[list[Any]]:
         """Order import, stock and invoice push, housekeeping: one worker thread per group."""
@@ -294,10 +343,31 @@ class Daemon:
             Service(
                 "orders",
                 cfg.schedules.schedule("orders"),
-                lambda now: orders.run_cycle().summary(),
+                lambda now: self._order_cycle(orders),
                 close=orders.close,
             ),
         ]
+
+    def _order_cycle(self, orders: Any) -> str:
+        """One import cycle; a shop that fails, or orders that fail, are one incident per shop."""
+        result = orders.run_cycle()
+        if self.notifier is not None:
+            for shop, outcome in result.shops.items():
+                self.notifier.report(
+                    "orders", f"shop:{shop}", outcome == "ok", f"{shop}: {outcome}"
+                )
+                failed = [n for n in result.errored_orders if n.shop == shop]
+                detail = "; ".join(f"{n.e_number}: {n.reason}" for n in failed[:5])
+                self.notifier.report(
+                    "orders",
+                    f"failed-orders:{shop}",
+                    not failed,
+                    f"{len(failed)} order(s) of {shop} failed: {detail}"
+                    if failed
+                    else f"{shop}: no failed orders",
+                )
+        summary: str = result.summary()
+        return summary
 
     def _stock_services(self, connectors: dict[str, Any]) -> list[Any]:
         from replicator.push.stock import StockPushService
@@ -572,6 +642,14 @@ class Daemon:
         self.cfg = new
         setup_logging(new.logging)
         restart_capture = (old.erp, old.capture, old.staging) != (new.erp, new.capture, new.staging)
+        services_changed = restart_capture or (
+            old.shops,
+            old.orders,
+            old.stock_push,
+            old.invoice_push,
+            old.schedules,
+            old.notify,
+        ) != (new.shops, new.orders, new.stock_push, new.invoice_push, new.schedules, new.notify)
         if restart_capture and self.source is not None:
             self.source.close()
             self.source = None
@@ -581,15 +659,36 @@ class Daemon:
             self.store = StagingStore(new.staging_url)
             self.store.setup()
             self.store.start_checkpointer()
-        log.info("config_reloaded", capture_restarted=restart_capture)
+        if services_changed and self.store is not None:
+            self._rebuild_services()
+        log.info(
+            "config_reloaded", capture_restarted=restart_capture, services_rebuilt=services_changed
+        )
         sdnotify.ready()
+
+    def _rebuild_services(self) -> None:
+        """Config reload: stop the services, build them from the new config, mount again."""
+        from replicator.notify import Notifier
+
+        self._stop_runners(self.cfg.daemon.shutdown_timeout / 2)
+        self._services_stop = threading.Event()
+        self.notifier = Notifier(self.cfg.notify, name=self.cfg.daemon.name)
+        try:
+            groups = self._build_services()
+        except ConfigError as exc:  # e.g. a mapping that no longer fits the ERP
+            log.error("services_not_rebuilt", reason=str(exc))
+            return
+        if self.health is not None:
+            self._mount_routes(self.health)
+        self._start_runners(groups)
 
     def shutdown(self) -> None:
         sdnotify.stopping()
         self.stop.set()
-        deadline = time.monotonic() + self.cfg.daemon.shutdown_timeout / 2
-        for runner in self.runners:
-            runner.join(max(0.1, deadline - time.monotonic()))
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                self._watcher.stop()
+        self._stop_runners(self.cfg.daemon.shutdown_timeout / 2)
         for fn in self.on_stop:
             with contextlib.suppress(Exception):
                 fn()

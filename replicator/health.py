@@ -425,6 +425,10 @@ class HealthServer:
         if not path_prefix.startswith("/"):
             raise ValueError(f"path prefix {path_prefix!r} must start with /")
         with self._lock:
+            # Mounting the same method and prefix again replaces the route (config reload).
+            self._routes = [
+                r for r in self._routes if (r.method, r.prefix) != (method.upper(), path_prefix)
+            ]
             self._routes.append(_Route(method.upper(), path_prefix, handler, public, max_body))
             self._routes.sort(key=lambda r: len(r.prefix), reverse=True)
 

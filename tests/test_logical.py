@@ -365,3 +365,65 @@ def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> N
         assert any("WATCHDOG=1" in m for m in later)
         d.terminate()
     sock.close()
+
+
+def test_config_file_change_is_picked_up_without_restart(erp: str, tmp_path: Path) -> None:
+    staging_url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(tmp_path, erp, staging_url, TABLES)
+    with DaemonProcess(cfg) as d:
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
+        text = cfg.read_text()
+        cfg.write_text(text + '\n[schedules]\norders = "*/10 * * * *"\n')
+        wait_until(lambda: "config_reloaded" in d.output(), 15, what="reload on file change")
+        assert '"services_rebuilt": true' in d.output()
+        with _erp(erp) as c:
+            c.execute("UPDATE stock SET qty = qty + 5 WHERE warehouse = 3")
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=30)
+        assert d.terminate() == 0
+
+
+def test_secrets_never_in_logs_status_metrics_or_errors(erp: str, tmp_path: Path) -> None:
+    """A password in the DSN (trust auth ignores it) appears nowhere the daemon writes."""
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+
+    secret = "s3cr3t-Pw-42"
+    dsn = erp.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@")
+    staging_url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(tmp_path, dsn, staging_url, TABLES)
+    with DaemonProcess(cfg) as d:
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
+        url = re.search(r'"url": "(http://[^"]+)"', d.output()).group(1)  # type: ignore[union-attr]
+        seen = [httpx.get(url + p).text for p in ("metrics", "readyz", "healthz", "")]
+        for args in (
+            ["status"],
+            ["status", "--json"],
+            ["lag"],
+            ["check-config", "--connect"],
+            ["logs", "--since", "1h"],
+        ):
+            res = subprocess.run(
+                [sys.executable, "sync_daemon.py", *args, "--config", str(cfg)],
+                capture_output=True,
+                text=True,
+            )
+            seen += [res.stdout, res.stderr]
+        d.terminate()
+        seen.append(d.output())
+    # The same secret in a DSN that cannot connect: the error path.
+    bad = base_config(
+        tmp_path,
+        dsn.replace(str(erp.split(":")[2].split("/")[0]), "1"),
+        f"sqlite:///{tmp_path / 'bad.db'}",
+        TABLES,
+    )
+    with DaemonProcess(bad) as d2:
+        wait_until(lambda: "capture_interrupted" in d2.output(), 30, what="connection error")
+        d2.terminate()
+        seen.append(d2.output())
+    for text in seen:
+        assert secret not in text
+    assert any("capture_interrupted" in t for t in seen)
