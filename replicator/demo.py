@@ -1,10 +1,18 @@
 """``make demo``: the daemon on an embedded default, end to end, with nothing to set up.
 
-Starts a throwaway PostgreSQL "ERP" (from the local server binaries) with sample tables and a
-writer that keeps changing them, runs ``sync-daemon run`` against it with staging in an embedded
-SQLite file, and prints the status as it goes. Where no PostgreSQL server binaries exist it uses
-an embedded SQLite ERP captured by triggers instead, and says so. Ctrl-C stops everything it
-started and removes the throwaway cluster.
+Starts a throwaway "ERP" with sample tables and a writer that keeps changing them, a sample
+webshop (a loopback WooCommerce emulator) that keeps producing orders, and ``sync-daemon run``
+against both, with staging in an embedded SQLite file and the health server and Manage page on
+localhost; it prints where to look and the status as it goes. Ctrl-C (or SIGTERM) stops
+everything it started.
+
+Which ERP it uses, and it says which it chose:
+1. a PostgreSQL cluster from the local server binaries (logical replication; the full demo);
+2. where there are none, PostgreSQL in Docker through testcontainers, if a Docker engine runs
+   and the package is installed;
+3. otherwise an embedded SQLite ERP captured by triggers (stock and items only: the sample order
+   mapping targets PostgreSQL and MariaDB ERPs).
+``SYNC_DEMO_ERP=sqlite`` forces the last one.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,28 +36,114 @@ ROOT = Path(__file__).resolve().parent.parent
 STOCK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
     sku text NOT NULL, warehouse text NOT NULL, on_hand integer NOT NULL,
-    reserved integer NOT NULL DEFAULT 0, PRIMARY KEY (sku, warehouse));
-"""
+    reserved integer NOT NULL DEFAULT 0, PRIMARY KEY (sku, warehouse))"""
+SQLITE_ITEMS = """
+CREATE TABLE IF NOT EXISTS items (
+    item_no text PRIMARY KEY, sku text UNIQUE NOT NULL, description text, price numeric)"""
 SKUS = [f"SKU-{i:05d}" for i in range(1, 41)]
 
 
-def _writer(dsn: str, stop: threading.Event, counter: list[int]) -> None:
-    """The ERP at work: stock moves all the time, prices now and then."""
+class DemoErp:
+    """The sample ERP: a DB-API connection factory, its URL and how it is captured."""
+
+    def __init__(self, label: str, url: str, mode: str, connect: Any, placeholder: str) -> None:
+        self.label, self.url, self.mode, self.connect, self.ph = (
+            label,
+            url,
+            mode,
+            connect,
+            placeholder,
+        )
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        conn = self.connect()
+        try:
+            conn.execute(sql.replace("%s", self.ph), params)
+            conn.commit()
+        finally:
+            conn.close()
+
+
+def _postgres_erp(stack: contextlib.ExitStack) -> DemoErp | None:
+    """Option 1 (local binaries) or 2 (testcontainers), with the full sample schema."""
     import psycopg
 
+    from replicator.localpg import LocalCluster, find_bindir
+
+    url: str | None = None
+    label = ""
+    if find_bindir() is not None and os.environ.get("SYNC_DEMO_ERP") != "sqlite":
+        cluster = LocalCluster().init()
+        stack.callback(cluster.destroy)
+        cluster.start()
+        url = cluster.createdb("erp")
+        label = "a throwaway PostgreSQL cluster from the local server binaries"
+    elif os.environ.get("SYNC_DEMO_ERP") != "sqlite" and shutil.which("docker"):
+        try:
+            from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+
+            pg = PostgresContainer("postgres:15").with_command("postgres -c wal_level=logical")
+            pg.start()
+            stack.callback(pg.stop)
+            url = pg.get_connection_url().replace("+psycopg2", "")
+            label = "PostgreSQL in Docker (testcontainers)"
+        except Exception as exc:  # no engine, no package, no image: fall back to SQLite
+            print(f"demo: Docker/testcontainers not usable ({type(exc).__name__}: {exc})")
+    if url is None:
+        return None
+    from replicator.orders.sample import install_sample_erp
+
+    install_sample_erp(url, extra_items=0)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(STOCK_SCHEMA)
+    return DemoErp(label, url, "logical", lambda: psycopg.connect(url), "%s")
+
+
+def _sqlite_erp(state: Path) -> DemoErp:
+    """Option 3: an embedded SQLite ERP, captured by triggers."""
+    path = state / "erp.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(SQLITE_ITEMS)
+        conn.execute(STOCK_SCHEMA)
+    return DemoErp(
+        "an embedded SQLite ERP captured by triggers",
+        f"sqlite:///{path}",
+        "triggers",
+        lambda: sqlite3.connect(path, timeout=10),
+        "?",
+    )
+
+
+def _fill(erp: DemoErp) -> None:
+    for i, sku in enumerate(SKUS, start=1):
+        erp.execute(
+            "INSERT INTO items VALUES (%s, %s, %s, %s)",
+            (f"ITEM-{i:04d}", sku, f"Sample item {i}", round(random.uniform(5, 200), 2)),
+        )
+        for wh in ("MAIN", "SHOP"):
+            erp.execute(
+                "INSERT INTO stock VALUES (%s, %s, %s, 0)", (sku, wh, random.randint(0, 40))
+            )
+
+
+def _writer(erp: DemoErp, stop: threading.Event, counter: list[int]) -> None:
+    """The ERP at work: stock moves all the time, prices now and then."""
     rnd = random.Random(7)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while not stop.is_set():
-            conn.execute(
-                "UPDATE stock SET on_hand = greatest(0, on_hand + %s) WHERE sku = %s AND warehouse = %s",
-                (rnd.randint(-5, 8), rnd.choice(SKUS), rnd.choice(["MAIN", "SHOP"])),
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # a busy moment in the ERP is not the demo's concern
+            delta = rnd.randint(-5, 8)
+            erp.execute(
+                "UPDATE stock SET on_hand = CASE WHEN on_hand + %s < 0 THEN 0 ELSE on_hand + %s END "
+                "WHERE sku = %s AND warehouse = %s",
+                (delta, delta, rnd.choice(SKUS), rnd.choice(["MAIN", "SHOP"])),
             )
             if rnd.random() < 0.05:
-                conn.execute(
+                erp.execute(
                     "UPDATE items SET price = price * 1.01 WHERE sku = %s", (rnd.choice(SKUS),)
                 )
             counter[0] += 1
-            stop.wait(rnd.uniform(0.05, 0.4))
+        stop.wait(rnd.uniform(0.05, 0.4))
 
 
 def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
@@ -71,25 +166,34 @@ def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
         counter[0] += 1
 
 
-def _write_config(state: Path, erp_dsn: str, shop: Any) -> Path:
+def _write_config(state: Path, erp: DemoErp, shop: Any, port: int) -> Path:
     mappings = state / "mappings"
     mappings.mkdir(exist_ok=True)
     shutil.copy(ROOT / "config" / "mappings" / "orders.toml", mappings / "orders.toml")
+    schema = "public" if erp.mode == "logical" else "main"
+    tables = [f"{schema}.items", f"{schema}.stock"]
+    orders = "enabled = true"
+    if erp.mode == "logical":
+        tables.append("public.order_header")
+    else:
+        orders = "enabled = false  # the sample order mapping targets PostgreSQL/MariaDB ERPs"
     cfg = state / "config.toml"
-    cfg.write_text(f"""# Written by `make demo`.
+    cfg.write_text(
+        f"""# Written by `make demo` ({erp.label}).
 [erp]
-dsn = "{erp_dsn}"
+dsn = "{erp.url}"
 
 [capture]
-mode = "logical"
-tables = ["public.items", "public.stock", "public.order_header"]
+mode = "{erp.mode}"
+tables = {tables!r}
 heartbeat_interval = 5
+poll_interval = 0.2
 
 [staging]
 url = "sqlite:///{state / "staging.db"}"
 
 [health]
-listen = "127.0.0.1:8787"
+listen = "127.0.0.1:{port}"
 
 [daemon]
 state_dir = "{state}"
@@ -98,7 +202,7 @@ state_dir = "{state}"
 orders = "every 10s"
 
 [orders]
-enabled = true
+{orders}
 
 [stock_push]
 table = "stock"
@@ -114,7 +218,8 @@ kind = "woocommerce"
 url = "{shop.url}"
 consumer_key = "{shop.consumer_key}"
 consumer_secret = "{shop.consumer_secret}"
-""")
+""".replace("'", '"')
+    )
     cfg.chmod(0o600)
     return cfg
 
@@ -125,59 +230,41 @@ def _sigterm(*_: object) -> None:
 
 def main() -> int:
     from replicator.config import load_config
-    from replicator.localpg import LocalCluster, find_bindir, free_port, wait_port
+    from replicator.localpg import free_port, wait_port
     from replicator.status import print_status
+    from tests.emulators import WooCommerceEmulator
 
     state = Path(os.environ.get("SYNC_DEMO_STATE", ROOT / "demo-state"))
-    # SIGTERM behaves like Ctrl-C, so the throwaway cluster is always removed.
+    # SIGTERM behaves like Ctrl-C, so everything the demo started is always stopped.
     signal.signal(signal.SIGTERM, _sigterm)
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
-    cluster: LocalCluster | None = None
     stop = threading.Event()
-    counter = [0]
-    orders_made = [0]
+    counter, orders_made = [0], [0]
     daemon: subprocess.Popen[bytes] | None = None
     stack = contextlib.ExitStack()
     try:
-        if find_bindir() is None:
-            print(
-                "demo: no PostgreSQL server binaries here, and the SQLite-trigger ERP is not "
-                "available in this build: install postgresql (apt-get install postgresql)",
-                file=sys.stderr,
-            )
-            return 1
-        print("demo: starting a throwaway PostgreSQL ERP (wal_level=logical) ...", flush=True)
-        cluster = LocalCluster().init()
-        cluster.start()
-        dsn = cluster.createdb("erp")
-        import psycopg
-
-        from replicator.orders.sample import install_sample_erp
-        from tests.emulators import WooCommerceEmulator
-
-        install_sample_erp(dsn, extra_items=0)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(STOCK_SCHEMA)
-            for i, sku in enumerate(SKUS, start=1):
-                conn.execute(
-                    "INSERT INTO items VALUES (%s, %s, %s, %s)",
-                    (f"ITEM-{i:04d}", sku, f"Sample item {i}", round(random.uniform(5, 200), 2)),
-                )
-                for wh in ("MAIN", "SHOP"):
-                    conn.execute(
-                        "INSERT INTO stock VALUES (%s, %s, %s, 0)", (sku, wh, random.randint(0, 40))
-                    )
+        print("demo: starting the sample ERP ...", flush=True)
+        erp = _postgres_erp(stack) or _sqlite_erp(state)
+        print(f"demo: the ERP is {erp.label} (capture mode: {erp.mode})", flush=True)
+        _fill(erp)
         shop = WooCommerceEmulator(products=[(s, f"Product {s}", 0) for s in SKUS])
         shop.start()
         stack.callback(shop.stop)
-        cfg_path = _write_config(state, dsn, shop)
-        port = 8787
-        if wait_port(
-            "127.0.0.1", port, timeout=0.2
-        ):  # 8787 taken (another daemon?): pick a free one
-            port = free_port()
-            cfg_path.write_text(cfg_path.read_text().replace("127.0.0.1:8787", f"127.0.0.1:{port}"))
+        port = 8787 if not wait_port("127.0.0.1", 8787, timeout=0.2) else free_port()
+        cfg_path = _write_config(state, erp, shop, port)
+        if erp.mode == "triggers":
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "sync_daemon.py"),
+                    "triggers",
+                    "install",
+                    "--config",
+                    str(cfg_path),
+                ],
+                check=True,
+            )
         log_path = state / "daemon.log"
         daemon = subprocess.Popen(
             [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(cfg_path)],
@@ -185,19 +272,19 @@ def main() -> int:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        threading.Thread(target=_writer, args=(dsn, stop, counter), daemon=True).start()
+        threading.Thread(target=_writer, args=(erp, stop, counter), daemon=True).start()
         threading.Thread(target=_shop_orders, args=(shop, stop, orders_made), daemon=True).start()
         print(
             f"""
 demo: running. Where to look:
   Manage page http://127.0.0.1:{port}/   (orders by state, logs, services, replication)
-  health     http://127.0.0.1:{port}/healthz   readiness http://127.0.0.1:{port}/readyz
-  metrics    http://127.0.0.1:{port}/metrics
-  webshop    {shop.url}  (a sample WooCommerce shop placing an order every 4 s;
-             every 7th order has an unknown SKU and fails with a reason you can act on)
-  staging    {state / "staging.db"}  (sqlite3 ... 'SELECT * FROM replication_status')
-  daemon log {log_path}
-  status     .venv/bin/sync-daemon status --config {cfg_path}
+  health      http://127.0.0.1:{port}/healthz   readiness http://127.0.0.1:{port}/readyz
+  metrics     http://127.0.0.1:{port}/metrics
+  webshop     {shop.url}  (a sample WooCommerce shop placing an order every 4 s;
+              every 7th order has an unknown SKU and fails with a reason you can act on)
+  staging     {state / "staging.db"}  (sqlite3 ... 'SELECT * FROM replication_status')
+  daemon log  {log_path}
+  status      .venv/bin/sync-daemon status --config {cfg_path}
 Ctrl-C stops everything.
 """,
             flush=True,
@@ -229,9 +316,7 @@ Ctrl-C stops everything.
             if daemon.poll() is None:
                 daemon.kill()
         stack.close()
-        if cluster is not None:
-            cluster.destroy()
-        print("demo: stopped; throwaway cluster removed", flush=True)
+        print("demo: stopped; everything it started is gone", flush=True)
 
 
 if __name__ == "__main__":
