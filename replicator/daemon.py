@@ -405,7 +405,10 @@ class Daemon:
             pruned = self.store.journal_prune(keep_seconds=7 * 86400)
             return f"{purged} log records and {pruned} journal entries removed"
 
-        services = [Service("housekeeping", Schedule.parse("every 1h"), housekeeping)]
+        services = [
+            Service("housekeeping", Schedule.parse("every 1h"), housekeeping),
+            Service("metrics", Schedule.parse("every 15s"), self._collect_metrics),
+        ]
         from replicator.web.lag import record_lag_sample
 
         def lag_sample(_now: dt.datetime) -> str:
@@ -485,6 +488,39 @@ class Daemon:
     def _breaker_check(self) -> tuple[bool, str]:
         open_ = [s.name for s in self.state.services.values() if s.breaker_open]
         return (not open_), ("open: " + ", ".join(open_)) if open_ else "all closed"
+
+    def _collect_metrics(self, _now: dt.datetime) -> str:
+        """Figures that need a query (slot WAL on the ERP, orders by state in staging), collected
+        in the background so that a scrape never waits on a database."""
+        assert self.store is not None
+        parts = []
+        if self.cfg.capture.mode == "logical" and self.cfg.erp.dialect == "postgresql":
+            from replicator.status import slot_lag
+
+            for s in slot_lag(self.cfg):
+                if s["slot"] == self.cfg.capture.slot:
+                    metrics.SLOT_RETAINED_WAL_BYTES.labels("erp", s["slot"]).set(
+                        s["retained_wal_bytes"] or 0
+                    )
+                    metrics.REPLICATION_LAG_BYTES.labels("erp", s["slot"]).set(s["lag_bytes"] or 0)
+                    parts.append(f"slot retains {s['retained_wal_bytes']} bytes")
+                    if s["warning"]:
+                        log.warning("slot_at_risk", slot=s["slot"], warning=s["warning"])
+        if self.order_service is not None:
+            from sqlalchemy import func, select
+
+            from replicator.orders.ledger import ledger_t
+
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(
+                    select(ledger_t.c.shop, ledger_t.c.state, func.count()).group_by(
+                        ledger_t.c.shop, ledger_t.c.state
+                    )
+                ).all()
+            for shop, state, n in rows:
+                metrics.ORDERS.labels(shop, state).set(n)
+            parts.append(f"{sum(r[2] for r in rows)} orders in the ledger")
+        return ", ".join(parts)
 
     def _refresh_metrics(self) -> None:
         p = self._progress()

@@ -139,6 +139,13 @@ webhook_secret = "{secret}"
             assert numbers is not None and numbers[0] == len(imported())
 
             # The Manage page and status show the delivered orders.
+            wait_until(
+                lambda: (
+                    'sync_orders{shop="woo",state="delivered"}' in httpx.get(url + "metrics").text
+                ),
+                40,
+                what="orders by state in /metrics",
+            )
             page = httpx.get(url).text
             assert "delivered" in page.lower()
             st = subprocess.run(

@@ -358,6 +358,11 @@ def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> N
         applied = fams["sync_changes_applied"]
         assert any(s.value > 0 for s in applied.samples)
         assert "sync_replication_lag_seconds" in fams and "sync_heartbeat_age_seconds" in fams
+        wait_until(
+            lambda: "sync_slot_retained_wal_bytes{" in httpx.get(url + "metrics").text,
+            30,
+            what="retained WAL of the slot in /metrics",
+        )
         assert "postgres@" not in text and "password" not in text.lower()
         # watchdog pings keep coming while the loop runs
         sock.settimeout(5)
