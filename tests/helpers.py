@@ -148,15 +148,8 @@ def staging_rows(staging_url: str, table: str) -> tuple[list[str], list[str], tu
             return [], [], ()
         cols = [c.name for c in info.schema.columns]
         rows = store.rows(table)
-        out = []
-        for r in rows:
-            vals = []
-            for c, v in zip(info.schema.columns, r, strict=True):
-                if (isinstance(v, str) and c.type_name in ("json", "jsonb")) or (isinstance(v, int) and not isinstance(v, bool) and c.type_name == "boolean"):
-                    vals.append(v)
-                else:
-                    vals.append(norm(v))
-            out.append(to_json(vals))
+        # JSON text (SQLite) and decoded JSON (PostgreSQL) both normalise to the same JSON text.
+        out = [to_json([norm(v) for v in r]) for r in rows]
         return out, cols, info.schema.key
     finally:
         store.dispose()
