@@ -22,7 +22,9 @@ def test_postgresql_erp_in_trigger_mode(erp_db: str, tmp_path: Path) -> None:
         c.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int, price numeric(10,2))")
         c.execute("INSERT INTO stock SELECT 'S' || g, g, g * 1.25 FROM generate_series(1, 500) g")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = base_config(tmp_path, erp_db, staging, ["public.stock"], mode="triggers", poll_interval=0.05)
+    cfg = base_config(
+        tmp_path, erp_db, staging, ["public.stock"], mode="triggers", poll_interval=0.05
+    )
     missing = _cli("run", "--config", str(cfg))
     assert missing.returncode == 3 and "triggers install" in missing.stdout + missing.stderr
     res = _cli("triggers", "install", "--config", str(cfg))
@@ -44,10 +46,18 @@ def test_sqlite_erp_in_trigger_mode(tmp_path: Path) -> None:
     with sqlite3.connect(erp) as c:
         c.execute("PRAGMA journal_mode = WAL")
         c.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER)")
-        c.executemany("INSERT INTO items VALUES (?, ?, ?)", [(i, f"n{i}", i) for i in range(1, 101)])
+        c.executemany(
+            "INSERT INTO items VALUES (?, ?, ?)", [(i, f"n{i}", i) for i in range(1, 101)]
+        )
     staging = tmp_path / "s.db"
-    cfg = base_config(tmp_path, f"sqlite:///{erp}", f"sqlite:///{staging}", ["main.items"],
-                      mode="triggers", poll_interval=0.05)
+    cfg = base_config(
+        tmp_path,
+        f"sqlite:///{erp}",
+        f"sqlite:///{staging}",
+        ["main.items"],
+        mode="triggers",
+        poll_interval=0.05,
+    )
     assert _cli("triggers", "install", "--config", str(cfg)).returncode == 0
 
     def mirror() -> list[tuple[int, str, int]]:

@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "SYNC_DEMO_ERP": "sqlite", "SYNC_DEMO_STATE": str(tmp_path / "demo")}
-    proc = subprocess.Popen([sys.executable, "-m", "replicator.demo"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator.demo"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     deadline = time.monotonic() + 90
     assert proc.stdout is not None
