@@ -557,8 +557,14 @@ class Daemon:
                 svc.last_ok, svc.last_result = True, f"{n} changes"
                 if time.monotonic() - self._last_heartbeat >= self.cfg.capture.heartbeat_interval:
                     self._last_heartbeat = time.monotonic()
-                    self.source.heartbeat()
+                    self._while_alive(self.source.heartbeat)
             except RetryableError as exc:
+                self._lost(exc)
+            except FatalError:
+                raise
+            except Exception as exc:  # the staging store or the ERP went away mid-cycle
+                if not _is_transient(exc):
+                    raise
                 self._lost(exc)
         else:
             self.stop.wait(min(1.0, max(0.0, self._retry_at - time.monotonic())))
@@ -581,11 +587,46 @@ class Daemon:
         if time.monotonic() - self._last_summary >= 30:
             self._log_summary()
 
+    def _while_alive(self, fn: Callable[[], Any]) -> Any:
+        """Run a call that waits on the network in a worker thread, and keep the liveness clock
+        and the systemd watchdog ticking meanwhile.
+
+        Connects and heartbeats are bounded (connect_timeout, TCP keepalives and
+        tcp_user_timeout), so waiting on them is the loop making progress, not the loop being
+        stuck: a silent network partition must not make /healthz fail and a supervisor restart
+        a daemon that is only waiting for the ERP. The ticking stops after a hard cap, so a call
+        that never returns still turns liveness red.
+        """
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed over to the loop below
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, name="network-call", daemon=True)
+        worker.start()
+        cap = time.monotonic() + 3 * self.cfg.erp.connect_timeout + 60
+        while worker.is_alive():
+            worker.join(0.5)
+            if time.monotonic() < cap:
+                self.state.last_tick = time.monotonic()
+                if self.health is not None:
+                    self.health.tick()
+                if self._watchdog:
+                    sdnotify.watchdog_ping()
+            if self.stop.is_set() and worker.is_alive():
+                raise RetryableError("stopping while waiting on the network")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
     def _connect(self) -> None:
         assert self.store is not None
         source = make_source(self.cfg, self.store)
         try:
-            source.start()
+            self._while_alive(source.start)
         except RetryableError as exc:
             source.close()
             self._lost(exc)
@@ -598,6 +639,10 @@ class Daemon:
             if _is_transient(exc):
                 self._lost(exc)
                 return
+            import psycopg
+
+            if isinstance(exc, psycopg.OperationalError):
+                raise FatalError(f"cannot capture from the ERP: {str(exc).strip()}") from exc
             raise
         self.source = source
         self.state.capture_connected = True
@@ -760,10 +805,36 @@ def _lsn(v: int) -> str:
     return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
 
 
-def _is_transient(exc: BaseException) -> bool:
-    import psycopg
+# Connection errors a retry cannot fix: stop and say why (exit 3) instead of retrying for ever.
+_FATAL_CONNECT = (
+    "must be superuser or replication role",
+    "permission denied",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+)
 
-    return isinstance(exc, (psycopg.OperationalError, OSError, TimeoutError))
+
+def _is_transient(exc: BaseException) -> bool:
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    text = str(exc)
+    if any(f in text for f in _FATAL_CONNECT):
+        return False
+    return isinstance(
+        exc,
+        (
+            psycopg.OperationalError,
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sqlite3.OperationalError,
+            OSError,
+            TimeoutError,
+        ),
+    )
 
 
 def run_daemon(config_path: str) -> int:

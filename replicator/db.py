@@ -16,6 +16,17 @@ from sqlalchemy.pool import NullPool
 
 APP = "sync-daemon"
 
+# A silent network partition (no RST, no FIN) must not hang a query or the replication stream
+# for the kernel's default of hours: keepalives notice a dead peer after ~25 s idle, and
+# tcp_user_timeout bounds how long sent data may stay unacknowledged.
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
+
 
 def app_name(role: str) -> str:
     return f"{APP}/{role}"
@@ -30,7 +41,7 @@ def pg_connect(
         application_name=app_name(role),
         connect_timeout=max(1, int(connect_timeout)),
         options="-c timezone=UTC -c datestyle=ISO",
-        **kwargs,
+        **{**PG_KEEPALIVES, **kwargs},
     )
 
 
@@ -49,7 +60,7 @@ def make_engine(url: str, role: str, **kwargs: Any) -> sa.Engine:
     u = sqlalchemy_url(url)
     connect_args: dict[str, Any] = {}
     if u.get_backend_name() == "postgresql":
-        connect_args = {"application_name": app_name(role), "connect_timeout": 10}
+        connect_args = {"application_name": app_name(role), "connect_timeout": 10, **PG_KEEPALIVES}
     elif u.get_backend_name() == "mysql":
         connect_args = {"connect_timeout": 10, "program_name": app_name(role)}
     elif u.get_backend_name() == "sqlite":

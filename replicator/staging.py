@@ -25,6 +25,7 @@ arrays as JSON text.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import hashlib
@@ -976,17 +977,17 @@ class ApplyTxn:
                 CHANGES_APPLIED.labels(self.source, table, op).inc(n)
 
     def rollback(self) -> None:
-        if not self.closed:
-            try:
-                self._tx.rollback()
-            finally:
-                self.close()
+        self.close()
 
     def close(self) -> None:
+        """Roll back what is not committed; never raises (the connection may be dead)."""
         if not self.closed:
             self.closed = True
             try:
                 if self._tx.is_active:
                     self._tx.rollback()
+            except Exception as exc:
+                log.warning("staging_rollback_failed", error=str(exc).splitlines()[0])
             finally:
-                self.conn.close()
+                with contextlib.suppress(Exception):
+                    self.conn.close()

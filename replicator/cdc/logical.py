@@ -33,6 +33,7 @@ import contextlib
 import datetime as dt
 import json
 import select
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -40,6 +41,7 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import pq, sql
+from sqlalchemy import exc as sa_exc
 
 from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, Progress, TableSchema
 from replicator.cdc.pgoutput import (
@@ -60,7 +62,7 @@ from replicator.cdc.pgoutput import (
     standby_status,
 )
 from replicator.config import Config
-from replicator.db import app_name, pg_connect
+from replicator.db import PG_KEEPALIVES, app_name, pg_connect
 from replicator.errors import (
     DaemonAlreadyRunning,
     FatalError,
@@ -354,6 +356,7 @@ class LogicalSource(CaptureSource):
             autocommit=True,
             application_name=app_name("snapshot"),
             connect_timeout=int(self.cfg.erp.connect_timeout),
+            **PG_KEEPALIVES,
         )
         try:
             row = repl.execute(
@@ -427,6 +430,7 @@ class LogicalSource(CaptureSource):
             application_name=app_name("capture"),
             connect_timeout=int(self.cfg.erp.connect_timeout),
             options="-c timezone=UTC -c datestyle=ISO",
+            **PG_KEEPALIVES,
         )
         self._repl = repl
         pgconn = repl.pgconn
@@ -501,6 +505,15 @@ class LogicalSource(CaptureSource):
             self._maybe_send_status()
         except psycopg.OperationalError as exc:
             raise RetryableError(f"replication connection lost: {exc}") from exc
+        except (
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sqlite3.OperationalError,
+            OSError,
+        ) as exc:
+            # The staging store went away (server down, disk full). Nothing was confirmed
+            # beyond its last commit: reconnect later and resume from the staging checkpoint.
+            raise RetryableError(f"staging store unavailable: {exc}") from exc
         return self.progress.changes - applied_before
 
     def _handle_frame(self, data: memoryview) -> None:
