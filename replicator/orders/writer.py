@@ -42,8 +42,20 @@ log = structlog.get_logger(__name__)
 
 # SQLSTATEs / MySQL error numbers that mean "try again": serialization failure, deadlock, lock not
 # available, query cancelled, admin shutdown, connection failures; lock wait timeout, server gone.
-_TRANSIENT_SQLSTATE = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300"}
-_TRANSIENT_MYSQL = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1040, 1053}
+# 42501 / 1142 / 1143: the ERP role lacks a privilege. Not the order's fault: the order waits and
+# is retried once the DBA has fixed the GRANT, instead of being parked as bad input.
+_TRANSIENT_SQLSTATE = {
+    "40001",
+    "40P01",
+    "55P03",
+    "57014",
+    "57P01",
+    "57P02",
+    "57P03",
+    "53300",
+    "42501",
+}
+_TRANSIENT_MYSQL = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1040, 1053, 1142, 1143}
 
 
 class ErpUnavailable(RetryableError):
