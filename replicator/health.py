@@ -324,6 +324,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch()
 
+    def do_OPTIONS(self) -> None:
+        self._send(Response(204, {"Allow": "GET, HEAD, POST"}, b""))
+
+    def do_TRACE(self) -> None:
+        # TRACE would echo request headers (tokens, cookies) back: refused.
+        self._send(
+            Response(
+                405,
+                {"Allow": "GET, HEAD, POST", "Content-Type": "text/plain"},
+                b"method not allowed\n",
+            )
+        )
+
     def _dispatch(self, head: bool = False) -> None:
         try:
             resp = self.server.app._handle(self)
