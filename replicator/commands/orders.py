@@ -302,7 +302,7 @@ def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> in
     mapping = load_mapping(
         cfg.resolve_path(args.mapping or cfg.orders.mapping_for(shop)), cfg.erp.dialect
     )
-    engine = make_engine(cfg.erp.url, "orders-map")
+    engine = make_engine(cfg.erp.writer_url, "orders-map")
     try:
         validate_mapping(mapping, engine)
         try:

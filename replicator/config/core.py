@@ -46,6 +46,18 @@ def _read_secret(password_env: str | None, password_file: str | None) -> str | N
     return None
 
 
+def _with_password(url: str, secret: str) -> str:
+    """``url`` with its password set to ``secret`` (user, host and port kept)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(parts.username or '', safe='')}:{quote(secret, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class DatabaseSection(Section):
     """A database connection whose password may live outside the config file."""
 
@@ -66,15 +78,9 @@ class DatabaseSection(Section):
     def _resolve_password(self) -> DatabaseSection:
         secret = _read_secret(self.password_env, self.password_file)
         if secret is not None:
-            parts = urlsplit(self.dsn.get_secret_value())
-            host = parts.hostname or ""
-            if ":" in host:
-                host = f"[{host}]"
-            user = quote(parts.username or "", safe="")
-            netloc = f"{user}:{quote(secret, safe='')}@{host}"
-            if parts.port:
-                netloc += f":{parts.port}"
-            object.__setattr__(self, "dsn", SecretStr(urlunsplit(parts._replace(netloc=netloc))))
+            object.__setattr__(
+                self, "dsn", SecretStr(_with_password(self.dsn.get_secret_value(), secret))
+            )
         return self
 
     @property
@@ -101,7 +107,34 @@ def redact_url(url: str) -> str:
 
 
 class ErpSection(DatabaseSection):
-    """``[erp]``: the ERP database that is captured and that orders are written into."""
+    """``[erp]``: the ERP database that is captured and that orders are written into.
+
+    ``dsn`` is the capture role (REPLICATION + SELECT on the watched tables). Orders are written
+    with ``writer_dsn`` when given — a role with only the rights the order mapping needs — so
+    neither role holds more than its job (see docs/security.md).
+    """
+
+    writer_dsn: SecretStr | None = None
+    writer_password_env: str | None = None
+    writer_password_file: str | None = None
+
+    @model_validator(mode="after")
+    def _resolve_writer_password(self) -> ErpSection:
+        if self.writer_dsn is None:
+            return self
+        secret = _read_secret(self.writer_password_env, self.writer_password_file)
+        if secret is not None:
+            object.__setattr__(
+                self,
+                "writer_dsn",
+                SecretStr(_with_password(self.writer_dsn.get_secret_value(), secret)),
+            )
+        return self
+
+    @property
+    def writer_url(self) -> str:
+        """The DSN order import writes with (the capture DSN when no writer_dsn is set)."""
+        return self.writer_dsn.get_secret_value() if self.writer_dsn is not None else self.url
 
     @field_validator("dsn")
     @classmethod
@@ -193,13 +226,9 @@ class StagingSection(Section):
     def _resolve_password(self) -> StagingSection:
         secret = _read_secret(self.password_env, self.password_file)
         if secret is not None and self.url is not None:
-            parts = urlsplit(self.url.get_secret_value())
-            netloc = (
-                f"{quote(parts.username or '', safe='')}:{quote(secret, safe='')}@{parts.hostname}"
+            object.__setattr__(
+                self, "url", SecretStr(_with_password(self.url.get_secret_value(), secret))
             )
-            if parts.port:
-                netloc += f":{parts.port}"
-            object.__setattr__(self, "url", SecretStr(urlunsplit(parts._replace(netloc=netloc))))
         return self
 
 

@@ -177,7 +177,7 @@ class OrderImportService:
         self.cfg = cfg
         self.ocfg: OrdersSection = cfg.orders
         self.ledger = ledger or Ledger(cfg.staging_url)
-        self.engine = erp_engine or make_engine(cfg.erp.url, "orders")
+        self.engine = erp_engine or make_engine(cfg.erp.writer_url, "orders")
         self.inbox = Inbox(self.ledger, self.ocfg.e_number_fields)
         self._connectors: dict[str, ShopConnector] | None = (
             dict(connectors) if connectors is not None else None
