@@ -31,5 +31,9 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/logical_replication.py
 
+# The full fault suite (about 15 minutes); it rewrites docs/RELIABILITY.md with what it measured.
+faults: deps
+	SYNC_FAULTS_FULL=1 $(BIN)/python -m pytest tests/faults --reliability-report -q
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
