@@ -30,7 +30,6 @@ import datetime as dt
 import decimal
 import hashlib
 import json
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -418,11 +417,8 @@ class StagingStore:
         return now.isoformat(sep=" ") if self.dialect == "sqlite" else now
 
     def to_storage(self, v: Any) -> Any:
-        if self.dialect == "sqlite":
-            return _sqlite_value(v)
-        if isinstance(v, (dict, list)) and not isinstance(v, str):
-            return v  # adapted per column in _pg_param
-        return v
+        """A value for a system-table column (PostgreSQL takes Python values as they are)."""
+        return _sqlite_value(v) if self.dialect == "sqlite" else v
 
     def _pg_param(self, col: Column | None, v: Any) -> Any:
         if v is None or col is None:
@@ -583,17 +579,6 @@ class StagingStore:
                 source,
             ),
         )
-
-    def update_lag(
-        self, source: str, *, lag_bytes: int | None, server_position: str | None
-    ) -> None:
-        p = self._ph
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"UPDATE sync_checkpoints SET lag_bytes = {p}, server_position = {p} "
-                f"WHERE source = {p}",
-                (lag_bytes, server_position, source),
-            )
 
     def save_service(self, st: Any) -> None:
         """Persist what a service last did, so ``sync-daemon status`` (another process) sees it."""
@@ -821,7 +806,6 @@ class ApplyTxn:
         self.applied = 0  # changes applied (before coalescing) in this transaction
         self.counts: dict[tuple[str, str], int] = {}
         self._temp_tables: set[str] = set()  # PostgreSQL COPY staging tables made in this txn
-        self.started = time.monotonic()
         self.closed = False
 
     # apply ---------------------------------------------------------------

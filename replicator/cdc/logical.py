@@ -755,29 +755,20 @@ class LogicalSource(CaptureSource):
         except psycopg.OperationalError as exc:
             raise RetryableError(f"heartbeat failed: {exc}") from exc
 
-    def slot_info(self) -> dict[str, Any] | None:
-        if self._conn is None:
-            return None
-        return self._slot_row()
-
     def close(self) -> None:
-        txn, self._txn = self._txn, None
-        if txn is not None:
-            try:
-                if not self._in_source_txn:
-                    self._commit_batch_txn(txn)
-                else:
-                    txn.rollback()
-            except Exception as exc:  # never raise from close
-                log.warning("close_commit_failed", error=str(exc))
-                txn.rollback()
+        if self._txn is not None:
+            if self._in_source_txn:
+                # Half a source transaction: roll it back; the server sends it again.
+                self._txn.rollback()
+                self._txn = None
+            else:
+                try:
+                    self._commit_batch()  # whole transactions received: keep them
+                except Exception as exc:  # never raise from close; _commit_batch rolled back
+                    log.warning("close_commit_failed", error=str(exc))
         for c in (self._repl, self._conn):
             if c is not None:
                 with contextlib.suppress(Exception):
                     c.close()
         self._repl = None
         self._conn = None
-
-    def _commit_batch_txn(self, txn: ApplyTxn) -> None:
-        self._txn = txn
-        self._commit_batch()
