@@ -133,7 +133,7 @@ class Daemon:
     # ------------------------------------------------------------------ life cycle
     def run(self) -> int:
         cfg = self.cfg
-        warn_if_world_readable(self.config_path, cfg)
+        warn_if_world_readable(self.config_path)
         if cfg.staging.url is None:
             os.makedirs(cfg.daemon.state_dir, exist_ok=True)
         self.store = StagingStore(cfg.staging_url)
@@ -529,10 +529,6 @@ class Daemon:
         if p is not None:
             if p.lag_seconds is not None:
                 metrics.REPLICATION_LAG_SECONDS.labels(source, slot).set(p.lag_seconds)
-            if getattr(p, "server_wal_end", 0) and getattr(p, "confirmed_lsn", 0):
-                metrics.REPLICATION_LAG_BYTES.labels(source, slot).set(
-                    max(0, p.server_wal_end - p.confirmed_lsn)
-                )
             if getattr(p, "last_applied_at", None) is not None:
                 metrics.LAST_REPLICATION_TIMESTAMP.labels(source).set(p.last_applied_at.timestamp())
         age = self._heartbeat_age()
