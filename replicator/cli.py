@@ -51,7 +51,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging(cfg.logging, quiet=True)
-    warn_if_world_readable(args.config, cfg)
+    warn_if_world_readable(args.config)
     if getattr(args, "connect", False):
         from replicator.daemon import preflight
 

@@ -130,3 +130,27 @@ def test_world_readable_config_with_password_warns(tmp_path: Path) -> None:
     )
     assert "config_readable_by_others" in res.stderr + res.stdout
     assert ":pw@" not in res.stderr + res.stdout
+
+
+def test_world_readable_config_with_a_shop_secret_warns_naming_the_key(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        MINIMAL + '\n[[shops]]\nname = "web"\nkind = "woocommerce"\n'
+        'url = "http://127.0.0.1:1"\nconsumer_key = "ck_1"\nconsumer_secret = "cs_topsecret"\n',
+    )
+    p.chmod(0o644)
+    res = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
+    out = res.stderr + res.stdout
+    assert "config_readable_by_others" in out and "shops.0.consumer_secret" in out
+    assert "cs_topsecret" not in out
+    p.chmod(0o600)
+    res = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
+    assert "config_readable_by_others" not in res.stderr + res.stdout

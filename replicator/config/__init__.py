@@ -16,6 +16,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import Field, ValidationError
@@ -145,27 +146,50 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, str(p.resolve()))
 
 
-def warn_if_world_readable(path: str | os.PathLike[str], cfg: Config) -> bool:
+_SECRET_WORDS = ("password", "secret", "token", "consumer_key")
+
+
+def _inline_secrets(data: Any, prefix: str = "") -> list[str]:
+    """Keys of a parsed config that hold a secret written in the file itself (not ``*_env`` /
+    ``*_file`` references): secret-named keys, and URLs with a password."""
+    found: list[str] = []
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else ()
+    )
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, list)):
+            found += _inline_secrets(v, f"{key}.")
+        elif isinstance(v, str) and v:
+            name = str(k).lower()
+            named = any(w in name for w in _SECRET_WORDS) and not name.endswith(("_env", "_file"))
+            if named or ("://" in v and urlsplit(v).password):
+                found.append(key)
+    return found
+
+
+def warn_if_world_readable(path: str | os.PathLike[str]) -> bool:
     """Warn when a config file that holds secrets can be read by other users.
 
-    Returns True when a warning was logged.
+    Returns True when a warning was logged. The warning names the keys, never their values.
     """
     try:
         mode = os.stat(path).st_mode
-    except OSError:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
-    holds_secret = any(
-        s is not None
-        and ":" in (urlparts := s.split("://", 1)[-1].split("@", 1))[0]
-        and len(urlparts) == 2
-        for s in (cfg.erp.url, cfg.staging_url)
-    )
-    if holds_secret and mode & (stat.S_IRGRP | stat.S_IROTH):
+    keys = _inline_secrets(data)
+    if keys and mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning(
             "config_readable_by_others",
             path=str(path),
             mode=oct(mode & 0o777),
-            hint="the file holds a password: chmod 600, or use password_env/password_file",
+            keys=keys,
+            hint="the file holds secrets: chmod 600, or use *_env / *_file for them",
         )
         return True
     return False
