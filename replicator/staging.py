@@ -9,8 +9,10 @@ transaction (:meth:`ApplyTxn.commit` writes the checkpoint row in the same trans
 capture source confirms that position to the ERP only after the commit returned. A source
 transaction is never split across two staging commits: a transaction larger than the batch is
 *flushed* in chunks (so memory stays bounded) but committed only once its source commit arrived.
-After a crash, staging holds whole source transactions up to the checkpoint, and capture resumes
-right after it.
+On SQLite, where a write transaction locks the whole database, those chunks are parked in spill
+tables in short transactions of their own and moved into the mirrors by the commit (see
+:class:`ApplyTxn`). After a crash, staging holds whole source transactions up to the checkpoint,
+and capture resumes right after it.
 
 *Batches, not round trips.* Within a staging transaction, pending changes are coalesced per row
 key (the last image wins; a partial image — unchanged TOAST columns left out — is merged onto the
@@ -201,6 +203,140 @@ class _Pending:
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes)
+
+
+def _upsert_groups(
+    pend: _Pending,
+) -> dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]]:
+    """Pending upserts grouped by column set (full images, and each shape of partial image):
+    ``(values, key, position)`` per row, one ``executemany`` or ``INSERT … SELECT`` a group."""
+    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]] = {}
+    for k, (values, _partial, pos) in pend.upserts.items():
+        groups.setdefault(tuple(values.keys()), []).append((values, k, pos))
+    return groups
+
+
+class _Spill:
+    """Chunks of one large source transaction, parked until its commit (SQLite staging).
+
+    Each mirror gets a spill table ``_sync_spill__<mirror>``: the mirror's columns plus a
+    sequence number, the change's position and its journal key. A chunk is written in a short
+    transaction of its own as *segments* — runs of rows of one table, one operation and one
+    column set, in the order the direct path writes them. :meth:`materialize` replays the
+    segments in order into the mirrors and the journal, one ``DELETE … IN (SELECT …)`` or
+    ``INSERT … SELECT … ON CONFLICT`` each, inside the transaction that commits the checkpoint,
+    then drops the spill tables. Values pass through the same converters and column affinities
+    as on the direct path, so the mirror ends up byte for byte the same.
+
+    One capture source writes a mirror at a time, so a spill table belongs to one transaction:
+    the first chunk of a large transaction recreates it, and a spill left behind by a crash or
+    a rollback is never read.
+    """
+
+    def __init__(self, store: StagingStore) -> None:
+        self.store = store
+        self.tables: dict[str, str] = {}  # mirror name -> its spill table, made in this txn
+        # (mirror, op, columns, first seq, last seq)
+        self.segments: list[tuple[MirrorInfo, str, tuple[str, ...], int, int]] = []
+        self.seq = 0
+
+    def _table(self, conn: sa.Connection, info: MirrorInfo) -> str:
+        name = self.tables.get(info.name)
+        if name is None:
+            store = self.store
+            name = f"_sync_spill__{info.name}"
+            cols = ", ".join(store._col_ddl(c) for c in info.schema.columns)
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {store.q(name)}")
+            conn.exec_driver_sql(
+                f"CREATE TABLE {store.q(name)} (_sync_seq INTEGER PRIMARY KEY, "
+                f"_sync_pos TEXT NOT NULL, _sync_jkey TEXT, {cols})"
+            )
+            self.tables[info.name] = name
+        return name
+
+    def _segment(
+        self,
+        cur: Any,
+        conn: sa.Connection,
+        info: MirrorInfo,
+        op: str,
+        cols: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Append ``rows`` (position, journal key, column values…) as one segment."""
+        q = self.store.q
+        spill = self._table(conn, info)
+        first = self.seq + 1
+        ph = ", ".join(["?"] * (len(cols) + 3))
+        cur.executemany(
+            f"INSERT INTO {q(spill)} (_sync_seq, _sync_pos, _sync_jkey, "
+            f"{', '.join(q(c) for c in cols)}) VALUES ({ph})",
+            [(first + i, *row) for i, row in enumerate(rows)],
+        )
+        self.seq += len(rows)
+        self.segments.append((info, op, cols, first, self.seq))
+
+    def write(self, pending: dict[str, _Pending]) -> None:
+        store = self.store
+        with store.engine.begin() as conn:
+            dbapi = conn.connection.driver_connection
+            assert dbapi is not None
+            cur = dbapi.cursor()
+            try:
+                for table, pend in pending.items():
+                    info = store._mirrors[table]
+                    if pend.deletes:
+                        self._segment(
+                            cur,
+                            conn,
+                            info,
+                            "D",
+                            info.schema.key,
+                            [(pos, _key_json(k), *k) for k, pos in pend.deletes.items()],
+                        )
+                    for cols, rows in _upsert_groups(pend).items():
+                        conv = store.converter(info, cols)
+                        self._segment(
+                            cur,
+                            conn,
+                            info,
+                            "U",
+                            cols,
+                            [(pos, _key_json(k), *conv(values)) for values, k, pos in rows],
+                        )
+            finally:
+                cur.close()
+
+    def materialize(self, txn: ApplyTxn, conn: sa.Connection) -> None:
+        """Move every spilled chunk into the mirrors and the journal, inside ``conn``'s
+        transaction; drop the spill tables with it."""
+        store = self.store
+        q = store.q
+        now = store._now()
+        for info, op, cols, first, last in self.segments:
+            spill = q(self.tables[info.name])
+            collist = ", ".join(q(c) for c in cols)
+            rng = f"FROM {spill} WHERE _sync_seq BETWEEN ? AND ?"
+            if op == "D":
+                lhs = collist if len(cols) == 1 else f"({collist})"
+                conn.exec_driver_sql(
+                    f"DELETE FROM {q(info.name)} WHERE {lhs} IN (SELECT {collist} {rng})",
+                    (first, last),
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} {rng} "
+                    f"ORDER BY _sync_seq {store.conflict_sql(info, cols)}",
+                    (first, last),
+                )
+            if store.journal_enabled:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+                    f"SELECT ?, ?, ?, _sync_jkey, _sync_pos, ? {rng} ORDER BY _sync_seq",
+                    (txn.source, info.source_table, op, now, first, last),
+                )
+        for name in self.tables.values():
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q(name)}")
 
 
 class StagingStore:
@@ -458,18 +594,22 @@ class StagingStore:
         ck = ("upsert", info.name, cols)
         sql = self._sql_cache.get(ck)
         if sql is None:
-            key = info.schema.key
             collist = ", ".join(self.q(c) for c in cols)
             ph = ", ".join([self._ph] * len(cols))
-            sets = [f"{self.q(c)} = excluded.{self.q(c)}" for c in cols if c not in key]
-            conflict = ", ".join(self.q(k) for k in key)
-            action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
             sql = (
                 f"INSERT INTO {self.q(info.name)} ({collist}) VALUES ({ph}) "
-                f"ON CONFLICT ({conflict}) {action}"
+                f"{self.conflict_sql(info, cols)}"
             )
             self._sql_cache[ck] = sql
         return sql
+
+    def conflict_sql(self, info: MirrorInfo, cols: Sequence[str]) -> str:
+        """The ``ON CONFLICT`` clause of an upsert of ``cols`` into a mirror."""
+        q = self.q
+        key = info.schema.key
+        sets = [f"{q(c)} = excluded.{q(c)}" for c in cols if c not in key]
+        action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
+        return f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
 
     def delete_sql(self, info: MirrorInfo) -> str:
         ck = ("delete", info.name)
@@ -790,23 +930,47 @@ class StagingStore:
 
 
 class ApplyTxn:
-    """One open staging transaction that changes are applied into.
+    """One staging transaction that changes are applied into.
 
-    ``apply`` buffers and coalesces; ``flush`` writes what is pending (still uncommitted);
-    ``commit(checkpoint)`` flushes, writes the checkpoint and commits — all or nothing.
+    ``apply`` buffers and coalesces; ``flush`` writes what is pending (still invisible to
+    readers of the mirrors); ``commit(checkpoint)`` flushes, writes the checkpoint and commits —
+    all or nothing.
+
+    The database transaction is opened lazily, at the first write that needs it. On SQLite a
+    write transaction locks the whole database, so a flush in the middle of a large source
+    transaction does not write into an open transaction there: it *spills* the chunk into a
+    spill table (see :class:`_Spill`) in a short transaction of its own, and the commit moves
+    every spilled chunk into the mirrors, in order, inside the one transaction that also holds
+    the checkpoint. Readers never see half a source transaction; other writers of the staging
+    store (log store, service state, order ledger) wait for a short commit instead of the whole
+    source transaction; and SQLite never has to keep a transaction of hundreds of megabytes
+    open while Python produces it (its WAL mode is documented to degrade there).
     """
 
     def __init__(self, store: StagingStore, source: str = "") -> None:
         self.store = store
         self.source = source
-        self.conn = store.engine.connect()
-        self._tx = self.conn.begin()
+        self._conn: sa.Connection | None = None
+        self._tx: sa.RootTransaction | None = None
         self._pending: dict[str, _Pending] = {}
+        self._spill: _Spill | None = None
         self.pending_count = 0
         self.applied = 0  # changes applied (before coalescing) in this transaction
         self.counts: dict[tuple[str, str], int] = {}
         self._temp_tables: set[str] = set()  # PostgreSQL COPY staging tables made in this txn
         self.closed = False
+
+    @property
+    def conn(self) -> sa.Connection:
+        """The open staging transaction's connection (opened, and spilled chunks moved into the
+        mirrors, on first use: whoever writes through it sees every change applied so far)."""
+        if self._conn is None:
+            self._conn = self.store.engine.connect()
+            self._tx = self._conn.begin()
+            if self._spill is not None:
+                spill, self._spill = self._spill, None
+                spill.materialize(self, self._conn)
+        return self._conn
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
@@ -862,10 +1026,23 @@ class ApplyTxn:
             self._journal([(info.source_table, "T", None, position)])
 
     def flush(self) -> None:
-        """Write all pending changes (inside the open transaction)."""
+        """Write all pending changes, still invisible to readers of the mirrors: into the open
+        transaction, or (SQLite, none open yet) into the spill, in a short transaction."""
+        if not self._pending:
+            return
+        if self._conn is None and self.store.dialect == "sqlite":
+            if self._spill is None:
+                self._spill = _Spill(self.store)
+            self._spill.write(self._pending)
+        else:
+            self._write_pending(self.conn)
+        self._pending.clear()
+        self.pending_count = 0
+
+    def _write_pending(self, conn: sa.Connection) -> None:
         store = self.store
         journal: list[tuple[str, str, Any, str]] = []
-        dbapi = self.conn.connection.driver_connection
+        dbapi = conn.connection.driver_connection
         assert dbapi is not None
         cur = dbapi.cursor()
         try:
@@ -875,22 +1052,16 @@ class ApplyTxn:
                     cur.executemany(store.delete_sql(info), list(pend.deletes.keys()))
                     if store.journal_enabled:
                         journal.extend((table, "D", k, pos) for k, pos in pend.deletes.items())
-                if pend.upserts:
-                    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-                    for values, _partial, _pos in pend.upserts.values():
-                        groups.setdefault(tuple(values.keys()), []).append(values)
-                    for cols, rows in groups.items():
-                        conv = store.converter(info, cols)
-                        if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
-                            self._copy_upsert(cur, info, cols, (conv(r) for r in rows))
-                        else:
-                            cur.executemany(store.upsert_sql(info, cols), [conv(r) for r in rows])
-                    if store.journal_enabled:
-                        journal.extend((table, "U", k, v[2]) for k, v in pend.upserts.items())
+                for cols, rows in _upsert_groups(pend).items():
+                    conv = store.converter(info, cols)
+                    if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+                        self._copy_upsert(cur, info, cols, (conv(r[0]) for r in rows))
+                    else:
+                        cur.executemany(store.upsert_sql(info, cols), [conv(r[0]) for r in rows])
+                    if store.journal_enabled:  # group by group, as the spill replays them
+                        journal.extend((table, "U", k, pos) for _, k, pos in rows)
         finally:
             cur.close()
-        self._pending.clear()
-        self.pending_count = 0
         if journal:
             self._journal(journal)
 
@@ -915,12 +1086,9 @@ class ApplyTxn:
         with cur.copy(f"COPY {tmp} ({collist}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        key = info.schema.key
-        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in key)
-        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         cur.execute(
             f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} FROM {tmp} "
-            f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
+            f"{store.conflict_sql(info, cols)}"
         )
 
     def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
@@ -949,9 +1117,11 @@ class ApplyTxn:
 
     def commit(self, checkpoint: Checkpoint | None, **kw: Any) -> None:
         """Flush, write ``checkpoint`` in the same transaction, commit."""
+        conn = self.conn  # opens the transaction and moves spilled chunks into the mirrors
         self.flush()
         if checkpoint is not None:
-            self.store.write_checkpoint(self.conn, checkpoint, changes=self.applied, **kw)
+            self.store.write_checkpoint(conn, checkpoint, changes=self.applied, **kw)
+        assert self._tx is not None
         self._tx.commit()
         self.close()
         if checkpoint is not None and self.counts:
@@ -967,11 +1137,13 @@ class ApplyTxn:
         """Roll back what is not committed; never raises (the connection may be dead)."""
         if not self.closed:
             self.closed = True
+            if self._conn is None:
+                return
             try:
-                if self._tx.is_active:
+                if self._tx is not None and self._tx.is_active:
                     self._tx.rollback()
             except Exception as exc:
                 log.warning("staging_rollback_failed", error=str(exc).splitlines()[0])
             finally:
                 with contextlib.suppress(Exception):
-                    self.conn.close()
+                    self._conn.close()
