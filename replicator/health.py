@@ -71,7 +71,7 @@ from urllib.parse import parse_qsl, urlsplit
 import sqlalchemy as sa
 import structlog
 
-from replicator import metrics
+from replicator import metrics, safejson
 from replicator.config.core import HealthSection
 from replicator.errors import ConfigError
 from replicator.log import redact
@@ -108,8 +108,9 @@ class Request:
     client: str = ""
 
     def json(self) -> Any:
-        """The body parsed as JSON (raises ``ValueError`` on invalid JSON)."""
-        return json.loads(self.body.decode("utf-8"))
+        """The body parsed as JSON within :mod:`replicator.safejson`'s limits (raises
+        :class:`~replicator.safejson.JsonRefused`, a ``ValueError``, naming what is wrong)."""
+        return safejson.loads(self.body)
 
 
 @dataclass
