@@ -251,7 +251,7 @@ def test_mounted_route_body_query_and_413(clock: FakeClock) -> None:
         seen.append(req)
         return Response.json({"len": len(req.body), "q": req.query})
 
-    srv.add_route("POST", "/webhooks/", echo)
+    srv.add_route("POST", "/webhooks/{shop}", echo)
     srv.start()
     try:
         r = httpx.post(
@@ -371,7 +371,7 @@ def test_non_loopback_without_token_is_refused() -> None:
 def test_token_protects_everything_but_probes(clock: FakeClock) -> None:
     srv = _server(clock, token="s3cret-token")
     srv.add_route("GET", "/manage", lambda req: Response.text("manage page"))
-    srv.add_route("POST", "/webhooks/", lambda req: Response.text("got it"), public=True)
+    srv.add_route("POST", "/webhooks/{shop}", lambda req: Response.text("got it"), public=True)
     srv.start()
     try:
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
@@ -404,3 +404,49 @@ def test_stop_is_idempotent_and_frees_port(clock: FakeClock) -> None:
     srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_routing_is_exact_and_allow_lists_what_the_route_serves(clock: FakeClock) -> None:
+    srv = _server(clock, token="s3cret-token")
+    hits: list[str] = []
+
+    def hit(req: Request) -> Response:
+        hits.append(req.path)
+        return Response.text("ok")
+
+    srv.add_route("GET", "/", hit)
+    srv.add_route("GET", "/fragments/{panel}", hit)
+    srv.add_route("POST", "/webhooks/shop/hooks", hit, public=True)
+    srv.add_route("GET", "/webhooks/erp", hit, public=True)
+    srv.add_route("POST", "/webhooks/erp", hit, public=True)
+    srv.start()
+    auth = {"Authorization": "Bearer s3cret-token"}
+    try:
+        with httpx.Client(base_url=srv.url, headers=auth) as c:
+            # "/" is the page, not a catch-all; no prefix reaches a shop's receiver.
+            for path in ("/nothing", "/order/", "/fragments", "/fragments/a/b", "/webhooks/shop/0"):
+                assert c.get(path).status_code == 404, path
+            for path in ("/webhooks/shop/0", "/webhooks/shop/hooksX", "/webhooks/shop/hooks/x"):
+                assert c.post(path, content=b"{}").status_code == 404, path
+            assert c.get("/fragments/orders").status_code == 200
+            assert c.post("/webhooks/shop/hooks", content=b"{}").status_code == 200
+            assert hits == ["/fragments/orders", "/webhooks/shop/hooks"]
+            # Allow lists the methods of the matched route, for 405 and OPTIONS alike.
+            r = c.get("/webhooks/shop/hooks")
+            assert (r.status_code, r.headers["allow"]) == (405, "POST, OPTIONS")
+            r = c.request("OPTIONS", "/webhooks/erp")
+            assert (r.status_code, r.headers["allow"]) == (204, "GET, HEAD, POST, OPTIONS")
+            for path in ("/healthz", "/readyz", "/metrics"):
+                r = c.post(path, content=b"x")
+                assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD, OPTIONS"), path
+                assert c.request("OPTIONS", path).headers["allow"] == "GET, HEAD, OPTIONS"
+            assert c.request("OPTIONS", "/nothing").status_code == 404
+            # TRACE (which would echo the token back) and unknown verbs: 405, never 501.
+            for verb in ("TRACE", "PUT", "DELETE", "FOO"):
+                r = c.request(verb, "/")
+                assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD, OPTIONS"), verb
+                assert c.request(verb, "/elsewhere").status_code == 404
+            assert c.head("/").status_code == 200
+        assert hits[-1] == "/"
+    finally:
+        srv.stop()

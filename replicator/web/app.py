@@ -475,6 +475,8 @@ def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
     except sa.exc.SQLAlchemyError as exc:  # the chart stays empty; the page still works
         log.warning("lag_history_unavailable", error=redact(str(exc).splitlines()[0]))
     app = ManageApp(ctx)
-    server.add_route("GET", "/", app.handle_get)
-    server.add_route("POST", "/actions/", app.handle_post, max_body=16 * 1024)
+    # Exact routes (the server matches whole paths): anything else is the server's 404.
+    for path in ("/", "/order", "/favicon.ico", "/fragments/{panel}", "/static/{file}"):
+        server.add_route("GET", path, app.handle_get)
+    server.add_route("POST", "/actions/{action}", app.handle_post, max_body=16 * 1024)
     return app
