@@ -23,8 +23,8 @@ Protection: when ``health.listen`` is not a loopback address, every route except
 password — or ``user:password`` — equals the token); the server refuses to start on such an
 address without a token. A configured token is enforced on loopback too. Routes mounted with
 ``public=True`` (webhook receivers that verify the shop's own signature) skip the token.
-Bodies larger than ``max_body`` get 413, connections have a socket timeout (slow clients cannot
-hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
+Bodies (sent with ``Content-Length`` or chunked) larger than ``max_body`` get 413, connections
+have a socket timeout (slow clients cannot hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
 an exception becomes a 500 whose body names the exception type only, redacted.
 
 Wiring (for ``replicator/daemon.py``)::
@@ -101,6 +101,8 @@ RouteHandler = Callable[["Request"], "Response"]
 # The server's own resources (GET only). /healthz and /readyz need no token: a load balancer or
 # systemd-side monitor has none, and the bodies hold no secrets.
 _BUILTIN = ("/healthz", "/readyz", "/metrics")
+# A chunk-size line: hex size, optional extensions (ignored), CRLF.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n")
 
 
 @dataclass(frozen=True)
@@ -660,9 +662,17 @@ class HealthServer:
     def _read_body(self, h: _Handler, headers: dict[str, str], limit: int) -> bytes | None:
         """Read the body within ``max_body`` and the request timeout; ``None`` when answered."""
         h.body_read = True
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            h._send(Response.text("chunked bodies are not accepted; send Content-Length\n", 411))
-            return None
+        encoding = headers.get("transfer-encoding", "").strip().lower()
+        if encoding:
+            if encoding != "chunked":
+                h._send(Response.text(f"Transfer-Encoding {encoding[:40]!r} not supported\n", 400))
+                return None
+            body = self._read_chunked(h, limit)
+            if body is not None:
+                # Handlers see a body of known length, as if sent with Content-Length.
+                headers.pop("transfer-encoding", None)
+                headers["content-length"] = str(len(body))
+            return body
         raw = headers.get("content-length", "0").strip() or "0"
         if not raw.isdigit():
             h._send(Response.text("invalid Content-Length\n", 400))
@@ -685,6 +695,44 @@ class HealthServer:
             h.close_connection = True
             return None
         return b"".join(chunks)
+
+    @staticmethod
+    def _read_chunked(h: _Handler, limit: int) -> bytes | None:
+        """A ``Transfer-Encoding: chunked`` body (RFC 9112 7.1) within ``limit``; ``None`` when
+        answered (400 malformed, 413 too large) or the client went away."""
+        body = bytearray()
+        try:
+            while True:
+                line = h.rfile.readline(1024)
+                m = _CHUNK_SIZE.fullmatch(line)
+                if m is None:
+                    h._send(Response.text("malformed chunked body\n", 400))
+                    h.close_connection = True
+                    return None
+                size = int(m.group(1), 16)
+                if size == 0:
+                    break
+                if len(body) + size > limit:
+                    h._send(Response.text(f"body larger than {limit} bytes\n", 413))
+                    h.close_connection = True
+                    return None
+                while size > 0:  # the connection's read deadline bounds the whole loop
+                    chunk = h.rfile.read1(min(size, 65536))
+                    if not chunk:
+                        raise ConnectionError
+                    body += chunk
+                    size -= len(chunk)
+                if h.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    h._send(Response.text("malformed chunked body\n", 400))
+                    h.close_connection = True
+                    return None
+            for _ in range(64):  # trailer fields: read and ignored
+                if h.rfile.readline(8192) in (b"\r\n", b"\n", b""):
+                    break
+        except (OSError, ConnectionError):
+            h.close_connection = True
+            return None
+        return bytes(body)
 
     @staticmethod
     def _discard(h: _Handler, length: int) -> None:

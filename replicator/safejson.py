@@ -20,6 +20,7 @@ on it. Nothing else escapes: the caller parks or refuses the body, and never ans
 from __future__ import annotations
 
 import json
+import math
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -34,8 +35,9 @@ __all__ = [
 
 #: Arrays/objects nested deeper than this are refused (an order payload needs fewer than ten).
 MAX_DEPTH = 64
-#: Number literals longer than this (digits, sign, point and exponent) are refused; an exponent
-#: beyond ±MAX_NUMBER_CHARS is refused too (``1e999999`` is short but no ERP column holds it).
+#: Number literals longer than this (digits, sign, point and exponent) are refused; so is a float
+#: that overflows, and in Decimal mode an exponent beyond ±MAX_NUMBER_CHARS (``1e999999`` is short
+#: but no ERP column holds it).
 MAX_NUMBER_CHARS = 40
 
 # A complete JSON string literal (the "unrolled loop" form: no backtracking on long strings).
@@ -87,11 +89,17 @@ def _number(literal: str, as_decimal: bool) -> Any:
         value = Decimal(literal)
     except InvalidOperation:  # the scanner only hands over valid literals; stay safe anyway
         return _Refused(f"{literal!r} is not a number")
+    if not as_decimal:
+        number = float(value)
+        if math.isinf(number):
+            return _Refused(f"the number {literal} is out of range")
+        return number
+    # Decimals go into ERP numeric columns: an exponent beyond the limit fits none of them.
     if not value.is_zero() and abs(value.adjusted()) > MAX_NUMBER_CHARS:
         return _Refused(
             f"the number {literal} is out of range (exponent limit ±{MAX_NUMBER_CHARS})"
         )
-    return value if as_decimal else float(value)
+    return value
 
 
 def _constant(name: str) -> Any:
@@ -114,20 +122,21 @@ def _where(path: str) -> str:
     return f"field {path}" if path else "the top-level value"
 
 
-def _check(value: Any) -> None:
-    """Walk the parsed value (depth is bounded already) and refuse what cannot be stored."""
+def _check(value: Any, check_text: bool) -> None:
+    """Walk the parsed value (depth is bounded already) and refuse refused numbers and, with
+    ``check_text``, strings that cannot be stored."""
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         item, path = stack.pop()
         if isinstance(item, dict):
             for key, child in item.items():
-                problem = field_problem(key)
+                problem = field_problem(key) if check_text else None
                 if problem is not None:
                     raise JsonRefused(f"a key in {_where(path)}: {problem}")
                 stack.append((child, f"{path}.{key}" if path else key))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
-        elif isinstance(item, str):
+        elif isinstance(item, str) and check_text:
             problem = field_problem(item)
             if problem is not None:
                 raise JsonRefused(f"{_where(path)}: {problem}")
@@ -135,10 +144,17 @@ def _check(value: Any) -> None:
             raise JsonRefused(f"{_where(path)}: {item.reason}")
 
 
-def loads(data: bytes | str, *, decimal: bool = False, max_depth: int = MAX_DEPTH) -> Any:
+def loads(
+    data: bytes | str,
+    *,
+    decimal: bool = False,
+    check_text: bool = True,
+    max_depth: int = MAX_DEPTH,
+) -> Any:
     """Parse untrusted JSON; numbers with a fraction are Decimal when ``decimal`` (money stays
-    exact), float otherwise. Raises :class:`JsonRefused` for anything that is not plain JSON
-    within the limits."""
+    exact; exponents are then limited too), float otherwise. Raises :class:`JsonRefused` for
+    anything that is not plain JSON within the limits. ``check_text=False`` leaves strings
+    unchecked, for a caller that stores none of them as they are and checks the few it uses."""
     if isinstance(data, bytes):
         try:
             text = data.decode("utf-8")
@@ -162,5 +178,5 @@ def loads(data: bytes | str, *, decimal: bool = False, max_depth: int = MAX_DEPT
         ) from None
     except RecursionError:  # not reachable within max_depth; never let it out regardless
         raise JsonRefused(f"malformed JSON: nested too deeply (limit {max_depth})") from None
-    _check(value)
+    _check(value, check_text)
     return value

@@ -450,3 +450,42 @@ def test_routing_is_exact_and_allow_lists_what_the_route_serves(clock: FakeClock
         assert hits[-1] == "/"
     finally:
         srv.stop()
+
+
+def test_chunked_bodies_are_read_within_the_limit(clock: FakeClock) -> None:
+    srv = _server(clock, max_body=1024)
+    seen: list[Request] = []
+
+    def echo(req: Request) -> Response:
+        seen.append(req)
+        return Response.json({"len": len(req.body)})
+
+    srv.add_route("POST", "/in", echo)
+    srv.start()
+
+    def raw(body: bytes) -> bytes:
+        head = b"POST /in HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(head + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data
+
+    try:
+        with httpx.Client() as c:  # a generator body is sent chunked
+            r = c.post(f"{srv.url}/in", content=iter([b"ab", b"", b"cde"]))
+            assert (r.status_code, r.json()) == (200, {"len": 5})
+            # Handlers see a body of known length, as if sent with Content-Length.
+            assert seen[-1].headers["content-length"] == "5"
+            assert "transfer-encoding" not in seen[-1].headers
+        assert raw(b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n").startswith(b"HTTP/1.0 200")
+        assert seen[-1].body == b"abc"
+        assert raw(b"400\r\n" + b"x" * 1024 + b"\r\n1\r\ny\r\n0\r\n\r\n").startswith(
+            b"HTTP/1.0 413"
+        )
+        for bad in (b"zz\r\nabc\r\n0\r\n\r\n", b"-1\r\n\r\n", b"3\r\nabcd\r\n0\r\n\r\n"):
+            assert raw(bad).startswith(b"HTTP/1.0 400"), bad
+        assert len(seen) == 2
+    finally:
+        srv.stop()

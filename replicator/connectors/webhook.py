@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 _PING = re.compile(rb"^webhook_id=\d+$")
 # Delivery ids and topics are short tokens ("12345", "order.created").
 _MAX_HEADER = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BodyTooLarge(Exception):
@@ -278,7 +279,7 @@ def _bad_header(headers: Mapping[str, str]) -> str | None:
             continue
         if len(value) > _MAX_HEADER:
             return f"{name}: longer than {_MAX_HEADER} characters"
-        if not value.isprintable():
+        if _CONTROL.search(value):
             return f"{name}: contains a control character"
     return None
 
