@@ -16,7 +16,8 @@ Routing is exact: a path matches one resource (a literal path, or a pattern such
 ``/fragments/{panel}`` whose parameter is one segment) or gets 404 — nothing matches by prefix.
 A method the resource does not serve gets 405 with ``Allow`` listing what it does serve (HEAD
 with GET, and OPTIONS, which answers 204 with the same ``Allow``); TRACE and unknown verbs are
-answered the same way, never 501.
+answered the same way, never 501. A query parameter the stores cannot hold (NUL, which PostgreSQL
+refuses in text) gets 400 naming it before any handler runs.
 
 Protection: when ``health.listen`` is not a loopback address, every route except ``/healthz`` and
 ``/readyz`` requires ``health.token`` (``Authorization: Bearer <token>``, or basic auth whose
@@ -632,6 +633,10 @@ class HealthServer:
                 log.error("metrics_render_failed", error=redact(f"{type(exc).__name__}: {exc}"))
                 return Response.json({"error": "metrics unavailable"}, 500)
 
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        bad = safejson.unstorable(query)
+        if bad is not None:  # e.g. %00, which PostgreSQL refuses in every text value
+            return Response.text(f"Bad request: {bad}\n", 400)
         limit = self.max_body if route.max_body is None else route.max_body
         payload = self._read_body(h, headers, limit)
         if payload is None:
@@ -639,7 +644,7 @@ class HealthServer:
         request = Request(
             method=method,
             path=path,
-            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            query=query,
             headers=headers,
             body=payload,
             client=str(h.client_address[0]),

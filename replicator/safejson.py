@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "JsonRefused",
     "field_problem",
     "loads",
+    "unstorable",
 ]
 
 #: Arrays/objects nested deeper than this are refused (an order payload needs fewer than ten).
@@ -115,6 +117,19 @@ def field_problem(text: str) -> str | None:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             return f"invalid Unicode (lone surrogate U+{ord(text[exc.start]):04X})"
+    return None
+
+
+def unstorable(fields: Mapping[str, str]) -> str | None:
+    """``"name: why"`` for the first field (query or form parameter) whose name or value cannot be
+    stored, or None: the edge answers 400 with it instead of letting the store fail later."""
+    for name, value in fields.items():
+        problem = field_problem(name)
+        if problem is not None:
+            return f"a parameter name: {problem}"
+        problem = field_problem(value)
+        if problem is not None:
+            return f"{name}: {problem}"
     return None
 
 

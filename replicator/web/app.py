@@ -51,6 +51,7 @@ import jinja2
 import sqlalchemy as sa
 import structlog
 
+from replicator import safejson
 from replicator.config import redact_url
 from replicator.errors import FatalError
 from replicator.health import HealthServer, Request, Response
@@ -403,6 +404,9 @@ class ManageApp:
             form = dict(parse_qsl(req.body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
             return self._html("error.html", 400, message="the form is not UTF-8")
+        bad = safejson.unstorable(form)
+        if bad is not None:
+            return self._html("error.html", 400, message=f"bad form field {bad}")
         refused = self.csrf.check(req.headers, form.get(FIELD))
         if refused is not None:
             log.warning("manage_post_refused", action=action, client=req.client, reason=refused)
