@@ -11,6 +11,8 @@ What a delivery goes through:
 2. WooCommerce's ping when a webhook is saved (form body ``webhook_id=N``, unsigned) → 200.
 3. ``X-WC-Webhook-Signature`` must be base64(HMAC-SHA256(secret, raw body)), compared in constant
    time → 401 otherwise.
+   A delivery id or topic header that the ledger cannot keep (control characters, over 64
+   characters) → 400 naming the header.
 4. The raw body goes to ``store_callback`` with its de-duplication keys: the delivery id
    (``X-WC-Webhook-Delivery-ID``) and, as a fallback for redeliveries under a new id, the e-number
    plus the SHA-256 of the body. The callback — the order ledger — checks and stores atomically and
@@ -21,8 +23,10 @@ What a delivery goes through:
 If the callback raises :class:`~replicator.errors.RetryableError` the answer is 503 (WooCommerce
 redelivers later); any other exception is logged and answered 500.
 
-A signed body that is not JSON is still stored (the ledger keeps bad input and parks it as failed
-with a reason) and answered 200, so WooCommerce does not keep redelivering it.
+A signed body that is not JSON — or JSON beyond :mod:`replicator.safejson`'s limits: nested too
+deep, oversized numbers, NUL or invalid Unicode in a string — is still stored (the ledger keeps the
+raw bytes and parks it as failed with the reason) and answered 200, so WooCommerce does not keep
+redelivering it.
 """
 
 from __future__ import annotations
@@ -44,11 +48,15 @@ from typing import Any, BinaryIO, Self
 
 import structlog
 
+from replicator import safejson
 from replicator.errors import RetryableError
 
 log = structlog.get_logger(__name__)
 
 _PING = re.compile(rb"^webhook_id=\d+$")
+# Delivery ids and topics are short tokens ("12345", "order.created").
+_MAX_HEADER = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BodyTooLarge(Exception):
@@ -209,6 +217,10 @@ class WebhookReceiver:
                 delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
             )
             return 401, {"error": "missing or invalid X-WC-Webhook-Signature"}
+        bad_header = _bad_header(headers)
+        if bad_header is not None:
+            log.warning("webhook header refused", shop=self.shop, reason=bad_header)
+            return 400, {"error": bad_header}
         delivery = WebhookDelivery(
             shop=self.shop,
             delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
@@ -246,15 +258,30 @@ class WebhookReceiver:
 
 
 def _e_number(body: bytes) -> str | None:
-    """The order number of a WooCommerce order payload, if the body is one."""
+    """The order number of a WooCommerce order payload, if the body is one (a hostile body —
+    too deep, huge numbers, invalid Unicode — is not: it is stored and parked by the import)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = safejson.loads(body)
+    except safejson.JsonRefused:
         return None
     if not isinstance(data, dict):
         return None
     value = data.get("number") or data.get("id")
     return str(value) if value not in (None, "") else None
+
+
+def _bad_header(headers: Mapping[str, str]) -> str | None:
+    """Why a stored header (delivery id, topic) cannot be kept, or None: they go into the
+    ledger's text columns, which hold neither control characters nor unbounded lengths."""
+    for name in ("X-WC-Webhook-Delivery-ID", "X-WC-Webhook-Topic"):
+        value = WebhookReceiver._header(headers, name)
+        if value is None:
+            continue
+        if len(value) > _MAX_HEADER:
+            return f"{name}: longer than {_MAX_HEADER} characters"
+        if _CONTROL.search(value):
+            return f"{name}: contains a control character"
+    return None
 
 
 class WebhookServer:

@@ -42,7 +42,14 @@ from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import OrderMapping, OrderRejected, load_mapping, validate_mapping
-from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload, read_webhook
+from replicator.orders.inbox import (
+    Inbox,
+    Offered,
+    PayloadError,
+    no_e_number_reason,
+    parse_payload,
+    read_webhook,
+)
 from replicator.orders.ledger import Entry, Ledger, ShopState
 from replicator.orders.writer import (
     ErpUnavailable,
@@ -686,8 +693,7 @@ class OrderImportService:
         if not isinstance(payload, dict):
             return fail("payload is not a JSON object", "input")
         if e.startswith("unreadable-"):
-            fields = ", ".join(self.ocfg.e_number_fields)
-            return fail(f"payload carries no e-number (looked at: {fields})", "input")
+            return fail(no_e_number_reason(payload, self.ocfg.e_number_fields), "input")
         why = check_criteria(crit, payload, entry.shop_status)
         if why is not None:
             log.info("order_skipped", shop=shop, e_number=e, reason=why)

@@ -51,6 +51,7 @@ import jinja2
 import sqlalchemy as sa
 import structlog
 
+from replicator import safejson
 from replicator.config import redact_url
 from replicator.errors import FatalError
 from replicator.health import HealthServer, Request, Response
@@ -403,6 +404,9 @@ class ManageApp:
             form = dict(parse_qsl(req.body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
             return self._html("error.html", 400, message="the form is not UTF-8")
+        bad = safejson.unstorable(form)
+        if bad is not None:
+            return self._html("error.html", 400, message=f"bad form field {bad}")
         refused = self.csrf.check(req.headers, form.get(FIELD))
         if refused is not None:
             log.warning("manage_post_refused", action=action, client=req.client, reason=refused)
@@ -475,6 +479,8 @@ def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
     except sa.exc.SQLAlchemyError as exc:  # the chart stays empty; the page still works
         log.warning("lag_history_unavailable", error=redact(str(exc).splitlines()[0]))
     app = ManageApp(ctx)
-    server.add_route("GET", "/", app.handle_get)
-    server.add_route("POST", "/actions/", app.handle_post, max_body=16 * 1024)
+    # Exact routes (the server matches whole paths): anything else is the server's 404.
+    for path in ("/", "/order", "/favicon.ico", "/fragments/{panel}", "/static/{file}"):
+        server.add_route("GET", path, app.handle_get)
+    server.add_route("POST", "/actions/{action}", app.handle_post, max_body=16 * 1024)
     return app
