@@ -189,6 +189,7 @@ class MirrorInfo:
     source_table: str
     name: str
     schema: TableSchema
+    journaled: bool = True  # a shadow mirror (online re-copy) is not: the live mirror is
 
 
 class _Pending:
@@ -329,7 +330,7 @@ class _Spill:
                     f"ORDER BY _sync_seq {store.conflict_sql(info, cols)}",
                     (first, last),
                 )
-            if store.journal_enabled:
+            if store.journal_enabled and info.journaled:
                 conn.exec_driver_sql(
                     "INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
                     f"SELECT ?, ?, ?, _sync_jkey, _sync_pos, ? {rng} ORDER BY _sync_seq",
@@ -542,6 +543,58 @@ class StagingStore:
         col = info.schema.column(column)
         v = _sqlite_value(value) if self.dialect == "sqlite" else self._pg_param(col, value)
         conn.exec_driver_sql(f"UPDATE {self.q(info.name)} SET {self.q(column)} = {self._ph}", (v,))
+
+    # ------------------------------------------------------------------ online re-copy
+    @staticmethod
+    def shadow_of(table: str) -> str:
+        """The name under which the shadow mirror of ``table`` is applied into."""
+        return f"{table}#recopy"
+
+    def ensure_shadow(self, schema: TableSchema, *, fresh: bool) -> MirrorInfo:
+        """A shadow mirror for an online re-copy of a table (see :mod:`replicator.cdc.snapshot`):
+        fed beside the live mirror, not journaled, put in its place by :meth:`swap_shadow`.
+        ``fresh`` starts it empty; otherwise a copy interrupted by a crash resumes into it."""
+        self.setup()
+        name = f"_sync_recopy__{self.mirror_name(schema.qualified)}"
+        cols = ", ".join(self._col_ddl(c) for c in schema.columns)
+        pk = ", ".join(self.q(k) for k in schema.key)
+        with self.engine.begin() as conn:
+            if fresh:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.q(name)}")
+            conn.exec_driver_sql(
+                f"CREATE TABLE IF NOT EXISTS {self.q(name)} ({cols}, PRIMARY KEY ({pk}))"
+            )
+        info = MirrorInfo(self.shadow_of(schema.qualified), name, schema, journaled=False)
+        self._mirrors[info.source_table] = info
+        self._sql_cache.clear()
+        return info
+
+    def swap_shadow(self, conn: sa.Connection, table: str) -> None:
+        """Put the completed shadow of ``table`` in place of its mirror, in ``conn``'s transaction."""
+        shadow = self._mirrors.pop(self.shadow_of(table))
+        live = self._mirrors[table]
+        q = self.q
+        conn.exec_driver_sql(f"DROP TABLE {q(live.name)}")
+        conn.exec_driver_sql(f"ALTER TABLE {q(shadow.name)} RENAME TO {q(live.name)}")
+        if self.dialect == "postgresql":  # the primary key's index keeps the shadow's name
+            conn.exec_driver_sql(
+                f"ALTER INDEX IF EXISTS {q(shadow.name + '_pkey')} RENAME TO {q(live.name + '_pkey')}"
+            )
+        self._sql_cache.clear()
+
+    def journal_event(
+        self, conn: sa.Connection, source: str, table: str, op: str, position: str
+    ) -> None:
+        """A table-level journal entry (no row key): a truncate, a re-copy or a schema change.
+        Consumers treat an entry without a key as "anything in this table may have changed"."""
+        if not self.journal_enabled:
+            return
+        p = self._ph
+        conn.exec_driver_sql(
+            "INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+            f"VALUES ({p}, {p}, {p}, NULL, {p}, {p})",
+            (source, table, op, position, self._now()),
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -1022,7 +1075,7 @@ class ApplyTxn:
     def _truncate(self, info: MirrorInfo, position: str) -> None:
         self._pending.pop(info.source_table, None)
         self.conn.exec_driver_sql(f"DELETE FROM {self.store.q(info.name)}")
-        if self.store.journal_enabled:
+        if self.store.journal_enabled and info.journaled:
             self._journal([(info.source_table, "T", None, position)])
 
     def flush(self) -> None:
@@ -1048,9 +1101,10 @@ class ApplyTxn:
         try:
             for table, pend in self._pending.items():
                 info = store._mirrors[table]
+                journaled = store.journal_enabled and info.journaled
                 if pend.deletes:
                     cur.executemany(store.delete_sql(info), list(pend.deletes.keys()))
-                    if store.journal_enabled:
+                    if journaled:
                         journal.extend((table, "D", k, pos) for k, pos in pend.deletes.items())
                 for cols, rows in _upsert_groups(pend).items():
                     conv = store.converter(info, cols)
@@ -1058,7 +1112,7 @@ class ApplyTxn:
                         self._copy_upsert(cur, info, cols, (conv(r[0]) for r in rows))
                     else:
                         cur.executemany(store.upsert_sql(info, cols), [conv(r[0]) for r in rows])
-                    if store.journal_enabled:  # group by group, as the spill replays them
+                    if journaled:  # group by group, as the spill replays them
                         journal.extend((table, "U", k, pos) for _, k, pos in rows)
         finally:
             cur.close()

@@ -61,6 +61,7 @@ from replicator.cdc.pgoutput import (
     pg_time_to_datetime,
     standby_status,
 )
+from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.config import Config
 from replicator.db import PG_KEEPALIVES, app_name, pg_connect
 from replicator.errors import (
@@ -182,6 +183,8 @@ class LogicalSource(CaptureSource):
         self._last_status = 0.0
         self._checkpoint_lsn = 0
         self.snapshot_rows = 0
+        self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size)
+        self._had_mirror: set[str] = set()
 
     # ------------------------------------------------------------------ start
     def _connect(self) -> psycopg.Connection[Any]:
@@ -224,6 +227,7 @@ class LogicalSource(CaptureSource):
         schemas = describe_tables(conn, self.cfg)
         self._schemas = {s.qualified: s for s in schemas}
         self._ensure_publication(schemas)
+        self._had_mirror = {s.qualified for s in schemas if self.store.mirror(s.qualified)}
         for s in schemas:
             self.store.ensure_mirror(s)
         return conn
@@ -275,6 +279,11 @@ class LogicalSource(CaptureSource):
             )
         cp = self.store.load_checkpoint(self.name)
         assert cp is not None
+        self._snaps.load(cp.extra, self._schemas, self._had_mirror)
+        for copy in self._snaps.queue:
+            if copy.shadow:  # an online re-copy: a fresh shadow, or the one a crash interrupted
+                self.store.ensure_shadow(self._schemas[copy.table], fresh=copy.after is None)
+        self._show_snapshot_progress()
         self._checkpoint_lsn = lsn_to_int(cp.position)
         self.progress.confirmed_lsn = self._checkpoint_lsn
         self._start_stream(self._checkpoint_lsn)
@@ -385,7 +394,14 @@ class LogicalSource(CaptureSource):
         finally:
             repl.close()
         with self.store.transaction(self.name) as txn:
-            txn.commit(Checkpoint(self.name, consistent_point, state="streaming"), slot=self.slot)
+            self._snaps.copied = set(tables)
+            self._snaps.queue = []
+            txn.commit(
+                Checkpoint(
+                    self.name, consistent_point, state="streaming", extra=self._snaps.to_extra()
+                ),
+                slot=self.slot,
+            )
         log.info(
             "snapshot_done", slot=self.slot, rows=self.snapshot_rows, position=consistent_point
         )
@@ -470,6 +486,8 @@ class LogicalSource(CaptureSource):
         batch_ms = self.cfg.capture.batch_ms / 1000
         try:
             while not stop.is_set():
+                if self._snaps.active and self._snaps.chunk is None and not self._in_source_txn:
+                    self._start_chunk()
                 n, data = pgconn.get_copy_data(1)
                 if n == 0:
                     # Nothing buffered: commit a batch that is old enough, then wait on the socket.
@@ -572,7 +590,11 @@ class LogicalSource(CaptureSource):
             for oid in msg.relation_oids:
                 table = self._rel_tables.get(oid)
                 if table is not None:
-                    txn.apply(Change(table, "T", position=int_to_lsn(self.progress.received_lsn)))
+                    pos = int_to_lsn(self.progress.received_lsn)
+                    txn.apply(Change(table, "T", position=pos))
+                    if self.store.mirror(self.store.shadow_of(table)) is not None:
+                        txn.apply(Change(self.store.shadow_of(table), "T", position=pos))
+                    self._snaps.on_truncate(table)
                     self.progress.changes += 1
         elif isinstance(msg, LogicalMessage):
             self._on_logical_message(msg)
@@ -653,20 +675,80 @@ class LogicalSource(CaptureSource):
         dec = self._decoder
         if msg.op == "I":
             assert msg.new is not None
-            txn.apply(Change(table, "I", dec.row(rel, msg.new), position=pos))
+            change = Change(table, "I", dec.row(rel, msg.new), position=pos)
         elif msg.op == "U":
             assert msg.new is not None
             values = dec.row(rel, msg.new)
             old = dec.row(rel, msg.old) if msg.old is not None else None
-            txn.apply(Change(table, "U", values, key=old, position=pos))
+            change = Change(table, "U", values, key=old, position=pos)
         else:
             assert msg.old is not None
-            txn.apply(Change(table, "D", key=dec.row(rel, msg.old), position=pos))
+            change = Change(table, "D", key=dec.row(rel, msg.old), position=pos)
+        txn.apply(change)
+        if self._snaps.active:
+            self._snapshot_sees(txn, change)
         self.progress.changes += 1
         if txn.pending_count >= self.cfg.capture.batch_size:
             txn.flush()  # bounded memory inside a large source transaction; commit comes later
 
+    # ------------------------------------------------------------------ incremental snapshots
+    def _start_chunk(self) -> None:
+        copy = self._snaps.current
+        assert copy is not None and self._conn is not None
+        try:
+            self._snaps.start_chunk(self._conn, self._schemas[copy.table])
+        except psycopg.OperationalError as exc:
+            raise RetryableError(f"snapshot of {copy.table} interrupted: {exc}") from exc
+        self._show_snapshot_progress()
+
+    def _snapshot_sees(self, txn: ApplyTxn, change: Change) -> None:
+        """A streamed change of a table being copied: feed its shadow, keep the chunk honest."""
+        table = change.table
+        shadow = self.store.shadow_of(table)
+        if self.store.mirror(shadow) is not None:
+            txn.apply(Change(shadow, change.op, change.values, change.key, change.position))
+        schema = self._schemas[table]
+        key = schema.key
+        if change.key is not None:
+            old = tuple(change.key[c] for c in key)
+            if change.values is None or old != tuple(change.values[c] for c in key):
+                self._snaps.on_change(table, old, None, partial=False)
+        if change.values is not None:
+            partial = len(change.values) < len(schema.columns)
+            new = tuple(change.values[c] for c in key)
+            self._snaps.on_change(table, new, change.values, partial=partial)
+
+    def _apply_chunk(self, chunk: Chunk) -> None:
+        txn = self._open_txn()
+        copy = chunk.copy
+        target = self.store.shadow_of(copy.table) if copy.shadow else copy.table
+        for values in chunk.rows.values():
+            txn.apply(Change(target, "I", values, position="snapshot"))
+        self.snapshot_rows += len(chunk.rows)
+        done = self._snaps.chunk_applied(chunk)
+        if done is not None:
+            position = int_to_lsn(self.progress.received_lsn)
+            conn = txn.conn
+            if done.shadow:
+                txn.flush()  # the shadow's last rows, before it takes the mirror's place
+                self.store.swap_shadow(conn, done.table)
+            self.store.journal_event(conn, self.name, done.table, "S", position)
+        self._show_snapshot_progress()
+
+    def _show_snapshot_progress(self) -> None:
+        copy = self._snaps.current
+        self.progress.snapshot_table = copy.table if copy else None
+        self.progress.snapshot_done = copy.done if copy else 0
+        self.progress.snapshot_total = copy.total if copy else 0
+
     def _on_logical_message(self, msg: LogicalMessage) -> None:
+        if msg.prefix == self._snaps.prefix and not self._in_source_txn:
+            chunk = self._snaps.on_message(msg.content.decode(errors="replace"))
+            if chunk is not None:
+                self._apply_chunk(chunk)
+                # Non-transactional, like a heartbeat: a safe position to confirm.
+                self._batch_end_lsn = max(self._batch_end_lsn, msg.lsn)
+            return
         if msg.prefix != f"{HEARTBEAT_PREFIX}:{self.slot}":
             return
         try:
@@ -701,7 +783,7 @@ class LogicalSource(CaptureSource):
                     conn=txn.conn,
                 )
             txn.commit(
-                Checkpoint(self.name, int_to_lsn(end)),
+                Checkpoint(self.name, int_to_lsn(end), extra=self._snaps.to_extra()),
                 slot=self.slot,
                 source_commit_at=self.progress.last_commit_at,
             )
