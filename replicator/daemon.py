@@ -32,6 +32,7 @@ from replicator import metrics, sdnotify
 from replicator.cdc import make_source
 from replicator.cdc.base import CaptureSource
 from replicator.config import Config, load_config, warn_if_world_readable
+from replicator.config.watch import ConfigWatcher
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.log import setup_logging
 from replicator.staging import StagingStore
@@ -110,8 +111,7 @@ class Daemon:
         self._ready_sent = False
         self.runners: list[Any] = []
         self._services_stop = threading.Event()  # set on shutdown, and to rebuild on reload
-        self._reload_at = 0.0
-        self._watcher: Any = None
+        self._watcher: ConfigWatcher | None = None
         self.pushers: dict[str, Any] = {}
         self.order_service: Any = None
         self._watchdog = sdnotify.watchdog_interval()
@@ -127,7 +127,6 @@ class Daemon:
         self.stop.set()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        self._reload_at = 0.0
         self._reload.set()
 
     # ------------------------------------------------------------------ life cycle
@@ -151,7 +150,7 @@ class Daemon:
             self.store.start_checkpointer()
             self._start_side_services()
             while not self.stop.is_set():
-                if self._reload.is_set() and time.monotonic() >= self._reload_at:
+                if self._reload.is_set() or (self._watcher is not None and self._watcher.changed()):
                     self._reload.clear()
                     self.reload()
                 self.cycle()
@@ -217,31 +216,11 @@ class Daemon:
         self.order_service = None
 
     def _watch_config(self) -> None:
-        """Reload when the config file changes on disk (as SIGHUP does); mapping files are
-        re-read by the order import itself when they change."""
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        path = os.path.realpath(self.config_path)
-        daemon = self
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
-                if path in {os.path.realpath(p) for p in paths if p}:
-                    # Editors write in steps: reload once the file has been quiet for 0.5 s.
-                    daemon._reload_at = time.monotonic() + 0.5
-                    daemon._reload.set()
-
-        try:
-            observer = Observer()
-            observer.schedule(_Handler(), os.path.dirname(path), recursive=False)
-            observer.daemon = True
-            observer.start()
-        except OSError as exc:  # no inotify here: SIGHUP still works
-            log.warning("config_watch_unavailable", error=str(exc))
-            return
-        self._watcher = observer
+        """Reload when the config file's content changes on disk (as SIGHUP does); mapping
+        files are re-read by the order import itself when they change."""
+        watcher = ConfigWatcher(self.config_path)
+        if watcher.start():
+            self._watcher = watcher
 
     def _build_services(self) -> list[list[Any]]:
         """Order import, stock and invoice push, housekeeping: one worker thread per group."""
@@ -707,6 +686,8 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: load the config again; a bad new config is logged and the old one stays."""
         sdnotify.reloading()
+        if self._watcher is not None:
+            self._watcher.loaded()  # SIGHUP: what is read now is what is in force
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
