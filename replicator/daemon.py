@@ -19,6 +19,7 @@ import datetime as dt
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,9 @@ from replicator.staging import StagingStore
 log = structlog.get_logger(__name__, service="daemon")
 
 EXIT_FATAL = 3
+
+# How often the main loop refreshes its liveness mark in staging (``status`` reads it).
+ALIVE_INTERVAL = 5.0
 
 
 @dataclass
@@ -116,6 +120,9 @@ class Daemon:
         self.order_service: Any = None
         self._watchdog = sdnotify.watchdog_interval()
         self._last_watchdog = 0.0
+        self._last_alive = 0.0
+        self._started_at_utc = dt.datetime.now(dt.UTC)
+        self._exit_code = 1  # until run() says otherwise: a crash is not a clean stop
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -147,6 +154,7 @@ class Daemon:
         code = 0
         try:
             self.store.setup()
+            self._mark_alive(force=True)
             self.store.start_checkpointer()
             self._start_side_services()
             while not self.stop.is_set():
@@ -168,7 +176,11 @@ class Daemon:
             if self.notifier is not None:
                 self.notifier.report("capture", "erp", False, f"stopped: {exc}")
                 self.notifier.tick()
+        except BaseException:
+            code = 1  # recorded as the exit of a crash, then raised on
+            raise
         finally:
+            self._exit_code = code
             self.shutdown()
         log.info("daemon_stopped", exit_code=code)
         return code
@@ -558,9 +570,24 @@ class Daemon:
         if self._watchdog and time.monotonic() - self._last_watchdog >= self._watchdog / 3:
             self._last_watchdog = time.monotonic()
             sdnotify.watchdog_ping()
+        self._mark_alive()
         metrics.LOOP_DURATION.observe(time.monotonic() - t_cycle)
         if time.monotonic() - self._last_summary >= 30:
             self._log_summary()
+
+    def _mark_alive(self, force: bool = False) -> None:
+        """Refresh the liveness mark that ``status`` reads (another process, maybe later)."""
+        if self.store is None:
+            return
+        if not force and time.monotonic() - self._last_alive < ALIVE_INTERVAL:
+            return
+        self._last_alive = time.monotonic()
+        try:
+            self.store.mark_alive(
+                os.getpid(), socket.gethostname(), self._started_at_utc, ALIVE_INTERVAL
+            )
+        except Exception as exc:  # staging away: capture reports that; status will say "stale"
+            log.debug("liveness_not_saved", error=str(exc))
 
     def _while_alive(self, fn: Callable[[], Any]) -> Any:
         """Run a call that waits on the network in a worker thread, and keep the liveness clock
@@ -591,6 +618,7 @@ class Daemon:
                     self.health.tick()
                 if self._watchdog:
                     sdnotify.watchdog_ping()
+                self._mark_alive()
             if self.stop.is_set() and worker.is_alive():
                 raise RetryableError("stopping while waiting on the network")
         if "error" in box:
@@ -716,6 +744,7 @@ class Daemon:
             self.store.dispose()
             self.store = StagingStore(new.staging_url)
             self.store.setup()
+            self._mark_alive(force=True)
             self.store.start_checkpointer()
         if services_changed and self.store is not None:
             self._rebuild_services()
@@ -763,6 +792,13 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.logstore.stop()
         if self.store is not None:
+            if self._exit_code == 0:
+                svc = self.state.service("capture")
+                svc.last_ok, svc.last_result = True, "stopped"
+                self.state.capture_connected, self.state.last_error = True, ""
+                self._save_capture_state()
+            with contextlib.suppress(Exception):
+                self.store.mark_stopped(os.getpid(), socket.gethostname(), self._exit_code)
             self.store.dispose()
 
 

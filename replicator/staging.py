@@ -282,6 +282,16 @@ class StagingStore:
                 failures {big} NOT NULL DEFAULT 0,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_daemon (
+                name {text} PRIMARY KEY,
+                pid {big} NOT NULL,
+                host {text} NOT NULL,
+                started_at {ts} NOT NULL,
+                alive_at {ts} NOT NULL,
+                alive_interval {dbl} NOT NULL,
+                stopped_at {ts},
+                exit_code {big}
+            )""",
             "CREATE INDEX IF NOT EXISTS sync_journal_table ON sync_journal (table_name, id)",
         ]
         view = """CREATE VIEW replication_status AS
@@ -608,6 +618,52 @@ class StagingStore:
                     f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
                     values,
                 )
+
+    def mark_alive(self, pid: int, host: str, started_at: dt.datetime, interval: float) -> None:
+        """The daemon's liveness mark: written at start and every ``interval`` s by its main loop.
+
+        The whole row is written each time, so a second daemon that starts on the same staging
+        and exits again (it cannot take the source) is overwritten by the one that runs.
+        """
+        p = self._ph
+        values = (pid, host, self.to_storage(started_at), self._now(), interval, "daemon")
+        with self.engine.begin() as conn:
+            n = conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET pid = {p}, host = {p}, started_at = {p}, alive_at = {p}, "
+                f"alive_interval = {p}, stopped_at = NULL, exit_code = NULL WHERE name = {p}",
+                values,
+            ).rowcount
+            if not n:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_daemon (pid, host, started_at, alive_at, alive_interval, "
+                    f"name) VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                    values,
+                )
+
+    def mark_stopped(self, pid: int, host: str, exit_code: int) -> None:
+        """The daemon stops (only its own mark: a failed second daemon leaves the first's)."""
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET stopped_at = {p}, exit_code = {p} "
+                f"WHERE name = 'daemon' AND pid = {p} AND host = {p}",
+                (self._now(), exit_code, pid, host),
+            )
+
+    def load_liveness(self) -> dict[str, Any] | None:
+        """The daemon's liveness row (timestamps as aware datetimes), or None if it never ran."""
+        self.setup()
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT * FROM sync_daemon WHERE name = 'daemon'").first()
+        if row is None:
+            return None
+        d = dict(row._mapping)
+        for k in ("started_at", "alive_at", "stopped_at"):
+            if isinstance(d[k], str):
+                d[k] = dt.datetime.fromisoformat(d[k])
+            if d[k] is not None and d[k].tzinfo is None:
+                d[k] = d[k].replace(tzinfo=dt.UTC)
+        return d
 
     def load_services(self) -> list[dict[str, Any]]:
         self.setup()
