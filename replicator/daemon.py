@@ -8,8 +8,9 @@ connections close, and the process exits within ``daemon.shutdown_timeout`` seco
 
 Failures are classified: a :class:`RetryableError` (connection lost, server restarting) closes
 the source and reconnects with capped exponential backoff and jitter; a :class:`FatalError`
-(slot gone, bad schema, a second daemon) stops the daemon with the reason, exit code 3, which
-the systemd unit does not restart in a loop (``RestartPreventExitStatus=3``).
+(slot gone, bad schema, a second daemon) stops the daemon with the reason and its exit code (3
+for the source, 4 for refused access; see :mod:`replicator.errors`), which the systemd unit does
+not restart in a loop (``RestartPreventExitStatus``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -34,13 +35,11 @@ from replicator.cdc import make_source
 from replicator.cdc.base import CaptureSource
 from replicator.config import Config, load_config, warn_if_world_readable
 from replicator.config.watch import ConfigWatcher
-from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
+from replicator.errors import AccessError, ConfigError, FatalError, RetryableError, SyncError
 from replicator.log import setup_logging
 from replicator.staging import StagingStore
 
 log = structlog.get_logger(__name__, service="daemon")
-
-EXIT_FATAL = 3
 
 # How often the main loop refreshes its liveness mark in staging (``status`` reads it).
 ALIVE_INTERVAL = 5.0
@@ -163,9 +162,9 @@ class Daemon:
                     self.reload()
                 self.cycle()
         except FatalError as exc:
-            log.error("daemon_stopped_fatal", error=str(exc))
+            log.error("daemon_stopped_fatal", error=str(exc), exit_code=exc.exit_code)
             self.state.last_error = str(exc)
-            code = EXIT_FATAL
+            code = exc.exit_code
             svc = self.state.service("capture")
             svc.last_run_at, svc.last_ok, svc.last_result = (
                 dt.datetime.now(dt.UTC),
@@ -645,7 +644,12 @@ class Daemon:
             import psycopg
 
             if isinstance(exc, psycopg.OperationalError):
-                raise FatalError(f"cannot capture from the ERP: {str(exc).strip()}") from exc
+                from replicator.db import access_refused, one_line
+
+                cls = AccessError if access_refused(exc) else FatalError
+                raise cls(
+                    f"cannot capture from the ERP ({self.cfg.erp.redacted}): {one_line(exc)}"
+                ) from exc
             raise
         self.source = source
         self.state.capture_connected = True
@@ -818,24 +822,15 @@ def _lsn(v: int) -> str:
     return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
 
 
-# Connection errors a retry cannot fix: stop and say why (exit 3) instead of retrying for ever.
-_FATAL_CONNECT = (
-    "must be superuser or replication role",
-    "permission denied",
-    "password authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",
-)
-
-
 def _is_transient(exc: BaseException) -> bool:
     import sqlite3
 
     import psycopg
     from sqlalchemy import exc as sa_exc
 
-    text = str(exc)
-    if any(f in text for f in _FATAL_CONNECT):
+    from replicator.db import access_refused
+
+    if access_refused(exc):
         return False
     return isinstance(
         exc,
@@ -863,7 +858,7 @@ def run_daemon(config_path: str) -> int:
         return daemon.run()
     except SyncError as exc:
         log.error("daemon_failed", error=str(exc))
-        return 1
+        return exc.exit_code
 
 
 def resync(cfg: Config) -> None:
@@ -878,26 +873,4 @@ def resync(cfg: Config) -> None:
         src.resync()
     finally:
         src.close()
-        store.dispose()
-
-
-def preflight(cfg: Config) -> Iterator[str]:
-    """``check-config --connect``: reach the ERP and the staging store, describe the tables."""
-    from replicator.db import pg_connect
-
-    if cfg.erp.dialect == "postgresql":
-        with pg_connect(cfg.erp.url, "check", connect_timeout=cfg.erp.connect_timeout) as conn:
-            (ver,) = conn.execute("SHOW server_version").fetchone() or ("?",)
-            (wal,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
-            yield f"erp: PostgreSQL {ver}, wal_level={wal} ({cfg.erp.redacted})"
-            if cfg.capture.mode == "logical":
-                from replicator.cdc.logical import describe_tables
-
-                for t in describe_tables(conn, cfg):
-                    yield f"table {t.qualified}: {len(t.columns)} columns, key ({', '.join(t.key)})"
-    store = StagingStore(cfg.staging_url)
-    try:
-        store.setup()
-        yield f"staging: {store.dialect} reachable and writable"
-    finally:
         store.dispose()

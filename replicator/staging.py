@@ -40,7 +40,9 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
-from replicator.db import make_engine
+from replicator.config.core import redact_url
+from replicator.db import connect_error, make_engine, one_line
+from replicator.errors import AccessError, SyncError
 
 log = structlog.get_logger(__name__)
 
@@ -298,6 +300,10 @@ class StagingStore:
             SELECT source, slot, last_replication_at, position AS confirmed_position,
                    lag_seconds, lag_bytes, heartbeat_at, state, changes_applied, updated_at
             FROM sync_checkpoints"""
+        try:  # opening first: its error names the store; the DDL's would not
+            self.engine.connect().close()
+        except sa.exc.DBAPIError as exc:
+            raise self._open_error(exc) from None
         with self.engine.begin() as conn:
             for stmt in ddl:
                 conn.exec_driver_sql(stmt)
@@ -307,6 +313,18 @@ class StagingStore:
                 conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE VIEW IF NOT EXISTS"))
         self._load_mirrors()
         self._ready = True
+
+    def _open_error(self, exc: sa.exc.DBAPIError) -> SyncError:
+        """The one-line error for a staging store that cannot be opened, naming where it is."""
+        if self.dialect == "sqlite":
+            path = sa.engine.make_url(self.url).database or ":memory:"
+            return AccessError(
+                f"staging store {path}: cannot open it ({one_line(exc.orig or exc)}): the folder must "
+                "exist and be writable by this user (staging.url, or daemon.state_dir)"
+            )
+        return connect_error(
+            "cannot reach the staging store", redact_url(self.url), exc.orig or exc
+        )
 
     def _load_mirrors(self) -> None:
         with self.engine.connect() as conn:

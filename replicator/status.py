@@ -295,9 +295,15 @@ def print_status(
 
 def slot_lag(cfg: Config) -> list[dict[str, Any]]:
     """Per slot: lag bytes, retained WAL, wal_status, safe_wal_size, and the invalidation risk."""
-    from replicator.db import pg_connect
+    import psycopg
 
-    with pg_connect(cfg.erp.url, "lag", connect_timeout=cfg.erp.connect_timeout) as conn:
+    from replicator.db import connect_error, pg_connect
+
+    try:
+        conn = pg_connect(cfg.erp.url, "lag", connect_timeout=cfg.erp.connect_timeout)
+    except psycopg.OperationalError as exc:
+        raise connect_error("cannot reach the ERP", cfg.erp.redacted, exc) from None
+    with conn:
         (keep,) = conn.execute(
             "SELECT setting::bigint * CASE unit WHEN 'MB' THEN 1048576 WHEN 'kB' THEN 1024 ELSE 1 END "
             "FROM pg_settings WHERE name = 'max_slot_wal_keep_size'"
