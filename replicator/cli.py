@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from replicator import __version__
-from replicator.errors import EXIT_ACCESS, EXIT_FAILURE, ConfigError, SyncError
+from replicator.errors import EXIT_ACCESS, EXIT_FAILURE, AccessError, ConfigError, SyncError
 
 DEFAULT_CONFIG = os.environ.get("SYNC_DAEMON_CONFIG", "/etc/sync-daemon/config.toml")
 
@@ -172,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except SyncError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        # A command that cannot do what was asked fails with 1; refused access keeps its 4.
+        return EXIT_ACCESS if isinstance(exc, AccessError) else EXIT_FAILURE
     except BrokenPipeError:
         # `sync-daemon logs | head`: the reader left; say nothing, as other Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
