@@ -105,7 +105,9 @@ class ServiceRunner:
         t0 = time.monotonic()
         started = dt.datetime.now().astimezone()
         try:
-            result = s.run(started)
+            # Whatever the run logs (importer, connectors, writer) carries this service's name.
+            with structlog.contextvars.bound_contextvars(service=s.name):
+                result = s.run(started)
             st.last_ok, st.last_result = True, result
             st.failures = 0
             if self.notifier is not None:
@@ -113,6 +115,7 @@ class ServiceRunner:
             if result and s.schedule.kind != "continuous":
                 log.info(
                     "service_run",
+                    service=s.name,
                     name=s.name,
                     result=result,
                     seconds=round(time.monotonic() - t0, 2),
@@ -120,7 +123,13 @@ class ServiceRunner:
         except Exception as exc:
             st.last_ok, st.last_result = False, f"{type(exc).__name__}: {exc}"
             st.failures += 1
-            log.error("service_failed", name=s.name, error=str(exc), failures=st.failures)
+            log.error(
+                "service_failed",
+                service=s.name,
+                name=s.name,
+                error=str(exc),
+                failures=st.failures,
+            )
             if self.notifier is not None:
                 self.notifier.report(s.name, s.name, False, str(exc))
         finally:
