@@ -1,7 +1,7 @@
 """The order import cycle: download → inbox → criteria → map → write once → ledger.
 
-:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` every
-``orders.interval`` seconds) and what the CLI commands use. Per shop, a cycle
+:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` on the
+``[schedules] orders`` schedule) and what the CLI commands use. Per shop, a cycle
 
 1. asks the connector for orders changed in ``[watermark - overlap, now)`` (the first time
    ``first_lookback_hours`` back), retrying transient shop failures with backoff and jitter;
