@@ -335,6 +335,8 @@ class Daemon:
                 cfg.schedules.schedule("orders"),
                 lambda now: self._order_cycle(orders),
                 close=orders.close,
+                # Open while a shop's import is cancelled (too many errors; only probed).
+                breaker=lambda: any(st.cancelled for st in orders.ledger.shop_states()),
             ),
         ]
 

@@ -15,10 +15,12 @@ import contextlib
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import SAWarning
 
 from replicator.config.core import LoggingSection
 
@@ -161,6 +163,10 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Reflecting an ERP table with a type SQLAlchemy does not know (PostGIS ``point``, ...)
+    # warns once per column on every command that validates a mapping; such columns are
+    # typed "other" there, which is all the validation needs.
+    warnings.filterwarnings("ignore", message="Did not recognize type", category=SAWarning)
     # Driver chatter stays at warning unless we debug.
     for noisy in ("psycopg", "sqlalchemy", "watchdog", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(

@@ -30,6 +30,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -300,6 +301,7 @@ class StagingStore:
             SELECT source, slot, last_replication_at, position AS confirmed_position,
                    lag_seconds, lag_bytes, heartbeat_at, state, changes_applied, updated_at
             FROM sync_checkpoints"""
+        self._private_sqlite_file()
         try:  # opening first: its error names the store; the DDL's would not
             self.engine.connect().close()
         except sa.exc.DBAPIError as exc:
@@ -313,6 +315,26 @@ class StagingStore:
                 conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE VIEW IF NOT EXISTS"))
         self._load_mirrors()
         self._ready = True
+
+    def _private_sqlite_file(self) -> None:
+        """The staging file holds customer payloads: owner-only (0600), whatever the umask.
+        SQLite gives its -wal and -shm files the database file's permissions."""
+        if self.dialect != "sqlite":
+            return
+        path = sa.engine.make_url(self.url).database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # the connect below fails and names the path
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:  # someone else's file: say so, the store still works
+            log.warning("staging_file_not_private", path=path, error=str(exc))
+        finally:
+            os.close(fd)
 
     def _open_error(self, exc: sa.exc.DBAPIError) -> SyncError:
         """The one-line error for a staging store that cannot be opened, naming where it is."""

@@ -242,7 +242,7 @@ def print_status(
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
         if not daemon["running"]:
             lag = "unknown (daemon not running)"
-        lag_b = "" if s["lag_bytes"] is None else f", {s['lag_bytes']} bytes behind"
+        lag_b = "" if s["lag_bytes"] is None else f", {human_bytes(s['lag_bytes'])} behind"
         print(
             f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}): {s['state']}",
             file=out,
@@ -323,7 +323,8 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
             warn = f"wal_status={wal_status}: the slot is about to be or has been invalidated"
         elif keep is not None and keep >= 0 and safe is not None and keep > 0 and safe < 0.2 * keep:
             warn = (
-                f"only {safe} bytes of WAL left before max_slot_wal_keep_size invalidates the slot"
+                f"only {human_bytes(safe)} of WAL left before max_slot_wal_keep_size "
+                "invalidates the slot"
             )
         elif not active:
             warn = "slot is not active: no consumer is streaming it, WAL is piling up"
@@ -344,6 +345,18 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
+def human_bytes(n: int | float | None) -> str:
+    """Bytes for a person: 1024-based units (what PostgreSQL's pg_size_pretty shows)."""
+    if n is None:
+        return "unknown"
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            break
+        value /= 1024
+    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
 def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
     out = out or sys.stdout
     slots = slot_lag(cfg)
@@ -359,10 +372,12 @@ def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
         print("no logical replication slots in this database", file=out)
     for s in slots:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
+        safe = "unlimited" if s["safe_wal_size"] is None else human_bytes(s["safe_wal_size"])
         print(
-            f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag {s['lag_bytes']} bytes / "
-            f"{lag}, retained WAL {s['retained_wal_bytes']} bytes, wal_status {s['wal_status']}, "
-            f"safe_wal_size {s['safe_wal_size'] if s['safe_wal_size'] is not None else 'unlimited'}",
+            f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag "
+            f"{human_bytes(s['lag_bytes'])} / {lag}, retained WAL "
+            f"{human_bytes(s['retained_wal_bytes'])}, wal_status {s['wal_status']}, "
+            f"safe_wal_size {safe}",
             file=out,
         )
         if s["warning"]:

@@ -212,3 +212,20 @@ def test_logs_into_a_closed_pipe_is_quiet(erp: str, tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=60)
     assert "filler" in out
     assert "BrokenPipe" not in err and "Traceback" not in err, err
+
+
+def test_lag_shows_sizes_for_people(erp: str, tmp_path: Path) -> None:
+    import re
+
+    with psycopg.connect(erp, autocommit=True) as c:
+        c.execute("SELECT pg_create_logical_replication_slot('lag_probe', 'pgoutput')")
+    try:
+        cfg = base_config(tmp_path, erp, f"sqlite:///{tmp_path / 's.db'}", TABLES)
+        res = _cli("lag", "--config", str(cfg))
+        out = res.stdout
+        assert "slot lag_probe: INACTIVE" in out, out + res.stderr
+        assert re.search(r"safe_wal_size \d+\.\d GB", out), out
+        assert re.search(r"retained WAL (\d+ bytes|\d+\.\d [kMG]B)", out), out
+    finally:
+        with psycopg.connect(erp, autocommit=True) as c:
+            c.execute("SELECT pg_drop_replication_slot('lag_probe')")

@@ -423,6 +423,10 @@ def test_status_of_a_stopped_or_killed_daemon(erp: str, tmp_path: Path) -> None:
     assert data["daemon"]["running"] is False and data["daemon"]["since"].endswith("+00:00")
     assert data["sources"][0]["state"] == "stopped" and data["sources"][0]["lag_seconds"] is None
     assert all(not s["next_runs"] for s in data["services"])
+    # One timestamp format everywhere: ISO 8601 with T, in UTC.
+    stamps = [data["now"], data["sources"][0]["last_replication_at"]]
+    stamps += [s["last_run_at"] for s in data["services"] if s["last_run_at"]]
+    assert stamps and all("T" in t and t.endswith("+00:00") for t in stamps), stamps
     # kill -9 leaves no "stopped" mark: the process being gone is enough.
     with DaemonProcess(cfg) as d:
         wait_until(lambda: _status(cfg).returncode == 0, 60, what="status says running")
