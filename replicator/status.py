@@ -132,13 +132,11 @@ def _services(cfg: Config, store: StagingStore, *, running: bool) -> list[dict[s
     from replicator.web.views import services_view
 
     saved = {d["name"]: SimpleNamespace(**d) for d in store.load_services()}
+    from replicator.web.views import unconfigured_services
+
     schedules = cfg.schedules.all()
-    if not (cfg.orders.enabled and cfg.shops):
-        schedules.pop("orders", None)
-    if cfg.stock_push is None:
-        schedules.pop("reconcile", None)
-    if cfg.invoice_push is None:
-        schedules.pop("invoices", None)
+    for name in unconfigured_services(cfg):
+        schedules.pop(name, None)
     rows = services_view(schedules, SimpleNamespace(services=saved))
     return [
         {
@@ -346,15 +344,10 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
 
 
 def human_bytes(n: int | float | None) -> str:
-    """Bytes for a person: 1024-based units (what PostgreSQL's pg_size_pretty shows)."""
-    if n is None:
-        return "unknown"
-    value, unit = float(n), "bytes"
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1024 or unit == "TB":
-            break
-        value /= 1024
-    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+    """Bytes for a person (kB/MB/GB, 1024-based), "unknown" when not measured."""
+    from replicator.web.lag import human_bytes as pretty
+
+    return "unknown" if n is None else pretty(n)
 
 
 def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:

@@ -43,7 +43,7 @@ def test_staging_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
 
 
 def test_sizes_for_people() -> None:
-    assert human_bytes(512) == "512 bytes"
+    assert human_bytes(512) == "512 B"
     assert human_bytes(4 * 1024**3) == "4.0 GB"
     assert human_bytes(1536) == "1.5 kB"
     assert human_bytes(None) == "unknown"
