@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,19 +100,19 @@ def test_check_config_connect_rejects_wal_level_replica(
 
 def test_check_config_connect_checks_role_rights_and_slot(erp: str, tmp_path: Path) -> None:
     """A role without REPLICATION, that may not create the publication nor read the table."""
+    plain = f"plain_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: a name of its own
     with psycopg.connect(erp, autocommit=True) as c:
-        c.execute("DROP ROLE IF EXISTS plain")
-        c.execute("CREATE ROLE plain LOGIN")
+        c.execute(f"CREATE ROLE {plain} LOGIN")
     try:
-        url = erp.replace("postgres@", "plain@")
+        url = erp.replace("postgres@", f"{plain}@")
         cfg = base_config(tmp_path, url, f"sqlite:///{tmp_path / 's.db'}", TABLES)
         res = _cli("check-config", "--connect", "--config", str(cfg))
         out = _one_line_error(
             res,
-            "FAIL  erp role: plain lacks the REPLICATION attribute: ALTER ROLE plain REPLICATION",
+            f"FAIL  erp role: {plain} lacks the REPLICATION attribute: ALTER ROLE {plain} REPLICATION",
             "FAIL  erp publication sync_daemon: missing, and this role may not create it",
             "CREATE PUBLICATION sync_daemon FOR TABLE public.stock",
-            "FAIL  table public.stock: no SELECT right: GRANT SELECT ON public.stock TO plain",
+            f"FAIL  table public.stock: no SELECT right: GRANT SELECT ON public.stock TO {plain}",
             "ok    erp slot sync_daemon: missing; the daemon creates it at start",
         )
         assert res.returncode == 4, out
@@ -125,8 +126,8 @@ def test_check_config_connect_checks_role_rights_and_slot(erp: str, tmp_path: Pa
             assert c.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
     finally:
         with psycopg.connect(erp, autocommit=True) as c:
-            c.execute("DROP OWNED BY plain")
-            c.execute("DROP ROLE plain")
+            c.execute(f"DROP OWNED BY {plain}")
+            c.execute(f"DROP ROLE {plain}")
 
 
 def test_check_config_connect_checks_shops(erp: str, tmp_path: Path) -> None:
