@@ -427,7 +427,8 @@ class Daemon:
             "heartbeat",
             threshold_check(self._heartbeat_age, cfg.health.max_heartbeat_age, "heartbeat age"),
         )
-        health.add_check("breakers", self._breaker_check)
+        # A shop that keeps failing is worth listing, but capture still works: not critical.
+        health.add_check("breakers", self._breaker_check, critical=False)
         metrics.on_scrape(self._refresh_metrics)
         self._mount_routes(health)
         health.start()
