@@ -32,6 +32,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,7 +43,9 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
-from replicator.db import make_engine
+from replicator.config.core import redact_url
+from replicator.db import connect_error, make_engine, one_line
+from replicator.errors import AccessError, SyncError
 
 log = structlog.get_logger(__name__)
 
@@ -419,12 +422,27 @@ class StagingStore:
                 failures {big} NOT NULL DEFAULT 0,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_daemon (
+                name {text} PRIMARY KEY,
+                pid {big} NOT NULL,
+                host {text} NOT NULL,
+                started_at {ts} NOT NULL,
+                alive_at {ts} NOT NULL,
+                alive_interval {dbl} NOT NULL,
+                stopped_at {ts},
+                exit_code {big}
+            )""",
             "CREATE INDEX IF NOT EXISTS sync_journal_table ON sync_journal (table_name, id)",
         ]
         view = """CREATE VIEW replication_status AS
             SELECT source, slot, last_replication_at, position AS confirmed_position,
                    lag_seconds, lag_bytes, heartbeat_at, state, changes_applied, updated_at
             FROM sync_checkpoints"""
+        self._private_sqlite_file()
+        try:  # opening first: its error names the store; the DDL's would not
+            self.engine.connect().close()
+        except sa.exc.DBAPIError as exc:
+            raise self._open_error(exc) from None
         with self.engine.begin() as conn:
             for stmt in ddl:
                 conn.exec_driver_sql(stmt)
@@ -434,6 +452,38 @@ class StagingStore:
                 conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE VIEW IF NOT EXISTS"))
         self._load_mirrors()
         self._ready = True
+
+    def _private_sqlite_file(self) -> None:
+        """The staging file holds customer payloads: owner-only (0600), whatever the umask.
+        SQLite gives its -wal and -shm files the database file's permissions."""
+        if self.dialect != "sqlite":
+            return
+        path = sa.engine.make_url(self.url).database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # the connect below fails and names the path
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:  # someone else's file: say so, the store still works
+            log.warning("staging_file_not_private", path=path, error=str(exc))
+        finally:
+            os.close(fd)
+
+    def _open_error(self, exc: sa.exc.DBAPIError) -> SyncError:
+        """The one-line error for a staging store that cannot be opened, naming where it is."""
+        if self.dialect == "sqlite":
+            path = sa.engine.make_url(self.url).database or ":memory:"
+            return AccessError(
+                f"staging store {path}: cannot open it ({one_line(exc.orig or exc)}): the folder must "
+                "exist and be writable by this user (staging.url, or daemon.state_dir)"
+            )
+        return connect_error(
+            "cannot reach the staging store", redact_url(self.url), exc.orig or exc
+        )
 
     def _load_mirrors(self) -> None:
         with self.engine.connect() as conn:
@@ -801,6 +851,52 @@ class StagingStore:
                     f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
                     values,
                 )
+
+    def mark_alive(self, pid: int, host: str, started_at: dt.datetime, interval: float) -> None:
+        """The daemon's liveness mark: written at start and every ``interval`` s by its main loop.
+
+        The whole row is written each time, so a second daemon that starts on the same staging
+        and exits again (it cannot take the source) is overwritten by the one that runs.
+        """
+        p = self._ph
+        values = (pid, host, self.to_storage(started_at), self._now(), interval, "daemon")
+        with self.engine.begin() as conn:
+            n = conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET pid = {p}, host = {p}, started_at = {p}, alive_at = {p}, "
+                f"alive_interval = {p}, stopped_at = NULL, exit_code = NULL WHERE name = {p}",
+                values,
+            ).rowcount
+            if not n:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_daemon (pid, host, started_at, alive_at, alive_interval, "
+                    f"name) VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                    values,
+                )
+
+    def mark_stopped(self, pid: int, host: str, exit_code: int) -> None:
+        """The daemon stops (only its own mark: a failed second daemon leaves the first's)."""
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET stopped_at = {p}, exit_code = {p} "
+                f"WHERE name = 'daemon' AND pid = {p} AND host = {p}",
+                (self._now(), exit_code, pid, host),
+            )
+
+    def load_liveness(self) -> dict[str, Any] | None:
+        """The daemon's liveness row (timestamps as aware datetimes), or None if it never ran."""
+        self.setup()
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT * FROM sync_daemon WHERE name = 'daemon'").first()
+        if row is None:
+            return None
+        d = dict(row._mapping)
+        for k in ("started_at", "alive_at", "stopped_at"):
+            if isinstance(d[k], str):
+                d[k] = dt.datetime.fromisoformat(d[k])
+            if d[k] is not None and d[k].tzinfo is None:
+                d[k] = d[k].replace(tzinfo=dt.UTC)
+        return d
 
     def load_services(self) -> list[dict[str, Any]]:
         self.setup()

@@ -128,11 +128,18 @@ def run_orders(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) ->
                     "sync-daemon download restarts it)",
                     file=out,
                 )
+        if rows:
+            # Newest first (by first seen: last seen moves every cycle, it orders nothing).
+            print(
+                f"{'SHOP':<12} {'E-NUMBER':<14} {'STATE':<15} {'ERP ORDER':<12} "
+                f"{'FIRST SEEN (UTC)':<19}  WHY",
+                file=out,
+            )
         for e in rows:
-            reason = f"  {e.last_error}" if e.last_error and e.state != "delivered" else ""
+            reason = e.last_error if e.last_error and e.state != "delivered" else ""
             print(
                 f"{e.shop:<12} {e.e_number:<14} {e.state:<15} {e.erp_order_no or '-':<12} "
-                f"{_fmt(e.last_seen)}{reason}",
+                f"{_fmt(e.first_seen):<19}  {reason}".rstrip(),
                 file=out,
             )
         return 0
@@ -169,10 +176,8 @@ def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> 
                 "payload_bytes",
             ):
                 v = d[k]
-                print(
-                    f"{k.replace('_', ' '):<14} {_fmt(v) if isinstance(v, datetime) else v}",
-                    file=out,
-                )
+                shown = _fmt(v) if isinstance(v, datetime) else "-" if v is None else v
+                print(f"{k.replace('_', ' '):<14} {shown}", file=out)
             if d["diff"]:
                 print("pending update:", file=out)
                 for c in d["diff"]:

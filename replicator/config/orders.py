@@ -33,7 +33,8 @@ class OrdersSection(Section):
     """``[orders]``: order import settings."""
 
     enabled: bool = False
-    # Seconds between two download cycles.
+    # Deprecated: when the import runs is ``[schedules] orders``. Set alone, it is read as
+    # ``every Ns`` (see Config._one_orders_schedule); it also caps the retry backoff (x4).
     interval: float = Field(default=300.0, gt=0)
     # Each cycle asks for orders changed since the last successful cycle minus this many seconds,
     # so an order the shop committed late (clock skew, long transactions) is still seen.

@@ -1,7 +1,7 @@
 """The order import cycle: download → inbox → criteria → map → write once → ledger.
 
-:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` every
-``orders.interval`` seconds) and what the CLI commands use. Per shop, a cycle
+:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` on the
+``[schedules] orders`` schedule) and what the CLI commands use. Per shop, a cycle
 
 1. asks the connector for orders changed in ``[watermark - overlap, now)`` (the first time
    ``first_lookback_hours`` back), retrying transient shop failures with backoff and jitter;
@@ -103,6 +103,8 @@ class CycleResult:
     skipped: int = 0
     errored: int = 0
     updated: int = 0
+    # Seen again with the same payload: their fate is already recorded (not "skipped" again).
+    unchanged: int = 0
     skipped_orders: list[OrderNote] = field(default_factory=list)
     errored_orders: list[OrderNote] = field(default_factory=list)
     shops: dict[str, str] = field(default_factory=dict)
@@ -123,6 +125,7 @@ class CycleResult:
         return (
             f"total {self.total}, new {self.new}, skipped {self.skipped}, errored {self.errored}"
             + (f", updated {self.updated}" if self.updated else "")
+            + (f", unchanged {self.unchanged}" if self.unchanged else "")
         )
 
 
@@ -190,6 +193,7 @@ class OrderImportService:
             dict(connectors) if connectors is not None else None
         )
         self._mappings: dict[str, _LoadedMapping] = {}
+        self._criteria_checked: dict[str, ImportCriteria] = {}
         self._sleep = sleep
         self._executor: ThreadPoolExecutor | None = None
         # Validate every mapping in use at start-up: a bad mapping is a configuration error.
@@ -371,6 +375,7 @@ class OrderImportService:
             self._mapping(shop)
             for e in self._retry_mapping_failures(shop, now):
                 seen.add(e)
+            self._recheck_skipped(shop, now, result)
             self._download(shop, connector, start, end, "poll", now, result, seen)
             reconcile = (
                 state.last_reconcile_at is None
@@ -416,6 +421,7 @@ class OrderImportService:
         try:
             self._mapping(shop)
             self._retry_mapping_failures(shop, now)
+            self._recheck_skipped(shop, now, result)
             self._work_off(shop, now, result)
         except (SyncError, sa.exc.SQLAlchemyError, OSError) as exc:
             self._cycle_failed(shop, state, now, exc, result)
@@ -504,26 +510,22 @@ class OrderImportService:
         self._retrying(retry_on)(fetch)
 
     def _note_arrival(self, order: ShopOrder, offered: Offered, result: CycleResult) -> None:
-        if offered.outcome != "same":
+        # An order seen again unchanged has no new fate: not logged, counted or re-checked
+        # (that made skipped orders flicker to awaiting and log a line every cycle). A change of
+        # the order goes through the inbox ("changed"); of the criteria, _recheck_skipped.
+        if offered.outcome == "same":
+            result.unchanged += 1
+
+    def _recheck_skipped(self, shop: str, now: datetime, result: CycleResult) -> None:
+        """Decide skipped orders again when the criteria they were judged by may have changed:
+        once per service (a config reload builds a new one), in place — never via awaiting."""
+        crit = self.ocfg.criteria_for(shop)
+        if self._criteria_checked.get(shop) == crit:
             return
-        entry = self.ledger.get(order.shop, order.e_number)
-        if entry is None:
-            return
-        if entry.state == "delivered":
-            reason = f"already imported as ERP order {entry.erp_order_no}"
-            log.info("order_skipped", shop=order.shop, e_number=order.e_number, reason=reason)
-            result.skip(order.shop, order.e_number, reason)
-        elif entry.state == "failed":
-            result.skip(
-                order.shop,
-                order.e_number,
-                f"parked as failed earlier: {entry.last_error} "
-                f"(sync-daemon retry {order.e_number})",
-            )
-        elif entry.state == "skipped":
-            # Criteria may have changed in the config: look again.
-            with self.ledger.begin() as conn:
-                self.ledger.update(conn, order.shop, order.e_number, state="awaiting")
+        skipped = [e for e, st, _ in self.ledger.e_numbers(shop) if st == "skipped"]
+        for i in range(0, len(skipped), self.BATCH):
+            self._process_batch(shop, skipped[i : i + self.BATCH], now, result)
+        self._criteria_checked[shop] = crit
 
     def _retry_mapping_failures(self, shop: str, now: datetime) -> list[str]:
         """Orders parked for a mapping problem are retried when the mapping files changed."""
@@ -606,7 +608,9 @@ class OrderImportService:
         by_key = {(o.shop, o.e_number): o for part in results for o in part}
         outcomes = [by_key[(x.shop, x.e_number)] for x in entries]
         with self.ledger.begin() as conn:
-            self.ledger.update_many(conn, [(o.shop, o.e_number, o.values) for o in outcomes])
+            self.ledger.update_many(
+                conn, [(o.shop, o.e_number, o.values) for o in outcomes if o.values]
+            )
             self.ledger.events_many(
                 conn,
                 [
@@ -696,15 +700,15 @@ class OrderImportService:
             return fail(no_e_number_reason(payload, self.ocfg.e_number_fields), "input")
         why = check_criteria(crit, payload, entry.shop_status)
         if why is not None:
+            if entry.state == "skipped" and entry.last_error == why:
+                # Same fate as recorded: nothing to log, count or add to the timeline.
+                return _Outcome(shop, e, {}, None, None)
             log.info("order_skipped", shop=shop, e_number=e, reason=why)
-            event = (
-                None if entry.state == "skipped" and entry.last_error == why else ("skipped", why)
-            )
             return _Outcome(
                 shop,
                 e,
                 {"state": "skipped", "last_error": why, "error_kind": None},
-                event,
+                ("skipped", why),
                 ("skip", why),
             )
         try:
@@ -772,7 +776,8 @@ class OrderImportService:
         )
 
     def _record(self, conn: sa.Connection, o: _Outcome, now: datetime) -> None:
-        self.ledger.update(conn, o.shop, o.e_number, **o.values)
+        if o.values:
+            self.ledger.update(conn, o.shop, o.e_number, **o.values)
         if o.event is not None:
             self.ledger.event(conn, o.shop, o.e_number, now, o.event[0], o.event[1])
 

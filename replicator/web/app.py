@@ -66,8 +66,9 @@ log = structlog.get_logger(__name__, service="manage")
 __all__ = ["ManageApp", "OrderActions", "WebContext", "mount"]
 
 STATIC_FILES = ("manage.css", "manage.js", "favicon.svg")
-ACTIONS = ("accept", "ignore", "cancel")
+ACTIONS = ("accept", "ignore", "cancel", "retry")
 _DONE = {
+    "retried": "Retried: the order was imported again (see its state and timeline).",
     "accepted": "Update accepted: the ERP order now has the shop's new version.",
     "ignored": "Update ignored: the ERP order keeps the imported version.",
     "cancelled": "The ERP order was marked cancelled.",
@@ -91,6 +92,8 @@ class OrderActions(Protocol):
     def ignore(self, e: str, shop: str | None = None) -> None: ...
 
     def cancel(self, e: str, shop: str | None = None) -> str: ...
+
+    def retry(self, e: str, shop: str | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -263,10 +266,16 @@ class ManageApp:
         return {"state": None, "counts": {}, "max_lag": None, "sources": 0, "breakers": []}
 
     def _schedules(self) -> dict[str, Any]:
+        """The schedules of the services this config runs (no phantom invoices service)."""
         try:
-            return dict(self.ctx.config.schedules.all())
+            schedules = dict(self.ctx.config.schedules.all())
         except Exception:
             return {}
+        reported = set(getattr(self._state(), "services", {}) or {})
+        for name in views.unconfigured_services(self.ctx.config):
+            if name not in reported:
+                schedules.pop(name, None)
+        return schedules
 
     def _summary(self) -> dict[str, Any]:
         state = self._state()
@@ -468,6 +477,9 @@ class ManageApp:
         if action == "ignore":
             importer.ignore(e, shop)
             return "ignored"
+        if action == "retry":
+            importer.retry(e, shop)
+            return "retried"
         importer.cancel(e, shop)
         return "cancelled"
 
