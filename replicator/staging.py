@@ -515,12 +515,90 @@ class StagingStore:
         typ = _pg_type(col) if self.dialect == "postgresql" else _sqlite_type(col)
         return f"{self.q(col.name)} {typ}"
 
-    def ensure_mirror(self, schema: TableSchema, conn: sa.Connection | None = None) -> MirrorInfo:
-        """Create the mirror of a source table, or add columns the source gained.
+    def _write_definition(self, conn: sa.Connection, name: str, schema: TableSchema) -> None:
+        """Record what a mirror holds (``sync_tables``), in the caller's transaction."""
+        definition = to_json(
+            {
+                "schema": schema.schema,
+                "name": schema.name,
+                "columns": [
+                    {
+                        "name": c.name,
+                        "type_name": c.type_name,
+                        "type_oid": c.type_oid,
+                        "nullable": c.nullable,
+                        "attnum": c.attnum,
+                    }
+                    for c in schema.columns
+                ],
+                "key": list(schema.key),
+            }
+        )
+        now = self._now()
+        updated = conn.exec_driver_sql(
+            "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
+            "WHERE source_table = %s" % ((self._ph,) * 4),
+            (name, definition, now, schema.qualified),
+        ).rowcount
+        if not updated:
+            conn.exec_driver_sql(
+                "INSERT INTO sync_tables (source_table, mirror_name, definition, updated_at) "
+                "VALUES (%s, %s, %s, %s)" % ((self._ph,) * 4),
+                (schema.qualified, name, definition, now),
+            )
 
-        Columns the source dropped are kept in staging (their history stays queryable) and are
-        no longer written.
+    def alter_mirror(
+        self,
+        conn: sa.Connection,
+        schema: TableSchema,
+        *,
+        renamed: dict[str, str],
+        dropped: Sequence[str],
+        retyped: Sequence[str],
+    ) -> MirrorInfo:
+        """Make a mirror follow a change of its source table, in ``conn``'s transaction.
+
+        Renamed columns keep their values; dropped columns are dropped (staging equals the
+        source, not its history); columns the source gained are added; on PostgreSQL staging a
+        retyped column is converted (through its text form, else kept as text until the table's
+        re-copy replaces it; SQLite stores any value in any column). The definition becomes
+        ``schema``.
         """
+        info = self._mirrors[schema.qualified]
+        q = self.q
+        table = q(info.name)
+        for before, after in renamed.items():
+            conn.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN {q(before)} TO {q(after)}")
+        for gone in dropped:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {q(gone)}")
+        have = {renamed.get(c.name, c.name) for c in info.schema.columns} - set(dropped)
+        for col in schema.columns:
+            if col.name not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {self._col_ddl(col)}")
+        if self.dialect == "postgresql":
+            for name in retyped:
+                retype = schema.column(name)
+                assert retype is not None
+                typ = _pg_type(retype)
+                try:
+                    with conn.begin_nested():
+                        conn.exec_driver_sql(
+                            f"ALTER TABLE {table} ALTER COLUMN {q(name)} TYPE {typ} "
+                            f"USING {q(name)}::text::{typ}"
+                        )
+                except sa.exc.DBAPIError:
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {table} ALTER COLUMN {q(name)} TYPE text USING {q(name)}::text"
+                    )
+        self._write_definition(conn, info.name, schema)
+        altered = MirrorInfo(schema.qualified, info.name, schema)
+        self._mirrors[schema.qualified] = altered
+        self._sql_cache.clear()
+        return altered
+
+    def ensure_mirror(self, schema: TableSchema, conn: sa.Connection | None = None) -> MirrorInfo:
+        """Create the mirror of a source table, or add columns the source gained (columns it no
+        longer has stay until :meth:`alter_mirror` follows the change that removed them)."""
         if conn is None:
             with self.engine.begin() as c:
                 return self.ensure_mirror(schema, c)
@@ -554,34 +632,7 @@ class StagingStore:
             merged = TableSchema(
                 schema.schema, schema.name, tuple(schema.columns) + tuple(kept), schema.key
             )
-        definition = to_json(
-            {
-                "schema": merged.schema,
-                "name": merged.name,
-                "columns": [
-                    {
-                        "name": c.name,
-                        "type_name": c.type_name,
-                        "type_oid": c.type_oid,
-                        "nullable": c.nullable,
-                    }
-                    for c in merged.columns
-                ],
-                "key": list(merged.key),
-            }
-        )
-        now = self._now()
-        updated = conn.exec_driver_sql(
-            "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
-            "WHERE source_table = %s" % ((self._ph,) * 4),
-            (name, definition, now, schema.qualified),
-        ).rowcount
-        if not updated:
-            conn.exec_driver_sql(
-                "INSERT INTO sync_tables (source_table, mirror_name, definition, updated_at) "
-                "VALUES (%s, %s, %s, %s)" % ((self._ph,) * 4),
-                (schema.qualified, name, definition, now),
-            )
+        self._write_definition(conn, name, merged)
         info = MirrorInfo(schema.qualified, name, merged)
         self._mirrors[schema.qualified] = info
         self._sql_cache.clear()
@@ -600,7 +651,9 @@ class StagingStore:
         """The name under which the shadow mirror of ``table`` is applied into."""
         return f"{table}#recopy"
 
-    def ensure_shadow(self, schema: TableSchema, *, fresh: bool) -> MirrorInfo:
+    def ensure_shadow(
+        self, schema: TableSchema, *, fresh: bool, conn: sa.Connection | None = None
+    ) -> MirrorInfo:
         """A shadow mirror for an online re-copy of a table (see :mod:`replicator.cdc.snapshot`):
         fed beside the live mirror, not journaled, put in its place by :meth:`swap_shadow`.
         ``fresh`` starts it empty; otherwise a copy interrupted by a crash resumes into it."""
@@ -608,7 +661,9 @@ class StagingStore:
         name = f"_sync_recopy__{self.mirror_name(schema.qualified)}"
         cols = ", ".join(self._col_ddl(c) for c in schema.columns)
         pk = ", ".join(self.q(k) for k in schema.key)
-        with self.engine.begin() as conn:
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.engine.begin())
             if fresh:
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.q(name)}")
             conn.exec_driver_sql(
@@ -630,6 +685,8 @@ class StagingStore:
             conn.exec_driver_sql(
                 f"ALTER INDEX IF EXISTS {q(shadow.name + '_pkey')} RENAME TO {q(live.name + '_pkey')}"
             )
+        self._write_definition(conn, live.name, shadow.schema)
+        self._mirrors[table] = MirrorInfo(table, live.name, shadow.schema)
         self._sql_cache.clear()
 
     def journal_event(

@@ -31,6 +31,7 @@ class Column:
     type_name: str
     type_oid: int = 0
     nullable: bool = True
+    attnum: int = 0  # the column's number in the source catalog (0: not known); survives a rename
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,12 +94,12 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
             continue
         oid, ident = row
         cols = conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, NOT a.attnotnull "
-            "FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped "
-            "AND a.attgenerated = '' ORDER BY a.attnum",
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, NOT a.attnotnull, "
+            "a.attnum FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 "
+            "AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
             (oid,),
         ).fetchall()
-        columns = tuple(Column(n, t, int(o), bool(nl)) for n, t, o, nl in cols)
+        columns = tuple(Column(n, t, int(o), bool(nl), int(num)) for n, t, o, nl, num in cols)
         pk = [
             r[0]
             for r in conn.execute(
@@ -154,6 +154,22 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
     return out
 
 
+def known_names(schema: TableSchema) -> set[str]:
+    return {c.name for c in schema.columns}
+
+
+def _with_attnums(mirror: TableSchema, source: TableSchema) -> TableSchema:
+    """The mirror's shape with the catalog numbers of the columns the source still has under the
+    same name and type (definitions written before numbers were recorded have none)."""
+    cols = []
+    for c in mirror.columns:
+        now = source.column(c.name)
+        if c.attnum == 0 and now is not None and now.type_oid == c.type_oid:
+            c = Column(c.name, c.type_name, c.type_oid, c.nullable, now.attnum)
+        cols.append(c)
+    return TableSchema(mirror.schema, mirror.name, tuple(cols), mirror.key)
+
+
 class LogicalSource(CaptureSource):
     """A PostgreSQL ERP captured through a logical replication slot (pgoutput)."""
 
@@ -185,6 +201,7 @@ class LogicalSource(CaptureSource):
         self.snapshot_rows = 0
         self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size)
         self._had_mirror: set[str] = set()
+        self._frozen: set[str] = set()  # mirrors whose key changed: unfed until re-copied
 
     # ------------------------------------------------------------------ start
     def _connect(self) -> psycopg.Connection[Any]:
@@ -225,11 +242,22 @@ class LogicalSource(CaptureSource):
                 "only one may capture a slot"
             )
         schemas = describe_tables(conn, self.cfg)
-        self._schemas = {s.qualified: s for s in schemas}
         self._ensure_publication(schemas)
         self._had_mirror = {s.qualified for s in schemas if self.store.mirror(s.qualified)}
+        self._schemas = {}
         for s in schemas:
-            self.store.ensure_mirror(s)
+            info = self.store.mirror(s.qualified)
+            if info is None:
+                self._schemas[s.qualified] = self.store.ensure_mirror(s).schema
+            elif info.schema.key != s.key:
+                # Keyed differently now: the mirror stays as it is, unfed, until a re-copy with
+                # the new key replaces it.
+                self._frozen.add(s.qualified)
+                self._schemas[s.qualified] = s
+            else:
+                # The shape staging holds: the stream's Relation messages bring it up to date in
+                # order (a column changed while the daemon was stopped is followed there).
+                self._schemas[s.qualified] = _with_attnums(info.schema, s)
         return conn
 
     def resync(self) -> None:
@@ -280,6 +308,9 @@ class LogicalSource(CaptureSource):
         cp = self.store.load_checkpoint(self.name)
         assert cp is not None
         self._snaps.load(cp.extra, self._schemas, self._had_mirror)
+        for table in sorted(self._frozen):
+            if all(c.table != table for c in self._snaps.queue):
+                self._snaps.restart(table)
         for copy in self._snaps.queue:
             if copy.shadow:  # an online re-copy: a fresh shadow, or the one a crash interrupted
                 self.store.ensure_shadow(self._schemas[copy.table], fresh=copy.after is None)
@@ -591,7 +622,8 @@ class LogicalSource(CaptureSource):
                 table = self._rel_tables.get(oid)
                 if table is not None:
                     pos = int_to_lsn(self.progress.received_lsn)
-                    txn.apply(Change(table, "T", position=pos))
+                    if table not in self._frozen:
+                        txn.apply(Change(table, "T", position=pos))
                     if self.store.mirror(self.store.shadow_of(table)) is not None:
                         txn.apply(Change(self.store.shadow_of(table), "T", position=pos))
                     self._snaps.on_truncate(table)
@@ -609,37 +641,131 @@ class LogicalSource(CaptureSource):
         if known is None:
             return
         names = [c.name for c in rel.columns]
-        if names == [c.name for c in known.columns] and all(
-            known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns)
+        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
+        if (
+            names == [c.name for c in known.columns]
+            and all(known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns))
+            and (rel.replica_identity != "d" or not rel_key or rel_key == known.key)
+            and self._type_names(rel) == [c.type_name for c in known.columns]
         ):
-            return
-        # The table changed shape in the ERP: describe the new columns and grow the mirror.
-        assert self._conn is not None
-        columns = []
-        for rc in rel.columns:
-            old = known.column(rc.name)
-            if old is not None and old.type_oid == rc.type_oid:
-                columns.append(old)
-            else:
-                (tname,) = self._conn.execute(
-                    "SELECT format_type(%s, %s)", (rc.type_oid, rc.type_mod)
-                ).fetchone() or ("text",)
-                columns.append(Column(rc.name, tname, rc.type_oid))
-        schema = TableSchema(known.schema, known.name, tuple(columns), known.key)
-        txn = self._open_txn()
-        txn.flush()
-        self.store.ensure_mirror(schema, txn.conn)
-        self._schemas[table] = schema
-        for col in columns:
-            if known.column(col.name) is None:
-                self._backfill_added_column(txn, table, rel.oid, col)
+            return  # (a typmod change, numeric(12,2) to numeric(12,3), keeps the type's oid)
+        self._follow_schema_change(rel, known)
 
-    def _backfill_added_column(self, txn: ApplyTxn, table: str, relid: int, col: Column) -> None:
-        """Give rows that existed before ``ADD COLUMN ... DEFAULT x`` their value in staging.
+    def _type_names(self, rel: Relation) -> list[str]:
+        """The declared types of a Relation message's columns, as ``format_type`` spells them."""
+        assert self._conn is not None
+        return [
+            r[0]
+            for r in self._conn.execute(
+                "SELECT format_type(t.oid, t.mod) FROM unnest(%s::oid[], %s::int[]) "
+                "WITH ORDINALITY AS t(oid, mod, n) ORDER BY t.n",
+                ([rc.type_oid for rc in rel.columns], [rc.type_mod for rc in rel.columns]),
+            ).fetchall()
+        ]
+
+    def _follow_schema_change(self, rel: Relation, known: TableSchema) -> None:
+        """The table changed shape in the ERP: make the mirror follow, in the open staging
+        transaction, so the changes before and after the DDL stay in order.
+
+        Columns are matched by their number in the catalog (``attnum``), not by name: a renamed
+        column keeps its number, a dropped one is marked dropped under its number. The stream
+        can be behind the catalog (the column renamed again, or dropped, since): what cannot be
+        matched for certain, a type change and a changed key are followed by re-copying the
+        table online through a shadow mirror (see :mod:`replicator.cdc.snapshot`), so staging
+        ends equal to the source either way.
+        """
+        assert self._conn is not None
+        table = known.qualified
+        catalog = {
+            num: (name, dropped)
+            for num, name, dropped in self._conn.execute(
+                "SELECT attnum, attname, attisdropped FROM pg_attribute "
+                "WHERE attrelid = %s AND attnum > 0",
+                (rel.oid,),
+            ).fetchall()
+        }
+        by_name = {name: num for num, (name, dropped) in catalog.items() if not dropped}
+        type_names = self._type_names(rel)
+        rel_names = {rc.name for rc in rel.columns}
+        renamed: dict[str, str] = {}
+        dropped: list[str] = []
+        unsure = False
+        for col in known.columns:
+            if col.name in rel_names:
+                continue
+            entry = catalog.get(col.attnum) if col.attnum else None
+            if entry is not None and entry[1]:
+                dropped.append(col.name)
+            elif entry is not None and entry[0] in rel_names and entry[0] not in known_names(known):
+                renamed[col.name] = entry[0]
+            elif entry is None and col.attnum == 0 and len(rel.columns) < len(known.columns):
+                dropped.append(col.name)  # no number recorded: only a pure drop is certain
+            else:
+                unsure = True
+        before = {renamed.get(c.name, c.name): c for c in known.columns}
+        columns: list[Column] = []
+        retyped: list[str] = []
+        for rc, tname in zip(rel.columns, type_names, strict=True):
+            old = before.get(rc.name)
+            num = by_name.get(rc.name, old.attnum if old else 0)
+            columns.append(Column(rc.name, tname, rc.type_oid, True, num))
+            if old is not None and (old.type_oid != rc.type_oid or old.type_name != tname):
+                retyped.append(rc.name)
+        added = [c for c in columns if c.name not in before]
+        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
+        key_changed = rel.replica_identity == "d" and bool(rel_key) and rel_key != known.key
+        key = rel_key if key_changed else known.key
+        if any(k not in {c.name for c in columns} for k in key):
+            key_changed, unsure = True, True
+        schema = TableSchema(known.schema, known.name, tuple(columns), key)
+        txn = self._open_txn()
+        conn = txn.conn
+        txn.flush()
+        position = int_to_lsn(self.progress.received_lsn)
+        recopy = unsure or key_changed or bool(retyped)
+        if key_changed:
+            # The live mirror is keyed by the old key: it keeps its rows, unfed, until the
+            # re-copy with the new key takes its place.
+            self._frozen.add(table)
+        else:
+            self.store.alter_mirror(conn, schema, renamed=renamed, dropped=dropped, retyped=retyped)
+        self._schemas[table] = schema
+        self.store.journal_event(conn, self.name, table, "S", position)
+        log.warning(
+            "mirror_schema_changed",
+            table=table,
+            renamed=renamed or None,
+            dropped=dropped or None,
+            added=[c.name for c in added] or None,
+            retyped=retyped or None,
+            key=list(key) if key_changed else None,
+            recopy=recopy,
+            hint="the table is copied again online; staging equals the source when it is done"
+            if recopy
+            else None,
+        )
+        if recopy:
+            self.store.ensure_shadow(schema, fresh=True, conn=conn)
+            self._snaps.restart(table)
+            self._show_snapshot_progress()
+        elif not key_changed:
+            for col in added:
+                if not self._backfill_added_column(txn, table, rel.oid, col):
+                    # The ERP rewrote the table (a volatile default, or a later DDL did):
+                    # the rows that existed before have their value only in the ERP.
+                    self.store.ensure_shadow(schema, fresh=True, conn=conn)
+                    self._snaps.restart(table)
+                    self._show_snapshot_progress()
+                    break
+
+    def _backfill_added_column(self, txn: ApplyTxn, table: str, relid: int, col: Column) -> bool:
+        """Give rows that existed before ``ADD COLUMN ... DEFAULT x`` their value in staging;
+        False when only a re-copy of the table can.
 
         PostgreSQL stores such a default once (``attmissingval``) instead of rewriting the
         table, so no row change reaches the stream. A volatile default rewrites the table, also
-        without row changes: that cannot be repaired here, so it is reported.
+        without row changes (and a later rewrite, a type change say, folds the stored default
+        into the rows): then the values are only in the ERP's rows.
         """
         assert self._conn is not None
         row = self._conn.execute(
@@ -649,21 +775,18 @@ class LogicalSource(CaptureSource):
             (relid, col.name),
         ).fetchone()
         if row is None:
-            return
+            return False  # renamed or dropped since: the catalog is ahead of the stream
         has_missing, has_default, missing_text, typarray = row
         if has_missing and missing_text is not None:
             values = self._decoder.loader(typarray)(missing_text.encode())
             value = values[0] if values else None
             self.store.backfill_column(txn.conn, table, col.name, value)
             log.info("mirror_column_backfilled", table=table, column=col.name)
-        elif has_default:
-            log.error(
-                "column_added_with_rewrite",
-                table=table,
-                column=col.name,
-                hint="the ERP rewrote the table for a volatile default; rows that existed before "
-                "have no value in staging: run `sync-daemon resync`",
-            )
+            return True
+        if has_default:
+            log.warning("column_added_with_rewrite", table=table, column=col.name)
+            return False
+        return True
 
     def _apply_row(self, msg: RowChange) -> None:
         rel = self._relations[msg.relation_oid]
@@ -684,7 +807,8 @@ class LogicalSource(CaptureSource):
         else:
             assert msg.old is not None
             change = Change(table, "D", key=dec.row(rel, msg.old), position=pos)
-        txn.apply(change)
+        if table not in self._frozen:
+            txn.apply(change)
         if self._snaps.active:
             self._snapshot_sees(txn, change)
         self.progress.changes += 1
@@ -732,6 +856,7 @@ class LogicalSource(CaptureSource):
             if done.shadow:
                 txn.flush()  # the shadow's last rows, before it takes the mirror's place
                 self.store.swap_shadow(conn, done.table)
+                self._frozen.discard(done.table)
             self.store.journal_event(conn, self.name, done.table, "S", position)
         self._show_snapshot_progress()
 

@@ -140,6 +140,15 @@ class IncrementalSnapshots:
         self.copied.discard(table)
         self.queue.append(TableCopy(table, shadow=True))
 
+    def restart(self, table: str) -> None:
+        """Copy ``table`` again from the start, through a fresh shadow mirror (its shape changed:
+        a chunk in flight and the copy so far hold the old shape)."""
+        if self.chunk is not None and self.chunk.copy.table == table:
+            self.chunk = None
+        self.queue = [c for c in self.queue if c.table != table]
+        self.copied.discard(table)
+        self.queue.append(TableCopy(table, shadow=True))
+
     @property
     def active(self) -> bool:
         return bool(self.queue)
