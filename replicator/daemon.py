@@ -524,6 +524,10 @@ class Daemon:
                 metrics.REPLICATION_LAG_SECONDS.labels(source, slot).set(p.lag_seconds)
             if getattr(p, "last_applied_at", None) is not None:
                 metrics.LAST_REPLICATION_TIMESTAMP.labels(source).set(p.last_applied_at.timestamp())
+            table = getattr(p, "snapshot_table", None)
+            if table is not None:
+                metrics.SNAPSHOT_ROWS.labels(source, table, "done").set(p.snapshot_done)
+                metrics.SNAPSHOT_ROWS.labels(source, table, "total").set(p.snapshot_total)
         age = self._heartbeat_age()
         if age is not None:
             metrics.HEARTBEAT_AGE.labels(source).set(age)

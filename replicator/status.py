@@ -89,6 +89,10 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     now = dt.datetime.now(dt.UTC)
     try:
         rows = store.replication_status()
+        copying = {}
+        for r in rows:
+            cp = store.load_checkpoint(r["source"])
+            copying[r["source"]] = (cp.extra if cp else {}).get("copying", [])
         daemon = daemon_liveness(store.load_liveness(), now)
         services = _services(cfg, store, running=daemon["running"])
         orders = _orders(store, per_state)
@@ -112,6 +116,11 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
                 "last_lag_seconds": r["lag_seconds"],
                 "lag_bytes": r["lag_bytes"],
                 "changes_applied": r["changes_applied"],
+                # Tables being copied online (added to capture, or re-copied after a change).
+                "snapshots": [
+                    {"table": c["table"], "done": c["done"], "total": c["total"]}
+                    for c in copying.get(r["source"], [])
+                ],
             }
         )
     return {
@@ -256,6 +265,11 @@ def print_status(
             f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
             file=out,
         )
+        for snap in s["snapshots"]:
+            print(
+                f"  snapshot          {snap['table']}: {snap['done']:,} of {snap['total']:,} rows",
+                file=out,
+            )
     if st["services"]:
         print("\nservices", file=out)
         for sv in st["services"]:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,13 @@ import psycopg
 from replicator.cdc.logical import LogicalSource
 from replicator.config import parse_config
 from replicator.staging import StagingStore
-from tests.helpers import DaemonProcess, assert_staging_equals_source, base_config, wait_until
+from tests.helpers import (
+    ROOT,
+    DaemonProcess,
+    assert_staging_equals_source,
+    base_config,
+    wait_until,
+)
 
 ROWS = 6000
 
@@ -88,6 +97,13 @@ def test_table_added_while_streaming_is_copied_under_writers_and_survives_kill9(
         wait_until(lambda: _copying(staging_url) > 0, 120, 0.05, "a copy in progress")
         d.kill9()
         assert 0 < _copying(staging_url) < ROWS, "the kill must land inside the copy"
+        shown = subprocess.run(
+            [sys.executable, str(ROOT / "sync_daemon.py"), "status", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert re.search(r"snapshot +public\.items: [\d,]+ of [\d,]+ rows", shown), shown
         d = DaemonProcess(cfg).start()
         wait_until(lambda: count[0] > 300, 60, what="writes during the copy")
         wait_until(
