@@ -878,6 +878,16 @@ def preflight(cfg: Config) -> Iterator[str]:
 
                 for t in describe_tables(conn, cfg):
                     yield f"table {t.qualified}: {len(t.columns)} columns, key ({', '.join(t.key)})"
+    if cfg.orders.enabled and cfg.shops:
+        # The same loading and validation as the daemon's start-up, so the same messages.
+        from replicator.db import make_engine
+        from replicator.orders.mappings import check_mappings
+
+        engine = make_engine(cfg.erp.writer_url, "check")
+        try:
+            yield from check_mappings(cfg, engine)
+        finally:
+            engine.dispose()
     store = StagingStore(cfg.staging_url)
     try:
         store.setup()

@@ -37,7 +37,8 @@ from replicator.mappers import expr as ex
 
 log = structlog.get_logger(__name__)
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Hyphens appear in real ERPs' names (Tryton's "sale_line-account_tax"); names are always quoted.
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
 SQLGLOT_DIALECT = {"postgresql": "postgres", "mysql": "mysql", "sqlite": "sqlite"}
 HEADER_NAMES = frozenset({"order", "shop", "e_number", "auto_invoice"})
 LINE_NAMES = HEADER_NAMES | {"line", "line_no"}
@@ -226,8 +227,14 @@ class _Loader:
             return None
 
     def rules(self, key: str, names: frozenset[str]) -> tuple[ColumnRule, ...]:
+        return self.rules_from(key, self.section(key), names)
+
+    def rules_from(
+        self, key: str, sec: dict[str, Any], names: frozenset[str]
+    ) -> tuple[ColumnRule, ...]:
+        """``column = expression or constant`` pairs of one table of the mapping file."""
         out = []
-        for col, value in self.section(key).items():
+        for col, value in sec.items():
             k = f"{key}.{col}"
             if not _IDENT.match(col):
                 self.err(k, f"{col!r} is not a plain column name")

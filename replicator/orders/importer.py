@@ -41,17 +41,16 @@ from replicator.connectors.base import ShopConnector, ShopOrder
 from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import OrderMapping, OrderRejected, load_mapping, validate_mapping
+from replicator.mappers.orders import OrderRejected
 from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload, read_webhook
 from replicator.orders.ledger import Entry, Ledger, ShopState
+from replicator.orders.mappings import AnyMapping, AnyWriter, load_checked, make_writer
 from replicator.orders.writer import (
     ErpUnavailable,
-    ErpWriter,
     NotInErp,
     OrderPosted,
     WriteResult,
     db_message,
-    ensure_e_number_index,
     is_transient,
 )
 
@@ -151,7 +150,7 @@ def check_criteria(
 
 
 class _LoadedMapping:
-    def __init__(self, mapping: OrderMapping, writer: ErpWriter, mtime: float) -> None:
+    def __init__(self, mapping: AnyMapping, writer: AnyWriter, mtime: float) -> None:
         self.mapping = mapping
         self.writer = writer
         self.mtime = mtime
@@ -240,14 +239,11 @@ class OrderImportService:
         if loaded is not None and loaded.mtime == mtime:
             return loaded
         try:
-            m = load_mapping(path, self.cfg.erp.dialect)
+            m = load_checked(path, self.cfg.erp.dialect, self.engine)
             if loaded is not None and m.hash == loaded.mapping.hash:
                 loaded.mtime = mtime
                 return loaded
-            validate_mapping(m, self.engine)
-            if self.ocfg.create_e_number_index:
-                ensure_e_number_index(self.engine, m)
-            writer = ErpWriter(self.engine, m)
+            writer = make_writer(self.engine, m, create_index=self.ocfg.create_e_number_index)
         except sa.exc.DBAPIError as exc:
             # The ERP is unreachable right now: a transient condition, not a bad mapping.
             if loaded is None:
@@ -269,7 +265,7 @@ class OrderImportService:
         self._mappings[key] = new
         return new
 
-    def writer_for(self, shop: str) -> ErpWriter:
+    def writer_for(self, shop: str) -> AnyWriter:
         return self._mapping(shop).writer
 
     def _retrying(self, retry_on: Callable[[BaseException], bool]) -> Retrying:
@@ -645,7 +641,7 @@ class OrderImportService:
         self,
         entry: Entry,
         now: datetime,
-        writer: ErpWriter,
+        writer: AnyWriter,
         mapping_hash: str,
         crit: ImportCriteria,
         conn: sa.Connection | None = None,
