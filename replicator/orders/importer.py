@@ -51,6 +51,7 @@ from replicator.orders.writer import (
     OrderPosted,
     WriteResult,
     db_message,
+    is_schema_mismatch,
     is_transient,
 )
 
@@ -182,6 +183,10 @@ class OrderImportService:
             dict(connectors) if connectors is not None else None
         )
         self._mappings: dict[str, _LoadedMapping] = {}
+        # Mapping path -> why it no longer fits the ERP (schema changed under it): the order
+        # service is not ready until a re-validation passes; capture and the rest go on.
+        self._unfit: dict[str, str] = {}
+        self._refit: set[str] = set()  # fits again: its parked orders are retried once
         self._sleep = sleep
         self._executor: ThreadPoolExecutor | None = None
         # Validate every mapping in use at start-up: a bad mapping is a configuration error.
@@ -236,11 +241,12 @@ class OrderImportService:
             if loaded is not None:
                 return loaded
             raise ConfigError(f"{path}: cannot read mapping file: {exc.strerror}") from None
-        if loaded is not None and loaded.mtime == mtime:
+        unfit = key in self._unfit
+        if loaded is not None and loaded.mtime == mtime and not unfit:
             return loaded
         try:
             m = load_checked(path, self.cfg.erp.dialect, self.engine)
-            if loaded is not None and m.hash == loaded.mapping.hash:
+            if loaded is not None and m.hash == loaded.mapping.hash and not unfit:
                 loaded.mtime = mtime
                 return loaded
             writer = make_writer(self.engine, m, create_index=self.ocfg.create_e_number_index)
@@ -258,12 +264,25 @@ class OrderImportService:
             # Keep importing with the last good mapping; the operator sees why in the log.
             log.error("mapping_reload_failed", path=key, error=str(exc))
             loaded.mtime = mtime
+            if unfit:
+                # The ERP changed under the mapping: /readyz shows start-up's messages.
+                self._unfit[key] = str(exc)
             return loaded
+        if unfit:
+            log.info("mapping_fits_again", path=key)
+            self._unfit.pop(key, None)
+            self._refit.add(key)
         new = _LoadedMapping(m, writer, mtime)
         if loaded is not None:
             log.info("mapping_reloaded", path=key, hash=m.hash[:12])
         self._mappings[key] = new
         return new
+
+    def readiness(self) -> tuple[bool, str]:
+        """For ``/readyz``: not ready while a mapping no longer fits the ERP."""
+        if not self._unfit:
+            return True, "mappings fit the ERP"
+        return False, "; ".join(f"{p}: {why}" for p, why in sorted(self._unfit.items()))
 
     def writer_for(self, shop: str) -> AnyWriter:
         return self._mapping(shop).writer
@@ -517,7 +536,11 @@ class OrderImportService:
     def _retry_mapping_failures(self, shop: str, now: datetime) -> list[str]:
         """Orders parked for a mapping problem are retried when the mapping files changed."""
         current = self._mapping(shop).mapping.hash
-        todo = self.ledger.mapping_failures(shop, current)
+        path = str(self._mapping_path(shop))
+        # After the ERP fitted the mapping again every mapping failure is retried ("" matches
+        # no mapping hash); otherwise only those parked under other mapping files.
+        todo = self.ledger.mapping_failures(shop, "" if path in self._refit else current)
+        self._refit.discard(path)
         for e in todo:
             with self.ledger.begin() as conn:
                 self.ledger.update(conn, shop, e, state="awaiting", next_attempt_at=None)
@@ -722,6 +745,11 @@ class OrderImportService:
                     transient=msg,
                 )
             if isinstance(exc, sa.exc.DBAPIError):
+                if is_schema_mismatch(exc):
+                    # Not this order's fault: park it as a mapping problem (retried when the
+                    # mapping changes) and re-validate the mapping before the next order.
+                    self._unfit.setdefault(writer.m.path, db_message(exc))
+                    return fail(f"the mapping no longer fits the ERP: {db_message(exc)}", "mapping")
                 return fail(f"ERP rejected the order: {db_message(exc)}", "input")
             # Bad input never stops the line: whatever this order triggers, park it.
             log.exception("order_import_error", shop=shop, e_number=e)

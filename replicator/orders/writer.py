@@ -97,6 +97,22 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | ConnectionError)
 
 
+# The ERP's schema no longer has what the mapping writes: undefined table/column/function,
+# datatype mismatch, a NOT NULL column nothing fills; MariaDB: unknown column, no such table,
+# field without default, column cannot be null.
+_SCHEMA_SQLSTATE = {"42P01", "42703", "42883", "42804", "23502"}
+_SCHEMA_MYSQL = {1054, 1146, 1364, 1048}
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether an ERP error says the mapping no longer fits the ERP's schema."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in _SCHEMA_SQLSTATE:
+        return True
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()) or ())
+    return len(args) > 0 and args[0] in _SCHEMA_MYSQL
+
+
 def _is_unique_violation(exc: sa.exc.IntegrityError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) == "23505":

@@ -1,0 +1,94 @@
+"""A mapping that no longer fits the ERP (its schema changed under the running daemon) parks
+orders as mapping problems and makes the order service not ready, until it fits again; and
+``check-config --connect`` validates every mapping with the messages start-up prints."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replicator.errors import ConfigError
+from replicator.orders.importer import OrderImportService
+from replicator.orders.sample import ROOT, ListShop, sample_order
+from tests import test_orders_support as support
+from tests.test_orders_support import erp_rows, make_config
+
+_pg_erp_template = support._pg_erp_template
+pg_erp_url = support.pg_erp_url
+service_factory = support.service_factory
+
+
+def _alter(url: str, sql: str) -> None:
+    from replicator.db import make_engine
+
+    engine = make_engine(url, "dba")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql)
+    engine.dispose()
+
+
+def test_schema_change_parks_orders_and_the_order_service_is_not_ready(pg_erp_url, service_factory):
+    svc, shop = service_factory(pg_erp_url)
+    shop.put(sample_order(1))
+    assert svc.run_cycle().new == 1
+    assert svc.readiness()[0] is True
+
+    _alter(pg_erp_url, "ALTER TABLE order_line RENAME COLUMN description TO descr")
+    shop.put(sample_order(2))
+    svc.run_cycle()
+    entry = svc.ledger.get("shop", "2")
+    assert entry is not None and entry.state == "failed" and entry.error_kind == "mapping"
+    assert "the mapping no longer fits the ERP" in (entry.last_error or "")
+    # The next cycle re-validates: /readyz shows the start-up message naming file and key.
+    shop.put(sample_order(3))
+    svc.run_cycle()
+    ok, detail = svc.readiness()
+    assert ok is False
+    assert "lines.columns.description: column 'description' does not exist in table" in detail
+
+    _alter(pg_erp_url, "ALTER TABLE order_line RENAME COLUMN descr TO description")
+    svc.run_cycle()
+    assert svc.readiness() == (True, "mappings fit the ERP")
+    # The orders parked meanwhile were retried and imported.
+    assert erp_rows(pg_erp_url, "SELECT count(*) FROM order_header") == [(3,)]
+    assert svc.ledger.get("shop", "2").state == "delivered"
+
+
+def test_check_config_connect_gives_start_up_messages_for_a_plan_mapping(
+    tmp_path: Path, pg_erp_url
+):
+    (tmp_path / "mappings").mkdir()
+    shutil.copy(
+        ROOT / "config" / "mappings" / "dolibarr.toml", tmp_path / "mappings" / "orders.toml"
+    )
+    cfg = make_config(tmp_path, pg_erp_url)
+    with pytest.raises(ConfigError) as startup:
+        OrderImportService(cfg, {"shop": ListShop("shop")})
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[erp]\ndsn = "{pg_erp_url}"\n[capture]\ntables = ["public.order_header"]\n'
+        f'[staging]\nurl = "sqlite:///{tmp_path / "staging.db"}"\n'
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        '[orders]\nenabled = true\n[[shops]]\nname = "shop"\nkind = "woocommerce"\n'
+        'url = "http://127.0.0.1:9/"\nconsumer_key = "ck"\nconsumer_secret = "cs"\n'
+    )
+    config.chmod(0o600)
+    proc = subprocess.run(
+        [sys.executable, "sync_daemon.py", "check-config", "--connect", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    messages = str(startup.value).splitlines()
+    assert any(
+        "header.table: table 'llx_commande' does not exist in the ERP" in m for m in messages
+    )
+    for m in messages:
+        assert m in proc.stderr
+    assert "Traceback" not in proc.stderr
