@@ -218,3 +218,77 @@ def test_same_order_through_two_intake_paths_is_one_dolibarr_order(
     ]
     entry = svc.ledger.get("shop", "501")
     assert entry is not None and entry.erp_order_no and entry.erp_order_no.startswith("(PROV")
+
+
+def test_kill9_during_a_burst_of_200_orders_each_e_number_exactly_once(
+    dolibarr, writer, tmp_path: Path
+):
+    from tests.erp.burst import FIRST, run_with_kills
+
+    def imported() -> int:
+        return int(erp_rows(dolibarr, "SELECT count(*) FROM sync_daemon_order_link")[0][0])
+
+    def erp_user() -> int:
+        erp_user_keys_in_an_order(dolibarr)  # the ERP user keeps working meanwhile
+        return imported()
+
+    at_kill = run_with_kills(
+        dolibarr, DOLIBARR_MAPPING, tmp_path, 200, "known@example.com", erp_user
+    )
+    assert any(0 < n < 200 for n in at_kill), at_kill
+    refs = erp_rows(
+        dolibarr,
+        "SELECT ref_client, count(*) FROM llx_commande WHERE ref_client IS NOT NULL "
+        "GROUP BY ref_client",
+    )
+    assert {r for r, _ in refs} == {str(FIRST + i) for i in range(200)}
+    assert all(n == 1 for _, n in refs)
+    # Every order, ours and the ERP user's, carries its own provisional ref.
+    # (the restarted worker saw changed payloads and replaced those orders: refs stay.)
+    assert erp_rows(
+        dolibarr, "SELECT count(*) FROM llx_commande WHERE ref <> CONCAT('(PROV', rowid, ')')"
+    ) == [(0,)]
+
+
+def test_two_orders_of_one_new_customer_at_once_create_one_customer(dolibarr, writer):
+    import threading
+
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            writer.write("woo", str(n), taxed_order(n, email="twice@example.com"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(600 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert erp_rows(
+        dolibarr, "SELECT count(*) FROM llx_societe WHERE email = 'twice@example.com'"
+    ) == [(1,)]
+    assert erp_rows(dolibarr, "SELECT count(DISTINCT fk_soc), count(*) FROM llx_commande") == [
+        (1, 4)
+    ]
+
+
+def test_order_changed_after_import_keeps_rowid_and_prov_ref(dolibarr, writer):
+    first = writer.write("woo", "701", taxed_order(701, lines=1))
+    changed = taxed_order(701, lines=3, reduced=True)
+    res = writer.replace("woo", "701", changed)
+    assert res.order_number == first.order_number and res.lines == 5
+    ((rowid, ref, total),) = erp_rows(
+        dolibarr, "SELECT rowid, ref, total_ttc FROM llx_commande WHERE ref_client = '701'"
+    )
+    assert ref == f"(PROV{rowid})" == first.order_number
+    assert Decimal(total) == Decimal(changed["total"])
+    assert erp_rows(
+        dolibarr,
+        "SELECT count(*), sum(total_ttc) FROM llx_commandedet WHERE fk_commande = :r",
+        r=rowid,
+    ) == [(5, Decimal(total))]

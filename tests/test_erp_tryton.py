@@ -185,3 +185,77 @@ def test_unknown_sku_parks_the_order_with_the_table_and_value(tryton, writer):
     assert exc.value.kind == "mapping"
     assert "product_product where code = 'NOPE-1'" in exc.value.reason
     assert erp_rows(tryton_db.url(tryton), "SELECT count(*) FROM sale_sale") == [(0,)]
+
+
+def test_dry_run_shows_every_row_and_writes_nothing(tryton, writer):
+    with writer.engine.connect() as conn:
+        tables = writer.dry_run(conn, "woo", "9101", taxed_order(9101, lines=2), False)
+    assert list(tables) == [
+        "party_party",
+        "party_contact_mechanism",
+        "party_address",
+        "sale_sale",
+        "sale_line",
+        "sale_line-account_tax",
+    ]
+    assert len(tables["sale_line"]) == 3 and tables["sale_sale"][0]["reference"] == "WOO-9101"
+    assert tables["sale_line"][0]["id"] is not None  # real generated keys, rolled back
+    url = tryton_db.url(tryton)
+    assert erp_rows(url, "SELECT count(*) FROM sale_sale") == [(0,)]
+    assert erp_rows(url, "SELECT count(*) FROM sync_daemon_order_link") == [(0,)]
+
+
+def test_kill9_during_a_burst_of_200_orders_each_e_number_exactly_once(
+    tryton, writer, tmp_path: Path
+):
+    from tests.erp.burst import FIRST, run_with_kills
+
+    url = tryton_db.url(tryton)
+
+    def imported() -> int:
+        return int(erp_rows(url, "SELECT count(*) FROM sync_daemon_order_link")[0][0])
+
+    at_kill = run_with_kills(url, TRYTON_MAPPING, tmp_path, 200, tryton_db.KNOWN_EMAIL, imported)
+    assert any(0 < n < 200 for n in at_kill), at_kill  # the kills landed inside the burst
+    refs = erp_rows(url, "SELECT reference, count(*) FROM sale_sale GROUP BY reference")
+    assert len(refs) == 200 and all(n == 1 for _, n in refs)
+    assert {r for r, _ in refs} == {f"WOO-{FIRST + i}" for i in range(200)}
+    assert imported() == 200
+    # New customers were created once each, even when a kill hit between party and sale.
+    parties = erp_rows(url, "SELECT count(*) FROM party_party WHERE code NOT IN ('GUEST','KNOWN')")
+    assert parties[0][0] == 1 + 40  # the company's party and 40 new customers
+    from replicator.orders.ledger import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'staging.db'}")
+    try:
+        states = {ledger.get("shop", str(FIRST + i)).state for i in range(200)}
+    finally:
+        ledger.close()
+    assert states == {"delivered"}
+
+
+def test_two_orders_of_one_new_customer_at_once_create_one_party(tryton, writer):
+    import threading
+
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            writer.write("woo", str(n), taxed_order(n, email="twice@example.com"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(600 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    url = tryton_db.url(tryton)
+    assert erp_rows(
+        url,
+        "SELECT count(*) FROM party_contact_mechanism WHERE value = 'twice@example.com'",
+    ) == [(1,)]
+    assert erp_rows(url, "SELECT count(DISTINCT party), count(*) FROM sale_sale") == [(1, 4)]

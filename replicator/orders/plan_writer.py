@@ -17,6 +17,9 @@ per dialect.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,6 +41,7 @@ from replicator.mappers.orders import (
 )
 from replicator.mappers.plan import NumberSpec, PlanMapping, RowStep
 from replicator.orders.writer import (
+    ErpUnavailable,
     NotInErp,
     OrderPosted,
     WriteResult,
@@ -73,6 +77,7 @@ class PlanWriter:
         self.m = plan
         self.d = plan.dialect
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._session_locks = threading.local()  # MariaDB: a named lock to release after commit
         lt = qtable(plan.link_table, self.d)
         self._link_find = f"SELECT erp_key, erp_number FROM {lt} WHERE shop = :s AND e_number = :e"
         self._link_any = f"SELECT erp_key, erp_number FROM {lt} WHERE e_number = :e"
@@ -334,12 +339,20 @@ class PlanWriter:
                 )
             ctx["customer"]["id"] = self._eval("customer.guest", c.guest, ctx, fns)
             return
+        # Two orders of one new customer at once: the second waits here, then finds the
+        # customer the first created (READ COMMITTED: each statement sees the latest commit).
+        lock_name = f"sync-customer:{email}"
         if self.d == "postgresql":
-            # Two orders of one new customer at once: the second waits here, then finds the
-            # customer the first created (READ COMMITTED: each statement sees the latest commit).
-            self._run(
-                conn, "SELECT pg_advisory_xact_lock(hashtext(:k))", {"k": f"sync-customer:{email}"}
-            )
+            self._run(conn, "SELECT pg_advisory_xact_lock(hashtext(:k))", {"k": lock_name})
+        elif self.d == "mysql":
+            # MariaDB's named locks belong to the session: write() releases it after the end
+            # of the transaction. Names are limited to 64 characters.
+            got = self._run(
+                conn, "SELECT GET_LOCK(:k, 30)", {"k": hashlib.sha1(lock_name.encode()).hexdigest()}
+            ).scalar()
+            self._session_locks.held = True
+            if got != 1:
+                raise ErpUnavailable(f"waited 30 s for another import of customer {email!r}")
         found = self._find_customer(conn, email, ctx, fns)
         if found is not None:
             ctx["customer"]["id"] = found
@@ -445,10 +458,9 @@ class PlanWriter:
         for attempt in range(1, KEY_RETRIES + 1):
             try:
                 if conn is None:
-                    with self.engine.begin() as c:
-                        return self._write(c, shop, e_number, payload, auto_invoice)
-                with conn.begin():
-                    return self._write(conn, shop, e_number, payload, auto_invoice)
+                    with self.engine.connect() as c:
+                        return self._write_once(c, shop, e_number, payload, auto_invoice)
+                return self._write_once(conn, shop, e_number, payload, auto_invoice)
             except sa.exc.IntegrityError as exc:
                 if not _is_unique_violation(exc):
                     raise
@@ -464,6 +476,19 @@ class PlanWriter:
                 # order): the whole order is written again with fresh keys.
                 log.warning("order_key_taken_retrying", e_number=e_number, attempt=attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_once(
+        self, conn: sa.Connection, shop: str, e_number: str, payload: Any, auto_invoice: bool
+    ) -> WriteResult:
+        try:
+            with conn.begin():
+                return self._write(conn, shop, e_number, payload, auto_invoice)
+        finally:
+            if getattr(self._session_locks, "held", False):
+                self._session_locks.held = False
+                with contextlib.suppress(sa.exc.DBAPIError):
+                    conn.exec_driver_sql("DO RELEASE_ALL_LOCKS()")
+                    conn.rollback()
 
     def _write(
         self, conn: sa.Connection, shop: str, e_number: str, payload: Any, auto_invoice: bool
@@ -570,11 +595,20 @@ class PlanWriter:
             self._customer(conn, ctx, fns, None)
             for step in m.rows:
                 self._row(conn, step, ctx, fns, None)
-            # Columns numbered by the ERP keep the number they got at import.
+            # Columns numbered by the ERP keep the number they got at import; columns set after
+            # the insert ([header.after], e.g. Dolibarr's "(PROV<rowid>)") are set from the key.
+            after = {r.column for r in m.header.after}
             rules = [
-                r for r in m.header.rules if r.expr is None or "next_number" not in r.expr.source
+                r
+                for r in m.header.rules
+                if r.column not in after and (r.expr is None or "next_number" not in r.expr.source)
             ]
             values = {r.column: self._value(r, m.header.table, ctx, fns) for r in rules}
+            assert m.header.returning
+            ctx["header"] = {**values, m.header.returning: _typed_key(key, m, m.header)}
+            values.update(
+                {r.column: self._value(r, m.header.table, ctx, fns) for r in m.header.after}
+            )
             sets = ", ".join(f"{self._q(c)} = :p{i}" for i, c in enumerate(values))
             self._run(
                 conn,
