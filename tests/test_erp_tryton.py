@@ -259,3 +259,28 @@ def test_two_orders_of_one_new_customer_at_once_create_one_party(tryton, writer)
         "SELECT count(*) FROM party_contact_mechanism WHERE value = 'twice@example.com'",
     ) == [(1,)]
     assert erp_rows(url, "SELECT count(DISTINCT party), count(*) FROM sale_sale") == [(1, 4)]
+
+
+def test_an_index_on_the_erps_e_number_column_only_when_asked(tryton, tmp_path: Path):
+    text = TRYTON_MAPPING.read_text().replace(
+        "[order]\n", '[order]\ne_number_column = "reference"\ne_number_index = true\n'
+    )
+    mapping_file = tmp_path / "tryton.toml"
+    mapping_file.write_text(text)
+    engine = make_engine(tryton_db.url(tryton), "test")
+    try:
+        for _ in range(2):  # a restart finds it
+            make_writer(
+                engine, load_checked(mapping_file, "postgresql", engine), create_index=False
+            )
+    finally:
+        engine.dispose()
+    assert erp_rows(
+        tryton_db.url(tryton),
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'sync_sale_sale_reference'",
+    ) == [
+        (
+            "CREATE INDEX sync_sale_sale_reference ON public.sale_sale USING btree (reference) "
+            "WHERE (reference IS NOT NULL)",
+        )
+    ]

@@ -101,16 +101,22 @@ class PlanWriter:
         with self.engine.begin() as conn:
             conn.exec_driver_sql(link_table_sql(self.m))
         m = self.m
-        if m.e_number_index and m.e_number_column:
-            table = m.header.table.rpartition(".")[2]
-            name = self._q(f"sync_{table}_{m.e_number_column}"[:60])
-            where = f" WHERE {self._q(m.e_number_column)} IS NOT NULL" if self.d != "mysql" else ""
-            ine = " IF NOT EXISTS" if self.d != "mysql" else ""
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(
-                    f"CREATE INDEX{ine} {name} ON {qtable(m.header.table, self.d)} "
-                    f"({self._q(m.e_number_column)}){where}"
-                )
+        if not (m.e_number_index and m.e_number_column):
+            return
+        schema, _, table = m.header.table.rpartition(".")
+        index = f"sync_{table}_{m.e_number_column}"[:60]
+        existing = {ix["name"] for ix in sa.inspect(self.engine).get_indexes(table, schema or None)}
+        if index in existing:
+            return
+        # Not unique: the ERP's users may enter the same reference twice (the link table is
+        # what keeps one order per e-number). Partial where the dialect allows.
+        where = f" WHERE {self._q(m.e_number_column)} IS NOT NULL" if self.d != "mysql" else ""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE INDEX {self._q(index)} ON {qtable(m.header.table, self.d)} "
+                f"({self._q(m.e_number_column)}){where}"
+            )
+        log.info("e_number_index_created", table=m.header.table, column=m.e_number_column)
 
     def _cached(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
         now = time.monotonic()
