@@ -75,8 +75,10 @@ def run(n: int, staging: str, workdir: Path, workers: int, rate: float, erp: str
             if erp == "tryton":
                 from tests.erp.orders import taxed_order
 
-                # Every fifth order is a new customer; the next four are that customer again.
-                o = taxed_order(1_000_000 + i, lines=5, email=f"c{i - i % 5}@example.com")
+                # Every fifth order is a new customer; the others are customers who ordered
+                # before (not right before: repeat customers come back later).
+                who = i if i % 5 == 0 else (i // 10) * 5
+                o = taxed_order(1_000_000 + i, lines=5, email=f"c{who}@example.com")
             else:
                 o = sample_order(
                     1_000_000 + i,

@@ -47,6 +47,7 @@ from replicator.orders.writer import (
     WriteResult,
     _is_unique_violation,
     _pyformat,
+    multi_row_insert,
 )
 
 log = structlog.get_logger(__name__)
@@ -73,7 +74,13 @@ class PlanWriter:
     """Writes orders with one plan mapping into one ERP; same contract as ``ErpWriter``."""
 
     def __init__(self, engine: sa.Engine, plan: PlanMapping) -> None:
-        self.engine = engine
+        # READ COMMITTED on MariaDB too (PostgreSQL's default): after waiting for another
+        # import of the same new customer, the next read must see the customer it created.
+        self.engine = (
+            engine.execution_options(isolation_level="READ COMMITTED")
+            if plan.dialect == "mysql"
+            else engine
+        )
         self.m = plan
         self.d = plan.dialect
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
@@ -292,11 +299,19 @@ class PlanWriter:
         ctx: dict[str, Any],
         fns: dict[str, Callable[..., Any]],
         log_rows: dict[str, list[dict[str, Any]]] | None,
+        defer: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
-        """Write (or match) one row of ``step``; the row, with its key, is bound in ``ctx``."""
+        """Write (or match) one row of ``step``; the row, with its key, is bound in ``ctx``.
+        ``defer``: a row nothing refers to is collected there for one multi-row INSERT."""
         if step.when is not None and not self._eval(f"{step.key}.when", step.when, ctx, fns):
             return None
         values = {r.column: self._value(r, step.table, ctx, fns) for r in step.rules}
+        if defer is not None and not (step.returning or step.match or step.after):
+            defer.append(values)
+            ctx[step.name] = values
+            if log_rows is not None:
+                log_rows.setdefault(step.table, []).append(values)
+            return values
         if step.match:
             found = self._match(conn, step, values)
             if found is not None:
@@ -344,6 +359,10 @@ class PlanWriter:
                     "order has no customer e-mail and no guest customer is configured"
                 )
             ctx["customer"]["id"] = self._eval("customer.guest", c.guest, ctx, fns)
+            return
+        found = self._find_customer(conn, email, ctx, fns)
+        if found is not None:
+            ctx["customer"]["id"] = found
             return
         # Two orders of one new customer at once: the second waits here, then finds the
         # customer the first created (READ COMMITTED: each statement sees the latest commit).
@@ -422,6 +441,8 @@ class PlanWriter:
         source = self._eval("lines.source", li.source, ctx, fns)
         if not isinstance(source, list) or not source:
             raise OrderRejected(f"order has no lines ({li.source.source} is empty or missing)")
+        # Child rows nothing refers to (taxes) go in one INSERT per child step, after the lines.
+        pending: dict[str, list[dict[str, Any]]] = {kid.key: [] for kid in li.children}
         for i, item in enumerate(source, start=1):
             if not isinstance(item, dict):
                 raise OrderRejected(f"line {i} is not a JSON object")
@@ -432,11 +453,18 @@ class PlanWriter:
                     assert kid.source is not None
                     elems = self._eval(f"{kid.key}.source", kid.source, lctx, fns)
                     for j, el in enumerate(elems or [], start=1):
-                        self._row(
-                            conn, kid, {**lctx, kid.alias: el, f"{kid.alias}_no": j}, fns, log_rows
-                        )
+                        kctx = {**lctx, kid.alias: el, f"{kid.alias}_no": j}
+                        self._row(conn, kid, kctx, fns, log_rows, pending[kid.key])
             except OrderRejected as e:
                 raise OrderRejected(f"line {i}: {e.reason}", e.kind) from None
+        for kid in li.children:
+            rows = pending[kid.key]
+            # One statement per column set (a `when` may leave columns out of some rows).
+            by_cols: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for r in rows:
+                by_cols.setdefault(tuple(r), []).append(r)
+            for group in by_cols.values():
+                self._run(conn, *multi_row_insert(kid.table, group, self.d))
         return len(source)
 
     # -- write once -----------------------------------------------------------------------------

@@ -257,18 +257,8 @@ class ErpWriter:
 
     def _insert(self, conn: sa.Connection, table: str, rows: list[dict[str, Any]]) -> None:
         """One multi-row INSERT (one round trip for all lines of an order)."""
-        if not rows:
-            return
-        cols = list(rows[0])
-        values = ", ".join(
-            "(" + ", ".join(f":p{r}_{i}" for i in range(len(cols))) + ")" for r in range(len(rows))
-        )
-        sql = (
-            f"INSERT INTO {qtable(table, self.d)} ({', '.join(self._q(c) for c in cols)}) "
-            f"VALUES {values}"
-        )
-        params = {f"p{r}_{i}": row[c] for r, row in enumerate(rows) for i, c in enumerate(cols)}
-        self._run(conn, sql, params)
+        if rows:
+            self._run(conn, *multi_row_insert(table, rows, self.d))
 
     def _match_customer(self, conn: sa.Connection, mapped: MappedOrder, lock: bool) -> str | None:
         ref, c = mapped.customer, self.m.customer
@@ -497,6 +487,23 @@ class ErpWriter:
             p = m.e_number_prefix
             # Only this shop's orders when e-numbers carry a per-shop prefix.
             return {str(r[0])[len(p) :] for r in rows if str(r[0]).startswith(p)}
+
+
+def multi_row_insert(
+    table: str, rows: list[dict[str, Any]], dialect: str
+) -> tuple[str, dict[str, Any]]:
+    """One INSERT for rows with the same columns: the statement (``:name`` placeholders) and
+    its bound values."""
+    cols = list(rows[0])
+    values = ", ".join(
+        "(" + ", ".join(f":p{r}_{i}" for i in range(len(cols))) + ")" for r in range(len(rows))
+    )
+    sql = (
+        f"INSERT INTO {qtable(table, dialect)} ({', '.join(qident(c, dialect) for c in cols)}) "
+        f"VALUES {values}"
+    )
+    params = {f"p{r}_{i}": row[c] for r, row in enumerate(rows) for i, c in enumerate(cols)}
+    return sql, params
 
 
 def has_unique_index(engine: sa.Engine, mapping: OrderMapping) -> bool:
