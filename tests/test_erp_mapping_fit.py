@@ -92,3 +92,40 @@ def test_check_config_connect_gives_start_up_messages_for_a_plan_mapping(
     for m in messages:
         assert m in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_item_into_an_integer_foreign_key_validates_and_writes_the_integer(
+    tmp_path: Path, pg_erp_url
+):
+    from replicator.db import make_engine
+    from replicator.mappers.orders import load_mapping, validate_mapping
+    from replicator.orders.writer import ErpWriter
+
+    _alter(
+        pg_erp_url,
+        "CREATE TABLE product (id serial PRIMARY KEY, sku text UNIQUE);"
+        "INSERT INTO product (sku) SELECT 'SKU-X' || n FROM generate_series(1, 50) n;"
+        "ALTER TABLE order_line DROP CONSTRAINT order_line_item_no_fkey;"
+        "ALTER TABLE order_line ADD COLUMN product_id int REFERENCES product (id)",
+    )
+    text = (ROOT / "config" / "mappings" / "orders.toml").read_text()
+    text = text.replace(
+        'item_no = "item(line.sku)"', 'item_no = "line.sku"\nproduct_id = "item(line.sku)"'
+    )
+    text = text.replace(
+        'table = "items"\nsku_column = "sku"\nitem_column = "item_no"',
+        'table = "product"\nsku_column = "sku"\nitem_column = "id"',
+    )
+    path = tmp_path / "orders.toml"
+    path.write_text(text)
+    engine = make_engine(pg_erp_url, "test")
+    try:
+        m = load_mapping(path, "postgresql")
+        validate_mapping(m, engine)  # "yields str but order_line.product_id is INTEGER" before
+        ErpWriter(engine, m).write("shop", "1", sample_order(1, skus=["SKU-X7"]))
+    finally:
+        engine.dispose()
+    assert erp_rows(
+        pg_erp_url,
+        "SELECT l.product_id, p.sku FROM order_line l JOIN product p ON p.id = l.product_id",
+    ) == [(7, "SKU-X7")]

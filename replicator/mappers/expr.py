@@ -161,7 +161,8 @@ PURE_FUNCTIONS: dict[str, tuple[Callable[..., Any], str | None]] = {
 # Functions the mapper binds per order (they need the ERP or the mapping tables).
 BOUND_FUNCTIONS: dict[str, str | None] = {
     "map": "str",
-    "item": "str",
+    # The items table's item column: text or an integer key, whatever the ERP keeps there.
+    "item": None,
     "now": "datetime",
     # Plan mappings only (replicator.mappers.plan): any ERP table, the ERP's own numbering.
     "lookup": None,

@@ -681,13 +681,13 @@ class Lookups:
     def __init__(
         self,
         mapping: OrderMapping,
-        find_item: Callable[[str], str | None] | None,
+        find_item: Callable[[str], Any] | None,
         now: datetime | None = None,
     ) -> None:
         self.mapping = mapping
         self.find_item = find_item
         self.now = now or datetime.now(UTC).replace(tzinfo=None)
-        self.cache: dict[str, str | None] = {}
+        self.cache: dict[str, Any] = {}
 
     def map(self, table: Any, value: Any) -> str:
         entries = self.mapping.maps.get(str(table))
@@ -701,7 +701,7 @@ class Lookups:
             )
         return entries[key]
 
-    def item(self, sku: Any) -> str:
+    def item(self, sku: Any) -> Any:
         key = "" if sku is None else str(sku)
         if not key:
             raise ex.LookupFailed("an order line has no SKU")

@@ -155,7 +155,7 @@ class ErpWriter:
             f"SELECT {q(mapping.order_number_column)} FROM {t} "
             f"WHERE {q(mapping.e_number_column)} = :e"
         )
-        self.item_cache: dict[str, str | None] = {}
+        self.item_cache: dict[str, Any] = {}
         self.unique_e_number = has_unique_index(engine, mapping)
 
     def _q(self, name: str) -> str:
@@ -193,7 +193,7 @@ class ErpWriter:
     def lookups(self, conn: sa.Connection) -> Lookups:
         m = self.m
 
-        def find_item(sku: str) -> str | None:
+        def find_item(sku: str) -> Any:
             if sku in self.item_cache:
                 return self.item_cache[sku]
             if not (m.items_table and m.sku_column and m.item_column):
@@ -204,7 +204,8 @@ class ErpWriter:
                 f"WHERE {self._q(m.sku_column)} = :s",
                 {"s": sku},
             ).first()
-            found = None if row is None else str(row[0])
+            # The ERP's own value and type: an integer item key stays an integer.
+            found = None if row is None else row[0]
             # Only hits are cached across orders: a missing item may be created any moment.
             if found is not None:
                 self.item_cache[sku] = found
