@@ -84,6 +84,7 @@ class PlanWriter:
         self.m = plan
         self.d = plan.dialect
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._mariadb_returning = False  # MariaDB 10.5+ has INSERT ... RETURNING (prepare())
         self._session_locks = threading.local()  # MariaDB: a named lock to release after commit
         lt = qtable(plan.link_table, self.d)
         self._link_find = f"SELECT erp_key, erp_number FROM {lt} WHERE shop = :s AND e_number = :e"
@@ -107,6 +108,11 @@ class PlanWriter:
         alone unless the mapping asks for an index on its e-number column."""
         with self.engine.begin() as conn:
             conn.exec_driver_sql(link_table_sql(self.m))
+        dialect = self.engine.dialect
+        version = getattr(dialect, "server_version_info", None) or ()
+        self._mariadb_returning = bool(getattr(dialect, "is_mariadb", False)) and tuple(
+            version[:2]
+        ) >= (10, 5)
         m = self.m
         if not (m.e_number_index and m.e_number_column):
             return
@@ -277,7 +283,8 @@ class PlanWriter:
         if returning is None:
             self._run(conn, sql, params)
             return None
-        if self.d == "mysql":
+        if self.d == "mysql" and not self._mariadb_returning:
+            # MySQL has no INSERT ... RETURNING: the AUTO_INCREMENT key (LAST_INSERT_ID()).
             return self._run(conn, sql, params).lastrowid
         return self._run(conn, f"{sql} RETURNING {self._q(returning)}", params).scalar()
 
