@@ -235,23 +235,14 @@ def test_kill9_during_a_burst_of_200_orders_each_e_number_exactly_once(
 
 
 def test_two_orders_of_one_new_customer_at_once_create_one_party(tryton, writer):
-    import threading
+    from tests.erp.burst import at_once
 
-    start = threading.Barrier(4)
-    errors: list[BaseException] = []
-
-    def one(n: int) -> None:
-        start.wait()
-        try:
-            writer.write("woo", str(n), taxed_order(n, email="twice@example.com"))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(600 + i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = at_once(
+        [
+            lambda n=n: writer.write("woo", str(n), taxed_order(n, email="twice@example.com"))
+            for n in range(600, 604)
+        ]
+    )
     assert not errors
     url = tryton_db.url(tryton)
     assert erp_rows(

@@ -26,8 +26,6 @@ and ``check-config --connect`` print. Executing the plan is :mod:`replicator.ord
 
 from __future__ import annotations
 
-import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,19 +35,18 @@ import sqlalchemy as sa
 from replicator.errors import ConfigError
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import (
-    _COMPATIBLE,
     HEADER_NAMES,
     SQLGLOT_DIALECT,
     ColumnInfo,
     ColumnRule,
     OrderMapping,
-    _const_type,
+    SchemaCheck,
     _Loader,
     _short,
     parse_mapping,
     qident,
     qtable,
-    reflect_table,
+    read_mapping_file,
     validate_mapping,
 )
 
@@ -543,27 +540,11 @@ def _check_calls(plan: PlanMapping, ld: _Loader) -> list[LookupUse]:
 
 def validate_plan(plan: PlanMapping, engine: sa.Engine) -> None:
     """Check a plan against the live ERP; raises ConfigError naming the file and every key."""
-    insp = sa.inspect(engine)
-    errors: list[str] = []
-    schema: dict[str, dict[str, ColumnInfo]] = {}
-
-    def err(key: str, msg: str) -> None:
-        errors.append(f"{plan.path}: {key}: {msg}")
-
-    def table(key: str, name: str | None) -> dict[str, ColumnInfo] | None:
-        if not name:
-            return None
-        if name in schema:
-            return schema[name]
-        cols = reflect_table(insp, name)
-        if cols is None:
-            err(key, f"table {name!r} does not exist in the ERP")
-            return None
-        schema[name] = cols
-        return cols
+    chk = SchemaCheck(plan.path, engine)
+    err, table = chk.err, chk.table
 
     def column(key: str, tname: str | None, name: str | None) -> None:
-        cols = table(key, tname)
+        cols = chk.schema.get(tname or "")
         if cols is not None and name and name not in cols:
             err(key, f"column {name!r} does not exist in table {tname!r}")
 
@@ -577,90 +558,65 @@ def validate_plan(plan: PlanMapping, engine: sa.Engine) -> None:
             *((m, "match") for m in s.match),
         ):
             column(f"{s.key}.{what}", s.table, name)
-        for r in (*s.rules, *s.after):
-            info = cols.get(r.column)
-            if info is None:
-                err(r.key, f"column {r.column!r} does not exist in table {s.table!r}")
-                continue
-            vtype = _const_type(r.const) if r.expr is None else r.expr.result_type
-            if (
-                vtype
-                and info.kind in _COMPATIBLE
-                and vtype != info.kind
-                and info.kind not in _COMPATIBLE.get(vtype, {info.kind})
-            ):
-                err(r.key, f"yields {vtype} but {s.table}.{r.column} is {info.type_name}")
-        filled = {r.column for r in s.rules} | {s.returning or ""}
-        for name, info in cols.items():
-            if not info.nullable and not info.has_default and name not in filled:
-                err(
-                    s.key,
-                    f"column {name!r} of {s.table} is NOT NULL without default and nothing maps it",
-                )
+        chk.rules(cols, s.table, s.rules, {s.returning or ""}, where=s.key)
+        chk.rules(cols, s.table, s.after, set(), not_null=False)
     c = plan.customer
-    if c is not None and c.match_table:
+    if c is not None and c.match_table and table("customer.match.table", c.match_table):
         column("customer.match.key_column", c.match_table, c.match_key_column)
         column("customer.match.email_column", c.match_table, c.match_email_column)
         for r in c.match_filters:
             column(r.key, c.match_table, r.column)
     for u in plan.lookups:
-        column(u.key, u.table, u.column)
-        for f in u.filters:
-            column(u.key, u.table, f)
-    if plan.posted_column:
-        column("order.posted.column", plan.header.table, plan.posted_column)
-    if plan.cancel_column:
-        column("order.cancel.column", plan.header.table, plan.cancel_column)
-    if plan.e_number_column:
-        column("order.e_number_column", plan.header.table, plan.e_number_column)
+        if table(u.key, u.table) is not None:
+            for name in (u.column, *u.filters):
+                column(u.key, u.table, name)
+    for key, col in (
+        ("order.posted.column", plan.posted_column),
+        ("order.cancel.column", plan.cancel_column),
+        ("order.e_number_column", plan.e_number_column),
+    ):
+        column(key, plan.header.table, col)
     if plan.header.returning is None:
         err("header.returning", "required: the header's key column (e.g. 'id', 'rowid')")
-    for name, n in plan.numbers.items():
-        _validate_number(plan, engine, insp, n, table, column, err)
-        del name
-    if errors:
-        raise ConfigError("\n".join(errors))
-    plan.schema = schema
+    for n in plan.numbers.values():
+        _validate_number(plan, engine, chk, n, column)
+    chk.raise_if_any()
+    plan.schema = chk.schema
 
 
 def _validate_number(
-    plan: PlanMapping,
-    engine: sa.Engine,
-    insp: sa.Inspector,
-    n: NumberSpec,
-    table: Any,
-    column: Any,
-    err: Any,
+    plan: PlanMapping, engine: sa.Engine, chk: SchemaCheck, n: NumberSpec, column: Any
 ) -> None:
+    """The numbering source exists: a sequence, or exactly one row (and its sequence)."""
     if n.kind == "sequence":
         if engine.dialect.name == "postgresql" and n.sequence:
             schema, _, name = n.sequence.rpartition(".")
-            if name not in insp.get_sequence_names(schema=schema or None):
-                err(f"{n.key}.sequence", f"sequence {n.sequence!r} does not exist in the ERP")
+            if name not in chk.insp.get_sequence_names(schema=schema or None):
+                chk.err(f"{n.key}.sequence", f"sequence {n.sequence!r} does not exist in the ERP")
+        return
+    if chk.table(f"{n.key}.table", n.table) is None or not n.key_column:
         return
     for what in ("key_column", "value_column", "id_column", "prefix_column", "width_column"):
         name = getattr(n, what)
         if name and not (what == "value_column" and n.kind != "counter"):
             column(f"{n.key}.{what}", n.table, name)
-    if table(f"{n.key}.table", n.table) is None or not n.key_column:
-        return
-    cols = [n.id_column if n.kind == "row_sequence" else n.value_column or n.key_column]
+    pick = n.id_column if n.kind == "row_sequence" else n.value_column or n.key_column
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                f"SELECT {qident(cols[0], plan.dialect)} FROM {qtable(n.table or '', plan.dialect)} "
+                f"SELECT {qident(pick, plan.dialect)} FROM {qtable(n.table or '', plan.dialect)} "
                 f"WHERE {qident(n.key_column, plan.dialect)} = :k"
             ),
             {"k": n.series_key},
         ).all()
     if len(rows) != 1:
         found = "no row" if not rows else f"{len(rows)} rows"
-        err(f"{n.key}.key", f"{found} with {n.key_column} = {n.series_key!r} in {n.table}")
+        chk.err(f"{n.key}.key", f"{found} with {n.key_column} = {n.series_key!r} in {n.table}")
         return
     if n.kind == "row_sequence" and engine.dialect.name == "postgresql":
         seq = f"{n.sequence_prefix}{rows[0][0]}"
-        if seq not in insp.get_sequence_names():
-            err(f"{n.key}.sequence_prefix", f"sequence {seq!r} does not exist in the ERP")
+        if seq not in chk.insp.get_sequence_names():
+            chk.err(f"{n.key}.sequence_prefix", f"sequence {seq!r} does not exist in the ERP")
 
 
 # ------------------------------------------------------------------------------ either format
@@ -668,19 +624,10 @@ def _validate_number(
 
 def load_any(path: str | Path, dialect: str) -> OrderMapping | PlanMapping:
     """Load a mapping file of either format (``format = "plan"`` picks the plan format)."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read mapping file: {e.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    digest = hashlib.sha256(raw).hexdigest()
+    data, digest = read_mapping_file(path)
     if is_plan(data):
-        return parse_plan(data, str(p), dialect, digest)
-    return parse_mapping(data, str(p), dialect, digest)
+        return parse_plan(data, str(Path(path)), dialect, digest)
+    return parse_mapping(data, str(Path(path)), dialect, digest)
 
 
 def validate_any(mapping: OrderMapping | PlanMapping, engine: sa.Engine) -> None:

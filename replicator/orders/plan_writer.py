@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +35,8 @@ from replicator.mappers.orders import (
     _coerce,
     _present,
     _short,
+    is_posted_value,
+    map_value,
     qident,
     qtable,
 )
@@ -146,18 +147,9 @@ class PlanWriter:
     def _functions(self, conn: sa.Connection) -> dict[str, Callable[..., Any]]:
         m = self.m
         now = datetime.now(UTC).replace(tzinfo=None)
-        name = Path(m.path).name
 
         def map_(table: Any, value: Any) -> str:
-            entries = m.maps.get(str(table))
-            if entries is None:
-                raise ex.LookupFailed(f"no [maps.{table}] table in {name}")
-            key = "" if value is None else str(value)
-            if key not in entries:
-                raise ex.LookupFailed(
-                    f"{table} {key!r} has no ERP mapping (add it under [maps.{table}] in {name})"
-                )
-            return entries[key]
+            return map_value(m.maps, m.path, table, value)
 
         def lookup(table: Any, column: Any, *pairs: Any) -> Any:
             return self._lookup(conn, str(table), str(column), pairs)
@@ -603,8 +595,7 @@ class PlanWriter:
         ).first()
         if row is None:
             return None  # deleted in the ERP
-        value = row[0]
-        return any(value == v or str(value).lower() == str(v).lower() for v in m.posted_values)
+        return is_posted_value(row[0], m.posted_values)
 
     def replace(
         self,

@@ -33,6 +33,7 @@ from replicator.mappers.orders import (
     OrderMapping,
     OrderRejected,
     SeriesSpec,
+    is_posted_value,
     map_order,
     qident,
     qtable,
@@ -411,8 +412,7 @@ class ErpWriter:
         ).first()
         if row is None:
             return None
-        value = row[0]
-        return any(value == v or str(value).lower() == str(v).lower() for v in m.posted_values)
+        return is_posted_value(row[0], m.posted_values)
 
     def replace(
         self,

@@ -12,7 +12,9 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,26 @@ def run_with_kills(
     done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
     assert "done" in done.stdout, done.stderr[-2000:]
     return at_kill
+
+
+def at_once(calls: list[Callable[[], Any]]) -> list[BaseException]:
+    """Run the calls on threads released together; the exceptions they raised."""
+    start = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], Any]) -> None:
+        start.wait()
+        try:
+            call()
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 if __name__ == "__main__":
