@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from replicator.db import make_engine
 from replicator.errors import ConfigError
 from replicator.orders.importer import OrderImportService
+from replicator.orders.mappings import load_checked
 from replicator.orders.sample import ROOT, ListShop, sample_order
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows, make_config
@@ -66,8 +68,21 @@ def test_check_config_connect_gives_start_up_messages_for_a_plan_mapping(
         ROOT / "config" / "mappings" / "dolibarr.toml", tmp_path / "mappings" / "orders.toml"
     )
     cfg = make_config(tmp_path, pg_erp_url)
-    with pytest.raises(ConfigError) as startup:
-        OrderImportService(cfg, {"shop": ListShop("shop")})
+    # Start-up: the order service starts not ready and says why (capture would go on).
+    svc = OrderImportService(cfg, {"shop": ListShop("shop")})
+    try:
+        ready, detail = svc.readiness()
+    finally:
+        svc.close()
+    assert not ready
+    engine = make_engine(pg_erp_url, "test")
+    try:
+        with pytest.raises(ConfigError) as startup:  # what start-up runs
+            load_checked(tmp_path / "mappings" / "orders.toml", "postgresql", engine)
+    finally:
+        engine.dispose()
+    for m in str(startup.value).splitlines():
+        assert m.split(": ", 1)[1] in detail
     config = tmp_path / "config.toml"
     config.write_text(
         f'[erp]\ndsn = "{pg_erp_url}"\n[capture]\ntables = ["public.order_header"]\n'

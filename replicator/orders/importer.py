@@ -42,9 +42,10 @@ from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import OrderRejected
+from replicator.mappers.plan import load_any, validate_any
 from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload, read_webhook
 from replicator.orders.ledger import Entry, Ledger, ShopState
-from replicator.orders.mappings import AnyMapping, AnyWriter, load_checked, make_writer
+from replicator.orders.mappings import AnyMapping, AnyWriter, MappingUnfit, make_writer
 from replicator.orders.writer import (
     ErpUnavailable,
     NotInErp,
@@ -196,8 +197,11 @@ class OrderImportService:
                 self._mapping(shop)
             except ErpUnavailable as exc:
                 # Start anyway: the first cycle checks the mapping once the ERP answers (and
-                # counts as failed until it does). A bad mapping still stops the start-up.
+                # counts as failed until it does). A malformed mapping still stops the start-up.
                 log.warning("order_import_erp_unavailable", shop=shop, error=str(exc))
+            except MappingUnfit as exc:
+                # Start anyway, not ready (/readyz says why); every cycle checks again.
+                log.error("mapping_does_not_fit_erp", shop=shop, error=str(exc))
         with _active_lock:
             _active = self
 
@@ -245,10 +249,19 @@ class OrderImportService:
         if loaded is not None and loaded.mtime == mtime and not unfit:
             return loaded
         try:
-            m = load_checked(path, self.cfg.erp.dialect, self.engine)
+            m = load_any(path, self.cfg.erp.dialect)  # a malformed file stops the start-up
             if loaded is not None and m.hash == loaded.mapping.hash and not unfit:
                 loaded.mtime = mtime
                 return loaded
+            try:
+                validate_any(m, self.engine)
+            except ConfigError as exc:
+                if loaded is None:
+                    # The ERP does not fit the mapping (e.g. after an ERP upgrade): the order
+                    # import is not ready and orders wait in the inbox; capture goes on.
+                    self._unfit[key] = str(exc)
+                    raise MappingUnfit(str(exc)) from None
+                raise
             writer = make_writer(self.engine, m, create_index=self.ocfg.create_e_number_index)
         except sa.exc.DBAPIError as exc:
             # The ERP is unreachable right now: a transient condition, not a bad mapping.

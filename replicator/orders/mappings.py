@@ -13,12 +13,20 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from replicator.errors import ConfigError
 from replicator.mappers.orders import OrderMapping
 from replicator.mappers.plan import PlanMapping, load_any, validate_any
 from replicator.orders.plan_writer import PlanWriter
 from replicator.orders.writer import ErpWriter, ensure_e_number_index
 
 AnyMapping = OrderMapping | PlanMapping
+
+
+class MappingUnfit(ConfigError):
+    """The mapping file is well-formed but the live ERP does not fit it (a table or column is
+    missing, a type changed): the order import waits, not ready; the rest of the daemon runs."""
+
+
 AnyWriter = ErpWriter | PlanWriter
 
 
