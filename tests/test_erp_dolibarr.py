@@ -283,3 +283,33 @@ def test_order_changed_after_import_keeps_rowid_and_prov_ref(dolibarr, writer):
         "SELECT count(*), sum(total_ttc) FROM llx_commandedet WHERE fk_commande = :r",
         r=rowid,
     ) == [(5, Decimal(total))]
+
+
+def test_customer_matched_by_the_shops_customer_number_first(dolibarr, tmp_path: Path):
+    text = DOLIBARR_MAPPING.read_text()
+    text = text.replace(
+        "[customer.match]",
+        '[customer.match]\nnumber_column = "code_client"',
+    ).replace(
+        'key = "societe.rowid"',
+        'key = "societe.rowid"\nnumber = "concat(\'WC-\', order.customer_id) if order.customer_id else None"',
+    )
+    path = tmp_path / "dolibarr.toml"
+    path.write_text(text)
+    engine = make_engine(dolibarr, "test")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO llx_societe (nom, entity, client, code_client, email) "
+                "VALUES ('Customer 77', 1, 1, 'WC-77', 'old@example.com')"
+            )
+        w = make_writer(engine, load_checked(path, "mysql", engine), create_index=False)
+        w.write("woo", "801", taxed_order(801, email="changed@example.com", customer_id=77))
+        w.write("woo", "802", taxed_order(802, email="", customer_id=0))  # guest
+    finally:
+        engine.dispose()
+    assert erp_rows(
+        dolibarr,
+        "SELECT c.ref_client, s.nom FROM llx_commande c JOIN llx_societe s ON s.rowid = c.fk_soc "
+        "ORDER BY c.ref_client",
+    ) == [("801", "Customer 77"), ("802", "Web shop guest")]

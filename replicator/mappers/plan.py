@@ -107,6 +107,9 @@ class CustomerPlan:
     rows: tuple[RowStep, ...]
     key: ex.Expr | None
     create: bool
+    # The shop's customer number, matched in match_number_column before the e-mail.
+    number: ex.Expr | None = None
+    match_number_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,15 @@ def parse_plan(data: dict[str, Any], path: str, dialect: str, digest: str = "") 
             guest=ld.expression("customer.guest", c["guest"], names) if c.get("guest") else None,
             match_table=ld.ident(m, "customer.match", "table", table=True) if m else None,
             match_key_column=ld.ident(m, "customer.match", "key_column") if m else None,
-            match_email_column=ld.ident(m, "customer.match", "email_column") if m else None,
+            match_email_column=ld.ident(m, "customer.match", "email_column", required=False)
+            if m
+            else None,
+            number=ld.expression("customer.number", c["number"], names)
+            if c.get("number")
+            else None,
+            match_number_column=ld.ident(m, "customer.match", "number_column", required=False)
+            if m
+            else None,
             match_filters=filters,
             rows=tuple(
                 ld.step(f"customer.rows[{i}]", r, default_name=f"customer_row{i}")
@@ -487,7 +498,15 @@ def _exprs(plan: PlanMapping) -> list[tuple[str, ex.Expr]]:
     out: list[tuple[str, ex.Expr]] = []
     c = plan.customer
     if c is not None:
-        out += [(k, e) for k, e in (("customer.email", c.email), ("customer.guest", c.guest)) if e]
+        out += [
+            (k, e)
+            for k, e in (
+                ("customer.email", c.email),
+                ("customer.number", c.number),
+                ("customer.guest", c.guest),
+            )
+            if e
+        ]
         out += [(r.key, r.expr) for r in c.match_filters if r.expr]
         if c.key is not None:
             out.append(("customer.key", c.key))
@@ -564,6 +583,7 @@ def validate_plan(plan: PlanMapping, engine: sa.Engine) -> None:
     if c is not None and c.match_table and table("customer.match.table", c.match_table):
         column("customer.match.key_column", c.match_table, c.match_key_column)
         column("customer.match.email_column", c.match_table, c.match_email_column)
+        column("customer.match.number_column", c.match_table, c.match_number_column)
         for r in c.match_filters:
             column(r.key, c.match_table, r.column)
     for u in plan.lookups:

@@ -346,26 +346,31 @@ class PlanWriter:
         c = self.m.customer
         if c is None:
             return
-        email = None
+        email = number = None
         if c.email is not None:
             email = ex._to_str(self._eval("customer.email", c.email, ctx, fns)) or None
+        if c.number is not None:
+            number = ex._to_str(self._eval("customer.number", c.number, ctx, fns)) or None
         if email is not None and ("@" not in email or len(email) > 254):
             raise OrderRejected(f"customer e-mail {_short(email)} is not an e-mail address")
-        ctx["customer"] = {"email": email, "id": None, "new": False, "guest": email is None}
-        if email is None:
+        guest = email is None and number is None
+        ctx["customer"] = {"email": email, "number": number, "id": None, "new": False}
+        ctx["customer"]["guest"] = guest
+        if guest:
             if c.guest is None:
                 raise OrderRejected(
-                    "order has no customer e-mail and no guest customer is configured"
+                    "order has no customer e-mail/number and no guest customer is configured"
                 )
             ctx["customer"]["id"] = self._eval("customer.guest", c.guest, ctx, fns)
             return
-        found = self._find_customer(conn, email, ctx, fns)
+        found = self._find_customer(conn, email, number, ctx, fns)
         if found is not None:
             ctx["customer"]["id"] = found
             return
         # Two orders of one new customer at once: the second waits here, then finds the
         # customer the first created (READ COMMITTED: each statement sees the latest commit).
-        lock_name = f"sync-customer:{email}"
+        who = email or number
+        lock_name = f"sync-customer:{who}"
         if self.d == "postgresql":
             self._run(conn, "SELECT pg_advisory_xact_lock(hashtext(:k))", {"k": lock_name})
         elif self.d == "mysql":
@@ -376,14 +381,14 @@ class PlanWriter:
             ).scalar()
             self._session_locks.held = True
             if got != 1:
-                raise ErpUnavailable(f"waited 30 s for another import of customer {email!r}")
-        found = self._find_customer(conn, email, ctx, fns)
+                raise ErpUnavailable(f"waited 30 s for another import of customer {who!r}")
+        found = self._find_customer(conn, email, number, ctx, fns)
         if found is not None:
             ctx["customer"]["id"] = found
             return
         if not c.create:
             raise OrderRejected(
-                f"customer {email!r} is not in the ERP and customer.create is false", "mapping"
+                f"customer {who!r} is not in the ERP and customer.create is false", "mapping"
             )
         ctx["customer"]["new"] = True
         for step in c.rows:
@@ -394,24 +399,36 @@ class PlanWriter:
     def _find_customer(
         self,
         conn: sa.Connection,
-        email: str,
+        email: str | None,
+        number: str | None,
         ctx: dict[str, Any],
         fns: dict[str, Callable[..., Any]],
     ) -> Any:
+        """The customer's key: by the shop's customer number first, then by e-mail (compared
+        case-insensitively), each with the match filters (entity, active...)."""
         c = self.m.customer
         assert c is not None
-        if not (c.match_table and c.match_key_column and c.match_email_column):
+        if not (c.match_table and c.match_key_column):
             return None
         filters = {r.column: self._value(r, c.match_table, ctx, fns) for r in c.match_filters}
-        cond = [f"lower({self._q(c.match_email_column)}) = :email"]
-        cond += [f"{self._q(col)} = :f{i}" for i, col in enumerate(filters)]
-        row = self._run(
-            conn,
-            f"SELECT {self._q(c.match_key_column)} FROM {qtable(c.match_table, self.d)} "
-            f"WHERE {' AND '.join(cond)} ORDER BY {self._q(c.match_key_column)} LIMIT 1",
-            {"email": email.lower(), **{f"f{i}": v for i, v in enumerate(filters.values())}},
-        ).first()
-        return None if row is None else row[0]
+        tries = []
+        if number is not None and c.match_number_column:
+            tries.append((f"{self._q(c.match_number_column)} = :who", number))
+        if email is not None and c.match_email_column:
+            tries.append((f"lower({self._q(c.match_email_column)}) = :who", email.lower()))
+        for cond, who in tries:
+            where = " AND ".join(
+                [cond, *(f"{self._q(col)} = :f{i}" for i, col in enumerate(filters))]
+            )
+            row = self._run(
+                conn,
+                f"SELECT {self._q(c.match_key_column)} FROM {qtable(c.match_table, self.d)} "
+                f"WHERE {where} ORDER BY {self._q(c.match_key_column)} LIMIT 1",
+                {"who": who, **{f"f{i}": v for i, v in enumerate(filters.values())}},
+            ).first()
+            if row is not None:
+                return row[0]
+        return None
 
     def _context(
         self, shop: str, e_number: str, payload: Any, auto_invoice: bool
