@@ -144,3 +144,27 @@ def test_item_into_an_integer_foreign_key_validates_and_writes_the_integer(
         pg_erp_url,
         "SELECT l.product_id, p.sku FROM order_line l JOIN product p ON p.id = l.product_id",
     ) == [(7, "SKU-X7")]
+
+
+def test_plan_mapping_errors_name_file_and_key(tmp_path: Path):
+    from replicator.mappers.plan import load_any
+
+    text = (ROOT / "config" / "mappings" / "tryton.toml").read_text()
+    text = (
+        text.replace("code = \"next_number('party')\"", "code = \"next_number('nope')\"")
+        .replace(
+            "currency = \"lookup('currency_currency', 'id', 'code', upper(order.currency))\"",
+            "currency = \"lookup(order.table, 'id', 'code', order.currency)\"",
+        )
+        .replace('sequence = "line_no"', 'sequence = "item(line.sku)"')
+        .replace('table = "sale_line"', 'table = "sale_line; DROP TABLE x"')
+    )
+    path = tmp_path / "tryton.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_any(path, "postgresql")
+    msg = str(exc.value)
+    assert f"{path}: customer.rows[0].columns.code: next_number() needs one of: party, sale" in msg
+    assert "header.columns.currency: lookup(table, column, filter_column, value, ...) needs" in msg
+    assert "lines.columns.sequence: item() is not available in a plan mapping" in msg
+    assert "lines.table: 'sale_line; DROP TABLE x' is not a plain name" in msg
