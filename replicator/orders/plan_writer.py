@@ -299,13 +299,21 @@ class PlanWriter:
         fns: dict[str, Callable[..., Any]],
         log_rows: dict[str, list[dict[str, Any]]] | None,
         defer: list[dict[str, Any]] | None = None,
+        key: Any = None,
     ) -> dict[str, Any] | None:
         """Write (or match) one row of ``step``; the row, with its key, is bound in ``ctx``.
-        ``defer``: a row nothing refers to is collected there for one multi-row INSERT."""
+        ``defer``: a row nothing refers to, or whose key was taken beforehand (``key``), is
+        collected there for one multi-row INSERT."""
         if step.when is not None and not self._eval(f"{step.key}.when", step.when, ctx, fns):
             return None
         values = {r.column: self._value(r, step.table, ctx, fns) for r in step.rules}
-        if defer is not None and not (step.returning or step.match or step.after):
+        if key is not None and step.returning:
+            values[step.returning] = key
+        if (
+            defer is not None
+            and not (step.match or step.after)
+            and (not step.returning or key is not None)
+        ):
             defer.append(values)
             ctx[step.name] = values
             if log_rows is not None:
@@ -457,14 +465,20 @@ class PlanWriter:
         source = self._eval("lines.source", li.source, ctx, fns)
         if not isinstance(source, list) or not source:
             raise OrderRejected(f"order has no lines ({li.source.source} is empty or missing)")
-        # Child rows nothing refers to (taxes) go in one INSERT per child step, after the lines.
+        # Child rows nothing refers to (taxes) go in one INSERT per child step, after the lines;
+        # the lines too, when their keys can be taken from their sequence beforehand.
         pending: dict[str, list[dict[str, Any]]] = {kid.key: [] for kid in li.children}
+        keys = self._take_keys(conn, li, len(source))
+        line_rows: list[dict[str, Any]] = []
         for i, item in enumerate(source, start=1):
             if not isinstance(item, dict):
                 raise OrderRejected(f"line {i} is not a JSON object")
             lctx = {**ctx, li.alias: item, f"{li.alias}_no": i, "line_no": i}
             try:
-                self._row(conn, li, lctx, fns, log_rows)
+                if keys:
+                    self._row(conn, li, lctx, fns, log_rows, line_rows, keys[i - 1])
+                else:
+                    self._row(conn, li, lctx, fns, log_rows)
                 for kid in li.children:
                     assert kid.source is not None
                     elems = self._eval(f"{kid.key}.source", kid.source, lctx, fns)
@@ -473,15 +487,38 @@ class PlanWriter:
                         self._row(conn, kid, kctx, fns, log_rows, pending[kid.key])
             except OrderRejected as e:
                 raise OrderRejected(f"line {i}: {e.reason}", e.kind) from None
-        for kid in li.children:
-            rows = pending[kid.key]
+        for table, rows in [(li.table, line_rows)] + [
+            (k.table, pending[k.key]) for k in li.children
+        ]:
             # One statement per column set (a `when` may leave columns out of some rows).
             by_cols: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for r in rows:
                 by_cols.setdefault(tuple(r), []).append(r)
             for group in by_cols.values():
-                self._run(conn, *multi_row_insert(kid.table, group, self.d))
+                self._run(conn, *multi_row_insert(table, group, self.d))
         return len(source)
+
+    def _take_keys(self, conn: sa.Connection, step: RowStep, n: int) -> list[Any] | None:
+        """PostgreSQL: ``n`` keys from the sequence behind ``step``'s key column (serial or
+        identity), so its rows go in one INSERT; None where that does not apply."""
+        if self.d != "postgresql" or not step.returning or step.match or step.after:
+            return None
+
+        def load() -> Any:
+            seq = self._run(
+                conn,
+                "SELECT pg_get_serial_sequence(:t, :c)",
+                {"t": qtable(step.table, self.d), "c": step.returning},
+            ).scalar()
+            return seq or ""  # "" (no sequence) is cached too: it does not change
+
+        seq = self._cached(("sequence", step.table, step.returning), load)
+        if not seq:
+            return None
+        rows = self._run(
+            conn, "SELECT nextval(:s) FROM generate_series(1, :n)", {"s": seq, "n": n}
+        ).all()
+        return sorted(r[0] for r in rows)
 
     # -- write once -----------------------------------------------------------------------------
 
