@@ -275,3 +275,34 @@ def test_an_index_on_the_erps_e_number_column_only_when_asked(tryton, tmp_path: 
             "WHERE (reference IS NOT NULL)",
         )
     ]
+
+
+def test_map_dry_run_cli_prints_the_plans_rows(tryton, tmp_path: Path):
+    import json
+    import subprocess
+    import sys
+
+    order = tmp_path / "order.json"
+    order.write_text(json.dumps(taxed_order(9201, lines=1)))
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[erp]\ndsn = "{tryton_db.url(tryton)}"\n[capture]\ntables = ["public.sale_sale"]\n'
+        f'[staging]\nurl = "sqlite:///{tmp_path / "staging.db"}"\n'
+        f'[daemon]\nstate_dir = "{tmp_path}"\n'
+        f'[orders]\nenabled = true\nmapping = "{TRYTON_MAPPING}"\n'
+    )
+    config.chmod(0o600)
+    proc = subprocess.run(
+        [sys.executable, "sync_daemon.py", "map", "--dry-run", str(order), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "-- sale_sale (1 row)" in proc.stdout
+    assert "-- sale_line (2 rows)" in proc.stdout
+    assert "-- sale_line-account_tax (2 rows)" in proc.stdout
+    assert '"reference": "WOO-9201"' in proc.stdout
+    assert "rolled back: nothing was written" in proc.stdout
+    assert erp_rows(tryton_db.url(tryton), "SELECT count(*) FROM sale_sale") == [(0,)]
