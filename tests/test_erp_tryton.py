@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 pytest.importorskip("trytond")
@@ -36,9 +37,10 @@ TRYTON_MAPPING = ROOT / "config" / "mappings" / "tryton.toml"
 def tryton() -> Iterator[str]:
     """A fresh copy of the cached Tryton database; yields its name."""
     try:
-        name = tryton_db.clone()
-    except Exception as exc:  # pragma: no cover - environment dependent
-        pytest.skip(f"cannot build the Tryton database: {exc}")
+        psycopg.connect(tryton_db.ADMIN_DSN, dbname="postgres", connect_timeout=3).close()
+    except psycopg.Error as exc:  # pragma: no cover - environment dependent
+        pytest.skip(f"no PostgreSQL for Tryton at {tryton_db.ADMIN_DSN}: {exc}")
+    name = tryton_db.clone()  # builds the cached database on first use (about a minute)
     try:
         yield name
     finally:
