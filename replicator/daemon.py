@@ -429,6 +429,7 @@ class Daemon:
         )
         # A shop that keeps failing is worth listing, but capture still works: not critical.
         health.add_check("breakers", self._breaker_check, critical=False)
+        health.add_check("orders", self._orders_check)
         metrics.on_scrape(self._refresh_metrics)
         self._mount_routes(health)
         health.start()
@@ -441,6 +442,13 @@ class Daemon:
         self.on_stop.append(lambda: metrics.remove_on_scrape(self._refresh_metrics))
 
     # -- readiness checks and metrics (called from the health server's threads) -------------
+    def _orders_check(self) -> tuple[bool, str]:
+        """Not ready while a mapping no longer fits the ERP (capture is not affected)."""
+        if self.order_service is None:
+            return True, "order import off"
+        ok, detail = self.order_service.readiness()
+        return bool(ok), str(detail)
+
     def _erp_check(self) -> tuple[bool, str]:
         """Reach the ERP on a connection of its own, with a short timeout."""
         if self.cfg.erp.dialect != "postgresql":

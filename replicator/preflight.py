@@ -52,8 +52,31 @@ def preflight(cfg: Config) -> Iterator[Check]:
     if cfg.erp.dialect == "postgresql":
         yield from _erp_postgresql(cfg)
     yield from _staging(cfg)
+    if cfg.orders.enabled and cfg.shops:
+        yield from _mappings(cfg)
     for shop in cfg.shops:
         yield _shop(cfg, shop)
+
+
+def _mappings(cfg: Config) -> Iterator[Check]:
+    """Every order mapping against the live ERP, with the daemon's start-up messages."""
+    from replicator.db import make_engine
+    from replicator.orders.mappings import check_mappings
+
+    try:
+        engine = make_engine(cfg.erp.writer_url, "check")
+    except Exception as exc:
+        yield _failed("mappings", exc)
+        return
+    try:
+        for line in check_mappings(cfg, engine):
+            yield Check("mapping", line)
+    except SyncError as exc:
+        yield Check("mapping", str(exc), exc.exit_code)
+    except Exception as exc:
+        yield _failed("mappings", exc)
+    finally:
+        engine.dispose()
 
 
 def _erp_postgresql(cfg: Config) -> Iterator[Check]:

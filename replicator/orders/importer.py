@@ -41,7 +41,8 @@ from replicator.connectors.base import ShopConnector, ShopOrder
 from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import OrderMapping, OrderRejected, load_mapping, validate_mapping
+from replicator.mappers.orders import OrderRejected
+from replicator.mappers.plan import load_any, validate_any
 from replicator.orders.inbox import (
     Inbox,
     Offered,
@@ -51,14 +52,14 @@ from replicator.orders.inbox import (
     read_webhook,
 )
 from replicator.orders.ledger import Entry, Ledger, ShopState
+from replicator.orders.mappings import AnyMapping, AnyWriter, MappingUnfit, make_writer
 from replicator.orders.writer import (
     ErpUnavailable,
-    ErpWriter,
     NotInErp,
     OrderPosted,
     WriteResult,
     db_message,
-    ensure_e_number_index,
+    is_schema_mismatch,
     is_transient,
 )
 
@@ -161,7 +162,7 @@ def check_criteria(
 
 
 class _LoadedMapping:
-    def __init__(self, mapping: OrderMapping, writer: ErpWriter, mtime: float) -> None:
+    def __init__(self, mapping: AnyMapping, writer: AnyWriter, mtime: float) -> None:
         self.mapping = mapping
         self.writer = writer
         self.mtime = mtime
@@ -194,6 +195,10 @@ class OrderImportService:
         )
         self._mappings: dict[str, _LoadedMapping] = {}
         self._criteria_checked: dict[str, ImportCriteria] = {}
+        # Mapping path -> why it no longer fits the ERP (schema changed under it): the order
+        # service is not ready until a re-validation passes; capture and the rest go on.
+        self._unfit: dict[str, str] = {}
+        self._refit: set[str] = set()  # fits again: its parked orders are retried once
         self._sleep = sleep
         self._executor: ThreadPoolExecutor | None = None
         # Validate every mapping in use at start-up: a bad mapping is a configuration error.
@@ -203,8 +208,11 @@ class OrderImportService:
                 self._mapping(shop)
             except ErpUnavailable as exc:
                 # Start anyway: the first cycle checks the mapping once the ERP answers (and
-                # counts as failed until it does). A bad mapping still stops the start-up.
+                # counts as failed until it does). A malformed mapping still stops the start-up.
                 log.warning("order_import_erp_unavailable", shop=shop, error=str(exc))
+            except MappingUnfit as exc:
+                # Start anyway, not ready (/readyz says why); every cycle checks again.
+                log.error("mapping_does_not_fit_erp", shop=shop, error=str(exc))
         with _active_lock:
             _active = self
 
@@ -248,17 +256,24 @@ class OrderImportService:
             if loaded is not None:
                 return loaded
             raise ConfigError(f"{path}: cannot read mapping file: {exc.strerror}") from None
-        if loaded is not None and loaded.mtime == mtime:
+        unfit = key in self._unfit
+        if loaded is not None and loaded.mtime == mtime and not unfit:
             return loaded
         try:
-            m = load_mapping(path, self.cfg.erp.dialect)
-            if loaded is not None and m.hash == loaded.mapping.hash:
+            m = load_any(path, self.cfg.erp.dialect)  # a malformed file stops the start-up
+            if loaded is not None and m.hash == loaded.mapping.hash and not unfit:
                 loaded.mtime = mtime
                 return loaded
-            validate_mapping(m, self.engine)
-            if self.ocfg.create_e_number_index:
-                ensure_e_number_index(self.engine, m)
-            writer = ErpWriter(self.engine, m)
+            try:
+                validate_any(m, self.engine)
+            except ConfigError as exc:
+                if loaded is None:
+                    # The ERP does not fit the mapping (e.g. after an ERP upgrade): the order
+                    # import is not ready and orders wait in the inbox; capture goes on.
+                    self._unfit[key] = str(exc)
+                    raise MappingUnfit(str(exc)) from None
+                raise
+            writer = make_writer(self.engine, m, create_index=self.ocfg.create_e_number_index)
         except sa.exc.DBAPIError as exc:
             # The ERP is unreachable right now: a transient condition, not a bad mapping.
             if loaded is None:
@@ -273,14 +288,27 @@ class OrderImportService:
             # Keep importing with the last good mapping; the operator sees why in the log.
             log.error("mapping_reload_failed", path=key, error=str(exc))
             loaded.mtime = mtime
+            if unfit:
+                # The ERP changed under the mapping: /readyz shows start-up's messages.
+                self._unfit[key] = str(exc)
             return loaded
+        if unfit:
+            log.info("mapping_fits_again", path=key)
+            self._unfit.pop(key, None)
+            self._refit.add(key)
         new = _LoadedMapping(m, writer, mtime)
         if loaded is not None:
             log.info("mapping_reloaded", path=key, hash=m.hash[:12])
         self._mappings[key] = new
         return new
 
-    def writer_for(self, shop: str) -> ErpWriter:
+    def readiness(self) -> tuple[bool, str]:
+        """For ``/readyz``: not ready while a mapping no longer fits the ERP."""
+        if not self._unfit:
+            return True, "mappings fit the ERP"
+        return False, "; ".join(f"{p}: {why}" for p, why in sorted(self._unfit.items()))
+
+    def writer_for(self, shop: str) -> AnyWriter:
         return self._mapping(shop).writer
 
     def _retrying(self, retry_on: Callable[[BaseException], bool]) -> Retrying:
@@ -530,7 +558,11 @@ class OrderImportService:
     def _retry_mapping_failures(self, shop: str, now: datetime) -> list[str]:
         """Orders parked for a mapping problem are retried when the mapping files changed."""
         current = self._mapping(shop).mapping.hash
-        todo = self.ledger.mapping_failures(shop, current)
+        path = str(self._mapping_path(shop))
+        # After the ERP fitted the mapping again every mapping failure is retried ("" matches
+        # no mapping hash); otherwise only those parked under other mapping files.
+        todo = self.ledger.mapping_failures(shop, "" if path in self._refit else current)
+        self._refit.discard(path)
         for e in todo:
             with self.ledger.begin() as conn:
                 self.ledger.update(conn, shop, e, state="awaiting", next_attempt_at=None)
@@ -656,7 +688,7 @@ class OrderImportService:
         self,
         entry: Entry,
         now: datetime,
-        writer: ErpWriter,
+        writer: AnyWriter,
         mapping_hash: str,
         crit: ImportCriteria,
         conn: sa.Connection | None = None,
@@ -736,6 +768,11 @@ class OrderImportService:
                     transient=msg,
                 )
             if isinstance(exc, sa.exc.DBAPIError):
+                if is_schema_mismatch(exc):
+                    # Not this order's fault: park it as a mapping problem (retried when the
+                    # mapping changes) and re-validate the mapping before the next order.
+                    self._unfit.setdefault(writer.m.path, db_message(exc))
+                    return fail(f"the mapping no longer fits the ERP: {db_message(exc)}", "mapping")
                 return fail(f"ERP rejected the order: {db_message(exc)}", "input")
             # Bad input never stops the line: whatever this order triggers, park it.
             log.exception("order_import_error", shop=shop, e_number=e)

@@ -321,12 +321,20 @@ def map_order_rows(importer: Any, entry: Entry) -> tuple[dict[str, Any] | None, 
     --dry-run``): ({table: rows}, None), or (None, why not). Nothing is written."""
     from replicator.mappers.orders import OrderRejected
     from replicator.orders.inbox import PayloadError, parse_payload
+    from replicator.orders.plan_writer import PlanWriter
 
     try:
         writer = importer.writer_for(entry.shop)
         m = writer.m
         payload = parse_payload(entry.payload)
         crit = importer.ocfg.criteria_for(entry.shop)
+        if isinstance(writer, PlanWriter):
+            # Written in a transaction that is rolled back (real keys, lookups and numbering).
+            with importer.engine.connect() as conn:
+                rows = writer.dry_run(
+                    conn, entry.shop, entry.e_number, payload, crit.mode == "auto_invoice"
+                )
+            return dict(rows), None
         with importer.engine.connect() as conn:
             try:
                 mapped = writer.map(
