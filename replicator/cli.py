@@ -86,9 +86,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resync(args: argparse.Namespace) -> int:
-    from replicator.daemon import resync
+    from replicator.daemon import request_recopy, resync
 
     cfg = load(args)
+    if args.table:
+        print(request_recopy(cfg, args.table))
+        return 0
     if not args.yes:
         print(
             "resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
@@ -148,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arg(p)
     p.add_argument("--yes", action="store_true", help="really do it")
+    p.add_argument(
+        "--table",
+        metavar="SCHEMA.TABLE",
+        help="copy one captured table again, online, while the daemon streams (no slot change)",
+    )
     p.set_defaults(func=_cmd_resync)
 
     import replicator.commands as commands

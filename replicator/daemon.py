@@ -889,3 +889,22 @@ def resync(cfg: Config) -> None:
     finally:
         src.close()
         store.dispose()
+
+
+def request_recopy(cfg: Config, table: str) -> str:
+    """``sync-daemon resync --table T``: ask the daemon to copy one table again, online."""
+    if cfg.capture.mode != "logical":
+        raise ConfigError("resync --table applies to capture.mode = 'logical'")
+    if table not in cfg.capture.tables:
+        raise ConfigError(
+            f"resync --table: {table!r} is not in capture.tables ({', '.join(cfg.capture.tables)})"
+        )
+    store = StagingStore(cfg.staging_url)
+    try:
+        store.request_recopy("erp", table)
+    finally:
+        store.dispose()
+    return (
+        f"resync: {table} will be copied again online while capture streams; "
+        "`sync-daemon status` shows its progress (a stopped daemon starts it when it runs)"
+    )

@@ -411,6 +411,12 @@ class StagingStore:
                 definition {text} NOT NULL,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_recopy_requests (
+                source {text} NOT NULL,
+                source_table {text} NOT NULL,
+                requested_at {ts} NOT NULL,
+                PRIMARY KEY (source, source_table)
+            )""",
             f"""CREATE TABLE IF NOT EXISTS sync_services (
                 name {text} PRIMARY KEY,
                 last_run_at {ts},
@@ -688,6 +694,43 @@ class StagingStore:
         self._write_definition(conn, live.name, shadow.schema)
         self._mirrors[table] = MirrorInfo(table, live.name, shadow.schema)
         self._sql_cache.clear()
+
+    def request_recopy(self, source: str, table: str) -> None:
+        """``sync-daemon resync --table``: ask the capture of ``source`` to copy ``table`` again,
+        online; the daemon takes the request with its next commit (or at its next start)."""
+        self.setup()
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"DELETE FROM sync_recopy_requests WHERE source = {p} AND source_table = {p}",
+                (source, table),
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO sync_recopy_requests (source, source_table, requested_at) "
+                f"VALUES ({p}, {p}, {p})",
+                (source, table, self._now()),
+            )
+
+    def recopy_requests(self, source: str) -> list[str]:
+        """Tables whose re-copy was asked for and not yet taken up."""
+        self.setup()
+        with self.engine.connect() as conn:
+            return [
+                r[0]
+                for r in conn.exec_driver_sql(
+                    "SELECT source_table FROM sync_recopy_requests WHERE source = "
+                    f"{self._ph} ORDER BY requested_at",
+                    (source,),
+                )
+            ]
+
+    def take_recopy_request(self, conn: sa.Connection, source: str, table: str) -> None:
+        """A request taken up, in the transaction that records the copy in the checkpoint."""
+        p = self._ph
+        conn.exec_driver_sql(
+            f"DELETE FROM sync_recopy_requests WHERE source = {p} AND source_table = {p}",
+            (source, table),
+        )
 
     def journal_event(
         self, conn: sa.Connection, source: str, table: str, op: str, position: str

@@ -27,6 +27,7 @@ from tests.helpers import (
 )
 
 ROWS = 6000
+RESYNC = [sys.executable, str(ROOT / "sync_daemon.py"), "resync", "--table"]
 
 
 def _setup(url: str) -> None:
@@ -226,3 +227,60 @@ def test_a_write_inside_the_watermark_window_is_never_overwritten_by_the_chunk(
         store.dispose()
     assert fired
     assert_staging_equals_source(erp_db, staging_url, ["public.items"], 30)
+
+
+def test_resync_table_recopies_one_table_online(
+    erp_db: str, staging_url: str, tmp_path: Path
+) -> None:
+    """Staging drifted (rows changed behind the daemon's back); `resync --table` copies the one
+    table again while capture streams and writers go on, and staging equals the source again."""
+    _setup(erp_db)
+    tables = ["public.a", "public.items"]
+    cfg = base_config(tmp_path, erp_db, staging_url, tables, batch_size=500)
+    d = DaemonProcess(cfg).start()
+    stop = threading.Event()
+    count = [0]
+    writer = threading.Thread(target=_writer, args=(erp_db, stop, 11, count))
+    try:
+        assert_staging_equals_source(erp_db, staging_url, tables, 120)
+        store = StagingStore(staging_url)
+        try:
+            with store.engine.begin() as conn:  # drift: rows lost and changed in staging only
+                conn.exec_driver_sql("DELETE FROM items WHERE mod(id, 10) = 1")
+                conn.exec_driver_sql("UPDATE items SET sku = 'drifted' WHERE mod(id, 10) = 2")
+        finally:
+            store.dispose()
+        writer.start()
+        shown = subprocess.run(
+            [*RESYNC, "public.items", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "copied again online" in shown.stdout
+        wait_until(lambda: "recopy_requested" in d.output(), 60, what="the request taken up")
+        wait_until(
+            lambda: (
+                "public.items" in _extra(staging_url).get("copied", [])
+                and not _extra(staging_url).get("copying")
+            ),
+            180,
+            0.5,
+            "the re-copy",
+        )
+        stop.set()
+        writer.join()
+        assert_staging_equals_source(erp_db, staging_url, tables, 120)
+        refused = subprocess.run(
+            [*RESYNC, "public.nope", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and "not in capture.tables" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert d.terminate() == 0
+    finally:
+        stop.set()
+        d.kill9()

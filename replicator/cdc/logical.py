@@ -202,6 +202,7 @@ class LogicalSource(CaptureSource):
         self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size)
         self._had_mirror: set[str] = set()
         self._frozen: set[str] = set()  # mirrors whose key changed: unfed until re-copied
+        self._requests_checked = 0.0
 
     # ------------------------------------------------------------------ start
     def _connect(self) -> psycopg.Connection[Any]:
@@ -515,6 +516,8 @@ class LogicalSource(CaptureSource):
         deadline = time.monotonic() + timeout
         applied_before = self.progress.changes
         batch_ms = self.cfg.capture.batch_ms / 1000
+        if not self._in_source_txn and time.monotonic() - self._requests_checked >= 1.0:
+            self._take_recopy_requests()
         try:
             while not stop.is_set():
                 if self._snaps.active and self._snaps.chunk is None and not self._in_source_txn:
@@ -824,6 +827,22 @@ class LogicalSource(CaptureSource):
         except psycopg.OperationalError as exc:
             raise RetryableError(f"snapshot of {copy.table} interrupted: {exc}") from exc
         self._show_snapshot_progress()
+
+    def _take_recopy_requests(self) -> None:
+        """``sync-daemon resync --table``: queue the copy; the request row goes with the commit
+        that records the copy in the checkpoint (a crash before it leaves the request)."""
+        self._requests_checked = time.monotonic()
+        for table in self.store.recopy_requests(self.name):
+            txn = self._open_txn()
+            conn = txn.conn
+            if table in self._schemas:
+                self.store.ensure_shadow(self._schemas[table], fresh=True, conn=conn)
+                self._snaps.restart(table)
+                log.info("recopy_requested", table=table)
+            else:
+                log.warning("recopy_request_ignored", table=table, reason="not in capture.tables")
+            self.store.take_recopy_request(conn, self.name, table)
+            self._show_snapshot_progress()
 
     def _snapshot_sees(self, txn: ApplyTxn, change: Change) -> None:
         """A streamed change of a table being copied: feed its shadow, keep the chunk honest."""
