@@ -63,6 +63,7 @@ from replicator.cdc.pgoutput import (
 )
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.config import Config
+from replicator.config.core import filter_columns
 from replicator.db import PG_KEEPALIVES, app_name, pg_connect
 from replicator.errors import (
     DaemonAlreadyRunning,
@@ -148,6 +149,38 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
                 f"and name its key columns in capture.keys"
             )
             continue
+        wanted = cfg.capture.column_list(table)
+        if wanted is not None:
+            unknown = [c for c in wanted if not any(col.name == c for col in columns)]
+            if unknown:
+                problems.append(f"capture.columns.{table}: no column {unknown[0]!r} in {table}")
+                continue
+            missing = [k for k in key if k not in wanted]
+            if missing:
+                problems.append(
+                    f"capture.columns.{table} must include the key column(s) {', '.join(missing)}"
+                )
+                continue
+            if ident == "f" and len(wanted) < len(columns):
+                problems.append(
+                    f"capture.columns.{table}: {table} has REPLICA IDENTITY FULL, and PostgreSQL "
+                    "then refuses updates and deletes unless the column list names every column"
+                )
+                continue
+            columns = tuple(c for c in columns if c.name in wanted)
+        cond = cfg.capture.row_filter(table)
+        if cond is not None:
+            outside = [c for c in filter_columns(table, cond) if c not in key]
+            if outside and ident != "f":
+                # PostgreSQL would refuse every UPDATE and DELETE on the ERP table (a row
+                # filter may only read replica identity columns): never let that happen.
+                problems.append(
+                    f"capture.filters.{table} reads {', '.join(outside)}, which is not part of the "
+                    f"replica identity ({', '.join(key)}): PostgreSQL would then refuse updates "
+                    f"and deletes on {table}. Filter on key columns, or run ALTER TABLE {table} "
+                    "REPLICA IDENTITY FULL (and list no columns for it)"
+                )
+                continue
         out.append(TableSchema(schema, name, columns, key))
     if problems:
         raise SchemaError("; ".join(problems))
@@ -156,6 +189,11 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
 
 def known_names(schema: TableSchema) -> set[str]:
     return {c.name for c in schema.columns}
+
+
+def _where(condition: str | None) -> sql.Composable:
+    """`` WHERE (cond)`` for a table's row filter (validated when the config was read)."""
+    return sql.SQL(" WHERE ({})").format(sql.SQL(condition)) if condition else sql.SQL("")
 
 
 def _with_attnums(mirror: TableSchema, source: TableSchema) -> TableSchema:
@@ -243,16 +281,16 @@ class LogicalSource(CaptureSource):
                 "only one may capture a slot"
             )
         schemas = describe_tables(conn, self.cfg)
-        self._ensure_publication(schemas)
+        respec = self._ensure_publication(schemas)
         self._had_mirror = {s.qualified for s in schemas if self.store.mirror(s.qualified)}
         self._schemas = {}
         for s in schemas:
             info = self.store.mirror(s.qualified)
             if info is None:
                 self._schemas[s.qualified] = self.store.ensure_mirror(s).schema
-            elif info.schema.key != s.key:
-                # Keyed differently now: the mirror stays as it is, unfed, until a re-copy with
-                # the new key replaces it.
+            elif info.schema.key != s.key or s.qualified in respec:
+                # Keyed differently now, or another column list or row filter: the mirror stays
+                # as it is, unfed, until a re-copy of the new shape replaces it.
                 self._frozen.add(s.qualified)
                 self._schemas[s.qualified] = s
             else:
@@ -337,38 +375,83 @@ class LogicalSource(CaptureSource):
         assert self._conn is not None
         self._conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
 
-    def _ensure_publication(self, schemas: list[TableSchema]) -> None:
+    def _spec(self, table: str) -> dict[str, Any]:
+        """What of a table the publication sends: column list and row filter (None: all)."""
+        cols = self.cfg.capture.column_list(table)
+        return {
+            "columns": list(cols) if cols else None,
+            "filter": self.cfg.capture.row_filter(table),
+        }
+
+    def _published(self, table: str, spec: dict[str, Any]) -> sql.Composable:
+        """A table as a publication lists it: ``t (a, b) WHERE (cond)``."""
+        out: sql.Composable = sql.Identifier(*table.split(".", 1))
+        if spec.get("columns"):
+            out = sql.SQL("{} ({})").format(
+                out, sql.SQL(", ").join(sql.Identifier(c) for c in spec["columns"])
+            )
+        if spec.get("filter"):
+            # Validated as one plain condition when the config was read (and by PostgreSQL).
+            out = sql.SQL("{} WHERE ({})").format(out, sql.SQL(spec["filter"]))
+        return out
+
+    def _ensure_publication(self, schemas: list[TableSchema]) -> set[str]:
+        """Create the publication or bring it up to date; the tables whose column list or row
+        filter changed since the last run (their mirrors must be copied again)."""
         assert self._conn is not None
         conn = self._conn
-        wanted = {s.qualified for s in schemas}
+        wanted = {s.qualified: self._spec(s.qualified) for s in schemas}
+        cp = self.store.load_checkpoint(self.name)
+        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
+        plain = {"columns": None, "filter": None}
+        changed = {t for t, spec in wanted.items() if recorded.get(t, plain) != spec}
+        self._snaps.specs = wanted
         exists = conn.execute(
             "SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,)
         ).fetchone()
-        tables = sql.SQL(", ").join(sql.Identifier(s.schema, s.name) for s in schemas)
+        pub = sql.Identifier(self.publication)
         try:
             if exists is None:
                 conn.execute(
                     sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                        sql.Identifier(self.publication), tables
+                        pub,
+                        sql.SQL(", ").join(self._published(t, sp) for t, sp in wanted.items()),
                     )
                 )
                 log.info("publication_created", publication=self.publication, tables=sorted(wanted))
-                return
+                return changed
             if exists[0]:
-                return
+                return changed
             have = {
-                f"{r[0]}.{r[1]}"
+                f"{r[0]}.{r[1]}": {"columns": r[2], "filter": r[3]}
                 for r in conn.execute(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    "SELECT schemaname, tablename, attnames::text[], rowfilter "
+                    "FROM pg_publication_tables WHERE pubname = %s",
                     (self.publication,),
                 )
             }
-            missing = wanted - have
-            if missing:
+            missing = set(wanted) - set(have)
+            respec = {t for t in changed if t in have}
+            if respec:
+                # One statement for the whole list, so no table stops being published meanwhile;
+                # tables that are not ours keep what they had.
+                tables = [self._published(t, wanted.get(t) or have[t]) for t in sorted(have)]
+                tables += [self._published(t, wanted[t]) for t in sorted(missing)]
+                conn.execute(
+                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+                        pub, sql.SQL(", ").join(tables)
+                    )
+                )
+                log.info(
+                    "publication_tables_changed",
+                    publication=self.publication,
+                    tables=sorted(respec),
+                )
+            elif missing:
                 conn.execute(
                     sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        sql.Identifier(self.publication),
-                        sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in sorted(missing)),
+                        pub,
+                        sql.SQL(", ").join(self._published(t, wanted[t]) for t in sorted(missing)),
                     )
                 )
                 log.info(
@@ -380,6 +463,7 @@ class LogicalSource(CaptureSource):
                 f"change it. Ask the DBA to run: CREATE PUBLICATION {self.publication} FOR TABLE "
                 f"{', '.join(sorted(wanted))}"
             ) from None
+        return changed
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> None:
@@ -440,9 +524,10 @@ class LogicalSource(CaptureSource):
 
     def _copy_table(self, snap: psycopg.Connection[Any], schema: TableSchema) -> None:
         cols = [c.name for c in schema.columns]
-        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+        query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in cols),
             sql.Identifier(schema.schema, schema.name),
+            _where(self.cfg.capture.row_filter(schema.qualified)),
         )
         batch = self.cfg.capture.batch_size
         n = 0
@@ -823,7 +908,9 @@ class LogicalSource(CaptureSource):
         copy = self._snaps.current
         assert copy is not None and self._conn is not None
         try:
-            self._snaps.start_chunk(self._conn, self._schemas[copy.table])
+            self._snaps.start_chunk(
+                self._conn, self._schemas[copy.table], self.cfg.capture.row_filter(copy.table)
+            )
         except psycopg.OperationalError as exc:
             raise RetryableError(f"snapshot of {copy.table} interrupted: {exc}") from exc
         self._show_snapshot_progress()

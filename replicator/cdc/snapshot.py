@@ -103,6 +103,9 @@ class IncrementalSnapshots:
         self.copied: set[str] = set()  # tables whose copy is complete
         self.queue: list[TableCopy] = []  # the first one is being copied
         self.chunk: Chunk | None = None
+        # Per table, the column list and row filter the publication applies (persisted, so a
+        # change of either is noticed at the next start and the table copied again).
+        self.specs: dict[str, dict[str, Any]] = {}
         # Test seam: called between the chunk's SELECT and its high watermark, where an ERP
         # write is "in the window" and the chunk may hold an older row than the stream.
         self.after_select: Callable[[], None] | None = None
@@ -131,6 +134,7 @@ class IncrementalSnapshots:
         return {
             "copied": sorted(self.copied),
             "copying": [c.to_json() for c in self.queue],
+            "specs": self.specs,
         }
 
     def request(self, table: str) -> None:
@@ -158,13 +162,18 @@ class IncrementalSnapshots:
         return self.queue[0] if self.queue else None
 
     # ---------------------------------------------------------------- chunks
-    def start_chunk(self, conn: psycopg.Connection[Any], schema: TableSchema) -> None:
-        """Low watermark, select the next chunk, high watermark."""
+    def start_chunk(
+        self, conn: psycopg.Connection[Any], schema: TableSchema, row_filter: str | None = None
+    ) -> None:
+        """Low watermark, select the next chunk (rows the publication's row filter lets through),
+        high watermark."""
         copy = self.queue[0]
+        cond = sql.SQL("({})").format(sql.SQL(row_filter)) if row_filter else None
         if copy.total == 0 and copy.after is None:
             row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(
-                    sql.Identifier(schema.schema, schema.name)
+                sql.SQL("SELECT count(*) FROM {}{}").format(
+                    sql.Identifier(schema.schema, schema.name),
+                    sql.SQL(" WHERE {}").format(cond) if cond else sql.SQL(""),
                 )
             ).fetchone()
             copy.total = int(row[0]) if row else 0
@@ -186,14 +195,22 @@ class IncrementalSnapshots:
             table=sql.Identifier(schema.schema, schema.name),
         )
         params: list[Any] = []
+        # The chunk query has parameters: a % of the filter (modulo) must not read as one.
+        where: list[sql.Composable] = (
+            [sql.SQL("({})").format(sql.SQL(row_filter.replace("%", "%%")))] if row_filter else []
+        )
         if copy.after is not None:
-            query += sql.SQL(" WHERE ({}) > ({})").format(
-                sql.SQL(", ").join(sql.Identifier(k) for k in key),
-                sql.SQL(", ").join(
-                    sql.SQL("CAST(%s AS {})").format(sql.SQL(types[k])) for k in key
-                ),
+            where.append(
+                sql.SQL("({}) > ({})").format(
+                    sql.SQL(", ").join(sql.Identifier(k) for k in key),
+                    sql.SQL(", ").join(
+                        sql.SQL("CAST(%s AS {})").format(sql.SQL(types[k])) for k in key
+                    ),
+                )
             )
             params.extend(copy.after)
+        if where:
+            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
         query += sql.SQL(" ORDER BY {} LIMIT {}").format(
             sql.SQL(", ").join(sql.Identifier(k) for k in key), sql.Literal(self.chunk_rows)
         )
