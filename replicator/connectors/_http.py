@@ -97,12 +97,21 @@ class ShopHttp:
         params: Any = None,
         json_body: Any = None,
         missing_ok: bool = False,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        refused_ok: bool = False,
+        forbidden_ok: bool = False,
     ) -> tuple[httpx.Response, Any]:
         """Send one request; return (response, decoded JSON). ``missing_ok``: a 404 returns
-        (response, None) instead of raising (the *resource* is missing, not the endpoint)."""
+        (response, None) instead of raising (the *resource* is missing, not the endpoint).
+        ``refused_ok``: a 400/422 returns (response, decoded body) for the caller to read the
+        shop's per-item errors; ``forbidden_ok``: a 403 returns (response, None) (a privilege the
+        caller has a fallback for). ``content``/``headers``: a raw body (e.g. a PDF) and its type."""
         what = f"{method} {path}"
         try:
-            resp = self.client.request(method, path, params=params, json=json_body)
+            resp = self.client.request(
+                method, path, params=params, json=json_body, content=content, headers=headers
+            )
         except httpx.TimeoutException as exc:
             raise ShopUnavailable(
                 self._msg(f"{what} timed out after {self.timeout:g}s ({type(exc).__name__})")
@@ -128,6 +137,8 @@ class ShopHttp:
                 self._msg(f"{what}: the shop answered HTTP {status}{self._detail(resp)}"),
                 parse_retry_after(resp.headers.get("Retry-After")),
             )
+        if status == 403 and forbidden_ok:
+            return resp, None
         if status in (401, 403):
             raise ShopError(
                 self._msg(
@@ -136,6 +147,11 @@ class ShopHttp:
             )
         if status == 404 and missing_ok:
             return resp, None
+        if status in (400, 422) and refused_ok:
+            try:
+                return resp, json.loads(resp.content) if resp.content else None
+            except (ValueError, UnicodeDecodeError):
+                return resp, None
         if status == 404:
             raise ShopError(
                 self._msg(

@@ -965,8 +965,10 @@ class OrderImportService:
 
     # -- webhooks -------------------------------------------------------------------------------
 
-    def ingest_webhook_payload(self, shop: str, raw: bytes, delivery_id: str | None) -> bool:
-        """Record a webhook body in the one inbox.
+    def ingest_webhook_payload(
+        self, shop: str, raw: bytes, delivery_id: str | None, e_number: str | None = None
+    ) -> bool:
+        """Record a webhook body in the one inbox (``e_number``: the receiver already knows it).
 
         True when it was stored (a new order or a new version), False for a duplicate (the same
         payload is already recorded) — the receiver's ``StoreCallback`` contract; both are
@@ -975,9 +977,9 @@ class OrderImportService:
         when possible (the fast path); if that fails it waits for the next cycle.
         """
         now = utcnow()
-        offered = self.inbox.offer_webhook(shop, raw, delivery_id, now)
+        offered = self.inbox.offer_webhook(shop, raw, delivery_id, now, e_number)
         if offered.outcome in ("new", "changed") and offered.entry_state == "awaiting":
-            _, e = read_webhook(raw, delivery_id, self.ocfg.e_number_fields)
+            e = e_number or read_webhook(raw, delivery_id, self.ocfg.e_number_fields)[1]
             try:
                 self.process(shop, e, now)
             except (SyncError, sa.exc.SQLAlchemyError) as exc:
@@ -986,7 +988,10 @@ class OrderImportService:
 
     def store_webhook_delivery(self, delivery: Any) -> bool:
         """``StoreCallback`` for :func:`replicator.connectors.make_webhook_receiver`."""
-        return self.ingest_webhook_payload(delivery.shop, delivery.raw, delivery.delivery_id)
+        trusted = delivery.e_number if getattr(delivery, "trusted_e_number", False) else None
+        return self.ingest_webhook_payload(
+            delivery.shop, delivery.raw, delivery.delivery_id, trusted
+        )
 
 
 def ingest_webhook_payload(shop: str, raw: bytes, delivery_id: str | None) -> bool:
