@@ -62,6 +62,9 @@ ORDER_ASSOCIATIONS: dict[str, Any] = {
     "orderCustomer": {},
     "stateMachineState": {},
     "billingAddress": {"associations": {"country": {}}},
+    # Not used by the shipped mapping, but part of what an app webhook carries: asking for it
+    # keeps the polled order and the webhook's the same payload (the ledger compares them).
+    "addresses": {"associations": {"country": {}}},
     "deliveries": {
         "associations": {
             "shippingOrderAddress": {"associations": {"country": {}}},

@@ -180,7 +180,7 @@ SCHEMA = build_schema(
     """
 )
 
-_FINANCIAL = {"processing": "PAID", "completed": "PAID", "on-hold": "PENDING"}
+_FINANCIAL = {"processing": "PAID", "completed": "PAID", "on-hold": "AUTHORIZED"}
 
 
 def _gid(kind: str, n: int | str) -> str:
