@@ -426,3 +426,24 @@ def test_wrong_url_gives_shop_error_about_the_url(shop: Shop) -> None:
         c.close()
     assert "/shop" in str(info.value) and "url" in str(info.value)
     assert not isinstance(info.value, ShopUnavailable)
+
+
+def test_outage_in_the_middle_of_paging_loses_nothing(shop: Shop) -> None:
+    orders = generate_orders(45, seed=21, start=T0, spacing=timedelta(minutes=2))
+    shop.emu.add_orders(orders)
+    c = shop.connector(per_page=shop.page_size)
+    try:
+        it = c.fetch_orders(T0 - timedelta(hours=1), T0 + timedelta(days=1))
+        first = next(it)  # the first page is in
+        shop.emu.fail_next(1, 503)  # the shop goes down before the next page
+        with pytest.raises(ShopUnavailable, match="503"):
+            list(it)
+        # The caller keeps its watermark; the next poll of the same window gets every order.
+        again = [
+            o.e_number for o in c.fetch_orders(T0 - timedelta(hours=1), T0 + timedelta(days=1))
+        ]
+    finally:
+        c.close()
+    assert first.e_number == shop.e_number(orders[0])
+    assert sorted(again) == sorted(shop.e_number(o) for o in orders)
+    assert len(again) == len(set(again))
