@@ -7,6 +7,10 @@ many requests it saw.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -19,8 +23,9 @@ import pytest
 from replicator import __version__
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable, StockUpdate
 from replicator.connectors.magento import MagentoConnector
-from replicator.connectors.shopify import ShopifyConnector
-from replicator.connectors.shopware import ShopwareConnector
+from replicator.connectors.shopify import ShopifyConnector, ShopifyWebhookReceiver
+from replicator.connectors.shopware import ShopwareConnector, ShopwareWebhookReceiver
+from replicator.connectors.webhook import MemoryWebhookStore, WebhookReceiver
 from replicator.connectors.woocommerce import WooCommerceConnector
 from tests.emulators import MagentoEmulator, WooCommerceEmulator, generate_orders, generate_products
 from tests.emulators.orders import SampleOrder, sample_skus
@@ -447,3 +452,49 @@ def test_outage_in_the_middle_of_paging_loses_nothing(shop: Shop) -> None:
     assert first.e_number == shop.e_number(orders[0])
     assert sorted(again) == sorted(shop.e_number(o) for o in orders)
     assert len(again) == len(set(again))
+
+
+# -- webhooks ------------------------------------------------------------------------------------
+def _signed_delivery(shop: Shop, o: SampleOrder) -> tuple[Any, dict[str, str], bytes]:
+    """(receiver over a memory store, headers, body) of a signed order delivery of ``shop``."""
+    store = MemoryWebhookStore()
+    if shop.kind == "shopify":
+        rcv: WebhookReceiver = ShopifyWebhookReceiver(shop.emu.client_secret, 200_000, store)
+        headers, body = shop.emu.webhook_request(o.number)
+    elif shop.kind == "shopware":
+        rcv = ShopwareWebhookReceiver(shop.emu.shop_secret, 200_000, store)
+        headers, body = shop.emu.webhook_request(str(o.number))
+    else:
+        secret = "woo-hook-secret"
+        rcv = WebhookReceiver(secret, 200_000, store)
+        body = json.dumps(shop.emu.orders[o.number]).encode()
+        digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+        headers = {
+            "X-WC-Webhook-Signature": base64.b64encode(digest).decode(),
+            "X-WC-Webhook-Delivery-ID": "d-1",
+            "X-WC-Webhook-Topic": "order.updated",
+        }
+    headers["Content-Length"] = str(len(body))
+    return (rcv, store), headers, body
+
+
+@pytest.mark.parametrize("kind", ["woocommerce", "shopify", "shopware"])
+def test_webhook_delivery_has_the_polls_e_number_once_and_only_signed(kind: str) -> None:
+    with make_emulator(kind, generate_products(sample_skus(20))) as emu:
+        shop = Shop(kind, emu)
+        orders = generate_orders(2, seed=6, start=T0)
+        emu.add_orders(orders)
+        (rcv, store), headers, body = _signed_delivery(shop, orders[1])
+        assert rcv.handle(headers, body)[0] == 200
+        assert rcv.handle(headers, body)[1]["status"] == "duplicate"  # redelivered
+        c = shop.connector()
+        polled = c.fetch_order(shop.e_number(orders[1]))
+        c.close()
+        # The webhook and the poll name the order alike: one ledger row, one ERP order.
+        assert polled is not None and store.deliveries[0].e_number == polled.e_number
+        assert len(store.deliveries) == 1
+        sig = rcv.signature_header
+        assert rcv.handle({**headers, sig: headers[sig][::-1]}, body)[0] == 401
+        assert rcv.handle({k: v for k, v in headers.items() if k != sig}, body)[0] == 401
+        assert rcv.handle({**headers, "Content-Length": "300000"}, b"")[0] == 413
+        assert len(store.deliveries) == 1

@@ -7,6 +7,8 @@ PostgreSQL ERP."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import io
 import json
 import shutil
@@ -226,6 +228,30 @@ def test_shopware_orders_import_with_criteria(tmp_path: Path, pg_erp_url: str) -
             assert entry is not None and entry.state == "delivered"
             payload = json.loads(entry.payload)
             assert payload["orderNumber"] == str(good[0].number)
+            # A signed event whose order lacks its lines is parked with the reason, not lost.
+            broken = json.dumps(
+                {
+                    "data": {
+                        "payload": {
+                            "order": {
+                                "orderNumber": "9999",
+                                "transactions": [{"stateMachineState": {"technicalName": "paid"}}],
+                                "deliveries": [{"stateMachineState": {"technicalName": "open"}}],
+                            }
+                        },
+                        "event": "checkout.order.placed",
+                    }
+                }
+            ).encode()
+            sig = hmac.new(emu.shop_secret.encode(), broken, hashlib.sha256).hexdigest()
+            status, _ = rcv.handle(
+                {"shopware-shop-signature": sig, "Content-Length": str(len(broken))}, broken
+            )
+            assert status == 200
+            parked = svc.ledger.get("shopware", "9999")
+            assert parked is not None and parked.state == "failed"
+            assert "lineItems" in (parked.last_error or "")
+            assert erp_count(pg_erp_url, "order_header") == 2
         finally:
             svc.close()
 
