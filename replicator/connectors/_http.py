@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -234,6 +235,51 @@ class RestShopConnector(ShopConnector):
                 f"shop {self.name!r}: order {e_number} not found; cannot attach {filename}"
             )
         return order
+
+    def _push_all_or_nothing(
+        self,
+        latest: dict[str, int],
+        ids: dict[str, str],
+        batch: int,
+        send: Callable[[list[tuple[str, int]]], list[int]],
+    ) -> list[str]:
+        """Push absolute quantities through an API whose stock request is one transaction
+        (Shopify's ``inventorySetQuantities``, Shopware's ``_action/sync``).
+
+        ``ids`` maps the SKUs the shop knows to its ids; ``send`` writes one chunk and returns the
+        indexes of the entries the shop refused — then nothing of the chunk was written, so the
+        refused entries are dropped (and forgotten in ``ids``: looked up again next time) and the
+        rest is sent again. Returns the skipped SKUs: unknown to the shop, then refused."""
+        missing = [s for s in latest if s not in ids]
+        todo = [(s, q) for s, q in latest.items() if s in ids]
+        refused: list[str] = []
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            while chunk:
+                answer = send(chunk)
+                bad = {j for j in answer if 0 <= j < len(chunk)}
+                if not answer:
+                    break
+                if not bad:
+                    raise ShopError(
+                        f"shop {self.name!r}: the shop refused stock entries it did not name"
+                    )
+                for j in sorted(bad):
+                    refused.append(chunk[j][0])
+                    ids.pop(chunk[j][0], None)
+                chunk = [c for j, c in enumerate(chunk) if j not in bad]
+        skipped = missing + refused
+        log.info(
+            "stock pushed", shop=self.name, written=len(todo) - len(refused), skipped=len(skipped)
+        )
+        if skipped:
+            log.warning(
+                "stock skipped for SKUs the shop does not have or refused",
+                shop=self.name,
+                unknown=missing[:10],
+                refused=refused[:10],
+            )
+        return skipped
 
     @staticmethod
     def _invoice_text(filename: str, pdf: bytes) -> str:

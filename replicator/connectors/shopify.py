@@ -461,44 +461,16 @@ class ShopifyConnector(RestShopConnector):
         latest = {u.sku: u.quantity for u in updates}  # the last quantity of a SKU wins
         location = self._location_id()
         self._resolve(list(latest))
-        missing = [s for s in latest if s not in self._items]
-        todo = [(s, q) for s, q in latest.items() if s in self._items]
-        refused: list[str] = []
-        for i in range(0, len(todo), MAX_QUANTITIES):
-            chunk = todo[i : i + MAX_QUANTITIES]
-            for _ in range(3):
-                quantities = [
+
+        def send(chunk: list[tuple[str, int]]) -> list[int]:
+            return self._set(
+                [
                     {"inventoryItemId": self._items[s], "locationId": location, "quantity": q}
                     for s, q in chunk
                 ]
-                bad = self._set(quantities)
-                if not bad:
-                    break
-                # All or nothing: drop the refused entries and send the rest again.
-                for idx in bad:
-                    if idx < len(chunk):
-                        sku = chunk[idx][0]
-                        refused.append(sku)
-                        log.warning("stock refused by shopify", shop=self.name, sku=sku)
-                        self._items.pop(sku, None)  # deleted or re-created: look it up again
-                chunk = [c for j, c in enumerate(chunk) if j not in set(bad)]
-                if not chunk:
-                    break
-        skipped = missing + refused
-        log.info(
-            "stock pushed",
-            shop=self.name,
-            written=len(todo) - len(refused),
-            skipped=len(skipped),
-        )
-        if missing:
-            log.warning(
-                "stock skipped for SKUs the shop does not have",
-                shop=self.name,
-                count=len(missing),
-                skus=missing[:10],
             )
-        return skipped
+
+        return self._push_all_or_nothing(latest, self._items, MAX_QUANTITIES, send)
 
     def fetch_stock(self) -> Iterator[StockUpdate]:
         location = self._location_id()

@@ -340,36 +340,11 @@ class ShopwareConnector(RestShopConnector):
             return []
         latest = {u.sku: u.quantity for u in updates}  # the last quantity of a SKU wins
         self._resolve(list(latest))
-        missing = [s for s in latest if s not in self._product_ids]
-        todo = [(s, q) for s, q in latest.items() if s in self._product_ids]
-        refused: list[str] = []
-        for i in range(0, len(todo), MAX_BATCH):
-            chunk = todo[i : i + MAX_BATCH]
-            for _ in range(3):
-                bad = self._sync([{"id": self._product_ids[s], "stock": q} for s, q in chunk])
-                if not bad:
-                    break
-                # One transaction: nothing was written; drop the refused items, send the rest.
-                for idx in bad:
-                    if idx < len(chunk):
-                        sku = chunk[idx][0]
-                        refused.append(sku)
-                        self._product_ids.pop(sku, None)  # deleted since? look it up again
-                chunk = [c for j, c in enumerate(chunk) if j not in set(bad)]
-                if not chunk:
-                    break
-        skipped = missing + refused
-        log.info(
-            "stock pushed", shop=self.name, written=len(todo) - len(refused), skipped=len(skipped)
-        )
-        if skipped:
-            log.warning(
-                "stock skipped for product numbers the shop does not have or refused",
-                shop=self.name,
-                count=len(skipped),
-                skus=skipped[:10],
-            )
-        return skipped
+
+        def send(chunk: list[tuple[str, int]]) -> list[int]:
+            return self._sync([{"id": self._product_ids[s], "stock": q} for s, q in chunk])
+
+        return self._push_all_or_nothing(latest, self._product_ids, MAX_BATCH, send)
 
     def fetch_stock(self) -> Iterator[StockUpdate]:
         criteria = {
