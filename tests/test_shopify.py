@@ -172,3 +172,30 @@ def test_webhook_verified_deduplicated_and_keyed_by_order_name() -> None:
         small = ShopifyWebhookReceiver(emu.client_secret, 1024, store, shop="s")
         assert small.handle({**headers, "Content-Length": "5000"}, b"")[0] == 413
         assert len(store.deliveries) == 1
+
+
+def test_the_emulator_has_the_search_quirks_the_connector_avoids() -> None:
+    # 23:30 UTC is 00:30 in Copenhagen: a bound without an offset is read in the shop's zone,
+    # and a term Shopify does not understand is ignored (the list comes back unfiltered).
+    late = generate_orders(1, start=datetime(2026, 11, 1, 23, 25, tzinfo=UTC))
+    early = generate_orders(1, start=datetime(2026, 11, 1, 12, 0, tzinfo=UTC), first_number=2001)
+    with ShopifyEmulator(products=[]) as emu:
+        emu.add_orders(late + early)
+        c = ShopifyConnector("s", emu.url, emu.access_token)
+
+        def names(query: str) -> set[str]:
+            data = c.gql(
+                "query($q: String!) { orders(first: 10, query: $q) { nodes { name } } }",
+                {"q": query},
+            )
+            return {n["name"] for n in data["orders"]["nodes"]}
+
+        assert names("updated_at:>='2026-11-01T23:00:00Z'") == {"#1001"}
+        assert names("updated_at:>='2026-11-02T00:00:00Z'") == set()
+        # Midnight without an offset is Copenhagen's midnight, 23:00 UTC: the order is back.
+        assert names("updated_at:>='2026-11-02T00:00:00'") == {"#1001"}
+        assert names("updatedAt:>='2026-11-01T23:00:00Z'") == {"#1001", "#2001"}  # ignored
+        # The connector's window holds regardless: UTC bounds, and its own check on updatedAt.
+        got = c.fetch_orders(datetime(2026, 11, 1, 23, 0, tzinfo=UTC))
+        assert [o.e_number for o in got] == ["#1001"]
+        c.close()

@@ -151,3 +151,26 @@ def test_app_webhook_carries_the_order_verified_and_deduplicated() -> None:
         )
         assert answer == (200, {"status": "ignored"})
         assert len(store.deliveries) == 1
+
+
+def test_the_emulator_reads_filter_dates_like_mysql_and_counts_like_shopware() -> None:
+    with ShopwareEmulator(products=[]) as emu:
+        emu.add_orders(generate_orders(30, start=T0))
+        c = _conn(emu)
+        c.fetch_order("1001")  # a token
+
+        def search(body: dict[str, object]) -> httpx.Response:
+            return c.http.client.post("/search/order", json=body)
+
+        window = {
+            "type": "range",
+            "field": "updatedAt",
+            "parameters": {"gte": "2026-11-01T08:00:00Z"},
+        }
+        assert search({"filter": [window]}).status_code == 500  # MySQL refuses the 'Z'
+        # Without total-count-mode the total is the page's size, not the number of orders.
+        assert search({"limit": 10}).json()["total"] == 10
+        assert search({"limit": 10, "total-count-mode": 1}).json()["total"] == 30
+        # Associations are only there when asked for.
+        assert search({"limit": 1}).json()["data"][0]["lineItems"] is None
+        c.close()

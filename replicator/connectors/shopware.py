@@ -462,7 +462,7 @@ class ShopwareWebhookReceiver(WebhookReceiver):
 
     signature_header = "shopware-shop-signature"
     delivery_header = "X-Shopware-Event-Id"
-    topic_header = "X-Shopware-Event"
+    topic_header = ""  # no such header: the event name is in the body (data.event)
 
     def expected_signature(self, body: bytes) -> bytes:
         return hmac.new(self._secret, body, hashlib.sha256).hexdigest().encode("ascii")
