@@ -4,6 +4,9 @@ against the loopback Admin GraphQL emulator."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -199,3 +202,19 @@ def test_the_emulator_has_the_search_quirks_the_connector_avoids() -> None:
         got = c.fetch_orders(datetime(2026, 11, 1, 23, 0, tzinfo=UTC))
         assert [o.e_number for o in got] == ["#1001"]
         c.close()
+
+
+def test_signed_hostile_body_is_kept_raw_for_the_import_to_park() -> None:
+    store = MemoryWebhookStore()
+    secret = "shpss_hostile"
+    rcv = ShopifyWebhookReceiver(secret, 100_000, store, shop="s")
+    body = b'{"name": "#1", "x": ' + b"[" * 500 + b"]" * 500 + b"}"
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    headers = {
+        "X-Shopify-Hmac-Sha256": base64.b64encode(digest).decode(),
+        "X-Shopify-Webhook-Id": "wh-hostile",
+        "Content-Length": str(len(body)),
+    }
+    assert rcv.handle(headers, body)[0] == 200
+    (d,) = store.deliveries
+    assert d.raw == body and d.e_number is None and not d.trusted_e_number

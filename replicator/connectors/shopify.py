@@ -45,6 +45,7 @@ from typing import Any
 
 import structlog
 
+from replicator import safejson
 from replicator.connectors._http import RestShopConnector, ShopHttp, ceil_second, raw_json
 from replicator.connectors.base import ShopError, ShopOrder, ShopUnavailable, StockUpdate
 from replicator.connectors.webhook import WebhookDelivery, WebhookReceiver
@@ -555,8 +556,10 @@ class ShopifyWebhookReceiver(WebhookReceiver):
     def delivery_for(self, headers: Mapping[str, str], body: bytes) -> WebhookDelivery | None:
         e_number: str | None = None
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            # A hostile body (too deep, huge numbers, NUL) is stored raw and
+            # parked by the import with the reason, never half-read here.
+            data = safejson.loads(body)
+        except safejson.JsonRefused:
             data = None
         if isinstance(data, dict):
             value = data.get("id") if self.e_number_field == "id" else data.get("name")

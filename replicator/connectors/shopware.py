@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import structlog
 
+from replicator import safejson
 from replicator.connectors._http import USER_AGENT, RestShopConnector, ShopHttp, raw_json
 from replicator.connectors.base import ShopError, ShopOrder, StockUpdate
 from replicator.connectors.webhook import WebhookDelivery, WebhookReceiver
@@ -469,8 +470,10 @@ class ShopwareWebhookReceiver(WebhookReceiver):
 
     def delivery_for(self, headers: Mapping[str, str], body: bytes) -> WebhookDelivery | None:
         try:
-            envelope = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            # A hostile body (too deep, huge numbers, NUL) is stored raw and
+            # parked by the import with the reason, never half-read here.
+            envelope = safejson.loads(body)
+        except safejson.JsonRefused:
             envelope = None
         if not isinstance(envelope, dict):
             # Signed but unreadable: stored as it came, parked as failed by the import.
