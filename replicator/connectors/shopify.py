@@ -414,7 +414,11 @@ class ShopifyConnector(RestShopConnector):
             query = " OR ".join("sku:" + json.dumps(s) for s in chunk)
             after: str | None = None
             while True:
-                data = self.gql(VARIANTS_QUERY, {"first": 250, "after": after, "query": query})
+                # Asking for as many as there are SKUs keeps the requested cost (what must be
+                # in the bucket) at a fifth of first: 250; duplicates come on further pages.
+                data = self.gql(
+                    VARIANTS_QUERY, {"first": len(chunk), "after": after, "query": query}
+                )
                 conn = data.get("productVariants") or {}
                 for v in conn.get("nodes") or []:
                     if v.get("sku") in chunk and v.get("inventoryItem"):
