@@ -170,7 +170,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, str(p.resolve()))
 
 
-_SECRET_WORDS = ("password", "secret", "token", "consumer_key")
+_SECRET_WORDS = ("password", "secret", "token", "consumer_key", "client_id")
 
 
 def _inline_secrets(data: Any, prefix: str = "") -> list[str]:

@@ -19,6 +19,14 @@ class ImportCriteria(Section):
 
     # Shop statuses that may be imported (compared case-insensitively).
     statuses: tuple[str, ...] = ("processing", "completed")
+    # Where the status is in the order JSON: dotted paths, the first non-empty one wins (Shopify:
+    # the financial status, "displayFinancialStatus" polled or "financial_status" by webhook;
+    # Shopware: the payment's state, "transactions.0.stateMachineState.technicalName").
+    status_fields: tuple[str, ...] = ("status",)
+    # Optionally also the fulfilment/delivery state (empty: any); "" in the list admits orders
+    # without one (Shopify's webhook sends null for "unfulfilled").
+    fulfillment_statuses: tuple[str, ...] = ()
+    fulfillment_fields: tuple[str, ...] = ()
     paid_only: bool = True
     # Dotted path in the order JSON that is set (non-empty, not false/0) once the order is paid.
     paid_field: str = "date_paid"

@@ -78,6 +78,9 @@ class WebhookDelivery:
     payload_sha256: str
     raw: bytes
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # True when the receiver read the e-number the platform's own way (Shopify's order name,
+    # Shopware's orderNumber): the ledger then takes it as is instead of guessing from the body.
+    trusted_e_number: bool = False
 
     @property
     def dedup_keys(self) -> tuple[str, ...]:
@@ -150,7 +153,16 @@ def read_limited(
 
 
 class WebhookReceiver:
-    """Verify and hand over WooCommerce webhook deliveries for one shop."""
+    """Verify and hand over WooCommerce webhook deliveries for one shop.
+
+    Other platforms subclass it (:mod:`replicator.connectors.shopify`,
+    :mod:`replicator.connectors.shopware`): their header names, :meth:`expected_signature` and
+    :meth:`delivery_for` differ; size limits, verification order and the store contract do not.
+    """
+
+    signature_header = "X-WC-Webhook-Signature"
+    delivery_header = "X-WC-Webhook-Delivery-ID"
+    topic_header = "X-WC-Webhook-Topic"
 
     def __init__(
         self,
@@ -191,11 +203,26 @@ class WebhookReceiver:
             return 413, {"error": f"body larger than {self.max_body} bytes"}
         return None
 
+    def expected_signature(self, body: bytes) -> bytes:
+        """The signature header the platform sends for ``body`` (WooCommerce: base64 HMAC)."""
+        return base64.b64encode(hmac.new(self._secret, body, hashlib.sha256).digest())
+
     def signature_ok(self, body: bytes, signature: str | None) -> bool:
         if not signature:
             return False
-        expected = base64.b64encode(hmac.new(self._secret, body, hashlib.sha256).digest())
+        expected = self.expected_signature(body)
         return hmac.compare_digest(expected, signature.strip().encode("ascii", "replace"))
+
+    def delivery_for(self, headers: Mapping[str, str], body: bytes) -> WebhookDelivery | None:
+        """The delivery to store for a verified body; None when it carries no order to import."""
+        return WebhookDelivery(
+            shop=self.shop,
+            delivery_id=self._header(headers, self.delivery_header),
+            topic=self._header(headers, self.topic_header),
+            e_number=_e_number(body),
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            raw=body,
+        )
 
     def handle(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         """Answer one delivery: (HTTP status, JSON body)."""
@@ -204,7 +231,7 @@ class WebhookReceiver:
             return early
         if len(body) > self.max_body:
             return 413, {"error": f"body larger than {self.max_body} bytes"}
-        signature = self._header(headers, "X-WC-Webhook-Signature")
+        signature = self._header(headers, self.signature_header)
         if signature is None and _PING.match(body.strip()):
             # WooCommerce pings the URL, unsigned, when a webhook is saved; nothing to store.
             log.info("webhook ping", shop=self.shop, body=body.strip().decode("ascii"))
@@ -214,21 +241,21 @@ class WebhookReceiver:
                 "webhook signature rejected",
                 shop=self.shop,
                 reason="missing" if not signature else "mismatch",
-                delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
+                delivery_id=self._header(headers, self.delivery_header),
             )
-            return 401, {"error": "missing or invalid X-WC-Webhook-Signature"}
-        bad_header = _bad_header(headers)
+            return 401, {"error": f"missing or invalid {self.signature_header}"}
+        bad_header = _bad_header(headers, (self.delivery_header, self.topic_header))
         if bad_header is not None:
             log.warning("webhook header refused", shop=self.shop, reason=bad_header)
             return 400, {"error": bad_header}
-        delivery = WebhookDelivery(
-            shop=self.shop,
-            delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
-            topic=self._header(headers, "X-WC-Webhook-Topic"),
-            e_number=_e_number(body),
-            payload_sha256=hashlib.sha256(body).hexdigest(),
-            raw=body,
-        )
+        delivery = self.delivery_for(headers, body)
+        if delivery is None:
+            log.info(
+                "webhook delivery without an order; the next poll covers it",
+                shop=self.shop,
+                topic=self._header(headers, self.topic_header),
+            )
+            return 200, {"status": "ignored"}
         try:
             stored = self.store(delivery)
         except RetryableError as exc:
@@ -270,10 +297,13 @@ def _e_number(body: bytes) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
-def _bad_header(headers: Mapping[str, str]) -> str | None:
+def _bad_header(
+    headers: Mapping[str, str],
+    names: tuple[str, ...] = ("X-WC-Webhook-Delivery-ID", "X-WC-Webhook-Topic"),
+) -> str | None:
     """Why a stored header (delivery id, topic) cannot be kept, or None: they go into the
     ledger's text columns, which hold neither control characters nor unbounded lengths."""
-    for name in ("X-WC-Webhook-Delivery-ID", "X-WC-Webhook-Topic"):
+    for name in names:
         value = WebhookReceiver._header(headers, name)
         if value is None:
             continue

@@ -147,11 +147,24 @@ def check_criteria(
     crit: ImportCriteria, payload: Mapping[str, Any], status: str | None
 ) -> str | None:
     """None when the order may be imported, else why not (shown to the shop owner)."""
-    st = str(payload.get("status") or status or "").lower()
+    found = next(
+        (v for f in crit.status_fields if (v := ex._get(payload, f)) not in ("", None)), None
+    )
+    st = str(found or status or "").lower()
     allowed = [s.lower() for s in crit.statuses]
     if st not in allowed:
         shown = st or "(none)"
         return f"status {shown!r} is not imported (orders.criteria statuses: {', '.join(allowed)})"
+    if crit.fulfillment_statuses:
+        ful = next(
+            (v for f in crit.fulfillment_fields if (v := ex._get(payload, f)) not in ("", None)), ""
+        )
+        wanted = [s.lower() for s in crit.fulfillment_statuses]
+        if str(ful).lower() not in wanted:
+            return (
+                f"fulfilment {str(ful) or '(none)'!r} is not imported "
+                f"(orders.criteria fulfillment_statuses: {', '.join(wanted)})"
+            )
     if crit.paid_only and not ex._get(payload, crit.paid_field):
         return f"not paid yet ({crit.paid_field} is empty; orders.criteria paid_only = true)"
     if crit.mode == "wait_for_invoice" and not ex._get(payload, crit.invoice_field):
@@ -1002,8 +1015,10 @@ class OrderImportService:
 
     # -- webhooks -------------------------------------------------------------------------------
 
-    def ingest_webhook_payload(self, shop: str, raw: bytes, delivery_id: str | None) -> bool:
-        """Record a webhook body in the one inbox.
+    def ingest_webhook_payload(
+        self, shop: str, raw: bytes, delivery_id: str | None, e_number: str | None = None
+    ) -> bool:
+        """Record a webhook body in the one inbox (``e_number``: the receiver already knows it).
 
         True when it was stored (a new order or a new version), False for a duplicate (the same
         payload is already recorded) — the receiver's ``StoreCallback`` contract; both are
@@ -1012,9 +1027,9 @@ class OrderImportService:
         when possible (the fast path); if that fails it waits for the next cycle.
         """
         now = utcnow()
-        offered = self.inbox.offer_webhook(shop, raw, delivery_id, now)
+        offered = self.inbox.offer_webhook(shop, raw, delivery_id, now, e_number)
         if offered.outcome in ("new", "changed") and offered.entry_state == "awaiting":
-            _, e = read_webhook(raw, delivery_id, self.ocfg.e_number_fields)
+            e = e_number or read_webhook(raw, delivery_id, self.ocfg.e_number_fields)[1]
             try:
                 self.process(shop, e, now)
             except (SyncError, sa.exc.SQLAlchemyError) as exc:
@@ -1023,7 +1038,10 @@ class OrderImportService:
 
     def store_webhook_delivery(self, delivery: Any) -> bool:
         """``StoreCallback`` for :func:`replicator.connectors.make_webhook_receiver`."""
-        return self.ingest_webhook_payload(delivery.shop, delivery.raw, delivery.delivery_id)
+        trusted = delivery.e_number if getattr(delivery, "trusted_e_number", False) else None
+        return self.ingest_webhook_payload(
+            delivery.shop, delivery.raw, delivery.delivery_id, trusted
+        )
 
 
 def ingest_webhook_payload(shop: str, raw: bytes, delivery_id: str | None) -> bool:

@@ -233,10 +233,17 @@ class Inbox:
         return [x for x in out if x is not None]
 
     def offer_webhook(
-        self, shop: str, raw: bytes, delivery_id: str | None, now: datetime
+        self,
+        shop: str,
+        raw: bytes,
+        delivery_id: str | None,
+        now: datetime,
+        e_number: str | None = None,
     ) -> Offered:
-        """A webhook body: the e-number is read from the payload; unreadable bodies are parked."""
-        payload, e_number = read_webhook(raw, delivery_id, self.e_number_fields)
+        """A webhook body: the e-number is read from the payload (unless the receiver knew it);
+        unreadable bodies are parked."""
+        payload, read = read_webhook(raw, delivery_id, self.e_number_fields)
+        e_number = e_number or read
         status = payload.get("status") if isinstance(payload, dict) else None
         src = f"webhook {delivery_id}" if delivery_id else "webhook"
         return self.offer_raw(shop, e_number, raw, src, now, status=str(status) if status else None)
