@@ -267,8 +267,13 @@ consumer_secret = "{shop.consumer_secret}"
     return cfg
 
 
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt
+# Ctrl-C and SIGTERM only set this flag (an exception raised from a signal handler can land in a
+# finaliser run by the garbage collector, where Python ignores it, and the demo ran on).
+_STOP = threading.Event()
+
+
+def _on_stop_signal(*_: object) -> None:
+    _STOP.set()
 
 
 def main() -> int:
@@ -278,7 +283,8 @@ def main() -> int:
 
     state = Path(os.environ.get("SYNC_DEMO_STATE", ROOT / "demo-state"))
     # SIGTERM behaves like Ctrl-C, so everything the demo started is always stopped.
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     stop = threading.Event()
@@ -335,7 +341,8 @@ Below: one status line every 5 s. Ctrl-C stops everything.
         # One line every 5 s; on a terminal it redraws in place instead of scrolling away.
         tty = sys.stdout.isatty()
         while daemon.poll() is None:
-            time.sleep(5)
+            if _STOP.wait(5):
+                raise KeyboardInterrupt
             try:
                 line = status_line(cfg, counter[0], orders_made[0])
             except Exception as exc:  # staging busy or not there yet: say so, keep going
