@@ -355,6 +355,44 @@ def test_pg_added_column_widens_the_mirror(pg_erp: Erp, tmp_path: Path) -> None:
     src.close()
 
 
+def test_pg_renamed_and_dropped_columns_are_followed(pg_erp: Erp, tmp_path: Path) -> None:
+    """to_jsonb(NEW) follows the table; the mirror follows the images: a renamed column keeps
+    its values (matched by attnum), a dropped one is dropped, in order with the rows."""
+    pg_erp.execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)",
+        "INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 5) g",
+    )
+    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    store = StagingStore(cfg.staging_url)
+    src = TriggerSource(cfg, store)
+    src.start()
+    _drain(src)
+    pg_erp.execute(
+        "UPDATE items SET qty = 100 WHERE id = 1",
+        "ALTER TABLE items RENAME COLUMN name TO title",
+        "UPDATE items SET title = 'renamed' WHERE id = 2",
+        "ALTER TABLE items DROP COLUMN qty",
+        "INSERT INTO items VALUES (6, 'six')",
+    )
+    _drain(src)
+    info = store.mirror("public.items")
+    assert info is not None and [c.name for c in info.schema.columns] == ["id", "title"]
+    assert store.rows("public.items") == [
+        (1, "n1"),
+        (2, "renamed"),
+        (3, "n3"),
+        (4, "n4"),
+        (5, "n5"),
+        (6, "six"),
+    ]
+    with store.engine.connect() as conn:
+        ops = [
+            r[0] for r in conn.exec_driver_sql("SELECT op FROM sync_journal WHERE row_key IS NULL")
+        ]
+    assert "S" in ops
+    src.close()
+
+
 # ------------------------------------------------------------------------------------ MariaDB
 def test_mariadb_cascade_children_are_named_at_start(my_erp: Erp, tmp_path: Path) -> None:
     my_erp.execute("CREATE TABLE orders (id INT PRIMARY KEY) ENGINE=InnoDB")

@@ -158,13 +158,24 @@ def decoder_for(col: Column) -> Decoder | None:
 class RowDecoder:
     """Decodes row images and keys of one table; rebuilt when the table's columns change."""
 
-    __slots__ = ("convert", "decoders", "names", "schema")
+    __slots__ = ("convert", "decoders", "names", "schema", "shapes")
 
     def __init__(self, schema: TableSchema) -> None:
         self.schema = schema
         self.decoders = {c.name: decoder_for(c) for c in schema.columns}
         self.names = self.decoders.keys()
         self.convert = [(k, f) for k, f in self.decoders.items() if f is not None]
+        # Column sets of row images already held against the catalog (outdated listed-column
+        # triggers keep sending a narrower image: looked at once, not on every row).
+        self.shapes: set[frozenset[str]] = {frozenset(self.names)}
+
+    def new_shape(self, image: dict[str, Any]) -> bool:
+        """Whether ``image`` has a column set not seen before (the table may have changed)."""
+        shape = frozenset(image)
+        if shape in self.shapes:
+            return False
+        self.shapes.add(shape)
+        return True
 
     def knows(self, image: dict[str, Any]) -> bool:
         """Whether every column of ``image`` is known (else the schema must be refreshed)."""

@@ -361,8 +361,8 @@ class PostgresDialect(Dialect):
         if rel is None:
             raise SchemaError(f"table {table} not found in the ERP database")
         cols = conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod), atttypid::int, NOT attnotnull "
-            "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+            "SELECT attname, format_type(atttypid, atttypmod), atttypid::int, NOT attnotnull, "
+            "attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
             "ORDER BY attnum",
             (rel[0],),
         ).fetchall()
@@ -376,7 +376,7 @@ class PostgresDialect(Dialect):
                 (rel[0],),
             ).fetchall()
         ]
-        columns = tuple(Column(c[0], c[1], c[2], c[3]) for c in cols)
+        columns = tuple(Column(c[0], c[1], c[2], c[3], int(c[4])) for c in cols)
         return TableSchema(s, n, columns, self.key_for(table, pk))
 
     def base_ddl(self) -> list[str]:

@@ -279,15 +279,76 @@ class TriggerSource(CaptureSource):
 
     # ------------------------------------------------------------------ shared apply path
     def refresh_schema(self, table: str, txn: ApplyTxn) -> RowDecoder:
-        """A row image with an unknown column: the table gained it; widen the mirror."""
+        """A row image with other columns than the mirror's: the table changed shape in the ERP.
+        Make the mirror follow, in the staging transaction of the changes around it.
+
+        Columns are matched by catalog number where the ERP has a stable one (PostgreSQL's
+        ``attnum``: a renamed column keeps its values); elsewhere by name, so a rename there is
+        a dropped and an added column, and is said loudly.
+        """
         conn = self.dialect.connect("capture-setup")
         try:
             schema: TableSchema = self.dialect.table_schema(conn, table)
         finally:
             conn.close()
-        self.store.ensure_mirror(schema, txn.conn)
+        info = self.store.mirror(table)
+        if info is None or info.schema.key != schema.key:
+            self.store.ensure_mirror(schema, txn.conn)
+        else:
+            self._follow(table, info.schema, schema, txn)
         dec = self.decoders[table] = RowDecoder(schema)
         return dec
+
+    def _follow(self, table: str, mirror: TableSchema, schema: TableSchema, txn: ApplyTxn) -> None:
+        renamed: dict[str, str] = {}
+        dropped: list[str] = []
+        for col in mirror.columns:
+            if schema.column(col.name) is not None:
+                continue
+            now = next((c for c in schema.columns if col.attnum and c.attnum == col.attnum), None)
+            if now is not None and mirror.column(now.name) is None:
+                renamed[col.name] = now.name
+            else:
+                dropped.append(col.name)
+        before = {renamed.get(c.name, c.name): c for c in mirror.columns}
+        added = [c.name for c in schema.columns if c.name not in before]
+        retyped = [
+            c.name
+            for c in schema.columns
+            if c.name in before and before[c.name].type_name != c.type_name
+        ]
+        if not (renamed or dropped or added or retyped):
+            return  # an image from triggers older than the table: nothing to follow
+        conn = txn.conn
+        txn.flush()  # the changes before the DDL, in the shape they were made in
+        self.store.alter_mirror(conn, schema, renamed=renamed, dropped=dropped, retyped=retyped)
+        self.store.journal_event(conn, self.name, table, "S", "")
+        log.warning(
+            "mirror_schema_changed",
+            table=table,
+            renamed=renamed or None,
+            dropped=dropped or None,
+            added=added or None,
+            retyped=retyped or None,
+        )
+        if dropped and added and not any(c.attnum for c in mirror.columns):
+            log.error(
+                "column_rename_not_recognised",
+                table=table,
+                dropped=dropped,
+                added=added,
+                hint="this ERP has no stable column numbers: if a column was renamed, the rows "
+                "not written since have no value under the new name in staging; copy the "
+                "table again (triggers uninstall and install, then restart the daemon)",
+            )
+        if retyped:
+            log.warning(
+                "column_retyped",
+                table=table,
+                columns=retyped,
+                hint="rows not written since keep the old type's form in staging until the "
+                "table is copied again",
+            )
 
     def to_change(self, e: Entry, txn: ApplyTxn) -> Change | None:
         cid, table, op, row, old, _at = e
@@ -301,8 +362,9 @@ class TriggerSource(CaptureSource):
         if op == "D":
             return Change(table, "D", key=key, position=pos)
         image = loads(row)
-        if not dec.knows(image):
+        if dec.new_shape(image):  # a row image with other columns: the table may have changed
             dec = self.refresh_schema(table, txn)
+            dec.new_shape(image)
             if not dec.knows(image):  # dropped again meanwhile: keep what the mirror knows
                 image = {k: v for k, v in image.items() if k in dec.decoders}
         return Change(
