@@ -273,6 +273,10 @@ class Daemon:
             )
         if push:
             groups.append(push)
+        if cfg.stream is not None:  # its own thread: publishing must not wait behind a shop
+            from replicator.stream.sink import stream_service
+
+            groups.append([stream_service(cfg, store, self._services_stop)])
         groups.append(self._housekeeping_services())
         return groups
 
