@@ -18,7 +18,7 @@ from replicator.config.scale import StreamSection
 from replicator.errors import RetryableError
 from replicator.staging import StagingStore
 from replicator.stream.sink import StreamSink
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, wait_until, write_config
 from tests.natsserver import NatsNode, nats_node, start_cluster, stream_messages
 
 __all__ = ["nats_node"]
@@ -114,6 +114,52 @@ def test_kill9_between_puback_and_cursor_commit_leaves_no_duplicate(
     # The republished round (200 changes and the table's schema event), dropped by JetStream.
     assert "duplicates 201" in log, log
     _check_once(nats_node.url, "SYNC", total)
+    store.dispose()
+
+
+def test_consumer_kill9_between_commit_and_ack_applies_each_change_once(
+    nats_node: NatsNode, tmp_path: Path
+) -> None:
+    store = StagingStore(f"sqlite:///{tmp_path / 's.db'}")
+    _write(store, 0, 1500, 0x1000)
+    sink = StreamSink(StreamSection(url=nats_node.url, stream="SYNC"), store)
+    sink.run_cycle(threading.Event(), idle_wait=0)
+    sink.close()
+    mirror_url = f"sqlite:///{tmp_path / 'mirror.db'}"
+    cfg = write_config(
+        tmp_path / "consume.toml",
+        {
+            "stream": {"url": nats_node.url, "stream": "SYNC"},
+            "consumer": {"durable": "site2", "staging_url": mirror_url, "batch": 100},
+        },
+    )
+    worker = [sys.executable, str(ROOT / "tests" / "stream_worker.py"), "consume", str(cfg)]
+    killed = subprocess.run(
+        [*worker, "kill-before-ack"], capture_output=True, timeout=120, text=True
+    )
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "killing myself before the ack, committed 100" in killed.stdout  # one batch
+    mirror = StagingStore(mirror_url)
+    last_seq = len(stream_messages(nats_node.url, "SYNC"))
+    proc = subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: (
+                (cp := mirror.load_checkpoint("stream:site2")) is not None
+                and int(cp.position) == last_seq
+            ),
+            60,
+            what="consumer caught up",
+        )
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert mirror.rows("public.items") == store.rows("public.items")
+    with mirror.engine.connect() as c:
+        journaled = c.exec_driver_sql("SELECT COUNT(*) FROM sync_journal").scalar()
+    # The mirror's own journal: one entry per change applied, none applied twice.
+    assert journaled == _journal_count(store)
+    mirror.dispose()
     store.dispose()
 
 
