@@ -844,6 +844,10 @@ def run_daemon(config_path: str) -> int:
     except ConfigError:
         raise
     setup_logging(cfg.logging)
+    if cfg.ha.enabled:  # standby until the lease is ours (see replicator.ha)
+        from replicator.ha import run_with_lease
+
+        return run_with_lease(config_path, cfg)
     daemon = Daemon(config_path, cfg)
     daemon.install_signal_handlers()
     try:

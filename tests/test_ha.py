@@ -1,0 +1,237 @@
+"""Two daemon processes with the same config (staging on a shared PostgreSQL, each behind its own
+TCP proxy), one active and one standby, publishing to JetStream, with a consumer mirroring the
+stream. The active one is killed with kill -9 during a burst of orders; later the new active one
+is partitioned from staging (blackhole: no RST) and healed. Each time the standby takes over
+within 30 s, and at the end: staging equals the ERP, the consumer's mirror equals the ERP, the
+stream holds each change once, and every e-number is in the ERP exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PgServer
+from tests.emulators.orders import generate_orders
+from tests.emulators.woocommerce import WooCommerceEmulator
+from tests.faults.common import erp_e_numbers, ledger_states, orders_config
+from tests.faults.proxy import TcpProxy
+from tests.helpers import ROOT, DaemonProcess, assert_staging_equals_source, wait_until
+from tests.natsserver import NatsNode, free_port, nats_node, stream_messages
+from tests.test_orders_support import _pg_erp_template, pg_erp_url
+
+__all__ = ["_pg_erp_template", "nats_node", "pg_erp_url"]
+
+SKUS = [f"SKU-X{i}" for i in range(1, 21)]
+LEASE = 6.0
+FINAL = {"delivered", "failed", "skipped"}
+
+
+@pytest.fixture
+def shared_staging(pg_server: PgServer) -> Iterator[str]:
+    name = pg_server.createdb("hastaging")
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.dropdb(name)
+
+
+def _proxied(url: str, proxy: TcpProxy) -> str:
+    return re.sub(r"@([^/:]+):(\d+)/", f"@127.0.0.1:{proxy.port}/", url)
+
+
+def _config(
+    tmp: Path, node: str, erp: str, staging: str, nats: str, emu: WooCommerceEmulator
+) -> tuple[Path, str]:
+    d = tmp / node
+    d.mkdir()
+    cfg = orders_config(
+        d,
+        erp,
+        [
+            {
+                "name": "web",
+                "kind": "woocommerce",
+                "url": emu.url,
+                "timeout": 5,
+                "consumer_key": emu.consumer_key,
+                "consumer_secret": emu.consumer_secret,
+            }
+        ],
+    )
+    port = free_port()
+    text = cfg.read_text()
+    text = re.sub(r'\[staging\]\nurl = "[^"]*"', f'[staging]\nurl = "{staging}"', text)
+    text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+    text += (
+        f'[ha]\nenabled = true\nnode = "{node}"\nlease_seconds = {LEASE}\nrenew_seconds = 2\n\n'
+        f'[stream]\nurl = "{nats}"\nstream = "SYNC"\nsubject_prefix = "sync"\n'
+    )
+    cfg.write_text(text)
+    return cfg, f"http://127.0.0.1:{port}"
+
+
+def _readyz(base: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def _ha_detail(base: str) -> tuple[int, str]:
+    status, body = _readyz(base)
+    try:
+        checks = {c["name"]: c for c in json.loads(body).get("checks", [])}
+        return status, str(checks.get("ha", {}).get("detail", ""))
+    except ValueError:
+        return status, body
+
+
+def _add_orders(emu: WooCommerceEmulator, n: int, first: int, seed: int) -> None:
+    emu.add_orders(
+        generate_orders(
+            n,
+            seed=seed,
+            start=datetime.now(UTC) - timedelta(seconds=30),
+            spacing=timedelta(milliseconds=200),
+            first_number=first,
+            skus=SKUS,
+        )
+    )
+
+
+def _settled(staging: str, emu: WooCommerceEmulator) -> bool:
+    ledger = {e: st for (s, e), st in ledger_states(staging).items() if s == "web"}
+    return {str(k) for k in emu.orders} <= set(ledger) and all(
+        st in FINAL for st in ledger.values()
+    )
+
+
+def test_standby_takes_over_after_kill9_and_partition(
+    pg_erp_url: str, shared_staging: str, nats_node: NatsNode, tmp_path: Path
+) -> None:
+    erp = pg_erp_url
+    host_port = re.search(r"@([^/:]+):(\d+)/", shared_staging)
+    assert host_port
+    proxies = {n: TcpProxy(host_port[1], int(host_port[2])).start() for n in ("a", "b")}
+    emu = WooCommerceEmulator(products=[(s, f"Item {s}", 100) for s in SKUS])
+    emu.start()
+    _add_orders(emu, 20, 1001, 1)
+    nodes: dict[str, DaemonProcess] = {}
+    urls: dict[str, str] = {}
+    for n in ("a", "b"):
+        cfg, urls[n] = _config(
+            tmp_path, n, erp, _proxied(shared_staging, proxies[n]), nats_node.url, emu
+        )
+        nodes[n] = DaemonProcess(cfg)
+    mirror = f"sqlite:///{tmp_path / 'mirror.db'}"
+    consume_cfg = tmp_path / "consume.toml"
+    consume_cfg.write_text(
+        f'[stream]\nurl = "{nats_node.url}"\nstream = "SYNC"\n\n'
+        f'[consumer]\ndurable = "site2"\nstaging_url = "{mirror}"\n'
+    )
+    consumer: subprocess.Popen[bytes] | None = None
+    figures: dict[str, float] = {}
+    try:
+        nodes["a"].start()
+        wait_until(lambda: _ha_detail(urls["a"])[1].startswith("active: a"), 60, what="a active")
+        nodes["b"].start()
+        wait_until(
+            lambda: "standby (b); active: a" in _ha_detail(urls["b"])[1], 60, what="b standby"
+        )
+        assert _readyz(urls["b"])[0] == 503
+        wait_until(lambda: "standby: b" in _ha_detail(urls["a"])[1], 30, what="a names b")
+        status = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "sync_daemon.py"),
+                "status",
+                "--config",
+                str(nodes["b"].config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "ha: active a" in status.stdout, status.stdout + status.stderr
+        with (tmp_path / "consume.log").open("ab") as fh:
+            consumer = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "sync_daemon.py"),
+                    "consume",
+                    "--config",
+                    str(consume_cfg),
+                ],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+
+        # 1. kill -9 of the active daemon during a burst of orders.
+        _add_orders(emu, 40, 2001, 2)
+        wait_until(
+            lambda: sum(e.startswith("20") for _, e in ledger_states(shared_staging)) >= 10,
+            60,
+            interval=0.1,
+            what="burst importing",
+        )
+        nodes["a"].kill9()
+        t0 = time.monotonic()
+        wait_until(lambda: _ha_detail(urls["b"])[1].startswith("active: b"), 30, what="b active")
+        figures["takeover_after_kill9_s"] = time.monotonic() - t0
+        wait_until(lambda: "streaming_started" in nodes["b"].output(), 30, what="b streaming")
+        figures["streaming_after_kill9_s"] = time.monotonic() - t0
+        nodes["a"].start()  # the supervisor restarts it: standby now
+        wait_until(
+            lambda: "standby (a); active: b" in _ha_detail(urls["a"])[1], 60, what="a standby"
+        )
+
+        # 2. the active one (b) partitioned from staging, without RST, during more orders.
+        _add_orders(emu, 30, 3001, 3)
+        proxies["b"].blackhole()
+        t0 = time.monotonic()
+        wait_until(lambda: _ha_detail(urls["a"])[1].startswith("active: a"), 30, what="a active")
+        figures["takeover_after_partition_s"] = time.monotonic() - t0
+        wait_until(lambda: "ha_lease_lost" in nodes["b"].output(), 30, what="b demoted")
+        proxies["b"].restore()
+        if not nodes["b"].alive():  # stuck on the dead link: exited 4, supervisor restarts it
+            assert nodes["b"].wait(5) == 4
+            nodes["b"].start()
+        wait_until(
+            lambda: "standby (b); active: a" in _ha_detail(urls["b"])[1], 60, what="b standby"
+        )
+
+        wait_until(lambda: _settled(shared_staging, emu), 120, what="all orders settled")
+        doubled = {e: k for e, k in erp_e_numbers(erp).items() if k != 1}
+        assert not doubled, doubled
+        assert_staging_equals_source(erp, shared_staging, ["public.order_header"], timeout=60)
+        assert_staging_equals_source(erp, mirror, ["public.order_header"], timeout=60)
+    finally:
+        if consumer is not None:
+            consumer.terminate()
+            consumer.wait(15)
+        for d in nodes.values():
+            if d.alive():
+                d.terminate(20)
+        emu.stop()
+        for p in proxies.values():
+            p.close()
+    ids = Counter(h.get("Nats-Msg-Id") for _, h, _ in stream_messages(nats_node.url, "SYNC"))
+    assert max(ids.values()) == 1
+    print("HA figures:", {k: round(v, 1) for k, v in figures.items()})
+    assert figures["takeover_after_kill9_s"] < 30
+    assert figures["takeover_after_partition_s"] < 30
