@@ -19,8 +19,10 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import PgServer
 from tests.emulators.orders import generate_orders
@@ -235,3 +237,65 @@ def test_standby_takes_over_after_kill9_and_partition(
     print("HA figures:", {k: round(v, 1) for k, v in figures.items()})
     assert figures["takeover_after_kill9_s"] < 30
     assert figures["takeover_after_partition_s"] < 30
+
+
+def test_fence_refuses_staging_commits_of_a_deposed_node(shared_staging: str) -> None:
+    """Capture's staging commit and the ledger writes of the node whose epoch moved fail in
+    their own transaction, and nothing of them is visible; the new holder commits."""
+    from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+    from replicator.config import parse_config
+    from replicator.ha import Fence, Lease, LeaseLost
+    from replicator.orders.ledger import Ledger, events_t
+    from replicator.staging import StagingStore
+
+    def cfg(node: str) -> Any:
+        return parse_config(
+            {
+                "erp": {"dsn": "postgresql://erp@127.0.0.1/erp"},
+                "capture": {"tables": ["public.t"]},
+                "staging": {"url": shared_staging},
+                "ha": {"enabled": True, "node": node, "lease_seconds": 3, "renew_seconds": 1},
+            }
+        )
+
+    a, b = Lease(cfg("a")), Lease(cfg("b"))
+    a.setup()
+    store = StagingStore(shared_staging)
+    store.setup()
+    store.ensure_mirror(TableSchema("public", "t", (Column("id", "bigint"),), ("id",)))
+    ledger = Ledger(shared_staging)
+    fence = Fence(a, shared_staging)
+
+    def capture_commit(i: int) -> None:
+        with store.transaction("erp") as txn:
+            txn.apply(Change("public.t", "U", {"id": i}, position=str(i)))
+            txn.commit(Checkpoint("erp", str(i)))
+
+    def ledger_write(i: int) -> None:
+        with ledger.begin() as c:
+            ledger.event(c, "web", f"E{i}", datetime.now(UTC).replace(tzinfo=None), "test")
+
+    try:
+        assert a.try_acquire() == 1 and b.try_acquire() is None
+        fence.install()
+        capture_commit(1)
+        ledger_write(1)
+        wait_until(lambda: b.try_acquire() is not None, 10, what="b takes over after expiry")
+        with pytest.raises(LeaseLost):
+            capture_commit(2)
+        with pytest.raises(LeaseLost):
+            ledger_write(2)
+        fence.remove()
+        fence = Fence(b, shared_staging)  # the new holder's process
+        fence.install()
+        capture_commit(3)
+        assert store.rows("public.t") == [(1,), (3,)]
+        with ledger.engine.connect() as c:
+            assert sorted(r[0] for r in c.execute(sa.select(events_t.c.e_number))) == ["E1"]
+        assert store.load_checkpoint("erp").position == "3"  # type: ignore[union-attr]
+    finally:
+        fence.remove()
+        ledger.close()
+        store.dispose()
+        a.dispose()
+        b.dispose()
