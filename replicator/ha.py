@@ -428,7 +428,20 @@ def _active(config_path: str, cfg: Config, lease: Lease, terminate: threading.Ev
         finished.set()
         renewer.stop()
         fence.remove()
-    fenced = "HA lease epoch" in daemon.state.last_error  # a commit refused by the fence
+    error = daemon.state.last_error
+    fenced = "HA lease epoch" in error  # a commit refused by the fence
+    # DaemonAlreadyRunning right after a takeover: the deposed node's replication connection
+    # still holds the slot; it lets go when that node demotes itself (or exits, code 4).
+    # Give the lease back and try again, instead of stopping as a single daemon would.
+    slot_busy = "only one" in error and "a slot" in error
+    if slot_busy and not renewer.lost and not terminate.is_set():
+        log.warning("ha_slot_still_held", node=lease.node, error=error)
+        try:
+            lease.release()
+        except Exception as exc:  # expiry frees it instead
+            log.warning("ha_lease_not_released", error=str(exc).splitlines()[0])
+        terminate.wait(1)
+        return None
     if (renewer.lost or fenced) and not terminate.is_set():
         log.warning(
             "ha_rejoining_as_standby", node=lease.node, reason=renewer.lost or "commit fenced"

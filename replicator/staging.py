@@ -140,6 +140,9 @@ def _sqlite_value(v: Any) -> Any:
     return str(v)
 
 
+scalar_text = _sqlite_value  # public: numerics, temporals and UUIDs as text, as SQLite keeps them
+
+
 def _iso_space(v: Any) -> Any:
     return v.isoformat(sep=" ") if isinstance(v, dt.datetime) else _sqlite_value(v)
 
@@ -811,10 +814,7 @@ class StagingStore:
         self.setup()
         p = self._ph
         with self.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT journal_id FROM sync_cursors WHERE consumer = {p}", (consumer,)
-            ).fetchone()
-            after = row[0] if row else 0
+            after = self._cursor(conn, consumer)
             sql = f"SELECT id, source, table_name, op, row_key, position, at FROM sync_journal WHERE id > {p}"
             params: list[Any] = [after]
             if tables:
@@ -835,6 +835,12 @@ class StagingStore:
             }
             for r in rows
         ]
+
+    def _cursor(self, conn: sa.Connection, consumer: str) -> int:
+        row = conn.exec_driver_sql(
+            f"SELECT journal_id FROM sync_cursors WHERE consumer = {self._ph}", (consumer,)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def journal_commit(self, consumer: str, journal_id: int) -> None:
         """Move ``consumer``'s cursor (after its work for entries up to ``journal_id`` is done)."""
@@ -861,10 +867,7 @@ class StagingStore:
         self.setup()
         p = self._ph
         with self.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT journal_id FROM sync_cursors WHERE consumer = {p}", (consumer,)
-            ).fetchone()
-            after = row[0] if row else 0
+            after = self._cursor(conn, consumer)
             n, oldest = conn.exec_driver_sql(
                 f"SELECT COUNT(*), MIN(at) FROM sync_journal WHERE id > {p}", (after,)
             ).one()

@@ -183,7 +183,7 @@ def print_status(
             f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
             file=out,
         )
-    for line in _scale_out_lines(cfg):
+    for line in scale_out_lines(cfg):
         print(line, file=out)
     if st["services"]:
         print("\nservices", file=out)
@@ -289,7 +289,7 @@ def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
     return 1 if any(s["warning"] for s in slots) else 0
 
 
-def _scale_out_lines(cfg: Config) -> list[str]:
+def scale_out_lines(cfg: Config) -> list[str]:
     """The stream sink's backlog and the HA lease (docs/scale-out.md), when configured."""
     lines: list[str] = []
     if cfg.stream is not None:

@@ -15,7 +15,6 @@ entry a cursor has not passed), the backlog is reported and alerted, and the nex
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import threading
 import time
@@ -88,29 +87,11 @@ class StreamSink:
     def publish(self, entries: list[dict[str, Any]]) -> tuple[int, int]:
         """Publish one round and wait for all its PubAcks: (stored, dropped as duplicates)."""
         messages, schemas = self._messages(entries)
-        acks = self.bridge.call(self._publish(messages), self.cfg.timeout + 1)
+        acks = self.bridge.call(
+            self.bridge.publish_round(messages, self.cfg.timeout), self.cfg.timeout + 5
+        )
         self._schemas.update(schemas)  # stored now: later rounds need not repeat them
         return acks
-
-    async def _publish(self, messages: list[tuple[str, bytes, str]]) -> tuple[int, int]:
-        js = self.bridge.js
-        futures = []
-        try:
-            for subj, payload, mid in messages:
-                futures.append(await js.publish_async(subj, payload, headers={"Nats-Msg-Id": mid}))
-            acks = await asyncio.wait_for(asyncio.gather(*futures), self.cfg.timeout)
-        except TimeoutError:
-            raise RetryableError(
-                f"JetStream stored only part of a round of {len(messages)} within "
-                f"{self.cfg.timeout:g} s (cluster without quorum, or NATS unreachable)"
-            ) from None
-        except Exception as exc:
-            raise RetryableError(f"JetStream refused a publish: {exc}") from exc
-        finally:
-            for f in futures:
-                f.cancel()
-        dups = sum(1 for a in acks if a.duplicate)
-        return len(acks) - dups, dups
 
     def _messages(
         self, entries: list[dict[str, Any]]
@@ -125,12 +106,22 @@ class StreamSink:
             rows[t] = store.rows_by_key(t, keys)
         out: list[tuple[str, bytes, str]] = []
         schemas: dict[str, str] = {}
+        # Per table, once per round: its definition and one value encoder per column.
+        per_table: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {}
         for e in entries:
             table, source = e["table"], e["source"]
             info = store.mirror(table)
             if info is None:
                 continue  # a table no longer mirrored; nothing a consumer could apply
-            definition = to_json(wire.schema_payload(info.schema))
+            known = per_table.get(table)
+            if known is None:
+                schema = info.schema
+                known = per_table[table] = (
+                    to_json(wire.schema_payload(schema)),
+                    {c.name: wire.value_encoder(c) for c in schema.columns},
+                    schema.key,
+                )
+            definition, enc, keycols = known
             subj = wire.subject(prefix, source, table)
             if (schemas.get(table) or self._schemas.get(table)) != definition:
                 schemas[table] = definition
@@ -149,22 +140,14 @@ class StreamSink:
                         wire.schema_msg_id(source, table, definition),
                     )
                 )
-            cols = info.schema
-            key = (
-                {
-                    k: wire.wire_value(cols.column(k), v)
-                    for k, v in zip(cols.key, e["key"], strict=False)
-                }
-                if e["key"]
-                else None
-            )
+            k = e["key"]
             row = rows[table].get(e["key_text"]) if e["op"] == "U" else None
             body = {
                 "op": e["op"],
                 "source": source,
                 "table": table,
-                "key": key,
-                "row": {c: wire.wire_value(cols.column(c), v) for c, v in row.items()}
+                "key": {c: enc[c](v) for c, v in zip(keycols, k, strict=False)} if k else None,
+                "row": {c: enc[c](v) if c in enc else v for c, v in row.items()}
                 if row is not None
                 else None,
                 "position": e["position"],

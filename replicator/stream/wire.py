@@ -21,15 +21,13 @@ inside its duplicate window.
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
 import hashlib
 import json
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 from replicator.cdc.base import Column, TableSchema
-from replicator.staging import column_category, to_json
+from replicator.staging import column_category, scalar_text, to_json
 
 VERSION = 1
 
@@ -49,28 +47,31 @@ def schema_msg_id(source: str, table: str, definition: str) -> str:
     return f"{source or 'erp'}:schema:{table}:{digest}"
 
 
-def wire_value(col: Column | None, v: Any) -> Any:
-    """A staging value as the stream carries it (one form whatever the staging dialect)."""
-    if v is None:
-        return None
-    cat = column_category(col) if col is not None else "text"
-    if cat == "json":
-        return json.loads(v) if isinstance(v, str) else v
-    if cat == "bool":
-        return bool(v)
-    if isinstance(v, (bool, int, float, str)):
+def _plain(v: Any) -> Any:
+    if v is None or type(v) in (int, float, str, bool, dict, list):
         return v
-    if isinstance(v, decimal.Decimal):
-        return str(v)
-    if isinstance(v, dt.datetime):
-        return v.isoformat(sep=" ")
-    if isinstance(v, (dt.date, dt.time)):
-        return v.isoformat()
-    if isinstance(v, uuid.UUID):
-        return str(v)
     if isinstance(v, (bytes, bytearray, memoryview)):
         return "\\x" + bytes(v).hex()
-    return v
+    return scalar_text(v)  # decimals, timestamps, dates, UUIDs: as SQLite staging keeps them
+
+
+def _json_column(v: Any) -> Any:
+    return json.loads(v) if isinstance(v, str) else v  # SQLite staging keeps JSON as text
+
+
+def _bool_column(v: Any) -> Any:
+    return None if v is None else bool(v)  # SQLite staging keeps booleans as 0/1
+
+
+def value_encoder(col: Column | None) -> Callable[[Any], Any]:
+    """The function turning a staging value of ``col`` into its stream form."""
+    cat = column_category(col) if col is not None else "text"
+    return {"json": _json_column, "bool": _bool_column}.get(cat, _plain)
+
+
+def wire_value(col: Column | None, v: Any) -> Any:
+    """A staging value as the stream carries it (one form whatever the staging dialect)."""
+    return value_encoder(col)(v)
 
 
 def schema_payload(schema: TableSchema) -> dict[str, Any]:
