@@ -170,6 +170,9 @@ def test_standby_takes_over_after_kill9_and_partition(
             timeout=60,
         )
         assert "ha: active a" in status.stdout, status.stdout + status.stderr
+        with urllib.request.urlopen(urls["a"] + "/fragments/replication", timeout=10) as r:
+            page = r.read().decode()
+        assert "ha: active a" in page and "node b standby" in page, page[-2000:]
         with (tmp_path / "consume.log").open("ab") as fh:
             consumer = subprocess.Popen(
                 [

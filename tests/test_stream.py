@@ -250,3 +250,18 @@ def test_r3_stream_survives_a_node_killed_during_a_burst(tmp_path: Path) -> None
         store.dispose()
         for n in nodes:
             n.stop()
+
+
+def test_stream_and_ha_config_errors_name_the_key(tmp_path: Path) -> None:
+    from replicator.config import parse_config
+    from replicator.errors import ConfigError
+
+    base = {"erp": {"dsn": "postgresql://erp@127.0.0.1/erp"}, "capture": {"tables": ["t"]}}
+    with pytest.raises(ConfigError, match=r"c.toml: stream.url: must be nats://"):
+        parse_config({**base, "stream": {"url": "http://x"}}, "c.toml")
+    with pytest.raises(ConfigError, match=r"stream.subject_prefix = 'a.b'"):
+        parse_config({**base, "stream": {"subject_prefix": "a.b"}}, "c.toml")
+    with pytest.raises(ConfigError, match=r"ha.enabled: the lease lives in the staging store"):
+        parse_config({**base, "ha": {"enabled": True, "node": "a"}}, "c.toml")
+    with pytest.raises(ConfigError, match=r"node: a name for this daemon is required"):
+        parse_config({**base, "ha": {"enabled": True}}, "c.toml")
