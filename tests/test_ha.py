@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -76,6 +78,9 @@ def _config(
     text = cfg.read_text()
     text = re.sub(r'\[staging\]\nurl = "[^"]*"', f'[staging]\nurl = "{staging}"', text)
     text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace(
+        'tables = ["public.order_header"]', 'tables = ["public.order_header", "public.items"]'
+    )
     text += (
         f'[ha]\nenabled = true\nnode = "{node}"\nlease_seconds = {LEASE}\nrenew_seconds = 2\n\n'
         f'[stream]\nurl = "{nats}"\nstream = "SYNC"\nsubject_prefix = "sync"\n'
@@ -123,6 +128,39 @@ def _settled(staging: str, emu: WooCommerceEmulator) -> bool:
     )
 
 
+class ItemWriter:
+    """ERP changes beside the orders: items inserted, repriced and deleted, one per commit."""
+
+    def __init__(self, erp: str) -> None:
+        self.erp = erp
+        self.stop = threading.Event()
+        self.commits = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        i = 0
+        with psycopg.connect(self.erp, autocommit=True) as c:
+            while not self.stop.is_set():
+                i += 1
+                c.execute(
+                    "INSERT INTO items VALUES (%s, %s, 'written during failover', %s)",
+                    (f"HA{i}", f"HA-SKU-{i}", f"{i}.25"),
+                )
+                c.execute("UPDATE items SET price = price + 1 WHERE item_no = %s", (f"HA{i // 2}",))
+                if i % 7 == 0:
+                    c.execute("DELETE FROM items WHERE item_no = %s", (f"HA{i - 3}",))
+                self.commits += 1
+                self.stop.wait(0.01)
+
+    def start(self) -> ItemWriter:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
 def test_standby_takes_over_after_kill9_and_partition(
     pg_erp_url: str, shared_staging: str, nats_node: NatsNode, tmp_path: Path
 ) -> None:
@@ -147,6 +185,7 @@ def test_standby_takes_over_after_kill9_and_partition(
         f'[consumer]\ndurable = "site2"\nstaging_url = "{mirror}"\n'
     )
     consumer: subprocess.Popen[bytes] | None = None
+    writer: ItemWriter | None = None
     figures: dict[str, float] = {}
     try:
         nodes["a"].start()
@@ -186,7 +225,8 @@ def test_standby_takes_over_after_kill9_and_partition(
                 stderr=subprocess.STDOUT,
             )
 
-        # 1. kill -9 of the active daemon during a burst of orders.
+        writer = ItemWriter(erp).start()
+        # 1. kill -9 of the active daemon during a burst of orders and ERP changes.
         _add_orders(emu, 40, 2001, 2)
         wait_until(
             lambda: sum(e.startswith("20") for _, e in ledger_states(shared_staging)) >= 10,
@@ -220,12 +260,17 @@ def test_standby_takes_over_after_kill9_and_partition(
             lambda: "standby (b); active: a" in _ha_detail(urls["b"])[1], 60, what="b standby"
         )
 
+        writer.close()
+        assert writer.commits > 100
         wait_until(lambda: _settled(shared_staging, emu), 120, what="all orders settled")
         doubled = {e: k for e, k in erp_e_numbers(erp).items() if k != 1}
         assert not doubled, doubled
-        assert_staging_equals_source(erp, shared_staging, ["public.order_header"], timeout=60)
-        assert_staging_equals_source(erp, mirror, ["public.order_header"], timeout=60)
+        tables = ["public.order_header", "public.items"]
+        assert_staging_equals_source(erp, shared_staging, tables, timeout=60)
+        assert_staging_equals_source(erp, mirror, tables, timeout=60)
     finally:
+        if writer is not None:
+            writer.close()
         if consumer is not None:
             consumer.terminate()
             consumer.wait(15)
