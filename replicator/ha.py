@@ -42,7 +42,7 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from replicator import metrics
+from replicator import metrics, sdnotify
 from replicator.config import Config
 from replicator.db import make_engine
 from replicator.errors import FatalError
@@ -334,7 +334,7 @@ def _standby_health(cfg: Config, lease: Lease) -> Any:
             return False, f"standby ({lease.node}); no active daemon holds the lease: taking over"
         return False, f"standby ({lease.node}); active: {st['holder']} (epoch {st['epoch']})"
 
-    health = HealthServer(cfg.health, last_tick=time.monotonic)
+    health = HealthServer(cfg.health)
     health.add_check("ha", check)
     health.start()
     lease.health_url = health.url
@@ -367,8 +367,13 @@ def _standby(cfg: Config, lease: Lease, terminate: threading.Event) -> int | Non
     health = _standby_health(cfg, lease)
     metrics.HA_ACTIVE.labels(lease.node).set(0)
     log.info("ha_standby", node=lease.node)
+    # systemd (Type=notify, WatchdogSec): a standby is up and its loop alive, not stuck.
+    sdnotify.ready(f"standby ({lease.node}), waiting for the lease")
     try:
         while not terminate.is_set():
+            sdnotify.watchdog_ping()
+            if health is not None:
+                health.tick()
             try:
                 lease.setup()
                 lease.announce("standby")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -26,12 +27,23 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.config import parse_config
+from replicator.ha import Fence, Lease, LeaseLost
+from replicator.orders.ledger import Ledger, events_t
+from replicator.staging import StagingStore
 from tests.conftest import PgServer
 from tests.emulators.orders import generate_orders
 from tests.emulators.woocommerce import WooCommerceEmulator
 from tests.faults.common import erp_e_numbers, ledger_states, orders_config
 from tests.faults.proxy import TcpProxy
-from tests.helpers import ROOT, DaemonProcess, assert_staging_equals_source, wait_until
+from tests.helpers import (
+    ROOT,
+    DaemonProcess,
+    assert_staging_equals_source,
+    base_config,
+    wait_until,
+)
 from tests.natsserver import NatsNode, free_port, nats_node, stream_messages
 from tests.test_orders_support import _pg_erp_template, pg_erp_url
 
@@ -290,11 +302,6 @@ def test_standby_takes_over_after_kill9_and_partition(
 def test_fence_refuses_staging_commits_of_a_deposed_node(shared_staging: str) -> None:
     """Capture's staging commit and the ledger writes of the node whose epoch moved fail in
     their own transaction, and nothing of them is visible; the new holder commits."""
-    from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
-    from replicator.config import parse_config
-    from replicator.ha import Fence, Lease, LeaseLost
-    from replicator.orders.ledger import Ledger, events_t
-    from replicator.staging import StagingStore
 
     def cfg(node: str) -> Any:
         return parse_config(
@@ -347,3 +354,44 @@ def test_fence_refuses_staging_commits_of_a_deposed_node(shared_staging: str) ->
         store.dispose()
         a.dispose()
         b.dispose()
+
+
+def test_standby_tells_systemd_it_is_up_and_alive(
+    erp_db: str, shared_staging: str, tmp_path: Path
+) -> None:
+    """A standby under systemd (Type=notify, WatchdogSec) sends READY=1 and keeps pinging the
+    watchdog while another node holds the lease; /readyz says standby and names the holder."""
+
+    with psycopg.connect(shared_staging, autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE sync_ha_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+            "epoch BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL, "
+            "acquired_at TIMESTAMPTZ NOT NULL, renewed_at TIMESTAMPTZ NOT NULL)"
+        )
+        c.execute(
+            "INSERT INTO sync_ha_lease VALUES ('sync-daemon', 'elsewhere', 41, "
+            "now() + interval '1 hour', now(), now())"
+        )
+    with psycopg.connect(erp_db, autocommit=True) as c:
+        c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    cfg = base_config(tmp_path, erp_db, shared_staging, ["public.t"])
+    port = free_port()
+    cfg.write_text(
+        cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        + '\n[ha]\nenabled = true\nnode = "solo"\n'
+    )
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "3000000"}
+    try:
+        with DaemonProcess(cfg, env=env) as d:
+            seen = [sock.recv(4096).decode() for _ in range(4)]
+            assert any(m.startswith("READY=1") and "standby (solo)" in m for m in seen), seen
+            assert "WATCHDOG=1" in seen, seen
+            status, detail = _ha_detail(f"http://127.0.0.1:{port}")
+            assert status == 503 and "active: elsewhere (epoch 41)" in detail, detail
+            assert "capture_started" not in d.output()
+    finally:
+        sock.close()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.config import parse_config
 from replicator.config.scale import StreamSection
-from replicator.errors import RetryableError
+from replicator.errors import ConfigError, RetryableError
 from replicator.staging import StagingStore, to_json
 from replicator.stream.sink import StreamSink
 from tests.helpers import ROOT, norm, wait_until, write_config
@@ -258,9 +259,6 @@ def test_r3_stream_survives_a_node_killed_during_a_burst(tmp_path: Path) -> None
 
 
 def test_stream_and_ha_config_errors_name_the_key(tmp_path: Path) -> None:
-    from replicator.config import parse_config
-    from replicator.errors import ConfigError
-
     base = {"erp": {"dsn": "postgresql://erp@127.0.0.1/erp"}, "capture": {"tables": ["t"]}}
     with pytest.raises(ConfigError, match=r"c.toml: stream.url: must be nats://"):
         parse_config({**base, "stream": {"url": "http://x"}}, "c.toml")
