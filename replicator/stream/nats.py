@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ class NatsBridge:
         self._thread.start()
         self.nc: Any = None
         self.js: Any = None
+        self._last_error: tuple[str, float] = ("", 0.0)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -75,8 +77,13 @@ class NatsBridge:
         self.js = js  # only a connection whose stream exists counts as connected
 
     # nats-py prints a traceback for every connection error unless told otherwise: one line each.
+    # While a server is down the client retries every 0.5 s: the same error once per 30 s.
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("nats_error", error=str(exc) or type(exc).__name__)
+        text = str(exc) or type(exc).__name__
+        now = time.monotonic()
+        if text != self._last_error[0] or now - self._last_error[1] >= 30:
+            self._last_error = (text, now)
+            log.warning("nats_error", error=text)
 
     async def _on_disconnected(self) -> None:
         log.warning("nats_disconnected", servers=self.cfg.url)
