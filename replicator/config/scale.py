@@ -48,7 +48,7 @@ class StreamSection(Section):
     max_age_days: float = Field(default=7.0, gt=0)
     duplicate_window: float = Field(default=600.0, ge=10)
     # Journal entries published per round (one PubAck wait for all of them).
-    batch: int = Field(default=2000, ge=1, le=100_000)
+    batch: int = Field(default=5000, ge=1, le=100_000)
     # Seconds one publish round may wait for its PubAcks before it counts as an outage.
     timeout: float = Field(default=10.0, gt=0)
     # Alert when this many journal entries wait for the stream (NATS down or too slow).
