@@ -263,6 +263,10 @@ class Daemon:
             )
         if push:
             groups.append(push)
+        if cfg.stream is not None:  # its own thread: publishing must not wait behind a shop
+            from replicator.stream.sink import stream_service
+
+            groups.append([stream_service(cfg, store, self._services_stop)])
         groups.append(self._housekeeping_services())
         return groups
 
@@ -867,6 +871,10 @@ def run_daemon(config_path: str) -> int:
     except ConfigError:
         raise
     setup_logging(cfg.logging)
+    if cfg.ha.enabled:  # standby until the lease is ours (see replicator.ha)
+        from replicator.ha import run_with_lease
+
+        return run_with_lease(config_path, cfg)
     daemon = Daemon(config_path, cfg)
     daemon.install_signal_handlers()
     try:

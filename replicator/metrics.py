@@ -112,6 +112,30 @@ PUSH_LAG_SECONDS = Gauge(
     ["pusher"],
     registry=REGISTRY,
 )
+STREAM_BACKLOG = Gauge(
+    "sync_stream_backlog",
+    "Journal entries committed to staging and not yet acknowledged by JetStream (PubAck).",
+    ["stream"],
+    registry=REGISTRY,
+)
+STREAM_LAG_SECONDS = Gauge(
+    "sync_stream_lag_seconds",
+    "Seconds the oldest journal entry not yet in the JetStream stream has been waiting.",
+    ["stream"],
+    registry=REGISTRY,
+)
+STREAM_PUBLISHED = Counter(
+    "sync_stream_published_total",
+    "Changes published to JetStream (PubAck received), duplicates dropped by the server included.",
+    ["stream"],
+    registry=REGISTRY,
+)
+HA_ACTIVE = Gauge(
+    "sync_ha_active",
+    "1 while this daemon holds the HA lease (active), 0 while it is the standby.",
+    ["node"],
+    registry=REGISTRY,
+)
 BREAKER_OPEN = Gauge(
     "sync_breaker_open",
     "1 while the circuit breaker of an external service is open (calls suspended), else 0.",

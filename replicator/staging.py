@@ -87,6 +87,9 @@ def _key_json(k: tuple[Any, ...] | None) -> str | None:
     return to_json(list(k))
 
 
+key_json = _key_json  # public: the journal's key text, for readers of the journal
+
+
 def _category(col: Column) -> str:
     """A coarse storage category from the source type name."""
     t = col.type_name.lower()
@@ -119,6 +122,9 @@ def _category(col: Column) -> str:
     return "text"
 
 
+column_category = _category  # public: int, bool, float, bytes, json, array or text
+
+
 def _sqlite_value(v: Any) -> Any:
     if v is None or isinstance(v, (int, float, str, bytes)):
         return v  # bool is an int
@@ -135,6 +141,9 @@ def _sqlite_value(v: Any) -> Any:
     if isinstance(v, (bytearray, memoryview)):
         return bytes(v)
     return str(v)
+
+
+scalar_text = _sqlite_value  # public: numerics, temporals and UUIDs as text, as SQLite keeps them
 
 
 def _iso_space(v: Any) -> Any:
@@ -1054,10 +1063,7 @@ class StagingStore:
         self.setup()
         p = self._ph
         with self.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT journal_id FROM sync_cursors WHERE consumer = {p}", (consumer,)
-            ).fetchone()
-            after = row[0] if row else 0
+            after = self._cursor(conn, consumer)
             sql = f"SELECT id, source, table_name, op, row_key, position, at FROM sync_journal WHERE id > {p}"
             params: list[Any] = [after]
             if tables:
@@ -1072,11 +1078,18 @@ class StagingStore:
                 "table": r[2],
                 "op": r[3],
                 "key": json.loads(r[4]) if r[4] else None,
+                "key_text": r[4],
                 "position": r[5],
                 "at": r[6],
             }
             for r in rows
         ]
+
+    def _cursor(self, conn: sa.Connection, consumer: str) -> int:
+        row = conn.exec_driver_sql(
+            f"SELECT journal_id FROM sync_cursors WHERE consumer = {self._ph}", (consumer,)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def journal_commit(self, consumer: str, journal_id: int) -> None:
         """Move ``consumer``'s cursor (after its work for entries up to ``journal_id`` is done)."""
@@ -1091,6 +1104,56 @@ class StagingStore:
                     f"INSERT INTO sync_cursors (consumer, journal_id, updated_at) VALUES ({p}, {p}, {p})",
                     (consumer, journal_id, self._now()),
                 )
+
+    def journal_cursors(self) -> list[str]:
+        """The names of the journal's consumers (pushers, the stream sink)."""
+        self.setup()
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.exec_driver_sql("SELECT consumer FROM sync_cursors")]
+
+    def journal_backlog(self, consumer: str) -> tuple[int, Any]:
+        """How many journal entries wait for ``consumer``, and when the oldest was committed."""
+        self.setup()
+        p = self._ph
+        with self.engine.connect() as conn:
+            after = self._cursor(conn, consumer)
+            n, oldest = conn.exec_driver_sql(
+                f"SELECT COUNT(*), MIN(at) FROM sync_journal WHERE id > {p}", (after,)
+            ).one()
+        return int(n), oldest
+
+    def refresh_mirrors(self) -> None:
+        """Re-read the mirror definitions (another process may have added tables or columns)."""
+        self.setup()
+        self._load_mirrors()
+        self._sql_cache.clear()
+
+    def rows_by_key(self, table: str, keys: Sequence[Sequence[Any]]) -> dict[str, dict[str, Any]]:
+        """The current mirror rows of ``keys`` (:func:`key_json` of the key -> row as a dict);
+        absent keys are rows deleted since."""
+        info = self._mirrors.get(table)
+        if info is None or not keys:
+            return {}
+        q, p = self.q, self._ph
+        names = [c.name for c in info.schema.columns]
+        keycols = info.schema.key
+        cols = ", ".join(q(c) for c in names)
+        out: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                row_ph = "(" + ", ".join([p] * len(keycols)) + ")"
+                where = (
+                    f"({', '.join(q(k) for k in keycols)}) IN "
+                    f"(VALUES {', '.join([row_ph] * len(chunk))})"
+                )
+                params = tuple(v for k in chunk for v in k)
+                for r in conn.exec_driver_sql(
+                    f"SELECT {cols} FROM {q(info.name)} WHERE {where}", params
+                ):
+                    row = dict(zip(names, r, strict=True))
+                    out[str(_key_json(tuple(row[k] for k in keycols)))] = row
+        return out
 
     def journal_prune(self, keep_seconds: float) -> int:
         """Delete journal entries every consumer has read and that are older than ``keep_seconds``."""

@@ -270,6 +270,8 @@ def print_status(
                 f"  snapshot          {snap['table']}: {snap['done']:,} of {snap['total']:,} rows",
                 file=out,
             )
+    for line in scale_out_lines(cfg):
+        print(line, file=out)
     if st["services"]:
         print("\nservices", file=out)
         for sv in st["services"]:
@@ -390,3 +392,25 @@ def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
         if s["warning"]:
             print(f"  WARNING: {s['warning']}", file=out)
     return 1 if any(s["warning"] for s in slots) else 0
+
+
+def scale_out_lines(cfg: Config) -> list[str]:
+    """The stream sink's backlog and the HA lease (docs/scale-out.md), when configured."""
+    lines: list[str] = []
+    if cfg.stream is not None:
+        from replicator.stream.sink import cursor_name
+
+        store = StagingStore(cfg.staging_url)
+        try:
+            n, oldest = store.journal_backlog(cursor_name(cfg.stream))
+        finally:
+            store.dispose()
+        lines.append(
+            f"stream {cfg.stream.stream} at {cfg.stream.url}: {n} change(s) waiting for the "
+            f"stream" + (f", oldest committed {oldest}" if oldest else "")
+        )
+    if cfg.ha.enabled:
+        from replicator.ha import describe
+
+        lines.extend(describe(cfg))
+    return lines

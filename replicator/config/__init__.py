@@ -34,6 +34,7 @@ from replicator.config.core import (
 from replicator.config.ops import NotifySection, SchedulesSection
 from replicator.config.orders import OrdersSection
 from replicator.config.push import InvoicePushSection, StockPushSection
+from replicator.config.scale import HaSection, StreamSection
 from replicator.config.shops import ShopSection
 from replicator.errors import ConfigError
 
@@ -68,6 +69,8 @@ class Config(Section):
     invoice_push: InvoicePushSection | None = None
     notify: NotifySection = Field(default_factory=NotifySection)
     schedules: SchedulesSection = Field(default_factory=SchedulesSection)
+    stream: StreamSection | None = None
+    ha: HaSection = Field(default_factory=HaSection)
 
     # Where the config came from; relative paths in the config resolve against its folder.
     source_path: str = ""
@@ -101,6 +104,15 @@ class Config(Section):
         if self.staging.url is not None:
             return self.staging.url.get_secret_value()
         return f"sqlite:///{Path(self.daemon.state_dir) / 'staging.db'}"
+
+    @model_validator(mode="after")
+    def _ha_needs_shared_staging(self) -> Config:
+        if self.ha.enabled and not self.staging_url.startswith(("postgresql", "postgres")):
+            raise ValueError(
+                "ha.enabled: the lease lives in the staging store, which must be a PostgreSQL "
+                "database both daemons reach (staging.url = postgresql://...)"
+            )
+        return self
 
     def resolve_path(self, p: str) -> Path:
         path = Path(p)

@@ -245,10 +245,20 @@ class ManageApp:
                     ctx.staging_engine, self._replication_rows(), ctx.chart_hours
                 ),
                 "chart_hours": ctx.chart_hours,
+                "scale_out": self._scale_out(),
             }
         if name == "summary":
             return self._summary()
         raise KeyError(name)
+
+    def _scale_out(self) -> list[str]:
+        """The stream sink's backlog and the HA roles (docs/scale-out.md), when configured."""
+        from replicator.status import scale_out_lines
+
+        try:
+            return scale_out_lines(self.ctx.config)
+        except Exception as exc:  # the panel shows the rest; this line says why it is missing
+            return [f"stream / HA state unavailable: {str(exc).splitlines()[0]}"]
 
     def _empty_panel(self, name: str, q: dict[str, str], token: str) -> dict[str, Any]:
         """What a panel shows when reading its data failed (the banner says why)."""
