@@ -12,6 +12,7 @@ import pytest
 from replicator.orders.importer import CANCELLED, utcnow
 from replicator.orders.sample import ListShop, sample_order
 from tests import test_orders_support as support
+from tests.helpers import wait_until
 from tests.test_orders_support import erp_count, erp_rows
 
 # Fixtures shared by the order tests (pytest finds them as module attributes).
@@ -70,7 +71,8 @@ def test_webhook_poll_and_sweep_feed_one_inbox(erp_url, service_factory):
     raw = shop.orders["2001"][1]
     assert svc.ingest_webhook_payload("shop", raw, "delivery-1") is True
     assert svc.ingest_webhook_payload("shop", raw, "delivery-1") is False  # shop redelivers
-    assert svc.ledger.get("shop", "2001").state == "delivered"  # fast path imported it at once
+    # Answered once stored; the import runs from the inbox right after, on its own thread.
+    wait_until(lambda: svc.ledger.get("shop", "2001").state == "delivered", 30, 0.05)
     r = svc.run_cycle()  # poll + first sweep both see it again
     assert r.new == 0 and r.total == 1
     assert erp_rows(erp_url, "SELECT count(*) FROM order_header WHERE e_number = '2001'") == [(1,)]
@@ -303,6 +305,7 @@ def test_webhook_receiver_stores_through_the_import_service(pg_erp_url, service_
     }
     assert receiver.handle(headers, body)[1]["status"] == "stored"
     assert receiver.handle(headers, body)[1]["status"] == "duplicate"
+    wait_until(lambda: svc.ledger.get("shop", "12001").state == "delivered", 30, 0.05)
     assert erp_rows(pg_erp_url, "SELECT e_number, order_no FROM order_header") == [
         ("12001", "SO100001")
     ]

@@ -242,6 +242,8 @@ def orders_config(
     max_body: int = 65536,
     extra_orders: str = "",
     writer_url: str | None = None,
+    capture: str = "",
+    schedule: str = "every 1s",
 ) -> Path:
     """A daemon config that captures ``order_header`` and imports orders continuously from
     ``shops`` (dicts of ``[[shops]]`` keys), with the sample mapping."""
@@ -256,13 +258,14 @@ def orders_config(
         f'[erp]\ndsn = "{erp_url}"\n'
         + (f'writer_dsn = "{writer_url}"\n' if writer_url else "")
         + "\n"
-        '[capture]\ntables = ["public.order_header"]\nbatch_ms = 50\nheartbeat_interval = 1\n\n'
+        '[capture]\ntables = ["public.order_header"]\nbatch_ms = 50\nheartbeat_interval = 1\n'
+        f"{capture}\n"
         f'[staging]\nurl = "sqlite:///{tmp / "staging.db"}"\n\n'
         '[health]\nlisten = "127.0.0.1:0"\n\n'
         f'[daemon]\nstate_dir = "{tmp / "state"}"\n\n[logging]\nformat = "json"\n\n'
         f"[orders]\nenabled = true\nbackoff_initial = 0.2\nbackoff_max = 1.0\nretry_attempts = 3\n"
         f"workers = {workers}\nfirst_lookback_hours = 48\n{extra_orders}\n"
-        '[schedules]\norders = "every 1s"\n\n'
+        f'[schedules]\norders = "{schedule}"\n\n'
     )
     for shop in shops:
         text += "[[shops]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in shop.items())
