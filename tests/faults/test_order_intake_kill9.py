@@ -382,7 +382,10 @@ def test_kill9_at_the_acknowledgement_point(
     extra = ""
     if intake_kind == "magento":
         # The sample mapping reads WooCommerce JSON; Magento orders get the Magento mapping.
-        extra = 'shop_mappings = { mage = "mappings/magento.toml" }\n'
+        extra = (
+            'shop_mappings = { mage = "mappings/magento.toml" }\n'
+            '[orders.criteria.mage]\npaid_field = "payment.amount_paid"\n'
+        )
     cfg = orders_config(
         tmp_path,
         erp,
