@@ -244,6 +244,7 @@ def orders_config(
     writer_url: str | None = None,
     capture: str = "",
     schedule: str = "every 1s",
+    staging_url: str | None = None,
 ) -> Path:
     """A daemon config that captures ``order_header`` and imports orders continuously from
     ``shops`` (dicts of ``[[shops]]`` keys), with the sample mapping."""
@@ -254,13 +255,14 @@ def orders_config(
 
     (tmp / "mappings").mkdir(parents=True, exist_ok=True)
     shutil.copy(SAMPLE_MAPPING, tmp / "mappings" / "orders.toml")
+    default_staging = f"sqlite:///{tmp / 'staging.db'}"
     text = (
         f'[erp]\ndsn = "{erp_url}"\n'
         + (f'writer_dsn = "{writer_url}"\n' if writer_url else "")
         + "\n"
         '[capture]\ntables = ["public.order_header"]\nbatch_ms = 50\nheartbeat_interval = 1\n'
         f"{capture}\n"
-        f'[staging]\nurl = "sqlite:///{tmp / "staging.db"}"\n\n'
+        f'[staging]\nurl = "{staging_url or default_staging}"\n\n'
         '[health]\nlisten = "127.0.0.1:0"\n\n'
         f'[daemon]\nstate_dir = "{tmp / "state"}"\n\n[logging]\nformat = "json"\n\n'
         f"[orders]\nenabled = true\nbackoff_initial = 0.2\nbackoff_max = 1.0\nretry_attempts = 3\n"
