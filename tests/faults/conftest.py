@@ -52,6 +52,10 @@ PLANNED: dict[str, str] = {
     "kill9-order-import": "kill -9 during an order import between the ERP commit and the ledger update",
     "kill9-order-intake": "kill -9 at the acknowledgement point of each intake path (inbox folder, "
     "webhook, WooCommerce poll, Magento poll) into each ERP (PostgreSQL, MariaDB)",
+    "erp-restart-orders": "ERP PostgreSQL stopped and restarted in the middle of order transactions",
+    "staging-down-at-start": "staging store unreachable when the daemon starts, orders waiting",
+    "triggers-kill9": "kill -9 in trigger capture mode (PostgreSQL, MariaDB) with concurrent writers",
+    "triggers-erp-restart": "ERP PostgreSQL restarted in trigger capture mode with writers",
 }
 
 
