@@ -278,6 +278,22 @@ def orders_config(
     return path
 
 
+def install_triggers(cfg: Path) -> None:
+    """``sync-daemon triggers install`` for ``cfg`` (trigger capture mode), as an operator runs it."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "sync_daemon.py"), "triggers", "install", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def health_url(log_text: str) -> str | None:
     m = re.search(r'"url": "(http://127\.0\.0\.1:\d+/)"', log_text)
     return m.group(1) if m else None

@@ -25,8 +25,6 @@ import hmac
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +48,7 @@ from tests.faults.common import (
     RssSampler,
     daemon_errors,
     health_url,
+    install_triggers,
     ledger_states,
     orders_config,
     wait_alive,
@@ -95,16 +94,6 @@ def erp_e_numbers(url: str) -> dict[str, int]:
 def capture_for(erp_kind: str) -> str:
     # MariaDB has no logical replication: the daemon captures it with triggers.
     return 'mode = "triggers"\npoll_interval = 0.2\n' if erp_kind == "mariadb" else ""
-
-
-def install_triggers(cfg: Path) -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "sync_daemon.py"), "triggers", "install", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # -- orders ---------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ stopped and started again. After the last restart staging must equal the source 
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +16,16 @@ import pytest
 
 from replicator.localpg import LocalCluster
 from tests.capture_worker import Erp, new_mysql_db
-from tests.faults.common import RSS_LIMIT_MB, RssSampler, daemon_errors, logged, wait_alive
+from tests.faults.common import (
+    RSS_LIMIT_MB,
+    RssSampler,
+    daemon_errors,
+    install_triggers,
+    logged,
+    wait_alive,
+)
 from tests.faults.conftest import Row
-from tests.helpers import ROOT, DaemonProcess, base_config, wait_until
+from tests.helpers import DaemonProcess, base_config, wait_until
 from tests.test_capture_contract import DDL, TABLE, Writers, source_rows, staging_rows
 
 FULL = pytest.mark.faults_full
@@ -41,23 +46,13 @@ def trigger_erp(request: pytest.FixtureRequest, erp_kind: str) -> Iterator[Erp]:
         erp.drop()
 
 
-def _install(cfg: Path) -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "sync_daemon.py"), "triggers", "install", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
 def _prepare(erp: Erp, tmp_path: Path, rows: int = 200) -> tuple[Path, str]:
     erp.execute(DDL)
     values = ", ".join(f"({i}, 'item {i}', {i * 3}, {i}.25)" for i in range(1, rows + 1))
     erp.execute(f"INSERT INTO items (id, name, qty, price) VALUES {values}")
     staging = f"sqlite:///{tmp_path / 'staging.db'}"
     cfg = base_config(tmp_path, erp.url, staging, [TABLE], mode="triggers", poll_interval=0.05)
-    _install(cfg)
+    install_triggers(cfg)
     return cfg, staging
 
 
