@@ -49,11 +49,11 @@ def _shop(n: int, seed: int, first: int = 1001, kind: str = "woocommerce") -> An
         emu = MagentoEmulator(products=[(s, f"Item {s}", 100) for s in SKUS])
     else:
         emu = WooCommerceEmulator(products=[(s, f"Item {s}", 100) for s in SKUS])
+    # Spread over the last two hours, all modified in the past (a shop lists nothing ahead).
     start = datetime.now(UTC) - timedelta(hours=2)
+    spacing = timedelta(seconds=min(20.0, 5400 / max(n, 1)))
     emu.add_orders(
-        generate_orders(
-            n, seed=seed, start=start, spacing=timedelta(seconds=20), first_number=first, skus=SKUS
-        )
+        generate_orders(n, seed=seed, start=start, spacing=spacing, first_number=first, skus=SKUS)
     )
     return emu
 
