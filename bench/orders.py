@@ -30,26 +30,35 @@ from replicator.connectors.base import ShopOrder
 from replicator.db import make_engine
 from replicator.localpg import local_cluster
 from replicator.orders.importer import OrderImportService, utcnow
-from replicator.orders.sample import SAMPLE_MAPPING, install_sample_erp, sample_order
+from replicator.orders.sample import ROOT, SAMPLE_MAPPING, install_sample_erp, sample_order
 
 
-def run(n: int, staging: str, workdir: Path, workers: int, rate: float) -> None:
+def run(n: int, staging: str, workdir: Path, workers: int, rate: float, erp: str) -> None:
     import json
 
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    tryton_name = None
     with local_cluster() as cluster:
-        cluster.createdb("bench_erp")
-        erp_url = f"postgresql://postgres@127.0.0.1:{cluster.port}/bench_erp"
-        install_sample_erp(erp_url, extra_items=200)
+        if erp == "tryton":
+            from tests.erp import tryton_db
+
+            tryton_name = tryton_db.clone("bench_tryton")
+            erp_url = tryton_db.url(tryton_name)
+            mapping = ROOT / "config" / "mappings" / "tryton.toml"
+        else:
+            cluster.createdb("bench_erp")
+            erp_url = f"postgresql://postgres@127.0.0.1:{cluster.port}/bench_erp"
+            install_sample_erp(erp_url, extra_items=200)
+            mapping = SAMPLE_MAPPING
         if staging == "postgresql":
             cluster.createdb("bench_staging")
             staging_url = f"postgresql://postgres@127.0.0.1:{cluster.port}/bench_staging"
         else:
             staging_url = f"sqlite:///{workdir / 'staging.db'}"
         (workdir / "mappings").mkdir()
-        shutil.copy(SAMPLE_MAPPING, workdir / "mappings" / "orders.toml")
+        shutil.copy(mapping, workdir / "mappings" / "orders.toml")
         cfg = parse_config(
             {
                 "erp": {"dsn": erp_url},
@@ -63,12 +72,20 @@ def run(n: int, staging: str, workdir: Path, workers: int, rate: float) -> None:
         svc = OrderImportService(cfg, {})
         payloads = []
         for i in range(n):
-            o = sample_order(
-                1_000_000 + i,
-                lines=5,
-                skus=[f"SKU-X{(i * 5 + k) % 200 + 1}" for k in range(5)],
-                email=f"c{i % 1000}@example.com",
-            )
+            if erp == "tryton":
+                from tests.erp.orders import taxed_order
+
+                # Every fifth order is a new customer; the others are customers who ordered
+                # before (not right before: repeat customers come back later).
+                who = i if i % 5 == 0 else (i // 10) * 5
+                o = taxed_order(1_000_000 + i, lines=5, email=f"c{who}@example.com")
+            else:
+                o = sample_order(
+                    1_000_000 + i,
+                    lines=5,
+                    skus=[f"SKU-X{(i * 5 + k) % 200 + 1}" for k in range(5)],
+                    email=f"c{i % 1000}@example.com",
+                )
             payloads.append((str(o["number"]), json.dumps(o).encode()))
         feeding_done = threading.Event()
 
@@ -115,19 +132,24 @@ def run(n: int, staging: str, workdir: Path, workers: int, rate: float) -> None:
             if x.delivered_at is not None
         )
         engine = make_engine(erp_url, "bench")
+        header, e_col, line_table = (
+            ("sale_sale", "reference", "sale_line")
+            if erp == "tryton"
+            else ("order_header", "e_number", "order_line")
+        )
         with engine.connect() as conn:
             dup = conn.exec_driver_sql(
-                "SELECT count(*) FROM (SELECT e_number FROM order_header GROUP BY e_number "
+                f"SELECT count(*) FROM (SELECT {e_col} FROM {header} GROUP BY {e_col} "
                 "HAVING count(*) > 1) d"
             ).scalar()
-            total = conn.exec_driver_sql(
-                "SELECT count(DISTINCT e_number) FROM order_header"
-            ).scalar()
-            lines = conn.exec_driver_sql("SELECT count(*) FROM order_line").scalar()
+            total = conn.exec_driver_sql(f"SELECT count(DISTINCT {e_col}) FROM {header}").scalar()
+            lines = conn.exec_driver_sql(f"SELECT count(*) FROM {line_table}").scalar()
         engine.dispose()
         svc.close()
+        if tryton_name is not None:
+            tryton_db.drop(tryton_name)
         print(
-            f"staging {staging}, {cfg.orders.workers} workers, arrivals "
+            f"ERP {erp}, staging {staging}, {cfg.orders.workers} workers, arrivals "
             f"{f'{rate:.0f}/s' if rate else 'all at once'}: {delivered} orders x 5 lines "
             f"in {elapsed:.2f} s = {delivered / elapsed:.0f} orders/s end to end"
         )
@@ -154,10 +176,12 @@ def main() -> None:
     ap.add_argument("--staging", choices=["sqlite", "postgresql", "both"], default="both")
     ap.add_argument("--workers", type=int, default=4, help="orders.workers")
     ap.add_argument("--rate", type=float, default=0, help="arrivals per second (0: all at once)")
+    ap.add_argument("--erp", choices=["sample", "tryton", "both"], default="sample")
     args = ap.parse_args()
-    for staging in ["sqlite", "postgresql"] if args.staging == "both" else [args.staging]:
-        with tempfile.TemporaryDirectory(prefix="bench-orders-") as d:
-            run(args.orders, staging, Path(d), args.workers, args.rate)
+    for erp in ["sample", "tryton"] if args.erp == "both" else [args.erp]:
+        for staging in ["sqlite", "postgresql"] if args.staging == "both" else [args.staging]:
+            with tempfile.TemporaryDirectory(prefix="bench-orders-") as d:
+                run(args.orders, staging, Path(d), args.workers, args.rate, erp)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Core subcommands live here (``run``, ``check-config``, ``status``, ``resync``, ``lag``); feature
 areas contribute theirs from modules in :mod:`replicator.commands`, each exposing
 ``register(subparsers)``. A handler takes the parsed ``argparse.Namespace`` and returns the exit
-code. Exit codes: 0 ok, 1 failure at run time, 2 usage or configuration error.
+code. Exit codes (one per class of failure, see :mod:`replicator.errors`): 0 ok, 1 failure at
+run time, 2 usage or configuration error, 3 the source needs a person, 4 access refused, 5 the
+daemon is not running (``status``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from replicator import __version__
-from replicator.errors import ConfigError, SyncError
+from replicator.errors import EXIT_ACCESS, EXIT_FAILURE, AccessError, ConfigError, SyncError
 
 DEFAULT_CONFIG = os.environ.get("SYNC_DAEMON_CONFIG", "/etc/sync-daemon/config.toml")
 
@@ -52,16 +54,22 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     setup_logging(cfg.logging, quiet=True)
     warn_if_world_readable(args.config)
+    code = 0
     if getattr(args, "connect", False):
-        from replicator.daemon import preflight
+        from replicator.preflight import preflight
 
-        for line in preflight(cfg):
-            print(line)
-    print(
-        f"{args.config}: OK (capture {cfg.capture.mode}, {len(cfg.capture.tables)} table(s), "
-        f"staging {cfg.staging_url.split(':', 1)[0]})"
+        for check in preflight(cfg):
+            print(f"{'ok  ' if check.ok else 'FAIL'}  {check.what}: {check.text}")
+            code = code or check.exit_code
+    summary = (
+        f"capture {cfg.capture.mode}, {len(cfg.capture.tables)} table(s), "
+        f"staging {cfg.staging_url.split(':', 1)[0]}"
     )
-    return 0
+    if code:
+        print(f"{args.config}: NOT ready ({summary}): fix the FAIL lines above", file=sys.stderr)
+    else:
+        print(f"{args.config}: OK ({summary})")
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -78,9 +86,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resync(args: argparse.Namespace) -> int:
-    from replicator.daemon import resync
+    from replicator.daemon import request_recopy, resync
 
     cfg = load(args)
+    if args.table:
+        print(request_recopy(cfg, args.table))
+        return 0
     if not args.yes:
         print(
             "resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
@@ -140,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arg(p)
     p.add_argument("--yes", action="store_true", help="really do it")
+    p.add_argument(
+        "--table",
+        metavar="SCHEMA.TABLE",
+        help="copy one captured table again, online, while the daemon streams (no slot change)",
+    )
     p.set_defaults(func=_cmd_resync)
 
     import replicator.commands as commands
@@ -157,12 +173,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
         return code
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except SyncError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # A command that cannot do what was asked fails with 1; refused access keeps its 4.
+        return EXIT_ACCESS if isinstance(exc, AccessError) else EXIT_FAILURE
+    except BrokenPipeError:
+        # `sync-daemon logs | head`: the reader left; say nothing, as other Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A driver error that no boundary mapped yet: one line, not a traceback (-v shows it).
+        from replicator.db import access_refused, one_line
+
+        if getattr(args, "verbose", False):
+            raise
+        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ACCESS if access_refused(exc) else EXIT_FAILURE

@@ -8,8 +8,9 @@ connections close, and the process exits within ``daemon.shutdown_timeout`` seco
 
 Failures are classified: a :class:`RetryableError` (connection lost, server restarting) closes
 the source and reconnects with capped exponential backoff and jitter; a :class:`FatalError`
-(slot gone, bad schema, a second daemon) stops the daemon with the reason, exit code 3, which
-the systemd unit does not restart in a loop (``RestartPreventExitStatus=3``).
+(slot gone, bad schema, a second daemon) stops the daemon with the reason and its exit code (3
+for the source, 4 for refused access; see :mod:`replicator.errors`), which the systemd unit does
+not restart in a loop (``RestartPreventExitStatus``).
 """
 
 from __future__ import annotations
@@ -19,27 +20,29 @@ import datetime as dt
 import os
 import random
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from replicator import metrics, sdnotify
 from replicator.cdc import make_source
 from replicator.cdc.base import CaptureSource
 from replicator.config import Config, load_config, warn_if_world_readable
-from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
+from replicator.config.watch import ConfigWatcher
+from replicator.errors import AccessError, ConfigError, FatalError, RetryableError, SyncError
 from replicator.log import setup_logging
 from replicator.staging import StagingStore
 
 log = structlog.get_logger(__name__, service="daemon")
 
-EXIT_FATAL = 3
+# How often the main loop refreshes its liveness mark in staging (``status`` reads it).
+ALIVE_INTERVAL = 5.0
 
 
 @dataclass
@@ -111,12 +114,14 @@ class Daemon:
         self._ready_sent = False
         self.runners: list[Any] = []
         self._services_stop = threading.Event()  # set on shutdown, and to rebuild on reload
-        self._reload_at = 0.0
-        self._watcher: Any = None
+        self._watcher: ConfigWatcher | None = None
         self.pushers: dict[str, Any] = {}
         self.order_service: Any = None
         self._watchdog = sdnotify.watchdog_interval()
         self._last_watchdog = 0.0
+        self._last_alive = 0.0
+        self._started_at_utc = dt.datetime.now(dt.UTC)
+        self._exit_code = 1  # until run() says otherwise: a crash is not a clean stop
 
     # ------------------------------------------------------------------ signals
     def install_signal_handlers(self) -> None:
@@ -128,7 +133,6 @@ class Daemon:
         self.stop.set()
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        self._reload_at = 0.0
         self._reload.set()
 
     # ------------------------------------------------------------------ life cycle
@@ -150,17 +154,18 @@ class Daemon:
         try:
             self._wait_for_staging()
             if not self.stop.is_set():
+                self._mark_alive(force=True)
                 self.store.start_checkpointer()
                 self._start_side_services()
             while not self.stop.is_set():
-                if self._reload.is_set() and time.monotonic() >= self._reload_at:
+                if self._reload.is_set() or (self._watcher is not None and self._watcher.changed()):
                     self._reload.clear()
                     self.reload()
                 self.cycle()
         except FatalError as exc:
-            log.error("daemon_stopped_fatal", error=str(exc))
+            log.error("daemon_stopped_fatal", error=str(exc), exit_code=exc.exit_code)
             self.state.last_error = str(exc)
-            code = EXIT_FATAL
+            code = exc.exit_code
             svc = self.state.service("capture")
             svc.last_run_at, svc.last_ok, svc.last_result = (
                 dt.datetime.now(dt.UTC),
@@ -171,7 +176,11 @@ class Daemon:
             if self.notifier is not None:
                 self.notifier.report("capture", "erp", False, f"stopped: {exc}")
                 self.notifier.tick()
+        except BaseException:
+            code = 1  # recorded as the exit of a crash, then raised on
+            raise
         finally:
+            self._exit_code = code
             self.shutdown()
         log.info("daemon_stopped", exit_code=code)
         return code
@@ -187,14 +196,10 @@ class Daemon:
             try:
                 self.store.setup()
                 return
-            except sa.exc.OperationalError as exc:
-                if self.store.engine.dialect.name == "sqlite":
-                    raise  # a local file: waiting will not make a bad path appear
-                log.warning(
-                    "staging_unavailable",
-                    error=str(exc.orig or exc).splitlines()[0][:300],
-                    retry_in_seconds=delay,
-                )
+            except RetryableError as exc:
+                # Only "cannot reach": a refused login or an unwritable SQLite folder is an
+                # AccessError, which no waiting fixes.
+                log.warning("staging_unavailable", error=str(exc), retry_in_seconds=delay)
                 sdnotify.status(f"waiting for the staging store (retry in {delay:.0f} s)")
                 sdnotify.watchdog_ping()  # waiting is not hanging
                 if self.stop.wait(delay):
@@ -244,31 +249,11 @@ class Daemon:
         self.order_service = None
 
     def _watch_config(self) -> None:
-        """Reload when the config file changes on disk (as SIGHUP does); mapping files are
-        re-read by the order import itself when they change."""
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        path = os.path.realpath(self.config_path)
-        daemon = self
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
-                if path in {os.path.realpath(p) for p in paths if p}:
-                    # Editors write in steps: reload once the file has been quiet for 0.5 s.
-                    daemon._reload_at = time.monotonic() + 0.5
-                    daemon._reload.set()
-
-        try:
-            observer = Observer()
-            observer.schedule(_Handler(), os.path.dirname(path), recursive=False)
-            observer.daemon = True
-            observer.start()
-        except OSError as exc:  # no inotify here: SIGHUP still works
-            log.warning("config_watch_unavailable", error=str(exc))
-            return
-        self._watcher = observer
+        """Reload when the config file's content changes on disk (as SIGHUP does); mapping
+        files are re-read by the order import itself when they change."""
+        watcher = ConfigWatcher(self.config_path)
+        if watcher.start():
+            self._watcher = watcher
 
     def _build_services(self) -> list[list[Any]]:
         """Order import, stock and invoice push, housekeeping: one worker thread per group."""
@@ -372,6 +357,8 @@ class Daemon:
                 cfg.schedules.schedule("orders"),
                 lambda now: self._order_cycle(orders),
                 close=orders.close,
+                # Open while a shop's import is cancelled (too many errors; only probed).
+                breaker=lambda: any(st.cancelled for st in orders.ledger.shop_states()),
             ),
         ]
 
@@ -462,7 +449,9 @@ class Daemon:
             "heartbeat",
             threshold_check(self._heartbeat_age, cfg.health.max_heartbeat_age, "heartbeat age"),
         )
-        health.add_check("breakers", self._breaker_check)
+        # A shop that keeps failing is worth listing, but capture still works: not critical.
+        health.add_check("breakers", self._breaker_check, critical=False)
+        health.add_check("orders", self._orders_check)
         metrics.on_scrape(self._refresh_metrics)
         self._mount_routes(health)
         health.start()
@@ -475,6 +464,13 @@ class Daemon:
         self.on_stop.append(lambda: metrics.remove_on_scrape(self._refresh_metrics))
 
     # -- readiness checks and metrics (called from the health server's threads) -------------
+    def _orders_check(self) -> tuple[bool, str]:
+        """Not ready while a mapping no longer fits the ERP (capture is not affected)."""
+        if self.order_service is None:
+            return True, "order import off"
+        ok, detail = self.order_service.readiness()
+        return bool(ok), str(detail)
+
     def _erp_check(self) -> tuple[bool, str]:
         """Reach the ERP on a connection of its own, with a short timeout."""
         if self.cfg.erp.dialect != "postgresql":
@@ -558,6 +554,10 @@ class Daemon:
                 metrics.REPLICATION_LAG_SECONDS.labels(source, slot).set(p.lag_seconds)
             if getattr(p, "last_applied_at", None) is not None:
                 metrics.LAST_REPLICATION_TIMESTAMP.labels(source).set(p.last_applied_at.timestamp())
+            table = getattr(p, "snapshot_table", None)
+            if table is not None:
+                metrics.SNAPSHOT_ROWS.labels(source, table, "done").set(p.snapshot_done)
+                metrics.SNAPSHOT_ROWS.labels(source, table, "total").set(p.snapshot_total)
         age = self._heartbeat_age()
         if age is not None:
             metrics.HEARTBEAT_AGE.labels(source).set(age)
@@ -606,9 +606,24 @@ class Daemon:
         if self._watchdog and time.monotonic() - self._last_watchdog >= self._watchdog / 3:
             self._last_watchdog = time.monotonic()
             sdnotify.watchdog_ping()
+        self._mark_alive()
         metrics.LOOP_DURATION.observe(time.monotonic() - t_cycle)
         if time.monotonic() - self._last_summary >= 30:
             self._log_summary()
+
+    def _mark_alive(self, force: bool = False) -> None:
+        """Refresh the liveness mark that ``status`` reads (another process, maybe later)."""
+        if self.store is None:
+            return
+        if not force and time.monotonic() - self._last_alive < ALIVE_INTERVAL:
+            return
+        self._last_alive = time.monotonic()
+        try:
+            self.store.mark_alive(
+                os.getpid(), socket.gethostname(), self._started_at_utc, ALIVE_INTERVAL
+            )
+        except Exception as exc:  # staging away: capture reports that; status will say "stale"
+            log.debug("liveness_not_saved", error=str(exc))
 
     def _while_alive(self, fn: Callable[[], Any]) -> Any:
         """Run a call that waits on the network in a worker thread, and keep the liveness clock
@@ -639,6 +654,7 @@ class Daemon:
                     self.health.tick()
                 if self._watchdog:
                     sdnotify.watchdog_ping()
+                self._mark_alive()
             if self.stop.is_set() and worker.is_alive():
                 raise RetryableError("stopping while waiting on the network")
         if "error" in box:
@@ -665,7 +681,12 @@ class Daemon:
             import psycopg
 
             if isinstance(exc, psycopg.OperationalError):
-                raise FatalError(f"cannot capture from the ERP: {str(exc).strip()}") from exc
+                from replicator.db import access_refused, one_line
+
+                cls = AccessError if access_refused(exc) else FatalError
+                raise cls(
+                    f"cannot capture from the ERP ({self.cfg.erp.redacted}): {one_line(exc)}"
+                ) from exc
             raise
         self.source = source
         self.state.capture_connected = True
@@ -734,6 +755,8 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: load the config again; a bad new config is logged and the old one stays."""
         sdnotify.reloading()
+        if self._watcher is not None:
+            self._watcher.loaded()  # SIGHUP: what is read now is what is in force
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
@@ -762,6 +785,7 @@ class Daemon:
             self.store.dispose()
             self.store = StagingStore(new.staging_url)
             self.store.setup()
+            self._mark_alive(force=True)
             self.store.start_checkpointer()
         if services_changed and self.store is not None:
             self._rebuild_services()
@@ -809,6 +833,13 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.logstore.stop()
         if self.store is not None:
+            if self._exit_code == 0:
+                svc = self.state.service("capture")
+                svc.last_ok, svc.last_result = True, "stopped"
+                self.state.capture_connected, self.state.last_error = True, ""
+                self._save_capture_state()
+            with contextlib.suppress(Exception):
+                self.store.mark_stopped(os.getpid(), socket.gethostname(), self._exit_code)
             self.store.dispose()
 
 
@@ -828,24 +859,15 @@ def _lsn(v: int) -> str:
     return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
 
 
-# Connection errors a retry cannot fix: stop and say why (exit 3) instead of retrying for ever.
-_FATAL_CONNECT = (
-    "must be superuser or replication role",
-    "permission denied",
-    "password authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",
-)
-
-
 def _is_transient(exc: BaseException) -> bool:
     import sqlite3
 
     import psycopg
     from sqlalchemy import exc as sa_exc
 
-    text = str(exc)
-    if any(f in text for f in _FATAL_CONNECT):
+    from replicator.db import access_refused
+
+    if access_refused(exc):
         return False
     return isinstance(
         exc,
@@ -873,7 +895,7 @@ def run_daemon(config_path: str) -> int:
         return daemon.run()
     except SyncError as exc:
         log.error("daemon_failed", error=str(exc))
-        return 1
+        return exc.exit_code
 
 
 def resync(cfg: Config) -> None:
@@ -891,23 +913,20 @@ def resync(cfg: Config) -> None:
         store.dispose()
 
 
-def preflight(cfg: Config) -> Iterator[str]:
-    """``check-config --connect``: reach the ERP and the staging store, describe the tables."""
-    from replicator.db import pg_connect
-
-    if cfg.erp.dialect == "postgresql":
-        with pg_connect(cfg.erp.url, "check", connect_timeout=cfg.erp.connect_timeout) as conn:
-            (ver,) = conn.execute("SHOW server_version").fetchone() or ("?",)
-            (wal,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
-            yield f"erp: PostgreSQL {ver}, wal_level={wal} ({cfg.erp.redacted})"
-            if cfg.capture.mode == "logical":
-                from replicator.cdc.logical import describe_tables
-
-                for t in describe_tables(conn, cfg):
-                    yield f"table {t.qualified}: {len(t.columns)} columns, key ({', '.join(t.key)})"
+def request_recopy(cfg: Config, table: str) -> str:
+    """``sync-daemon resync --table T``: ask the daemon to copy one table again, online."""
+    if cfg.capture.mode != "logical":
+        raise ConfigError("resync --table applies to capture.mode = 'logical'")
+    if table not in cfg.capture.tables:
+        raise ConfigError(
+            f"resync --table: {table!r} is not in capture.tables ({', '.join(cfg.capture.tables)})"
+        )
     store = StagingStore(cfg.staging_url)
     try:
-        store.setup()
-        yield f"staging: {store.dialect} reachable and writable"
+        store.request_recopy("erp", table)
     finally:
         store.dispose()
+    return (
+        f"resync: {table} will be copied again online while capture streams; "
+        "`sync-daemon status` shows its progress (a stopped daemon starts it when it runs)"
+    )

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,24 +147,66 @@ def _writer(erp: DemoErp, stop: threading.Event, counter: list[int]) -> None:
         stop.wait(rnd.uniform(0.05, 0.4))
 
 
-def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
-    """The webshop at work: a new order every few seconds, now and then one the ERP cannot map."""
+# What the sample shop's orders turn into, in turn, so that every state shows within the first
+# minute (an order every 4 s, an import every 10 s) and a failure is common enough to be seen.
+DEMO_MIX = ("imported", "failed", "not paid", "imported", "on hold", "imported")
+
+
+def demo_order(n: int) -> Any:
+    """The n-th order of the sample shop (1-based), shaped by ``DEMO_MIX``."""
     from tests.emulators.orders import generate_orders
 
+    kind = DEMO_MIX[(n - 1) % len(DEMO_MIX)]
+    order = generate_orders(
+        1,
+        seed=n,
+        first_number=10000 + n,
+        skus=[*SKUS, "SKU-UNKNOWN"] if kind == "failed" else SKUS,
+        # modified up to 2 min after creation: keep it in the past
+        start=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3),
+    )[0]
+    lines = order.lines
+    if kind == "failed" and all(ln.sku != "SKU-UNKNOWN" for ln in lines):
+        lines = (*lines[:-1], replace(lines[-1], sku="SKU-UNKNOWN"))
+    return replace(
+        order,
+        lines=lines,
+        status="on-hold" if kind == "on hold" else "processing",
+        paid=None if kind == "not paid" else order.created + dt.timedelta(seconds=30),
+        payment_method="bacs" if kind == "not paid" else "stripe",
+    )
+
+
+def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
+    """The webshop at work: a new order at once and then every 4 s, in the ``DEMO_MIX``."""
     n = 0
-    while not stop.wait(4):
+    while True:
         n += 1
-        skus = SKUS if n % 7 else [*SKUS, "SKU-UNKNOWN"]
-        order = generate_orders(
-            1,
-            seed=n,
-            first_number=10000 + n,
-            skus=skus,
-            # modified up to 2 min after creation: keep it in the past
-            start=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3),
-        )[0]
-        shop.add_orders([order])
+        shop.add_orders([demo_order(n)])
         counter[0] += 1
+        if stop.wait(4):
+            return
+
+
+def status_line(cfg: Any, counter: int, orders_made: int) -> str:
+    """The demo's one line of status (``sync-daemon status`` has the whole picture)."""
+    from replicator.status import collect_status
+
+    st = collect_status(cfg, per_state=1)
+    parts = [time.strftime("%H:%M:%S")]
+    for src in st["sources"][:1]:
+        lag = "?" if src["lag_seconds"] is None else f"{src['lag_seconds']:.1f}s"
+        parts.append(
+            f"capture {src['state']} ({st['capture_mode']}), lag {lag}, "
+            f"{src['changes_applied']} changes applied"
+        )
+    if not st["sources"]:
+        parts.append("capture starting")
+    counts = st["orders"]["counts"]
+    if counts:
+        parts.append("orders " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    parts.append(f"ERP writer {counter} changes, webshop {orders_made} orders placed")
+    return " | ".join(parts)
 
 
 def _write_config(state: Path, erp: DemoErp, shop: Any, port: int) -> Path:
@@ -231,7 +274,6 @@ def _sigterm(*_: object) -> None:
 def main() -> int:
     from replicator.config import load_config
     from replicator.localpg import free_port, wait_port
-    from replicator.status import print_status
     from tests.emulators import WooCommerceEmulator
 
     state = Path(os.environ.get("SYNC_DEMO_STATE", ROOT / "demo-state"))
@@ -280,25 +322,28 @@ demo: running. Where to look:
   Manage page http://127.0.0.1:{port}/   (orders by state, logs, services, replication)
   health      http://127.0.0.1:{port}/healthz   readiness http://127.0.0.1:{port}/readyz
   metrics     http://127.0.0.1:{port}/metrics
-  webshop     {shop.url}  (a sample WooCommerce shop placing an order every 4 s;
-              every 7th order has an unknown SKU and fails with a reason you can act on)
+  webshop     {shop.url}  (a sample WooCommerce shop placing an order every 4 s,
+              in turn: imported, failed (unknown SKU), not paid yet, imported, on hold, ...)
   staging     {state / "staging.db"}  (sqlite3 ... 'SELECT * FROM replication_status')
   daemon log  {log_path}
-  status      .venv/bin/sync-daemon status --config {cfg_path}
-Ctrl-C stops everything.
+  status      .venv/bin/sync-daemon status --config {cfg_path}   (the whole picture)
+Below: one status line every 5 s. Ctrl-C stops everything.
 """,
             flush=True,
         )
         cfg = load_config(cfg_path)
+        # One line every 5 s; on a terminal it redraws in place instead of scrolling away.
+        tty = sys.stdout.isatty()
         while daemon.poll() is None:
             time.sleep(5)
-            print(
-                f"--- {time.strftime('%H:%M:%S')}  ERP writer: {counter[0]} changes, "
-                f"webshop: {orders_made[0]} orders placed",
-                flush=True,
-            )
-            with contextlib.suppress(Exception):
-                print_status(cfg)
+            try:
+                line = status_line(cfg, counter[0], orders_made[0])
+            except Exception as exc:  # staging busy or not there yet: say so, keep going
+                line = f"{time.strftime('%H:%M:%S')} status not readable yet ({exc})"
+            if tty:
+                print(f"\r\x1b[K{line}", end="", flush=True)
+            else:
+                print(line, flush=True)
         print(
             f"demo: the daemon exited with code {daemon.returncode}; see {log_path}",
             file=sys.stderr,

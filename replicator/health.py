@@ -12,13 +12,20 @@ Responsibilities (the Patroni split, see ``patroni/api.py``):
 * Routes mounted by other features with :meth:`HealthServer.add_route` (webhook receivers, the
   Manage page).
 
+Routing is exact: a path matches one resource (a literal path, or a pattern such as
+``/fragments/{panel}`` whose parameter is one segment) or gets 404 — nothing matches by prefix.
+A method the resource does not serve gets 405 with ``Allow`` listing what it does serve (HEAD
+with GET, and OPTIONS, which answers 204 with the same ``Allow``); TRACE and unknown verbs are
+answered the same way, never 501. A query parameter the stores cannot hold (NUL, which PostgreSQL
+refuses in text) gets 400 naming it before any handler runs.
+
 Protection: when ``health.listen`` is not a loopback address, every route except ``/healthz`` and
 ``/readyz`` requires ``health.token`` (``Authorization: Bearer <token>``, or basic auth whose
 password — or ``user:password`` — equals the token); the server refuses to start on such an
 address without a token. A configured token is enforced on loopback too. Routes mounted with
 ``public=True`` (webhook receivers that verify the shop's own signature) skip the token.
-Bodies larger than ``max_body`` get 413, connections have a socket timeout (slow clients cannot
-hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
+Bodies (sent with ``Content-Length`` or chunked) larger than ``max_body`` get 413, connections
+have a socket timeout (slow clients cannot hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
 an exception becomes a 500 whose body names the exception type only, redacted.
 
 Wiring (for ``replicator/daemon.py``)::
@@ -35,7 +42,7 @@ Wiring (for ``replicator/daemon.py``)::
     def woo(req: Request) -> Response:
         status, body = receiver.handle(req.headers, req.body)
         return Response.json(body, status)
-    health.add_route("POST", "/webhooks/woocommerce/demo", woo, public=True,
+    health.add_route("POST", "/webhooks/shop/demo", woo, public=True,
                      max_body=receiver.max_body)
     health.start()                # binds; raises ConfigError (health.token) / OSError
     ...
@@ -59,6 +66,7 @@ import hmac
 import io
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
@@ -71,7 +79,7 @@ from urllib.parse import parse_qsl, urlsplit
 import sqlalchemy as sa
 import structlog
 
-from replicator import metrics
+from replicator import metrics, safejson
 from replicator.config.core import HealthSection
 from replicator.errors import ConfigError
 from replicator.log import redact
@@ -91,9 +99,11 @@ __all__ = [
 CheckFn = Callable[[], tuple[bool, str]]
 RouteHandler = Callable[["Request"], "Response"]
 
-# Probes must be reachable without a token: a load balancer or systemd-side monitor has none,
-# and the bodies hold no secrets.
-_OPEN_PATHS = ("/healthz", "/readyz")
+# The server's own resources (GET only). /healthz and /readyz need no token: a load balancer or
+# systemd-side monitor has none, and the bodies hold no secrets.
+_BUILTIN = ("/healthz", "/readyz", "/metrics")
+# A chunk-size line: hex size, optional extensions (ignored), CRLF.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:;[^\r\n]*)?\r?\n")
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,9 @@ class Request:
     client: str = ""
 
     def json(self) -> Any:
-        """The body parsed as JSON (raises ``ValueError`` on invalid JSON)."""
-        return json.loads(self.body.decode("utf-8"))
+        """The body parsed as JSON within :mod:`replicator.safejson`'s limits (raises
+        :class:`~replicator.safejson.JsonRefused`, a ``ValueError``, naming what is wrong)."""
+        return safejson.loads(self.body)
 
 
 @dataclass
@@ -133,10 +144,34 @@ class Response:
 @dataclass
 class _Route:
     method: str
-    prefix: str
+    path: str  # the pattern as mounted, e.g. "/webhooks/shop/demo" or "/fragments/{panel}"
+    regex: re.Pattern[str]
     handler: RouteHandler
     public: bool
     max_body: int | None
+
+    @property
+    def literal(self) -> bool:
+        return "{" not in self.path
+
+
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    """``/a/{name}/b`` → a regex matching exactly that path, ``{name}`` one non-empty segment."""
+    parts = _PARAM.split(path)
+    if any("{" in p or "}" in p for p in parts):
+        raise ValueError(f"route {path!r}: braces only around a parameter name, e.g. {{shop}}")
+    return re.compile("[^/]+".join(re.escape(p) for p in parts))
+
+
+def _allow(methods: set[str]) -> str:
+    """The ``Allow`` header for a resource serving ``methods`` (HEAD with GET; OPTIONS always)."""
+    if "GET" in methods:
+        methods = methods | {"HEAD"}
+    order = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    return ", ".join([m for m in order if m in methods] + ["OPTIONS"])
 
 
 class _Run:
@@ -294,6 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.body_read = False
         timeout = self.server.app.request_timeout
         # Writes to a client that stopped reading give up after ``timeout``.
         self.connection.settimeout(timeout)
@@ -325,17 +361,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def do_OPTIONS(self) -> None:
-        self._send(Response(204, {"Allow": "GET, HEAD, POST"}, b""))
+        self._dispatch()
 
-    def do_TRACE(self) -> None:
-        # TRACE would echo request headers (tokens, cookies) back: refused.
-        self._send(
-            Response(
-                405,
-                {"Allow": "GET, HEAD, POST", "Content-Type": "text/plain"},
-                b"method not allowed\n",
-            )
-        )
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up ``do_<METHOD>`` and answers 501 when it is missing; every other
+        # verb (TRACE, which would echo tokens back, and unknown ones) gets the router's answer:
+        # 404 for an unknown path, 405 with the route's ``Allow`` otherwise.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
     def _dispatch(self, head: bool = False) -> None:
         try:
@@ -345,6 +379,12 @@ class _Handler(BaseHTTPRequestHandler):
             resp = Response.json({"error": "internal error"}, 500)
         if resp is None:  # connection already answered (e.g. body too large, client gone)
             return
+        if not self.body_read:
+            # Answered without reading the body (404, 405, 401...): swallow it first, so the
+            # client reads our answer instead of a connection reset.
+            raw = self.headers.get("Content-Length", "").strip()
+            if raw.isdigit() and "chunked" not in self.headers.get("Transfer-Encoding", ""):
+                HealthServer._discard(self, int(raw))
         self._send(resp, head=head)
 
     def _send(self, resp: Response, head: bool = False) -> None:
@@ -423,27 +463,30 @@ class HealthServer:
     def add_route(
         self,
         method: str,
-        path_prefix: str,
+        path: str,
         handler: RouteHandler,
         *,
         public: bool = False,
         max_body: int | None = None,
     ) -> None:
-        """Mount ``handler(Request) -> Response`` for ``method`` on paths starting with the prefix.
+        """Mount ``handler(Request) -> Response`` for ``method`` on exactly ``path``.
 
-        The longest matching prefix wins. ``public=True`` skips the token (the handler must
-        authenticate the caller itself, e.g. by the shop's webhook signature). ``max_body``
-        overrides the server's body limit for this route (413 before the body is read).
+        ``path`` is matched whole: ``/webhooks/shop/demo`` serves that path and nothing below
+        or beside it. A ``{name}`` segment (``/fragments/{panel}``) matches one non-empty path
+        segment; a literal route wins over a pattern. A path no route matches gets 404; a
+        matched path with another method gets 405 with ``Allow`` listing the methods mounted on
+        it. ``public=True`` skips the token (the handler must authenticate the caller itself,
+        e.g. by the shop's webhook signature). ``max_body`` overrides the server's body limit
+        for this route (413 before the body is read).
         """
-        if not path_prefix.startswith("/"):
-            raise ValueError(f"path prefix {path_prefix!r} must start with /")
+        if not path.startswith("/"):
+            raise ValueError(f"route {path!r} must start with /")
+        route = _Route(method.upper(), path, _compile(path), handler, public, max_body)
         with self._lock:
-            # Mounting the same method and prefix again replaces the route (config reload).
-            self._routes = [
-                r for r in self._routes if (r.method, r.prefix) != (method.upper(), path_prefix)
-            ]
-            self._routes.append(_Route(method.upper(), path_prefix, handler, public, max_body))
-            self._routes.sort(key=lambda r: len(r.prefix), reverse=True)
+            # Mounting the same method and path again replaces the route (config reload).
+            self._routes = [r for r in self._routes if (r.method, r.path) != (route.method, path)]
+            self._routes.append(route)
+            self._routes.sort(key=lambda r: not r.literal)
 
     @property
     def port(self) -> int:
@@ -535,6 +578,19 @@ class HealthServer:
             return whole or pw
         return False
 
+    def _resource(self, path: str) -> tuple[list[_Route], set[str]]:
+        """The routes mounted on the one resource ``path`` matches, and its methods."""
+        if path in _BUILTIN:
+            return [], {"GET"}
+        with self._lock:
+            matches = [r for r in self._routes if r.regex.fullmatch(path)]
+        if not matches:
+            return [], set()
+        # A literal route wins over a pattern; the routes of that one resource remain.
+        chosen = matches[0].path
+        routes = [r for r in matches if r.path == chosen]
+        return routes, {r.method for r in routes}
+
     def _handle(self, h: _Handler) -> Response | None:
         parts = urlsplit(h.path)
         path = parts.path or "/"
@@ -543,28 +599,26 @@ class HealthServer:
         if method == "HEAD":
             method = "GET"
 
-        if method == "GET" and path == "/healthz":
+        routes, methods = self._resource(path)
+        if not methods:
+            return Response.json({"error": "not found"}, 404)
+        if method == "OPTIONS":
+            return Response(204, {"Allow": _allow(methods), "Content-Type": "text/plain"}, b"")
+        if method not in methods:
+            return Response(
+                405,
+                {"Allow": _allow(methods), "Content-Type": "text/plain"},
+                b"method not allowed\n",
+            )
+
+        if path == "/healthz":
             alive, body = self.liveness()
             return Response.json(body, 200 if alive else 503)
-        if method == "GET" and path == "/readyz":
+        if path == "/readyz":
             ready, body = self.readiness()
             return Response.json(body, 200 if ready else 503)
 
-        route: _Route | None = None
-        if path != "/metrics":
-            with self._lock:
-                matches = [r for r in self._routes if path.startswith(r.prefix)]
-            route = next((r for r in matches if r.method == method), None)
-            if route is None:
-                if matches:
-                    allowed = ", ".join(sorted({r.method for r in matches}))
-                    return Response(
-                        405,
-                        {"Allow": allowed, "Content-Type": "text/plain"},
-                        b"method not allowed\n",
-                    )
-                return Response.json({"error": "not found"}, 404)
-
+        route = next((r for r in routes if r.method == method), None)
         if (route is None or not route.public) and not self._authorized(headers):
             return Response(
                 401,
@@ -573,14 +627,16 @@ class HealthServer:
             )
 
         if route is None:  # /metrics
-            if method != "GET":
-                return Response(405, {"Allow": "GET", "Content-Type": "text/plain"}, b"")
             try:
                 return Response(200, {"Content-Type": metrics.CONTENT_TYPE}, metrics.render())
             except Exception as exc:
                 log.error("metrics_render_failed", error=redact(f"{type(exc).__name__}: {exc}"))
                 return Response.json({"error": "metrics unavailable"}, 500)
 
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        bad = safejson.unstorable(query)
+        if bad is not None:  # e.g. %00, which PostgreSQL refuses in every text value
+            return Response.text(f"Bad request: {bad}\n", 400)
         limit = self.max_body if route.max_body is None else route.max_body
         payload = self._read_body(h, headers, limit)
         if payload is None:
@@ -588,7 +644,7 @@ class HealthServer:
         request = Request(
             method=method,
             path=path,
-            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            query=query,
             headers=headers,
             body=payload,
             client=str(h.client_address[0]),
@@ -610,9 +666,18 @@ class HealthServer:
 
     def _read_body(self, h: _Handler, headers: dict[str, str], limit: int) -> bytes | None:
         """Read the body within ``max_body`` and the request timeout; ``None`` when answered."""
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            h._send(Response.text("chunked bodies are not accepted; send Content-Length\n", 411))
-            return None
+        h.body_read = True
+        encoding = headers.get("transfer-encoding", "").strip().lower()
+        if encoding:
+            if encoding != "chunked":
+                h._send(Response.text(f"Transfer-Encoding {encoding[:40]!r} not supported\n", 400))
+                return None
+            body = self._read_chunked(h, limit)
+            if body is not None:
+                # Handlers see a body of known length, as if sent with Content-Length.
+                headers.pop("transfer-encoding", None)
+                headers["content-length"] = str(len(body))
+            return body
         raw = headers.get("content-length", "0").strip() or "0"
         if not raw.isdigit():
             h._send(Response.text("invalid Content-Length\n", 400))
@@ -635,6 +700,44 @@ class HealthServer:
             h.close_connection = True
             return None
         return b"".join(chunks)
+
+    @staticmethod
+    def _read_chunked(h: _Handler, limit: int) -> bytes | None:
+        """A ``Transfer-Encoding: chunked`` body (RFC 9112 7.1) within ``limit``; ``None`` when
+        answered (400 malformed, 413 too large) or the client went away."""
+        body = bytearray()
+        try:
+            while True:
+                line = h.rfile.readline(1024)
+                m = _CHUNK_SIZE.fullmatch(line)
+                if m is None:
+                    h._send(Response.text("malformed chunked body\n", 400))
+                    h.close_connection = True
+                    return None
+                size = int(m.group(1), 16)
+                if size == 0:
+                    break
+                if len(body) + size > limit:
+                    h._send(Response.text(f"body larger than {limit} bytes\n", 413))
+                    h.close_connection = True
+                    return None
+                while size > 0:  # the connection's read deadline bounds the whole loop
+                    chunk = h.rfile.read1(min(size, 65536))
+                    if not chunk:
+                        raise ConnectionError
+                    body += chunk
+                    size -= len(chunk)
+                if h.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    h._send(Response.text("malformed chunked body\n", 400))
+                    h.close_connection = True
+                    return None
+            for _ in range(64):  # trailer fields: read and ignored
+                if h.rfile.readline(8192) in (b"\r\n", b"\n", b""):
+                    break
+        except (OSError, ConnectionError):
+            h.close_connection = True
+            return None
+        return bytes(body)
 
     @staticmethod
     def _discard(h: _Handler, length: int) -> None:

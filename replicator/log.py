@@ -2,8 +2,9 @@
 the same renderer.
 
 JSON lines when stdout is not a terminal (journald keeps them as they are), readable key=value
-console output on a terminal. Every record carries ``service`` when the code that logs binds it,
-so ``sync-daemon logs --service capture`` can filter. Secrets are scrubbed by
+console output on a terminal. Every record carries ``service``: the one the code that logs bound,
+else the service whose run is on the stack (bound by the service runner), else the module's
+(:func:`service_of`), so ``sync-daemon logs --service orders`` finds every order record. Secrets are scrubbed by
 :func:`redact_secrets` whatever the caller passed. Extra sinks (the staging store's log table)
 register with :func:`add_sink`.
 """
@@ -14,10 +15,12 @@ import contextlib
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import SAWarning
 
 from replicator.config.core import LoggingSection
 
@@ -55,6 +58,42 @@ def redact_secrets(
             event_dict[k] = redact(v)
         elif isinstance(v, BaseException):
             event_dict[k] = redact(f"{type(v).__name__}: {v}")
+    return event_dict
+
+
+# The service a module's records belong to when the code that logs bound none (longest prefix
+# wins). Code running inside a service (ServiceRunner) binds the service's own name instead.
+_SERVICE_BY_MODULE = {
+    "replicator.cdc": "capture",
+    "replicator.staging": "capture",
+    "replicator.orders": "orders",
+    "replicator.connectors": "orders",
+    "replicator.mappers": "orders",
+    "replicator.push.stock": "stock_push",
+    "replicator.push.invoices": "invoices",
+    "replicator.push": "push",
+    "replicator.web": "web",
+    "replicator.health": "web",
+    "replicator.notify": "notify",
+}
+
+
+def service_of(logger_name: str | None) -> str:
+    name = logger_name or ""
+    best = max(
+        (p for p in _SERVICE_BY_MODULE if name == p or name.startswith(p + ".")),
+        key=len,
+        default=None,
+    )
+    return _SERVICE_BY_MODULE[best] if best else "daemon"
+
+
+def add_service(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every record carries ``service`` (``sync-daemon logs --service X`` filters on it)."""
+    if not event_dict.get("service"):
+        event_dict["service"] = service_of(event_dict.get("logger"))
     return event_dict
 
 
@@ -98,6 +137,7 @@ def setup_logging(
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        add_service,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact_secrets,
@@ -123,6 +163,10 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Reflecting an ERP table with a type SQLAlchemy does not know (PostGIS ``point``, ...)
+    # warns once per column on every command that validates a mapping; such columns are
+    # typed "other" there, which is all the validation needs.
+    warnings.filterwarnings("ignore", message="Did not recognize type", category=SAWarning)
     # Driver chatter stays at warning unless we debug.
     for noisy in ("psycopg", "sqlalchemy", "watchdog", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(

@@ -60,6 +60,7 @@ __all__ = [
     "REPLICATION_LAG_BYTES",
     "REPLICATION_LAG_SECONDS",
     "SLOT_RETAINED_WAL_BYTES",
+    "SNAPSHOT_ROWS",
     "add_collector",
     "on_scrape",
     "remove_on_scrape",
@@ -121,6 +122,12 @@ LAST_REPLICATION_TIMESTAMP = Gauge(
     "sync_last_replication_timestamp_seconds",
     "Unix time of the last change (or heartbeat) committed to staging from the source.",
     ["source"],
+    registry=REGISTRY,
+)
+SNAPSHOT_ROWS = Gauge(
+    "sync_snapshot_rows",
+    "An online copy of a table in progress: rows copied (kind=done) and to copy (kind=total).",
+    ["source", "table", "kind"],
     registry=REGISTRY,
 )
 HEARTBEAT_AGE = Gauge(

@@ -10,6 +10,11 @@ service until it recovers.
 A service is a name, a schedule and a function ``run(now) -> str`` that returns a one-line
 result (the "canonical line" of that unit of work, also logged). ``progress()``, when given,
 tells how far a long run is ("Updating product 825 of 12403").
+
+Breakers: a service that failed ``BREAKER_AFTER`` times in a row opens its breaker and is only
+probed every ``BREAKER_PROBE`` seconds (a shop that keeps failing is not hammered every second);
+the first success closes it. A service can also report an open breaker of its own through
+``breaker()`` (the order import: a shop whose import was cancelled after too many errors).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from replicator.schedules import Schedule
 
 log = structlog.get_logger(__name__, service="services")
 
+BREAKER_AFTER = 5
+BREAKER_PROBE = dt.timedelta(seconds=60)
+
 
 @dataclass
 class Service:
@@ -35,6 +43,8 @@ class Service:
     run: Callable[[dt.datetime], str]
     progress: Callable[[], str] | None = None
     close: Callable[[], None] | None = None
+    # True while the service's own breaker is open (e.g. a cancelled shop); checked after a run.
+    breaker: Callable[[], bool] | None = None
 
 
 class ServiceRunner:
@@ -94,25 +104,47 @@ class ServiceRunner:
                 if self.stop.is_set():
                     break
                 forced = s.name in self._now
-                if forced or s.schedule.due(now, self._last[s.name]):
+                if forced or self.due(s, now):
                     self._now.discard(s.name)
                     self.run_one(s)
             self._wake.wait(self.tick)
             self._wake.clear()
+
+    def _set_breaker(self, s: Service, open_: bool) -> None:
+        st = self.state.service(s.name)
+        if open_ != st.breaker_open:
+            log.log(
+                40 if open_ else 20,
+                "breaker_opened" if open_ else "breaker_closed",
+                service=s.name,
+                failures=st.failures,
+            )
+        st.breaker_open = open_
+
+    def due(self, s: Service, now: dt.datetime) -> bool:
+        """Due by its schedule; with its breaker open (failures in a row), once per probe."""
+        last = self._last[s.name]
+        if self.state.service(s.name).breaker_open and s.breaker is None and last is not None:
+            return now - last >= BREAKER_PROBE
+        return s.schedule.due(now, last)
 
     def run_one(self, s: Service) -> None:
         st = self.state.service(s.name)
         t0 = time.monotonic()
         started = dt.datetime.now().astimezone()
         try:
-            result = s.run(started)
+            # Whatever the run logs (importer, connectors, writer) carries this service's name.
+            with structlog.contextvars.bound_contextvars(service=s.name):
+                result = s.run(started)
             st.last_ok, st.last_result = True, result
             st.failures = 0
+            self._set_breaker(s, bool(s.breaker and s.breaker()))
             if self.notifier is not None:
                 self.notifier.report(s.name, s.name, True, result)
             if result and s.schedule.kind != "continuous":
                 log.info(
                     "service_run",
+                    service=s.name,
                     name=s.name,
                     result=result,
                     seconds=round(time.monotonic() - t0, 2),
@@ -120,14 +152,25 @@ class ServiceRunner:
         except Exception as exc:
             st.last_ok, st.last_result = False, f"{type(exc).__name__}: {exc}"
             st.failures += 1
-            log.error("service_failed", name=s.name, error=str(exc), failures=st.failures)
+            self._set_breaker(s, st.failures >= BREAKER_AFTER or bool(s.breaker and s.breaker()))
+            log.error(
+                "service_failed",
+                service=s.name,
+                name=s.name,
+                error=str(exc),
+                failures=st.failures,
+            )
             if self.notifier is not None:
                 self.notifier.report(s.name, s.name, False, str(exc))
         finally:
             end = dt.datetime.now().astimezone()
             self._last[s.name] = end
             st.last_run_at = end.astimezone(dt.UTC)
-            st.next_run_at = s.schedule.next_after(end)
+            st.next_run_at = (
+                end.astimezone(dt.UTC) + BREAKER_PROBE
+                if st.breaker_open and s.breaker is None
+                else s.schedule.next_after(end)
+            )
             st.progress = s.progress() if s.progress else ""
             if self.on_update is not None and (
                 s.schedule.kind != "continuous"

@@ -9,8 +9,10 @@ transaction (:meth:`ApplyTxn.commit` writes the checkpoint row in the same trans
 capture source confirms that position to the ERP only after the commit returned. A source
 transaction is never split across two staging commits: a transaction larger than the batch is
 *flushed* in chunks (so memory stays bounded) but committed only once its source commit arrived.
-After a crash, staging holds whole source transactions up to the checkpoint, and capture resumes
-right after it.
+On SQLite, where a write transaction locks the whole database, those chunks are parked in spill
+tables in short transactions of their own and moved into the mirrors by the commit (see
+:class:`ApplyTxn`). After a crash, staging holds whole source transactions up to the checkpoint,
+and capture resumes right after it.
 
 *Batches, not round trips.* Within a staging transaction, pending changes are coalesced per row
 key (the last image wins; a partial image — unchanged TOAST columns left out — is merged onto the
@@ -30,6 +32,7 @@ import datetime as dt
 import decimal
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +43,9 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
-from replicator.db import make_engine
+from replicator.config.core import redact_url
+from replicator.db import connect_error, make_engine, one_line
+from replicator.errors import AccessError, SyncError
 
 log = structlog.get_logger(__name__)
 
@@ -187,6 +192,7 @@ class MirrorInfo:
     source_table: str
     name: str
     schema: TableSchema
+    journaled: bool = True  # a shadow mirror (online re-copy) is not: the live mirror is
 
 
 class _Pending:
@@ -201,6 +207,140 @@ class _Pending:
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes)
+
+
+def _upsert_groups(
+    pend: _Pending,
+) -> dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]]:
+    """Pending upserts grouped by column set (full images, and each shape of partial image):
+    ``(values, key, position)`` per row, one ``executemany`` or ``INSERT … SELECT`` a group."""
+    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]] = {}
+    for k, (values, _partial, pos) in pend.upserts.items():
+        groups.setdefault(tuple(values.keys()), []).append((values, k, pos))
+    return groups
+
+
+class _Spill:
+    """Chunks of one large source transaction, parked until its commit (SQLite staging).
+
+    Each mirror gets a spill table ``_sync_spill__<mirror>``: the mirror's columns plus a
+    sequence number, the change's position and its journal key. A chunk is written in a short
+    transaction of its own as *segments* — runs of rows of one table, one operation and one
+    column set, in the order the direct path writes them. :meth:`materialize` replays the
+    segments in order into the mirrors and the journal, one ``DELETE … IN (SELECT …)`` or
+    ``INSERT … SELECT … ON CONFLICT`` each, inside the transaction that commits the checkpoint,
+    then drops the spill tables. Values pass through the same converters and column affinities
+    as on the direct path, so the mirror ends up byte for byte the same.
+
+    One capture source writes a mirror at a time, so a spill table belongs to one transaction:
+    the first chunk of a large transaction recreates it, and a spill left behind by a crash or
+    a rollback is never read.
+    """
+
+    def __init__(self, store: StagingStore) -> None:
+        self.store = store
+        self.tables: dict[str, str] = {}  # mirror name -> its spill table, made in this txn
+        # (mirror, op, columns, first seq, last seq)
+        self.segments: list[tuple[MirrorInfo, str, tuple[str, ...], int, int]] = []
+        self.seq = 0
+
+    def _table(self, conn: sa.Connection, info: MirrorInfo) -> str:
+        name = self.tables.get(info.name)
+        if name is None:
+            store = self.store
+            name = f"_sync_spill__{info.name}"
+            cols = ", ".join(store._col_ddl(c) for c in info.schema.columns)
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {store.q(name)}")
+            conn.exec_driver_sql(
+                f"CREATE TABLE {store.q(name)} (_sync_seq INTEGER PRIMARY KEY, "
+                f"_sync_pos TEXT NOT NULL, _sync_jkey TEXT, {cols})"
+            )
+            self.tables[info.name] = name
+        return name
+
+    def _segment(
+        self,
+        cur: Any,
+        conn: sa.Connection,
+        info: MirrorInfo,
+        op: str,
+        cols: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Append ``rows`` (position, journal key, column values…) as one segment."""
+        q = self.store.q
+        spill = self._table(conn, info)
+        first = self.seq + 1
+        ph = ", ".join(["?"] * (len(cols) + 3))
+        cur.executemany(
+            f"INSERT INTO {q(spill)} (_sync_seq, _sync_pos, _sync_jkey, "
+            f"{', '.join(q(c) for c in cols)}) VALUES ({ph})",
+            [(first + i, *row) for i, row in enumerate(rows)],
+        )
+        self.seq += len(rows)
+        self.segments.append((info, op, cols, first, self.seq))
+
+    def write(self, pending: dict[str, _Pending]) -> None:
+        store = self.store
+        with store.engine.begin() as conn:
+            dbapi = conn.connection.driver_connection
+            assert dbapi is not None
+            cur = dbapi.cursor()
+            try:
+                for table, pend in pending.items():
+                    info = store._mirrors[table]
+                    if pend.deletes:
+                        self._segment(
+                            cur,
+                            conn,
+                            info,
+                            "D",
+                            info.schema.key,
+                            [(pos, _key_json(k), *k) for k, pos in pend.deletes.items()],
+                        )
+                    for cols, rows in _upsert_groups(pend).items():
+                        conv = store.converter(info, cols)
+                        self._segment(
+                            cur,
+                            conn,
+                            info,
+                            "U",
+                            cols,
+                            [(pos, _key_json(k), *conv(values)) for values, k, pos in rows],
+                        )
+            finally:
+                cur.close()
+
+    def materialize(self, txn: ApplyTxn, conn: sa.Connection) -> None:
+        """Move every spilled chunk into the mirrors and the journal, inside ``conn``'s
+        transaction; drop the spill tables with it."""
+        store = self.store
+        q = store.q
+        now = store._now()
+        for info, op, cols, first, last in self.segments:
+            spill = q(self.tables[info.name])
+            collist = ", ".join(q(c) for c in cols)
+            rng = f"FROM {spill} WHERE _sync_seq BETWEEN ? AND ?"
+            if op == "D":
+                lhs = collist if len(cols) == 1 else f"({collist})"
+                conn.exec_driver_sql(
+                    f"DELETE FROM {q(info.name)} WHERE {lhs} IN (SELECT {collist} {rng})",
+                    (first, last),
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} {rng} "
+                    f"ORDER BY _sync_seq {store.conflict_sql(info, cols)}",
+                    (first, last),
+                )
+            if store.journal_enabled and info.journaled:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+                    f"SELECT ?, ?, ?, _sync_jkey, _sync_pos, ? {rng} ORDER BY _sync_seq",
+                    (txn.source, info.source_table, op, now, first, last),
+                )
+        for name in self.tables.values():
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q(name)}")
 
 
 class StagingStore:
@@ -271,6 +411,12 @@ class StagingStore:
                 definition {text} NOT NULL,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_recopy_requests (
+                source {text} NOT NULL,
+                source_table {text} NOT NULL,
+                requested_at {ts} NOT NULL,
+                PRIMARY KEY (source, source_table)
+            )""",
             f"""CREATE TABLE IF NOT EXISTS sync_services (
                 name {text} PRIMARY KEY,
                 last_run_at {ts},
@@ -282,12 +428,27 @@ class StagingStore:
                 failures {big} NOT NULL DEFAULT 0,
                 updated_at {ts} NOT NULL
             )""",
+            f"""CREATE TABLE IF NOT EXISTS sync_daemon (
+                name {text} PRIMARY KEY,
+                pid {big} NOT NULL,
+                host {text} NOT NULL,
+                started_at {ts} NOT NULL,
+                alive_at {ts} NOT NULL,
+                alive_interval {dbl} NOT NULL,
+                stopped_at {ts},
+                exit_code {big}
+            )""",
             "CREATE INDEX IF NOT EXISTS sync_journal_table ON sync_journal (table_name, id)",
         ]
         view = """CREATE VIEW replication_status AS
             SELECT source, slot, last_replication_at, position AS confirmed_position,
                    lag_seconds, lag_bytes, heartbeat_at, state, changes_applied, updated_at
             FROM sync_checkpoints"""
+        self._private_sqlite_file()
+        try:  # opening first: its error names the store; the DDL's would not
+            self.engine.connect().close()
+        except sa.exc.DBAPIError as exc:
+            raise self._open_error(exc) from None
         with self.engine.begin() as conn:
             for stmt in ddl:
                 conn.exec_driver_sql(stmt)
@@ -297,6 +458,38 @@ class StagingStore:
                 conn.exec_driver_sql(view.replace("CREATE VIEW", "CREATE VIEW IF NOT EXISTS"))
         self._load_mirrors()
         self._ready = True
+
+    def _private_sqlite_file(self) -> None:
+        """The staging file holds customer payloads: owner-only (0600), whatever the umask.
+        SQLite gives its -wal and -shm files the database file's permissions."""
+        if self.dialect != "sqlite":
+            return
+        path = sa.engine.make_url(self.url).database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # the connect below fails and names the path
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:  # someone else's file: say so, the store still works
+            log.warning("staging_file_not_private", path=path, error=str(exc))
+        finally:
+            os.close(fd)
+
+    def _open_error(self, exc: sa.exc.DBAPIError) -> SyncError:
+        """The one-line error for a staging store that cannot be opened, naming where it is."""
+        if self.dialect == "sqlite":
+            path = sa.engine.make_url(self.url).database or ":memory:"
+            return AccessError(
+                f"staging store {path}: cannot open it ({one_line(exc.orig or exc)}): the folder must "
+                "exist and be writable by this user (staging.url, or daemon.state_dir)"
+            )
+        return connect_error(
+            "cannot reach the staging store", redact_url(self.url), exc.orig or exc
+        )
 
     def _load_mirrors(self) -> None:
         with self.engine.connect() as conn:
@@ -328,12 +521,90 @@ class StagingStore:
         typ = _pg_type(col) if self.dialect == "postgresql" else _sqlite_type(col)
         return f"{self.q(col.name)} {typ}"
 
-    def ensure_mirror(self, schema: TableSchema, conn: sa.Connection | None = None) -> MirrorInfo:
-        """Create the mirror of a source table, or add columns the source gained.
+    def _write_definition(self, conn: sa.Connection, name: str, schema: TableSchema) -> None:
+        """Record what a mirror holds (``sync_tables``), in the caller's transaction."""
+        definition = to_json(
+            {
+                "schema": schema.schema,
+                "name": schema.name,
+                "columns": [
+                    {
+                        "name": c.name,
+                        "type_name": c.type_name,
+                        "type_oid": c.type_oid,
+                        "nullable": c.nullable,
+                        "attnum": c.attnum,
+                    }
+                    for c in schema.columns
+                ],
+                "key": list(schema.key),
+            }
+        )
+        now = self._now()
+        updated = conn.exec_driver_sql(
+            "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
+            "WHERE source_table = %s" % ((self._ph,) * 4),
+            (name, definition, now, schema.qualified),
+        ).rowcount
+        if not updated:
+            conn.exec_driver_sql(
+                "INSERT INTO sync_tables (source_table, mirror_name, definition, updated_at) "
+                "VALUES (%s, %s, %s, %s)" % ((self._ph,) * 4),
+                (schema.qualified, name, definition, now),
+            )
 
-        Columns the source dropped are kept in staging (their history stays queryable) and are
-        no longer written.
+    def alter_mirror(
+        self,
+        conn: sa.Connection,
+        schema: TableSchema,
+        *,
+        renamed: dict[str, str],
+        dropped: Sequence[str],
+        retyped: Sequence[str],
+    ) -> MirrorInfo:
+        """Make a mirror follow a change of its source table, in ``conn``'s transaction.
+
+        Renamed columns keep their values; dropped columns are dropped (staging equals the
+        source, not its history); columns the source gained are added; on PostgreSQL staging a
+        retyped column is converted (through its text form, else kept as text until the table's
+        re-copy replaces it; SQLite stores any value in any column). The definition becomes
+        ``schema``.
         """
+        info = self._mirrors[schema.qualified]
+        q = self.q
+        table = q(info.name)
+        for before, after in renamed.items():
+            conn.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN {q(before)} TO {q(after)}")
+        for gone in dropped:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {q(gone)}")
+        have = {renamed.get(c.name, c.name) for c in info.schema.columns} - set(dropped)
+        for col in schema.columns:
+            if col.name not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {self._col_ddl(col)}")
+        if self.dialect == "postgresql":
+            for name in retyped:
+                retype = schema.column(name)
+                assert retype is not None
+                typ = _pg_type(retype)
+                try:
+                    with conn.begin_nested():
+                        conn.exec_driver_sql(
+                            f"ALTER TABLE {table} ALTER COLUMN {q(name)} TYPE {typ} "
+                            f"USING {q(name)}::text::{typ}"
+                        )
+                except sa.exc.DBAPIError:
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {table} ALTER COLUMN {q(name)} TYPE text USING {q(name)}::text"
+                    )
+        self._write_definition(conn, info.name, schema)
+        altered = MirrorInfo(schema.qualified, info.name, schema)
+        self._mirrors[schema.qualified] = altered
+        self._sql_cache.clear()
+        return altered
+
+    def ensure_mirror(self, schema: TableSchema, conn: sa.Connection | None = None) -> MirrorInfo:
+        """Create the mirror of a source table, or add columns the source gained (columns it no
+        longer has stay until :meth:`alter_mirror` follows the change that removed them)."""
         if conn is None:
             with self.engine.begin() as c:
                 return self.ensure_mirror(schema, c)
@@ -367,34 +638,7 @@ class StagingStore:
             merged = TableSchema(
                 schema.schema, schema.name, tuple(schema.columns) + tuple(kept), schema.key
             )
-        definition = to_json(
-            {
-                "schema": merged.schema,
-                "name": merged.name,
-                "columns": [
-                    {
-                        "name": c.name,
-                        "type_name": c.type_name,
-                        "type_oid": c.type_oid,
-                        "nullable": c.nullable,
-                    }
-                    for c in merged.columns
-                ],
-                "key": list(merged.key),
-            }
-        )
-        now = self._now()
-        updated = conn.exec_driver_sql(
-            "UPDATE sync_tables SET mirror_name = %s, definition = %s, updated_at = %s "
-            "WHERE source_table = %s" % ((self._ph,) * 4),
-            (name, definition, now, schema.qualified),
-        ).rowcount
-        if not updated:
-            conn.exec_driver_sql(
-                "INSERT INTO sync_tables (source_table, mirror_name, definition, updated_at) "
-                "VALUES (%s, %s, %s, %s)" % ((self._ph,) * 4),
-                (schema.qualified, name, definition, now),
-            )
+        self._write_definition(conn, name, merged)
         info = MirrorInfo(schema.qualified, name, merged)
         self._mirrors[schema.qualified] = info
         self._sql_cache.clear()
@@ -406,6 +650,101 @@ class StagingStore:
         col = info.schema.column(column)
         v = _sqlite_value(value) if self.dialect == "sqlite" else self._pg_param(col, value)
         conn.exec_driver_sql(f"UPDATE {self.q(info.name)} SET {self.q(column)} = {self._ph}", (v,))
+
+    # ------------------------------------------------------------------ online re-copy
+    @staticmethod
+    def shadow_of(table: str) -> str:
+        """The name under which the shadow mirror of ``table`` is applied into."""
+        return f"{table}#recopy"
+
+    def ensure_shadow(
+        self, schema: TableSchema, *, fresh: bool, conn: sa.Connection | None = None
+    ) -> MirrorInfo:
+        """A shadow mirror for an online re-copy of a table (see :mod:`replicator.cdc.snapshot`):
+        fed beside the live mirror, not journaled, put in its place by :meth:`swap_shadow`.
+        ``fresh`` starts it empty; otherwise a copy interrupted by a crash resumes into it."""
+        self.setup()
+        name = f"_sync_recopy__{self.mirror_name(schema.qualified)}"
+        cols = ", ".join(self._col_ddl(c) for c in schema.columns)
+        pk = ", ".join(self.q(k) for k in schema.key)
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(self.engine.begin())
+            if fresh:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.q(name)}")
+            conn.exec_driver_sql(
+                f"CREATE TABLE IF NOT EXISTS {self.q(name)} ({cols}, PRIMARY KEY ({pk}))"
+            )
+        info = MirrorInfo(self.shadow_of(schema.qualified), name, schema, journaled=False)
+        self._mirrors[info.source_table] = info
+        self._sql_cache.clear()
+        return info
+
+    def swap_shadow(self, conn: sa.Connection, table: str) -> None:
+        """Put the completed shadow of ``table`` in place of its mirror, in ``conn``'s transaction."""
+        shadow = self._mirrors.pop(self.shadow_of(table))
+        live = self._mirrors[table]
+        q = self.q
+        conn.exec_driver_sql(f"DROP TABLE {q(live.name)}")
+        conn.exec_driver_sql(f"ALTER TABLE {q(shadow.name)} RENAME TO {q(live.name)}")
+        if self.dialect == "postgresql":  # the primary key's index keeps the shadow's name
+            conn.exec_driver_sql(
+                f"ALTER INDEX IF EXISTS {q(shadow.name + '_pkey')} RENAME TO {q(live.name + '_pkey')}"
+            )
+        self._write_definition(conn, live.name, shadow.schema)
+        self._mirrors[table] = MirrorInfo(table, live.name, shadow.schema)
+        self._sql_cache.clear()
+
+    def request_recopy(self, source: str, table: str) -> None:
+        """``sync-daemon resync --table``: ask the capture of ``source`` to copy ``table`` again,
+        online; the daemon takes the request with its next commit (or at its next start)."""
+        self.setup()
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"DELETE FROM sync_recopy_requests WHERE source = {p} AND source_table = {p}",
+                (source, table),
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO sync_recopy_requests (source, source_table, requested_at) "
+                f"VALUES ({p}, {p}, {p})",
+                (source, table, self._now()),
+            )
+
+    def recopy_requests(self, source: str) -> list[str]:
+        """Tables whose re-copy was asked for and not yet taken up."""
+        self.setup()
+        with self.engine.connect() as conn:
+            return [
+                r[0]
+                for r in conn.exec_driver_sql(
+                    "SELECT source_table FROM sync_recopy_requests WHERE source = "
+                    f"{self._ph} ORDER BY requested_at",
+                    (source,),
+                )
+            ]
+
+    def take_recopy_request(self, conn: sa.Connection, source: str, table: str) -> None:
+        """A request taken up, in the transaction that records the copy in the checkpoint."""
+        p = self._ph
+        conn.exec_driver_sql(
+            f"DELETE FROM sync_recopy_requests WHERE source = {p} AND source_table = {p}",
+            (source, table),
+        )
+
+    def journal_event(
+        self, conn: sa.Connection, source: str, table: str, op: str, position: str
+    ) -> None:
+        """A table-level journal entry (no row key): a truncate, a re-copy or a schema change.
+        Consumers treat an entry without a key as "anything in this table may have changed"."""
+        if not self.journal_enabled:
+            return
+        p = self._ph
+        conn.exec_driver_sql(
+            "INSERT INTO sync_journal (source, table_name, op, row_key, position, at) "
+            f"VALUES ({p}, {p}, {p}, NULL, {p}, {p})",
+            (source, table, op, position, self._now()),
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -458,18 +797,22 @@ class StagingStore:
         ck = ("upsert", info.name, cols)
         sql = self._sql_cache.get(ck)
         if sql is None:
-            key = info.schema.key
             collist = ", ".join(self.q(c) for c in cols)
             ph = ", ".join([self._ph] * len(cols))
-            sets = [f"{self.q(c)} = excluded.{self.q(c)}" for c in cols if c not in key]
-            conflict = ", ".join(self.q(k) for k in key)
-            action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
             sql = (
                 f"INSERT INTO {self.q(info.name)} ({collist}) VALUES ({ph}) "
-                f"ON CONFLICT ({conflict}) {action}"
+                f"{self.conflict_sql(info, cols)}"
             )
             self._sql_cache[ck] = sql
         return sql
+
+    def conflict_sql(self, info: MirrorInfo, cols: Sequence[str]) -> str:
+        """The ``ON CONFLICT`` clause of an upsert of ``cols`` into a mirror."""
+        q = self.q
+        key = info.schema.key
+        sets = [f"{q(c)} = excluded.{q(c)}" for c in cols if c not in key]
+        action = f"DO UPDATE SET {', '.join(sets)}" if sets else "DO NOTHING"
+        return f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
 
     def delete_sql(self, info: MirrorInfo) -> str:
         ck = ("delete", info.name)
@@ -608,6 +951,52 @@ class StagingStore:
                     f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
                     values,
                 )
+
+    def mark_alive(self, pid: int, host: str, started_at: dt.datetime, interval: float) -> None:
+        """The daemon's liveness mark: written at start and every ``interval`` s by its main loop.
+
+        The whole row is written each time, so a second daemon that starts on the same staging
+        and exits again (it cannot take the source) is overwritten by the one that runs.
+        """
+        p = self._ph
+        values = (pid, host, self.to_storage(started_at), self._now(), interval, "daemon")
+        with self.engine.begin() as conn:
+            n = conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET pid = {p}, host = {p}, started_at = {p}, alive_at = {p}, "
+                f"alive_interval = {p}, stopped_at = NULL, exit_code = NULL WHERE name = {p}",
+                values,
+            ).rowcount
+            if not n:
+                conn.exec_driver_sql(
+                    "INSERT INTO sync_daemon (pid, host, started_at, alive_at, alive_interval, "
+                    f"name) VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                    values,
+                )
+
+    def mark_stopped(self, pid: int, host: str, exit_code: int) -> None:
+        """The daemon stops (only its own mark: a failed second daemon leaves the first's)."""
+        p = self._ph
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"UPDATE sync_daemon SET stopped_at = {p}, exit_code = {p} "
+                f"WHERE name = 'daemon' AND pid = {p} AND host = {p}",
+                (self._now(), exit_code, pid, host),
+            )
+
+    def load_liveness(self) -> dict[str, Any] | None:
+        """The daemon's liveness row (timestamps as aware datetimes), or None if it never ran."""
+        self.setup()
+        with self.engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT * FROM sync_daemon WHERE name = 'daemon'").first()
+        if row is None:
+            return None
+        d = dict(row._mapping)
+        for k in ("started_at", "alive_at", "stopped_at"):
+            if isinstance(d[k], str):
+                d[k] = dt.datetime.fromisoformat(d[k])
+            if d[k] is not None and d[k].tzinfo is None:
+                d[k] = d[k].replace(tzinfo=dt.UTC)
+        return d
 
     def load_services(self) -> list[dict[str, Any]]:
         self.setup()
@@ -790,23 +1179,47 @@ class StagingStore:
 
 
 class ApplyTxn:
-    """One open staging transaction that changes are applied into.
+    """One staging transaction that changes are applied into.
 
-    ``apply`` buffers and coalesces; ``flush`` writes what is pending (still uncommitted);
-    ``commit(checkpoint)`` flushes, writes the checkpoint and commits — all or nothing.
+    ``apply`` buffers and coalesces; ``flush`` writes what is pending (still invisible to
+    readers of the mirrors); ``commit(checkpoint)`` flushes, writes the checkpoint and commits —
+    all or nothing.
+
+    The database transaction is opened lazily, at the first write that needs it. On SQLite a
+    write transaction locks the whole database, so a flush in the middle of a large source
+    transaction does not write into an open transaction there: it *spills* the chunk into a
+    spill table (see :class:`_Spill`) in a short transaction of its own, and the commit moves
+    every spilled chunk into the mirrors, in order, inside the one transaction that also holds
+    the checkpoint. Readers never see half a source transaction; other writers of the staging
+    store (log store, service state, order ledger) wait for a short commit instead of the whole
+    source transaction; and SQLite never has to keep a transaction of hundreds of megabytes
+    open while Python produces it (its WAL mode is documented to degrade there).
     """
 
     def __init__(self, store: StagingStore, source: str = "") -> None:
         self.store = store
         self.source = source
-        self.conn = store.engine.connect()
-        self._tx = self.conn.begin()
+        self._conn: sa.Connection | None = None
+        self._tx: sa.RootTransaction | None = None
         self._pending: dict[str, _Pending] = {}
+        self._spill: _Spill | None = None
         self.pending_count = 0
         self.applied = 0  # changes applied (before coalescing) in this transaction
         self.counts: dict[tuple[str, str], int] = {}
         self._temp_tables: set[str] = set()  # PostgreSQL COPY staging tables made in this txn
         self.closed = False
+
+    @property
+    def conn(self) -> sa.Connection:
+        """The open staging transaction's connection (opened, and spilled chunks moved into the
+        mirrors, on first use: whoever writes through it sees every change applied so far)."""
+        if self._conn is None:
+            self._conn = self.store.engine.connect()
+            self._tx = self._conn.begin()
+            if self._spill is not None:
+                spill, self._spill = self._spill, None
+                spill.materialize(self, self._conn)
+        return self._conn
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
@@ -858,39 +1271,47 @@ class ApplyTxn:
     def _truncate(self, info: MirrorInfo, position: str) -> None:
         self._pending.pop(info.source_table, None)
         self.conn.exec_driver_sql(f"DELETE FROM {self.store.q(info.name)}")
-        if self.store.journal_enabled:
+        if self.store.journal_enabled and info.journaled:
             self._journal([(info.source_table, "T", None, position)])
 
     def flush(self) -> None:
-        """Write all pending changes (inside the open transaction)."""
+        """Write all pending changes, still invisible to readers of the mirrors: into the open
+        transaction, or (SQLite, none open yet) into the spill, in a short transaction."""
+        if not self._pending:
+            return
+        if self._conn is None and self.store.dialect == "sqlite":
+            if self._spill is None:
+                self._spill = _Spill(self.store)
+            self._spill.write(self._pending)
+        else:
+            self._write_pending(self.conn)
+        self._pending.clear()
+        self.pending_count = 0
+
+    def _write_pending(self, conn: sa.Connection) -> None:
         store = self.store
         journal: list[tuple[str, str, Any, str]] = []
-        dbapi = self.conn.connection.driver_connection
+        dbapi = conn.connection.driver_connection
         assert dbapi is not None
         cur = dbapi.cursor()
         try:
             for table, pend in self._pending.items():
                 info = store._mirrors[table]
+                journaled = store.journal_enabled and info.journaled
                 if pend.deletes:
                     cur.executemany(store.delete_sql(info), list(pend.deletes.keys()))
-                    if store.journal_enabled:
+                    if journaled:
                         journal.extend((table, "D", k, pos) for k, pos in pend.deletes.items())
-                if pend.upserts:
-                    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-                    for values, _partial, _pos in pend.upserts.values():
-                        groups.setdefault(tuple(values.keys()), []).append(values)
-                    for cols, rows in groups.items():
-                        conv = store.converter(info, cols)
-                        if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
-                            self._copy_upsert(cur, info, cols, (conv(r) for r in rows))
-                        else:
-                            cur.executemany(store.upsert_sql(info, cols), [conv(r) for r in rows])
-                    if store.journal_enabled:
-                        journal.extend((table, "U", k, v[2]) for k, v in pend.upserts.items())
+                for cols, rows in _upsert_groups(pend).items():
+                    conv = store.converter(info, cols)
+                    if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+                        self._copy_upsert(cur, info, cols, (conv(r[0]) for r in rows))
+                    else:
+                        cur.executemany(store.upsert_sql(info, cols), [conv(r[0]) for r in rows])
+                    if journaled:  # group by group, as the spill replays them
+                        journal.extend((table, "U", k, pos) for _, k, pos in rows)
         finally:
             cur.close()
-        self._pending.clear()
-        self.pending_count = 0
         if journal:
             self._journal(journal)
 
@@ -915,12 +1336,9 @@ class ApplyTxn:
         with cur.copy(f"COPY {tmp} ({collist}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
-        key = info.schema.key
-        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in key)
-        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         cur.execute(
             f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} FROM {tmp} "
-            f"ON CONFLICT ({', '.join(q(k) for k in key)}) {action}"
+            f"{store.conflict_sql(info, cols)}"
         )
 
     def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
@@ -949,9 +1367,11 @@ class ApplyTxn:
 
     def commit(self, checkpoint: Checkpoint | None, **kw: Any) -> None:
         """Flush, write ``checkpoint`` in the same transaction, commit."""
+        conn = self.conn  # opens the transaction and moves spilled chunks into the mirrors
         self.flush()
         if checkpoint is not None:
-            self.store.write_checkpoint(self.conn, checkpoint, changes=self.applied, **kw)
+            self.store.write_checkpoint(conn, checkpoint, changes=self.applied, **kw)
+        assert self._tx is not None
         self._tx.commit()
         self.close()
         if checkpoint is not None and self.counts:
@@ -967,11 +1387,13 @@ class ApplyTxn:
         """Roll back what is not committed; never raises (the connection may be dead)."""
         if not self.closed:
             self.closed = True
+            if self._conn is None:
+                return
             try:
-                if self._tx.is_active:
+                if self._tx is not None and self._tx.is_active:
                     self._tx.rollback()
             except Exception as exc:
                 log.warning("staging_rollback_failed", error=str(exc).splitlines()[0])
             finally:
                 with contextlib.suppress(Exception):
-                    self.conn.close()
+                    self._conn.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 import sys
 from typing import Any
 
@@ -26,9 +28,55 @@ def _age(v: Any, now: dt.datetime) -> float | None:
 
 
 def _iso(v: Any) -> str | None:
+    """One timestamp format everywhere: ISO 8601 in UTC, ``T`` separated (SQLite stores text
+    with a space, PostgreSQL hands back datetimes; ``status --json`` mixed both)."""
     if v is None:
         return None
-    return v if isinstance(v, str) else v.isoformat()
+    if isinstance(v, str):
+        v = dt.datetime.fromisoformat(v)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=dt.UTC)
+    return str(v.astimezone(dt.UTC).isoformat())
+
+
+# Exit code of ``status`` when the daemon is not running (or its liveness mark is stale).
+EXIT_NOT_RUNNING = 5
+
+
+def daemon_liveness(row: dict[str, Any] | None, now: dt.datetime) -> dict[str, Any]:
+    """Whether the daemon runs, from the mark its main loop refreshes every few seconds.
+
+    Not running: it never ran here, it stopped (clean or fatal: ``stopped_at``), its process is
+    gone (same host, pid not alive: kill -9, OOM), or its mark is older than three refresh
+    intervals plus a margin (hung, or on another host and gone).
+    """
+    if row is None:
+        return {"running": False, "since": None, "pid": None, "reason": "never started"}
+    base = {"pid": row["pid"], "host": row["host"], "started_at": _iso(row["started_at"])}
+    if row["stopped_at"] is not None:
+        how = "stopped" if row["exit_code"] == 0 else f"exited with code {row['exit_code']}"
+        return {**base, "running": False, "since": _iso(row["stopped_at"]), "reason": how}
+    if row["host"] == socket.gethostname() and not _pid_alive(int(row["pid"])):
+        return {**base, "running": False, "since": _iso(row["alive_at"]), "reason": "killed"}
+    age = (now - row["alive_at"]).total_seconds()
+    if age > 3 * float(row["alive_interval"]) + 10:
+        return {
+            **base,
+            "running": False,
+            "since": _iso(row["alive_at"]),
+            "reason": "not responding",
+        }
+    return {**base, "running": True, "since": _iso(row["started_at"]), "reason": ""}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (status run as another account)
+        return True
+    return True
 
 
 ORDER_STATES = ("delivered", "awaiting", "failed")
@@ -41,7 +89,12 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     now = dt.datetime.now(dt.UTC)
     try:
         rows = store.replication_status()
-        services = _services(cfg, store)
+        copying = {}
+        for r in rows:
+            cp = store.load_checkpoint(r["source"])
+            copying[r["source"]] = (cp.extra if cp else {}).get("copying", [])
+        daemon = daemon_liveness(store.load_liveness(), now)
+        services = _services(cfg, store, running=daemon["running"])
         orders = _orders(store, per_state)
     finally:
         store.dispose()
@@ -51,19 +104,28 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
             {
                 "source": r["source"],
                 "slot": r["slot"],
-                "state": r["state"],
+                # A stopped daemon streams nothing: the stored state is only what it last was.
+                "state": r["state"] if daemon["running"] else "stopped",
+                "last_state": r["state"],
                 "confirmed_position": r["confirmed_position"],
                 "last_replication_at": _iso(r["last_replication_at"]),
                 "last_replication_age_seconds": _age(r["last_replication_at"], now),
                 "heartbeat_at": _iso(r["heartbeat_at"]),
                 "heartbeat_age_seconds": _age(r["heartbeat_at"], now),
-                "lag_seconds": r["lag_seconds"],
+                "lag_seconds": r["lag_seconds"] if daemon["running"] else None,
+                "last_lag_seconds": r["lag_seconds"],
                 "lag_bytes": r["lag_bytes"],
                 "changes_applied": r["changes_applied"],
+                # Tables being copied online (added to capture, or re-copied after a change).
+                "snapshots": [
+                    {"table": c["table"], "done": c["done"], "total": c["total"]}
+                    for c in copying.get(r["source"], [])
+                ],
             }
         )
     return {
-        "now": now.isoformat(),
+        "now": _iso(now),
+        "daemon": daemon,
         "capture_mode": cfg.capture.mode,
         "sources": sources,
         "services": services,
@@ -71,20 +133,19 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     }
 
 
-def _services(cfg: Config, store: StagingStore) -> list[dict[str, Any]]:
-    """Each service: schedule in words, last run and result, next run, breaker, progress."""
+def _services(cfg: Config, store: StagingStore, *, running: bool) -> list[dict[str, Any]]:
+    """Each service: schedule in words, last run and result, next run (none while the daemon
+    is down: nothing will run), breaker, progress."""
     from types import SimpleNamespace
 
     from replicator.web.views import services_view
 
     saved = {d["name"]: SimpleNamespace(**d) for d in store.load_services()}
+    from replicator.web.views import unconfigured_services
+
     schedules = cfg.schedules.all()
-    if not (cfg.orders.enabled and cfg.shops):
-        schedules.pop("orders", None)
-    if cfg.stock_push is None:
-        schedules.pop("reconcile", None)
-    if cfg.invoice_push is None:
-        schedules.pop("invoices", None)
+    for name in unconfigured_services(cfg):
+        schedules.pop(name, None)
     rows = services_view(schedules, SimpleNamespace(services=saved))
     return [
         {
@@ -94,7 +155,7 @@ def _services(cfg: Config, store: StagingStore) -> list[dict[str, Any]]:
             "last_run_at": _iso(r.last_run_at),
             "last_ok": r.last_ok,
             "last_result": r.last_result,
-            "next_runs": [_iso(t) for t in r.next_runs],
+            "next_runs": [_iso(t) for t in r.next_runs] if running else [],
             "breaker_open": r.breaker_open,
             "progress": r.progress,
             "failures": r.failures,
@@ -157,17 +218,38 @@ def print_status(
     """The Manage page in a terminal: capture, services, orders by state (coloured on a TTY)."""
     out = out or sys.stdout
     st = collect_status(cfg, per_state=None if show_all else 20)
+    daemon = st["daemon"]
+    code = 0 if daemon["running"] else EXIT_NOT_RUNNING
     if as_json:
         json.dump(st, out, indent=2, default=str)
         out.write("\n")
-        return 0
+        return code
+    if daemon["running"]:
+        print(f"daemon running (pid {daemon['pid']}, since {_short(daemon['since'])})", file=out)
+    elif daemon["since"] is None:
+        print(
+            _paint("daemon not running (it never ran with this staging store)", "fail", out),
+            file=out,
+        )
+    else:
+        print(
+            _paint(
+                f"daemon not running since {_short(daemon['since'])} ({daemon['reason']}, "
+                f"pid {daemon['pid']}); the figures below are as it left them",
+                "fail",
+                out,
+            ),
+            file=out,
+        )
     if not st["sources"]:
         print(
             "capture: no checkpoint yet (the daemon has not finished its first snapshot)", file=out
         )
     for s in st["sources"]:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
-        lag_b = "" if s["lag_bytes"] is None else f", {s['lag_bytes']} bytes behind"
+        if not daemon["running"]:
+            lag = "unknown (daemon not running)"
+        lag_b = "" if s["lag_bytes"] is None else f", {human_bytes(s['lag_bytes'])} behind"
         print(
             f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}): {s['state']}",
             file=out,
@@ -183,6 +265,11 @@ def print_status(
             f"  position          {s['confirmed_position']}  ({s['changes_applied']} changes applied)",
             file=out,
         )
+        for snap in s["snapshots"]:
+            print(
+                f"  snapshot          {snap['table']}: {snap['done']:,} of {snap['total']:,} rows",
+                file=out,
+            )
     if st["services"]:
         print("\nservices", file=out)
         for sv in st["services"]:
@@ -191,6 +278,8 @@ def print_status(
             else:
                 result = _paint("ok", "ok", out) if sv["last_ok"] else _paint("FAILED", "fail", out)
             nxt = _short(sv["next_runs"][0]) if sv["next_runs"] else "-"
+            if not daemon["running"]:
+                nxt = "- (daemon not running)"
             line = f"  {sv['name']:<13} {sv['schedule']:<26} last {_short(sv['last_run_at'])}"
             line += f"  {result} {sv['last_result'] or ''}".rstrip()
             if sv["breaker_open"]:
@@ -213,14 +302,20 @@ def print_status(
                 erp = f" -> ERP {r['erp_order_no']}" if r["erp_order_no"] else ""
                 why = f"  {r['last_error']}" if state == "failed" and r["last_error"] else ""
                 print(f"    {r['shop']}/{r['e_number']}{erp}{why}", file=out)
-    return 0
+    return code
 
 
 def slot_lag(cfg: Config) -> list[dict[str, Any]]:
     """Per slot: lag bytes, retained WAL, wal_status, safe_wal_size, and the invalidation risk."""
-    from replicator.db import pg_connect
+    import psycopg
 
-    with pg_connect(cfg.erp.url, "lag", connect_timeout=cfg.erp.connect_timeout) as conn:
+    from replicator.db import connect_error, pg_connect
+
+    try:
+        conn = pg_connect(cfg.erp.url, "lag", connect_timeout=cfg.erp.connect_timeout)
+    except psycopg.OperationalError as exc:
+        raise connect_error("cannot reach the ERP", cfg.erp.redacted, exc) from None
+    with conn:
         (keep,) = conn.execute(
             "SELECT setting::bigint * CASE unit WHEN 'MB' THEN 1048576 WHEN 'kB' THEN 1024 ELSE 1 END "
             "FROM pg_settings WHERE name = 'max_slot_wal_keep_size'"
@@ -240,7 +335,8 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
             warn = f"wal_status={wal_status}: the slot is about to be or has been invalidated"
         elif keep is not None and keep >= 0 and safe is not None and keep > 0 and safe < 0.2 * keep:
             warn = (
-                f"only {safe} bytes of WAL left before max_slot_wal_keep_size invalidates the slot"
+                f"only {human_bytes(safe)} of WAL left before max_slot_wal_keep_size "
+                "invalidates the slot"
             )
         elif not active:
             warn = "slot is not active: no consumer is streaming it, WAL is piling up"
@@ -261,6 +357,13 @@ def slot_lag(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
+def human_bytes(n: int | float | None) -> str:
+    """Bytes for a person (kB/MB/GB, 1024-based), "unknown" when not measured."""
+    from replicator.web.lag import human_bytes as pretty
+
+    return "unknown" if n is None else pretty(n)
+
+
 def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
     out = out or sys.stdout
     slots = slot_lag(cfg)
@@ -276,10 +379,12 @@ def print_lag(cfg: Config, *, as_json: bool = False, out: Any = None) -> int:
         print("no logical replication slots in this database", file=out)
     for s in slots:
         lag = "unknown" if s["lag_seconds"] is None else f"{s['lag_seconds']:.2f}s"
+        safe = "unlimited" if s["safe_wal_size"] is None else human_bytes(s["safe_wal_size"])
         print(
-            f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag {s['lag_bytes']} bytes / "
-            f"{lag}, retained WAL {s['retained_wal_bytes']} bytes, wal_status {s['wal_status']}, "
-            f"safe_wal_size {s['safe_wal_size'] if s['safe_wal_size'] is not None else 'unlimited'}",
+            f"slot {s['slot']}: {'active' if s['active'] else 'INACTIVE'}, lag "
+            f"{human_bytes(s['lag_bytes'])} / {lag}, retained WAL "
+            f"{human_bytes(s['retained_wal_bytes'])}, wal_status {s['wal_status']}, "
+            f"safe_wal_size {safe}",
             file=out,
         )
         if s["warning"]:

@@ -131,11 +131,13 @@ def norm(v: Any) -> Any:
     return _sqlite_value(v)
 
 
-def source_rows(erp_url: str, table: str, columns: Sequence[str], key: Sequence[str]) -> list[str]:
+def source_rows(
+    erp_url: str, table: str, columns: Sequence[str], key: Sequence[str], where: str = "true"
+) -> list[str]:
     cols = ", ".join(f'"{c}"' for c in columns)
     order = ", ".join(f'"{k}"' for k in key)
     with psycopg.connect(erp_url, options="-c timezone=UTC") as conn:
-        rows = conn.execute(f"SELECT {cols} FROM {table} ORDER BY {order}").fetchall()
+        rows = conn.execute(f"SELECT {cols} FROM {table} WHERE {where} ORDER BY {order}").fetchall()
     return [to_json([norm(v) for v in r]) for r in rows]
 
 
@@ -167,9 +169,14 @@ def wait_until(
 
 
 def assert_staging_equals_source(
-    erp_url: str, staging_url: str, tables: Sequence[str], timeout: float = 60
+    erp_url: str,
+    staging_url: str,
+    tables: Sequence[str],
+    timeout: float = 60,
+    where: dict[str, str] | None = None,
 ) -> None:
-    """Wait until every mirror equals its source table row by row, then assert it."""
+    """Wait until every mirror equals its source table (the rows matching ``where[table]``, when
+    given: a row filter) row by row, then assert it."""
     last: dict[str, Any] = {}
 
     def equal() -> bool:
@@ -177,7 +184,7 @@ def assert_staging_equals_source(
             st, cols, key = staging_rows(staging_url, t)
             if not cols:
                 return False
-            src = source_rows(erp_url, t, cols, key)
+            src = source_rows(erp_url, t, cols, key, (where or {}).get(t, "true"))
             last[t] = (len(src), len(st))
             if src != st:
                 last[t] = (

@@ -154,3 +154,24 @@ def test_world_readable_config_with_a_shop_secret_warns_naming_the_key(tmp_path:
         text=True,
     )
     assert "config_readable_by_others" not in res.stderr + res.stdout
+
+
+def test_one_knob_for_the_order_schedule(tmp_path: Path) -> None:
+    """``[schedules] orders`` decides; ``orders.interval`` alone still works (as every Ns, with a
+    deprecation warning); both set: the schedule wins and a warning names both."""
+    from structlog.testing import capture_logs
+
+    base = MINIMAL.replace('url = "sqlite:////var/lib/sync-daemon/staging.db"', "")
+    with capture_logs() as logs:
+        cfg = load_config(_write(tmp_path, base + "\n[orders]\ninterval = 2\n"))
+    assert cfg.schedules.orders == "every 2s"
+    assert cfg.schedules.schedule("orders").interval.total_seconds() == 2  # type: ignore[union-attr]
+    assert [x["event"] for x in logs] == ["config_orders_interval_deprecated"]
+    both = base + '\n[orders]\ninterval = 2\n\n[schedules]\norders = "every 1m"\n'
+    with capture_logs() as logs:
+        cfg = load_config(_write(tmp_path, both))
+    assert cfg.schedules.orders == "every 1m"
+    assert [x["event"] for x in logs] == ["config_orders_interval_ignored"]
+    with capture_logs() as logs:
+        cfg = load_config(_write(tmp_path, base))
+    assert cfg.schedules.orders == "*/5 * * * *" and not logs

@@ -251,7 +251,7 @@ def test_mounted_route_body_query_and_413(clock: FakeClock) -> None:
         seen.append(req)
         return Response.json({"len": len(req.body), "q": req.query})
 
-    srv.add_route("POST", "/webhooks/", echo)
+    srv.add_route("POST", "/webhooks/{shop}", echo)
     srv.start()
     try:
         r = httpx.post(
@@ -371,7 +371,7 @@ def test_non_loopback_without_token_is_refused() -> None:
 def test_token_protects_everything_but_probes(clock: FakeClock) -> None:
     srv = _server(clock, token="s3cret-token")
     srv.add_route("GET", "/manage", lambda req: Response.text("manage page"))
-    srv.add_route("POST", "/webhooks/", lambda req: Response.text("got it"), public=True)
+    srv.add_route("POST", "/webhooks/{shop}", lambda req: Response.text("got it"), public=True)
     srv.start()
     try:
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
@@ -404,3 +404,91 @@ def test_stop_is_idempotent_and_frees_port(clock: FakeClock) -> None:
     srv.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_routing_is_exact_and_allow_lists_what_the_route_serves(clock: FakeClock) -> None:
+    srv = _server(clock, token="s3cret-token")
+    hits: list[str] = []
+
+    def hit(req: Request) -> Response:
+        hits.append(req.path)
+        return Response.text("ok")
+
+    srv.add_route("GET", "/", hit)
+    srv.add_route("GET", "/fragments/{panel}", hit)
+    srv.add_route("POST", "/webhooks/shop/hooks", hit, public=True)
+    srv.add_route("GET", "/webhooks/erp", hit, public=True)
+    srv.add_route("POST", "/webhooks/erp", hit, public=True)
+    srv.start()
+    auth = {"Authorization": "Bearer s3cret-token"}
+    try:
+        with httpx.Client(base_url=srv.url, headers=auth) as c:
+            # "/" is the page, not a catch-all; no prefix reaches a shop's receiver.
+            for path in ("/nothing", "/order/", "/fragments", "/fragments/a/b", "/webhooks/shop/0"):
+                assert c.get(path).status_code == 404, path
+            for path in ("/webhooks/shop/0", "/webhooks/shop/hooksX", "/webhooks/shop/hooks/x"):
+                assert c.post(path, content=b"{}").status_code == 404, path
+            assert c.get("/fragments/orders").status_code == 200
+            # NUL in a query parameter (PostgreSQL refuses it in text): 400 naming it, no handler.
+            r = c.get("/fragments/orders?q=a%00b")
+            assert r.status_code == 400 and "q: contains a NUL character" in r.text
+            assert c.post("/webhooks/shop/hooks", content=b"{}").status_code == 200
+            assert hits == ["/fragments/orders", "/webhooks/shop/hooks"]
+            # Allow lists the methods of the matched route, for 405 and OPTIONS alike.
+            r = c.get("/webhooks/shop/hooks")
+            assert (r.status_code, r.headers["allow"]) == (405, "POST, OPTIONS")
+            r = c.request("OPTIONS", "/webhooks/erp")
+            assert (r.status_code, r.headers["allow"]) == (204, "GET, HEAD, POST, OPTIONS")
+            for path in ("/healthz", "/readyz", "/metrics"):
+                r = c.post(path, content=b"x")
+                assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD, OPTIONS"), path
+                assert c.request("OPTIONS", path).headers["allow"] == "GET, HEAD, OPTIONS"
+            assert c.request("OPTIONS", "/nothing").status_code == 404
+            # TRACE (which would echo the token back) and unknown verbs: 405, never 501.
+            for verb in ("TRACE", "PUT", "DELETE", "FOO"):
+                r = c.request(verb, "/")
+                assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD, OPTIONS"), verb
+                assert c.request(verb, "/elsewhere").status_code == 404
+            assert c.head("/").status_code == 200
+        assert hits[-1] == "/"
+    finally:
+        srv.stop()
+
+
+def test_chunked_bodies_are_read_within_the_limit(clock: FakeClock) -> None:
+    srv = _server(clock, max_body=1024)
+    seen: list[Request] = []
+
+    def echo(req: Request) -> Response:
+        seen.append(req)
+        return Response.json({"len": len(req.body)})
+
+    srv.add_route("POST", "/in", echo)
+    srv.start()
+
+    def raw(body: bytes) -> bytes:
+        head = b"POST /in HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(head + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data
+
+    try:
+        with httpx.Client() as c:  # a generator body is sent chunked
+            r = c.post(f"{srv.url}/in", content=iter([b"ab", b"", b"cde"]))
+            assert (r.status_code, r.json()) == (200, {"len": 5})
+            # Handlers see a body of known length, as if sent with Content-Length.
+            assert seen[-1].headers["content-length"] == "5"
+            assert "transfer-encoding" not in seen[-1].headers
+        assert raw(b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n").startswith(b"HTTP/1.0 200")
+        assert seen[-1].body == b"abc"
+        assert raw(b"400\r\n" + b"x" * 1024 + b"\r\n1\r\ny\r\n0\r\n\r\n").startswith(
+            b"HTTP/1.0 413"
+        )
+        for bad in (b"zz\r\nabc\r\n0\r\n\r\n", b"-1\r\n\r\n", b"3\r\nabcd\r\n0\r\n\r\n"):
+            assert raw(bad).startswith(b"HTTP/1.0 400"), bad
+        assert len(seen) == 2
+    finally:
+        srv.stop()

@@ -3,9 +3,12 @@ the daemon as a real process, staging on SQLite and on PostgreSQL (same test bod
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from replicator.staging import StagingStore
 from tests.helpers import (
+    ROOT,
     DaemonProcess,
     assert_staging_equals_source,
     base_config,
@@ -385,6 +389,98 @@ def test_config_file_change_is_picked_up_without_restart(erp: str, tmp_path: Pat
             c.execute("UPDATE stock SET qty = qty + 5 WHERE warehouse = 3")
         assert_staging_equals_source(erp, staging_url, TABLES, timeout=30)
         assert d.terminate() == 0
+
+
+def _status(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sync_daemon.py"), "status", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_status_of_a_stopped_or_killed_daemon(erp: str, tmp_path: Path) -> None:
+    """``status`` tells from the daemon's liveness mark whether it runs: after a stop it says
+    "not running since …" and exits 5, with no stale "streaming", lag or next runs."""
+    staging_url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(tmp_path, erp, staging_url, TABLES)
+    with DaemonProcess(cfg) as d:
+        assert_staging_equals_source(erp, staging_url, TABLES, timeout=60)
+        wait_until(
+            lambda: _heartbeat_after(staging_url, dt.datetime(2000, 1, 1, tzinfo=dt.UTC)), 30
+        )
+        running = _status(cfg)
+        assert running.returncode == 0, running.stderr
+        assert f"daemon running (pid {d.pid}" in running.stdout
+        assert ": streaming" in running.stdout
+        assert d.terminate() == 0
+    stopped = _status(cfg)
+    assert stopped.returncode == 5, stopped.stderr
+    assert "daemon not running since" in stopped.stdout and "(stopped," in stopped.stdout
+    assert "streaming" not in stopped.stdout
+    assert "lag               unknown (daemon not running)" in stopped.stdout
+    data = json.loads(_status(cfg, "--json").stdout)
+    assert data["daemon"]["running"] is False and data["daemon"]["since"].endswith("+00:00")
+    assert data["sources"][0]["state"] == "stopped" and data["sources"][0]["lag_seconds"] is None
+    assert all(not s["next_runs"] for s in data["services"])
+    # One timestamp format everywhere: ISO 8601 with T, in UTC.
+    stamps = [data["now"], data["sources"][0]["last_replication_at"]]
+    stamps += [s["last_run_at"] for s in data["services"] if s["last_run_at"]]
+    assert stamps and all("T" in t and t.endswith("+00:00") for t in stamps), stamps
+    # kill -9 leaves no "stopped" mark: the process being gone is enough.
+    with DaemonProcess(cfg) as d:
+        wait_until(lambda: _status(cfg).returncode == 0, 60, what="status says running")
+        d.kill9()
+    killed = _status(cfg)
+    assert killed.returncode == 5 and "(killed," in killed.stdout, killed.stdout
+
+
+def _heartbeat_after(staging_url: str, since: dt.datetime) -> bool:
+    store = StagingStore(staging_url)
+    try:
+        rows = store.replication_status()
+    finally:
+        store.dispose()
+    at = rows[0]["heartbeat_at"] if rows else None
+    if isinstance(at, str):
+        at = dt.datetime.fromisoformat(at)
+    return at is not None and at.replace(tzinfo=at.tzinfo or dt.UTC) > since
+
+
+def test_reading_the_config_file_causes_no_reload(erp: str, tmp_path: Path) -> None:
+    """Reads (cat, ``status``), a touch and a rewrite with the same bytes are not changes: only
+    the two real edits below reload, once each (the daemon's own re-read is no change either)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    staging_url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(tmp_path, erp, staging_url, TABLES)
+    with DaemonProcess(cfg) as d:
+        wait_until(lambda: "capture_started" in d.output(), 60, what="capture started")
+        for _ in range(10):
+            cfg.read_bytes()
+        subprocess.run(
+            [sys.executable, str(ROOT / "sync_daemon.py"), "status", "--config", str(cfg)],
+            capture_output=True,
+            check=False,
+        )
+        os.utime(cfg)
+        cfg.write_bytes(cfg.read_bytes())
+        reloads = lambda: d.output().count('"config_reloaded"')  # noqa: E731
+        cfg.write_text(cfg.read_text() + "\n# first edit\n")
+        wait_until(lambda: reloads() >= 1, 15, what="reload after the first edit")
+        for _ in range(10):
+            cfg.read_bytes()
+        cfg.write_text(cfg.read_text() + "# second edit\n")
+        wait_until(lambda: reloads() >= 2, 15, what="reload after the second edit")
+        # Let the daemon run on for three heartbeats: a reload loop would show up by then.
+        since = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        wait_until(lambda: _heartbeat_after(staging_url, since), 30, what="3 more heartbeats")
+        assert d.terminate() == 0
+    assert reloads() == 2, d.output().count("config_reloaded")
 
 
 def test_secrets_never_in_logs_status_metrics_or_errors(erp: str, tmp_path: Path) -> None:

@@ -77,6 +77,14 @@ def test_orders_order_retry_updates_through_cli(tmp_path, pg_erp_url, capsys):
     assert "state          failed" in out
     assert "timeline:" in out and "downloaded: via poll" in out
     assert "failed: line 1: SKU 'AB-12' has no ERP item" in out
+    assert "None" not in out and "erp order no   -" in out  # not Python's None
+
+    # `orders`: a header, then the newest order first.
+    code, out = _run(capsys, "orders", "--config", str(cfg_path))
+    lines = out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("SHOP"))
+    assert "E-NUMBER" in lines[header] and "FIRST SEEN (UTC)" in lines[header]
+    assert [ln.split()[1] for ln in lines[header + 1 :]] == ["3", "2", "1"]
 
     # Someone creates the item in the ERP; retry imports the order at once.
     from replicator.db import make_engine

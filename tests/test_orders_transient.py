@@ -94,7 +94,9 @@ def test_retry_after_beyond_backoff_ceiling_fails_the_cycle_without_blocking(
     assert svc.ledger.shop_state("shop").consecutive_failures == 1
 
 
-def test_service_starts_with_erp_down_and_bad_mapping_stops_start(tmp_path, pg_erp_url):
+def test_service_starts_with_erp_down_or_unfit_mapping_and_bad_mapping_stops_start(
+    tmp_path, pg_erp_url
+):
     import pytest
 
     from replicator.errors import ConfigError
@@ -117,5 +119,17 @@ def test_service_starts_with_erp_down_and_bad_mapping_stops_start(tmp_path, pg_e
     cfg = make_config(tmp_path / "b", pg_erp_url)
     m = tmp_path / "b" / "mappings" / "orders.toml"
     m.write_text(m.read_text().replace('table = "order_line"', 'table = "order_lines"'))
-    with pytest.raises(ConfigError, match=r"lines\.table: table 'order_lines' does not exist"):
-        OrderImportService(cfg, {"shop": shop})
+    # The ERP does not fit the mapping: the service starts not ready (capture goes on in the
+    # daemon), the orders wait, every cycle checks again and says why.
+    svc = OrderImportService(cfg, {"shop": shop})
+    try:
+        ok, detail = svc.readiness()
+        assert not ok and "lines.table: table 'order_lines' does not exist" in detail
+        r = svc.run_cycle()
+        assert not r.ok and "table 'order_lines' does not exist" in r.shops["shop"]
+    finally:
+        svc.close()
+    # A malformed mapping file still stops the start-up.
+    m.write_text(m.read_text() + "\n[nonsense]\n")
+    with pytest.raises(ConfigError, match=r"nonsense: unknown key"):
+        OrderImportService(make_config(tmp_path / "b", pg_erp_url), {"shop": shop})

@@ -1,4 +1,5 @@
-"""Booked invoices against the loopback WooCommerce and Magento emulators: attached once, drafts
+"""Booked invoices against the loopback WooCommerce, Magento, Shopify and Shopware emulators:
+attached once, drafts
 and deletions ignored, a missing PDF is a recorded failure (also in the order timeline), a shop
 outage delays but loses nothing, the e-number found via the ERP order, the PDF from a column."""
 
@@ -14,11 +15,15 @@ from replicator.cdc.base import Change, Column, TableSchema
 from replicator.config import Config, parse_config
 from replicator.connectors.base import ShopConnector
 from replicator.connectors.magento import MagentoConnector
+from replicator.connectors.shopify import ShopifyConnector
+from replicator.connectors.shopware import ShopwareConnector
 from replicator.connectors.woocommerce import WooCommerceConnector
 from replicator.orders.ledger import Ledger
 from replicator.push.invoices import InvoicePushService
 from replicator.staging import StagingStore
 from tests.emulators import MagentoEmulator, WooCommerceEmulator, generate_orders
+from tests.emulators.shopify import ShopifyEmulator
+from tests.emulators.shopware import ShopwareEmulator
 
 INVOICES = TableSchema(
     "public",
@@ -42,9 +47,21 @@ class Shop:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.orders = generate_orders(5, seed=3)
-        self.emu: WooCommerceEmulator | MagentoEmulator
+        self.emu: Any
         self.connector: ShopConnector
-        if kind == "woocommerce":
+        if kind == "shopify":
+            self.emu = ShopifyEmulator(products=[])
+            self.emu.add_orders(self.orders)
+            self.emu.start()
+            self.connector = ShopifyConnector("web", self.emu.url, self.emu.access_token, timeout=5)
+        elif kind == "shopware":
+            self.emu = ShopwareEmulator(products=[])
+            self.emu.add_orders(self.orders)
+            self.emu.start()
+            self.connector = ShopwareConnector(
+                "web", self.emu.url, self.emu.client_id, self.emu.client_secret, timeout=5
+            )
+        elif kind == "woocommerce":
             woo = WooCommerceEmulator(products=[])
             woo.add_orders(self.orders)
             woo.start()
@@ -61,9 +78,19 @@ class Shop:
 
     def e_number(self, i: int) -> str:
         n = self.orders[i].number
-        return str(n) if self.kind == "woocommerce" else f"{n:09d}"
+        return {"woocommerce": str(n), "shopify": f"#{n}", "shopware": str(n)}.get(
+            self.kind, f"{n:09d}"
+        )
 
     def notes(self, i: int) -> list[str]:
+        """Where the invoice shows on the shop order: notes, comments, metafield lines,
+        documents (by file name)."""
+        if isinstance(self.emu, ShopifyEmulator):
+            value = self.emu.metafield(self.orders[i].number, "sync_daemon", "erp_invoice")
+            return value.splitlines() if value else []
+        if isinstance(self.emu, ShopwareEmulator):
+            docs = self.emu.order_documents(str(self.orders[i].number))
+            return [f"{d['fileName']} ({len(d['content'])} bytes)" for d in docs if d["fileName"]]
         if isinstance(self.emu, WooCommerceEmulator):
             return [n["note"] for n in self.emu.notes.get(self.orders[i].number, [])]
         eid = self.emu.entity_id(self.e_number(i))
@@ -74,7 +101,7 @@ class Shop:
         self.emu.stop()
 
 
-@pytest.fixture(params=["woocommerce", "magento"])
+@pytest.fixture(params=["woocommerce", "magento", "shopify", "shopware"])
 def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
     s = Shop(request.param)
     try:
@@ -336,6 +363,8 @@ def test_kill9_between_shop_accept_and_our_commit_attaches_once(
 
     from tests.helpers import ROOT, wait_until
 
+    if shop.kind not in ("woocommerce", "magento"):
+        pytest.skip("Shopify and Shopware record invoices through their own idempotent APIs")
     write_pdf(tmp_path, "F1")
     invoice(store, 1, "booked", shop.e_number(0))
     if isinstance(shop.emu, WooCommerceEmulator):

@@ -21,12 +21,16 @@ from replicator.cdc.base import Change, Column, TableSchema
 from replicator.config import Config, parse_config
 from replicator.connectors.base import ShopConnector, StockUpdate
 from replicator.connectors.magento import MagentoConnector
+from replicator.connectors.shopify import ShopifyConnector
+from replicator.connectors.shopware import ShopwareConnector
 from replicator.connectors.woocommerce import WooCommerceConnector
 from replicator.push.ratelimit import TokenBucket
 from replicator.push.stock import StockPushService
 from replicator.staging import StagingStore
 from tests.emulators import MagentoEmulator, WooCommerceEmulator
 from tests.emulators.base import Request as EmuRequest
+from tests.emulators.shopify import ShopifyEmulator
+from tests.emulators.shopware import ShopwareEmulator
 
 STOCK = TableSchema(
     "public",
@@ -48,16 +52,23 @@ class Shop:
     def __init__(self, kind: str) -> None:
         products = [(s, f"Product {s}", 0) for s in SKUS]
         self.kind = kind
-        self.emu: WooCommerceEmulator | MagentoEmulator = (
-            WooCommerceEmulator(products=products)
-            if kind == "woocommerce"
-            else MagentoEmulator(products=products)
-        )
+        self.emu: Any = {
+            "woocommerce": WooCommerceEmulator,
+            "magento": MagentoEmulator,
+            "shopify": ShopifyEmulator,
+            "shopware": ShopwareEmulator,
+        }[kind](products=products)
         self.emu.start()
         self.pushes: list[dict[str, int]] = []  # one dict per accepted-or-not push request
         self.emu.before_route = self._capture
         self.connector: ShopConnector
-        if kind == "woocommerce":
+        if kind == "shopify":
+            self.connector = ShopifyConnector("web", self.emu.url, self.emu.access_token, timeout=5)
+        elif kind == "shopware":
+            self.connector = ShopwareConnector(
+                "web", self.emu.url, self.emu.client_id, self.emu.client_secret, timeout=5
+            )
+        elif kind == "woocommerce":
             emu = self.emu
             assert isinstance(emu, WooCommerceEmulator)
             self.connector = WooCommerceConnector(
@@ -68,19 +79,42 @@ class Shop:
             assert isinstance(self.emu, MagentoEmulator)
             self.connector = MagentoConnector("web", self.emu.url, self.emu.token, timeout=5)
 
+    def _is_push(self, path: str, body: bytes) -> bool:
+        if self.kind == "shopify":
+            return path.endswith("/graphql.json") and b"inventorySetQuantities" in body
+        if self.kind == "shopware":
+            return path == "/api/_action/sync"
+        return path.endswith("/products/batch") or path.endswith("/inventory/source-items")
+
     def _capture(self, req: EmuRequest) -> None:
         body = req.json() if req.method == "POST" else None
-        if req.path.endswith("/products/batch") and body:
+        if not body or not self._is_push(req.path, req.body):
+            return
+        if self.kind == "shopify":
+            by_item = {
+                f"gid://shopify/InventoryItem/{v['inventory_item_id']}": k
+                for k, v in self.emu.variants.items()
+            }
+            qs = body["variables"]["input"]["quantities"]
+            self.pushes.append({by_item[q["inventoryItemId"]]: q["quantity"] for q in qs})
+        elif self.kind == "shopware":
+            by_id = {pid: p["productNumber"] for pid, p in self.emu.products.items()}
+            self.pushes.append({by_id[i["id"]]: i["stock"] for i in body[0]["payload"]})
+        elif req.path.endswith("/products/batch"):
             self.pushes.append(
                 {self._ids[int(i["id"])]: i["stock_quantity"] for i in body.get("update", [])}
             )
-        elif req.path.endswith("/inventory/source-items") and body:
+        elif req.path.endswith("/inventory/source-items"):
             self.pushes.append({i["sku"]: i["quantity"] for i in body["sourceItems"]})
 
     def stock(self) -> dict[str, int]:
         return {k: int(v or 0) for k, v in self.emu.stock().items()}
 
     def push_requests(self) -> int:
+        if self.kind == "shopify":
+            return int(self.emu.count_operations("inventorySetQuantities"))
+        if self.kind == "shopware":
+            return int(self.emu.count("POST", "/api/_action/sync"))
         path = "/wp-json/wc/v3/products/batch" if self.kind == "woocommerce" else "/rest"
         return sum(
             1
@@ -93,7 +127,7 @@ class Shop:
         self.emu.stop()
 
 
-@pytest.fixture(params=["woocommerce", "magento"])
+@pytest.fixture(params=["woocommerce", "magento", "shopify", "shopware"])
 def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
     s = Shop(request.param)
     try:

@@ -140,3 +140,29 @@ def test_shop_down_answers_503_and_cycle_retries(setup: dict[str, Any]) -> None:
     stock.gates["web"].blocked_until = 0  # skip the back-off
     stock.run_cycle()
     assert woo.stock()["B-2"] == 3
+
+
+def test_values_the_erp_cannot_hold_are_refused_with_400_naming_the_field(
+    setup: dict[str, Any],
+) -> None:
+    url, woo = setup["url"], setup["woo"]
+    before = len(woo.requests)
+    # NUL (PostgreSQL refuses it in text) by query string and by form body.
+    r = httpx.get(f"{url}?type=stockUpdate&number=%00&secret={SECRET}")
+    assert r.status_code == 400 and "number: contains a NUL character" in r.text
+    r = httpx.post(url, content=f"type=stockUpdate&number=A%00&secret={SECRET}")
+    assert r.status_code == 400 and "number: contains a NUL character" in r.text
+    r = httpx.get(url, params={"type": "stockUpdate", "number": "A\x01", "secret": SECRET})
+    assert r.status_code == 400 and "number: contains a control character" in r.text
+    r = httpx.get(url, params={"type": "invoiceBooked", "number": "9" * 500, "secret": SECRET})
+    assert r.status_code == 400 and "number: longer than 200 characters" in r.text
+    # Bodies beyond the JSON limits, or not UTF-8: 400 with the limit, never a RecursionError.
+    deep = b"[" * 100_000
+    r = httpx.post(url, content=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested 100000 levels deep (limit 64)" in r.text
+    big = b'{"type": "stockUpdate", "number": ' + b"1" * 5000 + b"}"
+    r = httpx.post(url, content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "field number: a number of 5000 digits" in r.text
+    r = httpx.post(url, content=b"number=\xff", headers={"X-Webhook-Secret": SECRET})
+    assert r.status_code == 400 and "body: not UTF-8" in r.text
+    assert len(woo.requests) == before  # nothing reached the shop

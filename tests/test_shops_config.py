@@ -13,6 +13,8 @@ from replicator.config.shops import ShopSection
 from replicator.connectors import WebhookOnlyConnector, make_connector, make_webhook_receiver
 from replicator.connectors.inbox import InboxConnector
 from replicator.connectors.magento import MagentoConnector
+from replicator.connectors.shopify import ShopifyConnector, ShopifyWebhookReceiver
+from replicator.connectors.shopware import ShopwareConnector, ShopwareWebhookReceiver
 from replicator.connectors.webhook import MemoryWebhookStore
 from replicator.connectors.woocommerce import WooCommerceConnector
 from replicator.errors import ConfigError
@@ -76,8 +78,62 @@ def test_kind_requirements() -> None:
         load({"name": "i", "kind": "inbox"})
     with pytest.raises(ConfigError, match="needs webhook_secret"):
         load({"name": "h", "kind": "webhook"})
-    with pytest.raises(ConfigError, match="kind"):
+    with pytest.raises(ConfigError, match="needs url, token"):
         load({"name": "x", "kind": "shopify"})
+    with pytest.raises(ConfigError, match="needs client_secret"):
+        load({"name": "s", "kind": "shopware", "url": "https://sw.example", "client_id": KEY})
+    with pytest.raises(ConfigError, match="kind"):
+        load({"name": "x", "kind": "prestashop"})
+    with pytest.raises(ConfigError, match="api_version"):
+        load(
+            {
+                "name": "x",
+                "kind": "shopify",
+                "url": "https://s.example",
+                "token": "t",
+                "api_version": "latest",
+            }
+        )
+
+
+def test_shopify_and_shopware_kinds_build_their_connector_and_receiver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SW_SECRET", SECRET)
+    sfy, sw = load(
+        {
+            "name": "sfy",
+            "kind": "shopify",
+            "url": "https://s.example",
+            "token": "shpat_x",
+            "webhook_secret": "client-secret",
+            "api_version": "2026-01",
+            "e_number_field": "id",
+            "location_id": "70001",
+            "invoice_target": "note",
+        },
+        {
+            "name": "sw",
+            "kind": "shopware",
+            "url": "https://sw.example",
+            "client_id": KEY,
+            "client_secret_env": "SW_SECRET",
+            "webhook_secret": "shop-secret",
+        },
+    )
+    assert SECRET not in repr(sw)
+    a, b = make_connector(sfy), make_connector(sw)
+    try:
+        assert isinstance(a, ShopifyConnector) and a.api_version == "2026-01"
+        assert a.e_number_field == "id" and a.invoice_target == "note"
+        assert isinstance(b, ShopwareConnector) and b.name == "sw"
+    finally:
+        a.close()
+        b.close()
+    ra = make_webhook_receiver(sfy, MemoryWebhookStore())
+    rb = make_webhook_receiver(sw, MemoryWebhookStore())
+    assert isinstance(ra, ShopifyWebhookReceiver) and ra.e_number_field == "id"
+    assert isinstance(rb, ShopwareWebhookReceiver)
 
 
 def test_make_connector_builds_each_kind(tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     svc.last_result, svc.last_ok = "total 3, new 3, skipped 0, errored 0", True
     push = state.service("stock_push")
     push.progress, push.breaker_open = "1200/4800 items", True
+    state.service("reconcile")  # a daemon that pushes stock runs the reconcile too
     server = HealthServer(cfg.health)
     mount(
         server,

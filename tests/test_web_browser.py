@@ -287,3 +287,81 @@ def test_manage_page_in_a_browser(browser: Any, manage: Shop) -> None:
     pp.screenshot(path=str(ARTIFACTS / "manage-page-phone.png"), full_page=True)
     phone.close()
     ctx.close()
+
+
+def test_manage_page_tells_the_truth(browser: Any, manage: Shop) -> None:
+    """Ages are when an order was imported or failed (not "last seen", which every cycle moves),
+    only configured services are listed, a failed order has a Retry button, the lag chart fits
+    its data, wide mapped rows scroll, and a harmless skip reason is not red."""
+    import sqlalchemy as sa
+
+    from replicator.orders.ledger import ledger_t
+
+    svc = manage.svc
+    with svc.ledger.begin() as conn:
+        conn.execute(
+            sa.update(ledger_t)
+            .where(ledger_t.c.e_number == "1002")
+            .values(delivered_at=utcnow() - timedelta(hours=3))
+        )
+    manage.shop.put(sample_order(1007, paid=False))
+    svc.run_cycle(utcnow() + timedelta(seconds=30))  # moves every order's last_seen to now
+    assert svc.ledger.get("shop", "1007").state == "skipped"
+
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = ctx.new_page()
+    page.goto(manage.url + "/")
+    imported = page.locator('.col.state-delivered li.order[data-e-number="1002"] time')
+    assert imported.inner_text() == "imported 3.0 h ago"
+    assert page.locator('.col.state-failed li.order[data-e-number="1004"] time').inner_text()
+
+    # Services: no invoice push is configured, so no phantom "invoices" row.
+    services = page.locator("#services").inner_text()
+    assert "orders" in services and "invoices" not in services
+
+    # The lag chart spans the four hours of samples, not a 6-hour box.
+    caption = page.locator("#replication figcaption").first.inner_text()
+    assert caption == "lag seconds, last 4.0 h", caption
+    xs = [
+        float(p.split(",")[0])
+        for p in page.eval_on_selector(
+            "#replication svg.spark polyline", "e => e.getAttribute('points')"
+        ).split()
+    ]
+    assert min(xs) < 0.05 * 320, min(xs)
+
+    # A skipped order's reason ("not paid yet") is no alarm: not red.
+    page.goto(manage.url + "/order?shop=shop&e=1007")
+    why = page.locator("#last-error")
+    assert "not paid yet" in why.inner_text()
+    assert page.eval_on_selector("#last-error", "e => getComputedStyle(e).color") != (
+        "rgb(185, 28, 28)"
+    )
+
+    # Wide mapped rows scroll inside their box; the page itself does not get wider.
+    page.goto(manage.url + "/order?shop=shop&e=1003")
+    assert page.eval_on_selector("#mapped", "e => e.getBoundingClientRect().width") > 1300
+    for box in page.locator("#mapped .scroll").all():
+        assert box.evaluate("e => getComputedStyle(e).overflowX") in ("auto", "scroll")
+    # The header (one row, many columns) reads downwards and fits entirely.
+    header = page.locator("#mapped table.one-row").first
+    assert "ship_name" in header.inner_text()
+    assert header.evaluate("e => e.parentElement.scrollWidth <= e.parentElement.clientWidth")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 1360, width
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "manage-order-delivered.png"), full_page=True)
+
+    # The failed order has a Retry button: fix the cause in the ERP, retry, it is imported.
+    from replicator.db import make_engine
+
+    eng = make_engine(manage.erp_url, "test")
+    with eng.begin() as c:
+        c.exec_driver_sql("INSERT INTO items VALUES ('I-AB12', 'AB-12', 'AB 12', 1)")
+    eng.dispose()
+    page.goto(manage.url + "/order?shop=shop&e=1004")
+    page.click('button[name="retry"]')
+    page.wait_for_url("**done=retried*")
+    assert page.locator("#order").get_attribute("data-state") == "delivered"
+    assert svc.ledger.get("shop", "1004").state == "delivered"
+    ctx.close()

@@ -31,6 +31,7 @@ class Column:
     type_name: str
     type_oid: int = 0
     nullable: bool = True
+    attnum: int = 0  # the column's number in the source catalog (0: not known); survives a rename
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,10 @@ class Progress:
     lag_seconds: float | None = None
     last_applied_at: dt.datetime | None = None
     last_heartbeat_at: dt.datetime | None = None
+    # An incremental snapshot in progress ("snapshot public.items: 120,000 of 1,250,000 rows").
+    snapshot_table: str | None = None
+    snapshot_done: int = 0
+    snapshot_total: int = 0
 
 
 class CaptureSource(ABC):

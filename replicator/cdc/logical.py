@@ -61,7 +61,9 @@ from replicator.cdc.pgoutput import (
     pg_time_to_datetime,
     standby_status,
 )
+from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.config import Config
+from replicator.config.core import filter_columns
 from replicator.db import PG_KEEPALIVES, app_name, pg_connect
 from replicator.errors import (
     DaemonAlreadyRunning,
@@ -93,12 +95,12 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
             continue
         oid, ident = row
         cols = conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, NOT a.attnotnull "
-            "FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped "
-            "AND a.attgenerated = '' ORDER BY a.attnum",
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, NOT a.attnotnull, "
+            "a.attnum FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 "
+            "AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
             (oid,),
         ).fetchall()
-        columns = tuple(Column(n, t, int(o), bool(nl)) for n, t, o, nl in cols)
+        columns = tuple(Column(n, t, int(o), bool(nl), int(num)) for n, t, o, nl, num in cols)
         pk = [
             r[0]
             for r in conn.execute(
@@ -147,10 +149,63 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
                 f"and name its key columns in capture.keys"
             )
             continue
+        wanted = cfg.capture.column_list(table)
+        if wanted is not None:
+            unknown = [c for c in wanted if not any(col.name == c for col in columns)]
+            if unknown:
+                problems.append(f"capture.columns.{table}: no column {unknown[0]!r} in {table}")
+                continue
+            missing = [k for k in key if k not in wanted]
+            if missing:
+                problems.append(
+                    f"capture.columns.{table} must include the key column(s) {', '.join(missing)}"
+                )
+                continue
+            if ident == "f" and len(wanted) < len(columns):
+                problems.append(
+                    f"capture.columns.{table}: {table} has REPLICA IDENTITY FULL, and PostgreSQL "
+                    "then refuses updates and deletes unless the column list names every column"
+                )
+                continue
+            columns = tuple(c for c in columns if c.name in wanted)
+        cond = cfg.capture.row_filter(table)
+        if cond is not None:
+            outside = [c for c in filter_columns(table, cond) if c not in key]
+            if outside and ident != "f":
+                # PostgreSQL would refuse every UPDATE and DELETE on the ERP table (a row
+                # filter may only read replica identity columns): never let that happen.
+                problems.append(
+                    f"capture.filters.{table} reads {', '.join(outside)}, which is not part of the "
+                    f"replica identity ({', '.join(key)}): PostgreSQL would then refuse updates "
+                    f"and deletes on {table}. Filter on key columns, or run ALTER TABLE {table} "
+                    "REPLICA IDENTITY FULL (and list no columns for it)"
+                )
+                continue
         out.append(TableSchema(schema, name, columns, key))
     if problems:
         raise SchemaError("; ".join(problems))
     return out
+
+
+def known_names(schema: TableSchema) -> set[str]:
+    return {c.name for c in schema.columns}
+
+
+def _where(condition: str | None) -> sql.Composable:
+    """`` WHERE (cond)`` for a table's row filter (validated when the config was read)."""
+    return sql.SQL(" WHERE ({})").format(sql.SQL(condition)) if condition else sql.SQL("")
+
+
+def _with_attnums(mirror: TableSchema, source: TableSchema) -> TableSchema:
+    """The mirror's shape with the catalog numbers of the columns the source still has under the
+    same name and type (definitions written before numbers were recorded have none)."""
+    cols = []
+    for c in mirror.columns:
+        now = source.column(c.name)
+        if c.attnum == 0 and now is not None and now.type_oid == c.type_oid:
+            c = Column(c.name, c.type_name, c.type_oid, c.nullable, now.attnum)
+        cols.append(c)
+    return TableSchema(mirror.schema, mirror.name, tuple(cols), mirror.key)
 
 
 class LogicalSource(CaptureSource):
@@ -182,6 +237,10 @@ class LogicalSource(CaptureSource):
         self._last_status = 0.0
         self._checkpoint_lsn = 0
         self.snapshot_rows = 0
+        self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size)
+        self._had_mirror: set[str] = set()
+        self._frozen: set[str] = set()  # mirrors whose key changed: unfed until re-copied
+        self._requests_checked = 0.0
 
     # ------------------------------------------------------------------ start
     def _connect(self) -> psycopg.Connection[Any]:
@@ -222,10 +281,22 @@ class LogicalSource(CaptureSource):
                 "only one may capture a slot"
             )
         schemas = describe_tables(conn, self.cfg)
-        self._schemas = {s.qualified: s for s in schemas}
-        self._ensure_publication(schemas)
+        respec = self._ensure_publication(schemas)
+        self._had_mirror = {s.qualified for s in schemas if self.store.mirror(s.qualified)}
+        self._schemas = {}
         for s in schemas:
-            self.store.ensure_mirror(s)
+            info = self.store.mirror(s.qualified)
+            if info is None:
+                self._schemas[s.qualified] = self.store.ensure_mirror(s).schema
+            elif info.schema.key != s.key or s.qualified in respec:
+                # Keyed differently now, or another column list or row filter: the mirror stays
+                # as it is, unfed, until a re-copy of the new shape replaces it.
+                self._frozen.add(s.qualified)
+                self._schemas[s.qualified] = s
+            else:
+                # The shape staging holds: the stream's Relation messages bring it up to date in
+                # order (a column changed while the daemon was stopped is followed there).
+                self._schemas[s.qualified] = _with_attnums(info.schema, s)
         return conn
 
     def resync(self) -> None:
@@ -275,6 +346,14 @@ class LogicalSource(CaptureSource):
             )
         cp = self.store.load_checkpoint(self.name)
         assert cp is not None
+        self._snaps.load(cp.extra, self._schemas, self._had_mirror)
+        for table in sorted(self._frozen):
+            if all(c.table != table for c in self._snaps.queue):
+                self._snaps.restart(table)
+        for copy in self._snaps.queue:
+            if copy.shadow:  # an online re-copy: a fresh shadow, or the one a crash interrupted
+                self.store.ensure_shadow(self._schemas[copy.table], fresh=copy.after is None)
+        self._show_snapshot_progress()
         self._checkpoint_lsn = lsn_to_int(cp.position)
         self.progress.confirmed_lsn = self._checkpoint_lsn
         self._start_stream(self._checkpoint_lsn)
@@ -296,38 +375,83 @@ class LogicalSource(CaptureSource):
         assert self._conn is not None
         self._conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
 
-    def _ensure_publication(self, schemas: list[TableSchema]) -> None:
+    def _spec(self, table: str) -> dict[str, Any]:
+        """What of a table the publication sends: column list and row filter (None: all)."""
+        cols = self.cfg.capture.column_list(table)
+        return {
+            "columns": list(cols) if cols else None,
+            "filter": self.cfg.capture.row_filter(table),
+        }
+
+    def _published(self, table: str, spec: dict[str, Any]) -> sql.Composable:
+        """A table as a publication lists it: ``t (a, b) WHERE (cond)``."""
+        out: sql.Composable = sql.Identifier(*table.split(".", 1))
+        if spec.get("columns"):
+            out = sql.SQL("{} ({})").format(
+                out, sql.SQL(", ").join(sql.Identifier(c) for c in spec["columns"])
+            )
+        if spec.get("filter"):
+            # Validated as one plain condition when the config was read (and by PostgreSQL).
+            out = sql.SQL("{} WHERE ({})").format(out, sql.SQL(spec["filter"]))
+        return out
+
+    def _ensure_publication(self, schemas: list[TableSchema]) -> set[str]:
+        """Create the publication or bring it up to date; the tables whose column list or row
+        filter changed since the last run (their mirrors must be copied again)."""
         assert self._conn is not None
         conn = self._conn
-        wanted = {s.qualified for s in schemas}
+        wanted = {s.qualified: self._spec(s.qualified) for s in schemas}
+        cp = self.store.load_checkpoint(self.name)
+        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
+        plain = {"columns": None, "filter": None}
+        changed = {t for t, spec in wanted.items() if recorded.get(t, plain) != spec}
+        self._snaps.specs = wanted
         exists = conn.execute(
             "SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,)
         ).fetchone()
-        tables = sql.SQL(", ").join(sql.Identifier(s.schema, s.name) for s in schemas)
+        pub = sql.Identifier(self.publication)
         try:
             if exists is None:
                 conn.execute(
                     sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                        sql.Identifier(self.publication), tables
+                        pub,
+                        sql.SQL(", ").join(self._published(t, sp) for t, sp in wanted.items()),
                     )
                 )
                 log.info("publication_created", publication=self.publication, tables=sorted(wanted))
-                return
+                return changed
             if exists[0]:
-                return
+                return changed
             have = {
-                f"{r[0]}.{r[1]}"
+                f"{r[0]}.{r[1]}": {"columns": r[2], "filter": r[3]}
                 for r in conn.execute(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    "SELECT schemaname, tablename, attnames::text[], rowfilter "
+                    "FROM pg_publication_tables WHERE pubname = %s",
                     (self.publication,),
                 )
             }
-            missing = wanted - have
-            if missing:
+            missing = set(wanted) - set(have)
+            respec = {t for t in changed if t in have}
+            if respec:
+                # One statement for the whole list, so no table stops being published meanwhile;
+                # tables that are not ours keep what they had.
+                tables = [self._published(t, wanted.get(t) or have[t]) for t in sorted(have)]
+                tables += [self._published(t, wanted[t]) for t in sorted(missing)]
+                conn.execute(
+                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+                        pub, sql.SQL(", ").join(tables)
+                    )
+                )
+                log.info(
+                    "publication_tables_changed",
+                    publication=self.publication,
+                    tables=sorted(respec),
+                )
+            elif missing:
                 conn.execute(
                     sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        sql.Identifier(self.publication),
-                        sql.SQL(", ").join(sql.Identifier(*t.split(".")) for t in sorted(missing)),
+                        pub,
+                        sql.SQL(", ").join(self._published(t, wanted[t]) for t in sorted(missing)),
                     )
                 )
                 log.info(
@@ -339,6 +463,7 @@ class LogicalSource(CaptureSource):
                 f"change it. Ask the DBA to run: CREATE PUBLICATION {self.publication} FOR TABLE "
                 f"{', '.join(sorted(wanted))}"
             ) from None
+        return changed
 
     # ------------------------------------------------------------------ snapshot
     def _snapshot(self) -> None:
@@ -385,16 +510,24 @@ class LogicalSource(CaptureSource):
         finally:
             repl.close()
         with self.store.transaction(self.name) as txn:
-            txn.commit(Checkpoint(self.name, consistent_point, state="streaming"), slot=self.slot)
+            self._snaps.copied = set(tables)
+            self._snaps.queue = []
+            txn.commit(
+                Checkpoint(
+                    self.name, consistent_point, state="streaming", extra=self._snaps.to_extra()
+                ),
+                slot=self.slot,
+            )
         log.info(
             "snapshot_done", slot=self.slot, rows=self.snapshot_rows, position=consistent_point
         )
 
     def _copy_table(self, snap: psycopg.Connection[Any], schema: TableSchema) -> None:
         cols = [c.name for c in schema.columns]
-        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+        query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in cols),
             sql.Identifier(schema.schema, schema.name),
+            _where(self.cfg.capture.row_filter(schema.qualified)),
         )
         batch = self.cfg.capture.batch_size
         n = 0
@@ -468,8 +601,12 @@ class LogicalSource(CaptureSource):
         deadline = time.monotonic() + timeout
         applied_before = self.progress.changes
         batch_ms = self.cfg.capture.batch_ms / 1000
+        if not self._in_source_txn and time.monotonic() - self._requests_checked >= 1.0:
+            self._take_recopy_requests()
         try:
             while not stop.is_set():
+                if self._snaps.active and self._snaps.chunk is None and not self._in_source_txn:
+                    self._start_chunk()
                 n, data = pgconn.get_copy_data(1)
                 if n == 0:
                     # Nothing buffered: commit a batch that is old enough, then wait on the socket.
@@ -572,7 +709,12 @@ class LogicalSource(CaptureSource):
             for oid in msg.relation_oids:
                 table = self._rel_tables.get(oid)
                 if table is not None:
-                    txn.apply(Change(table, "T", position=int_to_lsn(self.progress.received_lsn)))
+                    pos = int_to_lsn(self.progress.received_lsn)
+                    if table not in self._frozen:
+                        txn.apply(Change(table, "T", position=pos))
+                    if self.store.mirror(self.store.shadow_of(table)) is not None:
+                        txn.apply(Change(self.store.shadow_of(table), "T", position=pos))
+                    self._snaps.on_truncate(table)
                     self.progress.changes += 1
         elif isinstance(msg, LogicalMessage):
             self._on_logical_message(msg)
@@ -587,37 +729,131 @@ class LogicalSource(CaptureSource):
         if known is None:
             return
         names = [c.name for c in rel.columns]
-        if names == [c.name for c in known.columns] and all(
-            known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns)
+        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
+        if (
+            names == [c.name for c in known.columns]
+            and all(known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns))
+            and (rel.replica_identity != "d" or not rel_key or rel_key == known.key)
+            and self._type_names(rel) == [c.type_name for c in known.columns]
         ):
-            return
-        # The table changed shape in the ERP: describe the new columns and grow the mirror.
-        assert self._conn is not None
-        columns = []
-        for rc in rel.columns:
-            old = known.column(rc.name)
-            if old is not None and old.type_oid == rc.type_oid:
-                columns.append(old)
-            else:
-                (tname,) = self._conn.execute(
-                    "SELECT format_type(%s, %s)", (rc.type_oid, rc.type_mod)
-                ).fetchone() or ("text",)
-                columns.append(Column(rc.name, tname, rc.type_oid))
-        schema = TableSchema(known.schema, known.name, tuple(columns), known.key)
-        txn = self._open_txn()
-        txn.flush()
-        self.store.ensure_mirror(schema, txn.conn)
-        self._schemas[table] = schema
-        for col in columns:
-            if known.column(col.name) is None:
-                self._backfill_added_column(txn, table, rel.oid, col)
+            return  # (a typmod change, numeric(12,2) to numeric(12,3), keeps the type's oid)
+        self._follow_schema_change(rel, known)
 
-    def _backfill_added_column(self, txn: ApplyTxn, table: str, relid: int, col: Column) -> None:
-        """Give rows that existed before ``ADD COLUMN ... DEFAULT x`` their value in staging.
+    def _type_names(self, rel: Relation) -> list[str]:
+        """The declared types of a Relation message's columns, as ``format_type`` spells them."""
+        assert self._conn is not None
+        return [
+            r[0]
+            for r in self._conn.execute(
+                "SELECT format_type(t.oid, t.mod) FROM unnest(%s::oid[], %s::int[]) "
+                "WITH ORDINALITY AS t(oid, mod, n) ORDER BY t.n",
+                ([rc.type_oid for rc in rel.columns], [rc.type_mod for rc in rel.columns]),
+            ).fetchall()
+        ]
+
+    def _follow_schema_change(self, rel: Relation, known: TableSchema) -> None:
+        """The table changed shape in the ERP: make the mirror follow, in the open staging
+        transaction, so the changes before and after the DDL stay in order.
+
+        Columns are matched by their number in the catalog (``attnum``), not by name: a renamed
+        column keeps its number, a dropped one is marked dropped under its number. The stream
+        can be behind the catalog (the column renamed again, or dropped, since): what cannot be
+        matched for certain, a type change and a changed key are followed by re-copying the
+        table online through a shadow mirror (see :mod:`replicator.cdc.snapshot`), so staging
+        ends equal to the source either way.
+        """
+        assert self._conn is not None
+        table = known.qualified
+        catalog = {
+            num: (name, dropped)
+            for num, name, dropped in self._conn.execute(
+                "SELECT attnum, attname, attisdropped FROM pg_attribute "
+                "WHERE attrelid = %s AND attnum > 0",
+                (rel.oid,),
+            ).fetchall()
+        }
+        by_name = {name: num for num, (name, dropped) in catalog.items() if not dropped}
+        type_names = self._type_names(rel)
+        rel_names = {rc.name for rc in rel.columns}
+        renamed: dict[str, str] = {}
+        dropped: list[str] = []
+        unsure = False
+        for col in known.columns:
+            if col.name in rel_names:
+                continue
+            entry = catalog.get(col.attnum) if col.attnum else None
+            if entry is not None and entry[1]:
+                dropped.append(col.name)
+            elif entry is not None and entry[0] in rel_names and entry[0] not in known_names(known):
+                renamed[col.name] = entry[0]
+            elif entry is None and col.attnum == 0 and len(rel.columns) < len(known.columns):
+                dropped.append(col.name)  # no number recorded: only a pure drop is certain
+            else:
+                unsure = True
+        before = {renamed.get(c.name, c.name): c for c in known.columns}
+        columns: list[Column] = []
+        retyped: list[str] = []
+        for rc, tname in zip(rel.columns, type_names, strict=True):
+            old = before.get(rc.name)
+            num = by_name.get(rc.name, old.attnum if old else 0)
+            columns.append(Column(rc.name, tname, rc.type_oid, True, num))
+            if old is not None and (old.type_oid != rc.type_oid or old.type_name != tname):
+                retyped.append(rc.name)
+        added = [c for c in columns if c.name not in before]
+        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
+        key_changed = rel.replica_identity == "d" and bool(rel_key) and rel_key != known.key
+        key = rel_key if key_changed else known.key
+        if any(k not in {c.name for c in columns} for k in key):
+            key_changed, unsure = True, True
+        schema = TableSchema(known.schema, known.name, tuple(columns), key)
+        txn = self._open_txn()
+        conn = txn.conn
+        txn.flush()
+        position = int_to_lsn(self.progress.received_lsn)
+        recopy = unsure or key_changed or bool(retyped)
+        if key_changed:
+            # The live mirror is keyed by the old key: it keeps its rows, unfed, until the
+            # re-copy with the new key takes its place.
+            self._frozen.add(table)
+        else:
+            self.store.alter_mirror(conn, schema, renamed=renamed, dropped=dropped, retyped=retyped)
+        self._schemas[table] = schema
+        self.store.journal_event(conn, self.name, table, "S", position)
+        log.warning(
+            "mirror_schema_changed",
+            table=table,
+            renamed=renamed or None,
+            dropped=dropped or None,
+            added=[c.name for c in added] or None,
+            retyped=retyped or None,
+            key=list(key) if key_changed else None,
+            recopy=recopy,
+            hint="the table is copied again online; staging equals the source when it is done"
+            if recopy
+            else None,
+        )
+        if recopy:
+            self.store.ensure_shadow(schema, fresh=True, conn=conn)
+            self._snaps.restart(table)
+            self._show_snapshot_progress()
+        elif not key_changed:
+            for col in added:
+                if not self._backfill_added_column(txn, table, rel.oid, col):
+                    # The ERP rewrote the table (a volatile default, or a later DDL did):
+                    # the rows that existed before have their value only in the ERP.
+                    self.store.ensure_shadow(schema, fresh=True, conn=conn)
+                    self._snaps.restart(table)
+                    self._show_snapshot_progress()
+                    break
+
+    def _backfill_added_column(self, txn: ApplyTxn, table: str, relid: int, col: Column) -> bool:
+        """Give rows that existed before ``ADD COLUMN ... DEFAULT x`` their value in staging;
+        False when only a re-copy of the table can.
 
         PostgreSQL stores such a default once (``attmissingval``) instead of rewriting the
         table, so no row change reaches the stream. A volatile default rewrites the table, also
-        without row changes: that cannot be repaired here, so it is reported.
+        without row changes (and a later rewrite, a type change say, folds the stored default
+        into the rows): then the values are only in the ERP's rows.
         """
         assert self._conn is not None
         row = self._conn.execute(
@@ -627,21 +863,18 @@ class LogicalSource(CaptureSource):
             (relid, col.name),
         ).fetchone()
         if row is None:
-            return
+            return False  # renamed or dropped since: the catalog is ahead of the stream
         has_missing, has_default, missing_text, typarray = row
         if has_missing and missing_text is not None:
             values = self._decoder.loader(typarray)(missing_text.encode())
             value = values[0] if values else None
             self.store.backfill_column(txn.conn, table, col.name, value)
             log.info("mirror_column_backfilled", table=table, column=col.name)
-        elif has_default:
-            log.error(
-                "column_added_with_rewrite",
-                table=table,
-                column=col.name,
-                hint="the ERP rewrote the table for a volatile default; rows that existed before "
-                "have no value in staging: run `sync-daemon resync`",
-            )
+            return True
+        if has_default:
+            log.warning("column_added_with_rewrite", table=table, column=col.name)
+            return False
+        return True
 
     def _apply_row(self, msg: RowChange) -> None:
         rel = self._relations[msg.relation_oid]
@@ -653,20 +886,100 @@ class LogicalSource(CaptureSource):
         dec = self._decoder
         if msg.op == "I":
             assert msg.new is not None
-            txn.apply(Change(table, "I", dec.row(rel, msg.new), position=pos))
+            change = Change(table, "I", dec.row(rel, msg.new), position=pos)
         elif msg.op == "U":
             assert msg.new is not None
             values = dec.row(rel, msg.new)
             old = dec.row(rel, msg.old) if msg.old is not None else None
-            txn.apply(Change(table, "U", values, key=old, position=pos))
+            change = Change(table, "U", values, key=old, position=pos)
         else:
             assert msg.old is not None
-            txn.apply(Change(table, "D", key=dec.row(rel, msg.old), position=pos))
+            change = Change(table, "D", key=dec.row(rel, msg.old), position=pos)
+        if table not in self._frozen:
+            txn.apply(change)
+        if self._snaps.active:
+            self._snapshot_sees(txn, change)
         self.progress.changes += 1
         if txn.pending_count >= self.cfg.capture.batch_size:
             txn.flush()  # bounded memory inside a large source transaction; commit comes later
 
+    # ------------------------------------------------------------------ incremental snapshots
+    def _start_chunk(self) -> None:
+        copy = self._snaps.current
+        assert copy is not None and self._conn is not None
+        try:
+            self._snaps.start_chunk(
+                self._conn, self._schemas[copy.table], self.cfg.capture.row_filter(copy.table)
+            )
+        except psycopg.OperationalError as exc:
+            raise RetryableError(f"snapshot of {copy.table} interrupted: {exc}") from exc
+        self._show_snapshot_progress()
+
+    def _take_recopy_requests(self) -> None:
+        """``sync-daemon resync --table``: queue the copy; the request row goes with the commit
+        that records the copy in the checkpoint (a crash before it leaves the request)."""
+        self._requests_checked = time.monotonic()
+        for table in self.store.recopy_requests(self.name):
+            txn = self._open_txn()
+            conn = txn.conn
+            if table in self._schemas:
+                self.store.ensure_shadow(self._schemas[table], fresh=True, conn=conn)
+                self._snaps.restart(table)
+                log.info("recopy_requested", table=table)
+            else:
+                log.warning("recopy_request_ignored", table=table, reason="not in capture.tables")
+            self.store.take_recopy_request(conn, self.name, table)
+            self._show_snapshot_progress()
+
+    def _snapshot_sees(self, txn: ApplyTxn, change: Change) -> None:
+        """A streamed change of a table being copied: feed its shadow, keep the chunk honest."""
+        table = change.table
+        shadow = self.store.shadow_of(table)
+        if self.store.mirror(shadow) is not None:
+            txn.apply(Change(shadow, change.op, change.values, change.key, change.position))
+        schema = self._schemas[table]
+        key = schema.key
+        if change.key is not None:
+            old = tuple(change.key[c] for c in key)
+            if change.values is None or old != tuple(change.values[c] for c in key):
+                self._snaps.on_change(table, old, None, partial=False)
+        if change.values is not None:
+            partial = len(change.values) < len(schema.columns)
+            new = tuple(change.values[c] for c in key)
+            self._snaps.on_change(table, new, change.values, partial=partial)
+
+    def _apply_chunk(self, chunk: Chunk) -> None:
+        txn = self._open_txn()
+        copy = chunk.copy
+        target = self.store.shadow_of(copy.table) if copy.shadow else copy.table
+        for values in chunk.rows.values():
+            txn.apply(Change(target, "I", values, position="snapshot"))
+        self.snapshot_rows += len(chunk.rows)
+        done = self._snaps.chunk_applied(chunk)
+        if done is not None:
+            position = int_to_lsn(self.progress.received_lsn)
+            conn = txn.conn
+            if done.shadow:
+                txn.flush()  # the shadow's last rows, before it takes the mirror's place
+                self.store.swap_shadow(conn, done.table)
+                self._frozen.discard(done.table)
+            self.store.journal_event(conn, self.name, done.table, "S", position)
+        self._show_snapshot_progress()
+
+    def _show_snapshot_progress(self) -> None:
+        copy = self._snaps.current
+        self.progress.snapshot_table = copy.table if copy else None
+        self.progress.snapshot_done = copy.done if copy else 0
+        self.progress.snapshot_total = copy.total if copy else 0
+
     def _on_logical_message(self, msg: LogicalMessage) -> None:
+        if msg.prefix == self._snaps.prefix and not self._in_source_txn:
+            chunk = self._snaps.on_message(msg.content.decode(errors="replace"))
+            if chunk is not None:
+                self._apply_chunk(chunk)
+                # Non-transactional, like a heartbeat: a safe position to confirm.
+                self._batch_end_lsn = max(self._batch_end_lsn, msg.lsn)
+            return
         if msg.prefix != f"{HEARTBEAT_PREFIX}:{self.slot}":
             return
         try:
@@ -701,7 +1014,7 @@ class LogicalSource(CaptureSource):
                     conn=txn.conn,
                 )
             txn.commit(
-                Checkpoint(self.name, int_to_lsn(end)),
+                Checkpoint(self.name, int_to_lsn(end), extra=self._snaps.to_extra()),
                 slot=self.slot,
                 source_commit_at=self.progress.last_commit_at,
             )

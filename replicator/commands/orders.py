@@ -128,11 +128,18 @@ def run_orders(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) ->
                     "sync-daemon download restarts it)",
                     file=out,
                 )
+        if rows:
+            # Newest first (by first seen: last seen moves every cycle, it orders nothing).
+            print(
+                f"{'SHOP':<12} {'E-NUMBER':<14} {'STATE':<15} {'ERP ORDER':<12} "
+                f"{'FIRST SEEN (UTC)':<19}  WHY",
+                file=out,
+            )
         for e in rows:
-            reason = f"  {e.last_error}" if e.last_error and e.state != "delivered" else ""
+            reason = e.last_error if e.last_error and e.state != "delivered" else ""
             print(
                 f"{e.shop:<12} {e.e_number:<14} {e.state:<15} {e.erp_order_no or '-':<12} "
-                f"{_fmt(e.last_seen)}{reason}",
+                f"{_fmt(e.first_seen):<19}  {reason}".rstrip(),
                 file=out,
             )
         return 0
@@ -169,10 +176,8 @@ def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> 
                 "payload_bytes",
             ):
                 v = d[k]
-                print(
-                    f"{k.replace('_', ' '):<14} {_fmt(v) if isinstance(v, datetime) else v}",
-                    file=out,
-                )
+                shown = _fmt(v) if isinstance(v, datetime) else "-" if v is None else v
+                print(f"{k.replace('_', ' '):<14} {shown}", file=out)
             if d["diff"]:
                 print("pending update:", file=out)
                 for c in d["diff"]:
@@ -290,8 +295,10 @@ def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> in
     """Map one order file and print the rows that would be written (nothing is written)."""
     out = out or sys.stdout
     from replicator.db import make_engine
-    from replicator.mappers.orders import OrderRejected, load_mapping, validate_mapping
+    from replicator.mappers.orders import OrderRejected
+    from replicator.mappers.plan import PlanMapping, load_any, validate_any
     from replicator.orders.inbox import PayloadError, e_number_from, parse_payload
+    from replicator.orders.plan_writer import PlanWriter
     from replicator.orders.writer import ErpWriter
 
     if not args.dry_run:
@@ -299,18 +306,36 @@ def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> in
         return 2
     raw = Path(args.order).read_bytes()
     shop = args.shop or (cfg.shops[0].name if cfg.shops else "default")
-    mapping = load_mapping(
+    mapping = load_any(
         cfg.resolve_path(args.mapping or cfg.orders.mapping_for(shop)), cfg.erp.dialect
     )
     engine = make_engine(cfg.erp.writer_url, "orders-map")
     try:
-        validate_mapping(mapping, engine)
+        validate_any(mapping, engine)
         try:
             payload = parse_payload(raw)
         except PayloadError as exc:
             print(f"{args.order}: {exc}", file=sys.stderr)
             return 1
         e = args.e_number or e_number_from(payload, cfg.orders.e_number_fields) or "?"
+        if isinstance(mapping, PlanMapping):
+            # The plan runs for real in a transaction that is rolled back: generated keys,
+            # lookups and the ERP's numbering show what an import would write.
+            plan_writer = PlanWriter(engine, mapping)
+            with engine.connect() as conn:
+                try:
+                    tables = plan_writer.dry_run(
+                        conn, shop, e, payload, cfg.orders.criteria_for(shop).mode == "auto_invoice"
+                    )
+                except OrderRejected as exc:
+                    print(f"{args.order}: cannot map: {exc.reason}", file=sys.stderr)
+                    return 1
+            for table, rows in tables.items():
+                print(f"-- {table} ({len(rows)} row{'s' if len(rows) != 1 else ''})", file=out)
+                for row in rows:
+                    print(json.dumps(row, default=str, ensure_ascii=False), file=out)
+            print("-- (rolled back: nothing was written)", file=out)
+            return 0
         writer = ErpWriter(engine, mapping)
         crit = cfg.orders.criteria_for(shop)
         with engine.connect() as conn:

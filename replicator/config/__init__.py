@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from replicator.config.core import (
     CaptureSection,
@@ -71,6 +71,30 @@ class Config(Section):
 
     # Where the config came from; relative paths in the config resolve against its folder.
     source_path: str = ""
+
+    @model_validator(mode="after")
+    def _one_orders_schedule(self) -> Config:
+        """``[schedules] orders`` is the one knob for the import cycle. ``orders.interval`` (the
+        old knob, documented as the interval while the schedule decided) still works alone, as
+        ``every Ns``; with both set the schedule wins and a warning says so."""
+        if "interval" not in self.orders.model_fields_set:
+            return self
+        if "orders" in self.schedules.model_fields_set:
+            log.warning(
+                "config_orders_interval_ignored",
+                interval=self.orders.interval,
+                schedule=self.schedules.orders,
+                hint="[schedules] orders decides when orders are imported; remove orders.interval",
+            )
+            return self
+        every = f"every {max(1, round(self.orders.interval))}s"
+        log.warning(
+            "config_orders_interval_deprecated",
+            interval=self.orders.interval,
+            hint=f'use [schedules] orders = "{every}" instead of orders.interval',
+        )
+        object.__setattr__(self, "schedules", self.schedules.model_copy(update={"orders": every}))
+        return self
 
     @property
     def staging_url(self) -> str:
@@ -146,7 +170,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, str(p.resolve()))
 
 
-_SECRET_WORDS = ("password", "secret", "token", "consumer_key")
+_SECRET_WORDS = ("password", "secret", "token", "consumer_key", "client_id")
 
 
 def _inline_secrets(data: Any, prefix: str = "") -> list[str]:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import sqlglot
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from sqlglot import exp
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -156,6 +158,25 @@ class ErpSection(DatabaseSection):
         return "sqlite"
 
 
+def filter_columns(table: str, condition: str) -> list[str]:
+    """The columns a row filter reads; ValueError when it is not one plain condition.
+
+    PostgreSQL checks a publication's row filter itself (no subqueries, no user functions); this
+    refuses early, with the key named, what is certainly not a condition: several statements, a
+    subquery, an empty text.
+    """
+    try:
+        tree = sqlglot.parse_one(f"SELECT 1 WHERE {condition}", read="postgres")
+    except sqlglot.errors.ParseError:
+        raise ValueError(f"filters.{table}: {condition!r} is not a SQL condition") from None
+    where = tree.args.get("where")
+    if not condition.strip() or where is None or ";" in condition:
+        raise ValueError(f"filters.{table}: {condition!r} is not one SQL condition")
+    if any(isinstance(n, (exp.Select, exp.Subquery)) for n in where.find_all(exp.Expression)):
+        raise ValueError(f"filters.{table}: a row filter cannot hold a subquery")
+    return sorted({c.name for c in where.find_all(exp.Column)})
+
+
 class CaptureSection(Section):
     """``[capture]``: what to watch and how."""
 
@@ -163,6 +184,12 @@ class CaptureSection(Section):
     tables: tuple[str, ...] = Field(min_length=1)
     # Key columns for tables without a primary key, e.g. {"public.stock" = ["sku", "warehouse"]}.
     keys: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # Logical mode, per table: only these columns reach staging (a PostgreSQL 15 publication
+    # column list; the key must be among them), e.g. {"public.customers" = ["id", "name"]}.
+    columns: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # Logical mode, per table: only rows matching this condition reach staging (a publication
+    # row filter), e.g. {"public.orders" = "status <> 'draft'"}.
+    filters: dict[str, str] = Field(default_factory=dict)
     slot: str = "sync_daemon"
     publication: str = "sync_daemon"
     # Changes applied to staging per batch, and the longest a batch waits before it commits.
@@ -207,6 +234,35 @@ class CaptureSection(Section):
             if not cols:
                 raise ValueError(f"keys: {table!r} needs at least one column")
         return self
+
+    @field_validator("columns", "filters", mode="before")
+    @classmethod
+    def _qualified_keys(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {(k if "." in k else f"public.{k}"): x for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _columns_and_filters(self) -> CaptureSection:
+        for what, per_table in (("columns", self.columns), ("filters", self.filters)):
+            for table in per_table:
+                if table not in self.tables:
+                    raise ValueError(f"{what}: {table!r} is not in capture.tables")
+        for table, cols in self.columns.items():
+            if not cols:
+                raise ValueError(f"columns: {table!r} needs at least one column")
+            for c in cols:
+                if not _IDENT.match(c):
+                    raise ValueError(f"columns.{table}: {c!r} is not a column name")
+        for table, cond in self.filters.items():
+            filter_columns(table, cond)  # raises ValueError naming what is wrong
+        return self
+
+    def column_list(self, table: str) -> tuple[str, ...] | None:
+        return self.columns.get(table)
+
+    def row_filter(self, table: str) -> str | None:
+        return self.filters.get(table)
 
     def key_columns(self, table: str) -> tuple[str, ...] | None:
         for name, cols in self.keys.items():

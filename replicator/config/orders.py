@@ -19,6 +19,14 @@ class ImportCriteria(Section):
 
     # Shop statuses that may be imported (compared case-insensitively).
     statuses: tuple[str, ...] = ("processing", "completed")
+    # Where the status is in the order JSON: dotted paths, the first non-empty one wins (Shopify:
+    # the financial status, "displayFinancialStatus" polled or "financial_status" by webhook;
+    # Shopware: the payment's state, "transactions.0.stateMachineState.technicalName").
+    status_fields: tuple[str, ...] = ("status",)
+    # Optionally also the fulfilment/delivery state (empty: any); "" in the list admits orders
+    # without one (Shopify's webhook sends null for "unfulfilled").
+    fulfillment_statuses: tuple[str, ...] = ()
+    fulfillment_fields: tuple[str, ...] = ()
     paid_only: bool = True
     # Dotted path in the order JSON that is set (non-empty, not false/0) once the order is paid.
     paid_field: str = "date_paid"
@@ -33,7 +41,8 @@ class OrdersSection(Section):
     """``[orders]``: order import settings."""
 
     enabled: bool = False
-    # Seconds between two download cycles.
+    # Deprecated: when the import runs is ``[schedules] orders``. Set alone, it is read as
+    # ``every Ns`` (see Config._one_orders_schedule); it also caps the retry backoff (x4).
     interval: float = Field(default=300.0, gt=0)
     # Each cycle asks for orders changed since the last successful cycle minus this many seconds,
     # so an order the shop committed late (clock skew, long transactions) is still seen.

@@ -2,7 +2,8 @@
 
 ``ShopSection`` belongs to the connectors; ``OrdersSection`` belongs to the order import.
 
-Secrets (``consumer_key``, ``consumer_secret``, ``token``, ``webhook_secret``) may be written in
+Secrets (``consumer_key``, ``consumer_secret``, ``token``, ``client_id``, ``client_secret``,
+``webhook_secret``) may be written in
 the file, or — better — named by ``<secret>_env`` (an environment variable) or ``<secret>_file`` (a
 file; relative paths are looked up in systemd's ``$CREDENTIALS_DIRECTORY``), resolved like the ERP
 password.
@@ -19,7 +20,14 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from replicator.config.core import Section, _read_secret
 
-_SECRETS = ("consumer_key", "consumer_secret", "token", "webhook_secret")
+_SECRETS = (
+    "consumer_key",
+    "consumer_secret",
+    "token",
+    "client_id",
+    "client_secret",
+    "webhook_secret",
+)
 
 
 def _resolve_secrets(data: dict[str, Any]) -> dict[str, str]:
@@ -45,7 +53,11 @@ def _resolve_secrets(data: dict[str, Any]) -> dict[str, str]:
 class ShopSection(Section):
     """``[[shops]]``: one webshop connector.
 
-    ``kind``: ``woocommerce`` and ``magento`` poll the shop's REST API; ``inbox`` reads JSON order
+    ``kind``: ``woocommerce`` and ``magento`` poll the shop's REST API; ``shopify`` the Admin
+    GraphQL API (``token``: the app's Admin API access token; ``webhook_secret``: its client secret,
+    for webhooks); ``shopware`` the Shopware 6 Admin API (``client_id``/``client_secret``: the
+    integration's access key id and secret access key; ``webhook_secret``: the app's shop secret,
+    for app webhooks); ``inbox`` reads JSON order
     files dropped into ``inbox_dir``; ``webhook`` receives WooCommerce webhooks (and, when ``url``
     and keys are set, uses the REST API for stock, invoices and catch-up polls)::
 
@@ -74,6 +86,12 @@ class ShopSection(Section):
     token: SecretStr | None = None
     token_env: str | None = None
     token_file: str | None = None
+    client_id: SecretStr | None = None
+    client_id_env: str | None = None
+    client_id_file: str | None = None
+    client_secret: SecretStr | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
 
     # Seconds for one HTTP request (connect is capped at 10 s).
     timeout: float = Field(default=30.0, gt=0, le=600)
@@ -82,8 +100,24 @@ class ShopSection(Section):
     verify_tls: bool = True
     # Magento MSI source that stock levels are written to.
     source_code: str = "default"
-    # WooCommerce: link put into the invoice note, e.g. "https://erp.example/inv/{filename}".
+    # WooCommerce, Shopify, Shopware fallback: link put next to the invoice, e.g.
+    # "https://erp.example/inv/{filename}".
     invoice_url: str | None = None
+
+    # Shopify: the Admin API version the connector is written for (pinned; Shopify answers an
+    # unsupported one with its oldest supported version, which the connector logs).
+    api_version: str = Field(default="2025-10", pattern=r"^\d{4}-\d{2}$")
+    # Shopify: the e-number is the order name ("#1001") or the numeric order id.
+    e_number_field: Literal["name", "id"] = "name"
+    # Shopify: the location whose "available" quantity the ERP stock sets (numeric id or gid);
+    # may be left out when the store has one location.
+    location_id: str | None = None
+    # Shopify: where the ERP invoice is recorded on the order: a metafield or the order note.
+    invoice_target: Literal["metafield", "note"] = "metafield"
+    # Shopify: "namespace.key" of that metafield.
+    invoice_metafield: str = Field(
+        default="sync_daemon.erp_invoice", pattern=r"^[A-Za-z0-9_-]{3,255}\.[A-Za-z0-9_-]{2,64}$"
+    )
 
     # Inbox folder: where order files arrive; processed/ and failed/ are created inside it.
     inbox_dir: str | None = None
@@ -123,7 +157,7 @@ class ShopSection(Section):
     # Declared last on purpose: its validator sees every other key, and an error it raises is
     # reported as "shops.N.kind = 'woocommerce': ..." — never echoing the section, whose input may
     # hold a secret written in the file.
-    kind: Literal["woocommerce", "magento", "inbox", "webhook"]
+    kind: Literal["woocommerce", "magento", "shopify", "shopware", "inbox", "webhook"]
 
     @field_validator("kind")
     @classmethod
@@ -133,8 +167,10 @@ class ShopSection(Section):
         need: tuple[str, ...] = ()
         if kind == "woocommerce":
             need = ("url", "consumer_key", "consumer_secret")
-        elif kind == "magento":
+        elif kind in ("magento", "shopify"):
             need = ("url", "token")
+        elif kind == "shopware":
+            need = ("url", "client_id", "client_secret")
         elif kind == "inbox":
             need = ("inbox_dir",)
         elif kind == "webhook":

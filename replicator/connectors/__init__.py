@@ -69,6 +69,38 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
             source_code=shop.source_code,
             verify_tls=shop.verify_tls,
         )
+    if shop.kind == "shopify":
+        from replicator.connectors.shopify import ShopifyConnector
+
+        assert shop.url is not None
+        return ShopifyConnector(
+            shop.name,
+            shop.url,
+            shop.secret("token"),
+            api_version=shop.api_version,
+            timeout=shop.timeout,
+            per_page=shop.per_page,
+            e_number_field=shop.e_number_field,
+            location_id=shop.location_id,
+            invoice_target=shop.invoice_target,
+            invoice_url=shop.invoice_url,
+            metafield=shop.invoice_metafield,
+            verify_tls=shop.verify_tls,
+        )
+    if shop.kind == "shopware":
+        from replicator.connectors.shopware import ShopwareConnector
+
+        assert shop.url is not None
+        return ShopwareConnector(
+            shop.name,
+            shop.url,
+            shop.secret("client_id"),
+            shop.secret("client_secret"),
+            timeout=shop.timeout,
+            per_page=shop.per_page,
+            invoice_url=shop.invoice_url,
+            verify_tls=shop.verify_tls,
+        )
     if shop.kind == "woocommerce" or (shop.kind == "webhook" and shop.url is not None):
         from replicator.connectors.woocommerce import WooCommerceConnector
 
@@ -97,7 +129,18 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
 def make_webhook_receiver(
     shop: ShopSection, store: Callable[[WebhookDelivery], bool]
 ) -> WebhookReceiver:
-    """The webhook receiver of a ``kind = "webhook"`` shop; ``store`` is the ledger's callback
-    (it stores the raw delivery atomically with its de-duplication keys, False for a duplicate)."""
+    """The webhook receiver of a shop with a ``webhook_secret`` (WooCommerce's, or the
+    platform's own for Shopify and Shopware); ``store`` is the ledger's callback (it stores the
+    raw delivery atomically with its de-duplication keys, False for a duplicate)."""
+    secret = shop.secret("webhook_secret")
+    if shop.kind == "shopify":
+        from replicator.connectors.shopify import ShopifyWebhookReceiver
 
-    return WebhookReceiver(shop.secret("webhook_secret"), shop.max_body, store, shop=shop.name)
+        return ShopifyWebhookReceiver(
+            secret, shop.max_body, store, shop=shop.name, e_number_field=shop.e_number_field
+        )
+    if shop.kind == "shopware":
+        from replicator.connectors.shopware import ShopwareWebhookReceiver
+
+        return ShopwareWebhookReceiver(secret, shop.max_body, store, shop=shop.name)
+    return WebhookReceiver(secret, shop.max_body, store, shop=shop.name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -97,12 +98,21 @@ class ShopHttp:
         params: Any = None,
         json_body: Any = None,
         missing_ok: bool = False,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        refused_ok: bool = False,
+        forbidden_ok: bool = False,
     ) -> tuple[httpx.Response, Any]:
         """Send one request; return (response, decoded JSON). ``missing_ok``: a 404 returns
-        (response, None) instead of raising (the *resource* is missing, not the endpoint)."""
+        (response, None) instead of raising (the *resource* is missing, not the endpoint).
+        ``refused_ok``: a 400/422 returns (response, decoded body) for the caller to read the
+        shop's per-item errors; ``forbidden_ok``: a 403 returns (response, None) (a privilege the
+        caller has a fallback for). ``content``/``headers``: a raw body (e.g. a PDF) and its type."""
         what = f"{method} {path}"
         try:
-            resp = self.client.request(method, path, params=params, json=json_body)
+            resp = self.client.request(
+                method, path, params=params, json=json_body, content=content, headers=headers
+            )
         except httpx.TimeoutException as exc:
             raise ShopUnavailable(
                 self._msg(f"{what} timed out after {self.timeout:g}s ({type(exc).__name__})")
@@ -128,6 +138,8 @@ class ShopHttp:
                 self._msg(f"{what}: the shop answered HTTP {status}{self._detail(resp)}"),
                 parse_retry_after(resp.headers.get("Retry-After")),
             )
+        if status == 403 and forbidden_ok:
+            return resp, None
         if status in (401, 403):
             raise ShopError(
                 self._msg(
@@ -136,6 +148,11 @@ class ShopHttp:
             )
         if status == 404 and missing_ok:
             return resp, None
+        if status in (400, 422) and refused_ok:
+            try:
+                return resp, json.loads(resp.content) if resp.content else None
+            except (ValueError, UnicodeDecodeError):
+                return resp, None
         if status == 404:
             raise ShopError(
                 self._msg(
@@ -218,6 +235,51 @@ class RestShopConnector(ShopConnector):
                 f"shop {self.name!r}: order {e_number} not found; cannot attach {filename}"
             )
         return order
+
+    def _push_all_or_nothing(
+        self,
+        latest: dict[str, int],
+        ids: dict[str, str],
+        batch: int,
+        send: Callable[[list[tuple[str, int]]], list[int]],
+    ) -> list[str]:
+        """Push absolute quantities through an API whose stock request is one transaction
+        (Shopify's ``inventorySetQuantities``, Shopware's ``_action/sync``).
+
+        ``ids`` maps the SKUs the shop knows to its ids; ``send`` writes one chunk and returns the
+        indexes of the entries the shop refused — then nothing of the chunk was written, so the
+        refused entries are dropped (and forgotten in ``ids``: looked up again next time) and the
+        rest is sent again. Returns the skipped SKUs: unknown to the shop, then refused."""
+        missing = [s for s in latest if s not in ids]
+        todo = [(s, q) for s, q in latest.items() if s in ids]
+        refused: list[str] = []
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            while chunk:
+                answer = send(chunk)
+                bad = {j for j in answer if 0 <= j < len(chunk)}
+                if not answer:
+                    break
+                if not bad:
+                    raise ShopError(
+                        f"shop {self.name!r}: the shop refused stock entries it did not name"
+                    )
+                for j in sorted(bad):
+                    refused.append(chunk[j][0])
+                    ids.pop(chunk[j][0], None)
+                chunk = [c for j, c in enumerate(chunk) if j not in bad]
+        skipped = missing + refused
+        log.info(
+            "stock pushed", shop=self.name, written=len(todo) - len(refused), skipped=len(skipped)
+        )
+        if skipped:
+            log.warning(
+                "stock skipped for SKUs the shop does not have or refused",
+                shop=self.name,
+                unknown=missing[:10],
+                refused=refused[:10],
+            )
+        return skipped
 
     @staticmethod
     def _invoice_text(filename: str, pdf: bytes) -> str:

@@ -200,7 +200,7 @@ class MagentoConnector(RestShopConnector):
                     except ShopError:
                         failed.append(item["sku"])
         log.info(
-            "stock pushed", shop=self.name, written=len(items) - len(failed), skipped=len(failed)
+            "stock_pushed", shop=self.name, written=len(items) - len(failed), skipped=len(failed)
         )
         if failed:
             log.warning(

@@ -11,6 +11,8 @@ What a delivery goes through:
 2. WooCommerce's ping when a webhook is saved (form body ``webhook_id=N``, unsigned) → 200.
 3. ``X-WC-Webhook-Signature`` must be base64(HMAC-SHA256(secret, raw body)), compared in constant
    time → 401 otherwise.
+   A delivery id or topic header that the ledger cannot keep (control characters, over 64
+   characters) → 400 naming the header.
 4. The raw body goes to ``store_callback`` with its de-duplication keys: the delivery id
    (``X-WC-Webhook-Delivery-ID``) and, as a fallback for redeliveries under a new id, the e-number
    plus the SHA-256 of the body. The callback — the order ledger — checks and stores atomically and
@@ -21,8 +23,10 @@ What a delivery goes through:
 If the callback raises :class:`~replicator.errors.RetryableError` the answer is 503 (WooCommerce
 redelivers later); any other exception is logged and answered 500.
 
-A signed body that is not JSON is still stored (the ledger keeps bad input and parks it as failed
-with a reason) and answered 200, so WooCommerce does not keep redelivering it.
+A signed body that is not JSON — or JSON beyond :mod:`replicator.safejson`'s limits: nested too
+deep, oversized numbers, NUL or invalid Unicode in a string — is still stored (the ledger keeps the
+raw bytes and parks it as failed with the reason) and answered 200, so WooCommerce does not keep
+redelivering it.
 """
 
 from __future__ import annotations
@@ -44,11 +48,15 @@ from typing import Any, BinaryIO, Self
 
 import structlog
 
+from replicator import safejson
 from replicator.errors import RetryableError
 
 log = structlog.get_logger(__name__)
 
 _PING = re.compile(rb"^webhook_id=\d+$")
+# Delivery ids and topics are short tokens ("12345", "order.created").
+_MAX_HEADER = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BodyTooLarge(Exception):
@@ -70,6 +78,9 @@ class WebhookDelivery:
     payload_sha256: str
     raw: bytes
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # True when the receiver read the e-number the platform's own way (Shopify's order name,
+    # Shopware's orderNumber): the ledger then takes it as is instead of guessing from the body.
+    trusted_e_number: bool = False
 
     @property
     def dedup_keys(self) -> tuple[str, ...]:
@@ -142,7 +153,16 @@ def read_limited(
 
 
 class WebhookReceiver:
-    """Verify and hand over WooCommerce webhook deliveries for one shop."""
+    """Verify and hand over WooCommerce webhook deliveries for one shop.
+
+    Other platforms subclass it (:mod:`replicator.connectors.shopify`,
+    :mod:`replicator.connectors.shopware`): their header names, :meth:`expected_signature` and
+    :meth:`delivery_for` differ; size limits, verification order and the store contract do not.
+    """
+
+    signature_header = "X-WC-Webhook-Signature"
+    delivery_header = "X-WC-Webhook-Delivery-ID"
+    topic_header = "X-WC-Webhook-Topic"
 
     def __init__(
         self,
@@ -183,11 +203,26 @@ class WebhookReceiver:
             return 413, {"error": f"body larger than {self.max_body} bytes"}
         return None
 
+    def expected_signature(self, body: bytes) -> bytes:
+        """The signature header the platform sends for ``body`` (WooCommerce: base64 HMAC)."""
+        return base64.b64encode(hmac.new(self._secret, body, hashlib.sha256).digest())
+
     def signature_ok(self, body: bytes, signature: str | None) -> bool:
         if not signature:
             return False
-        expected = base64.b64encode(hmac.new(self._secret, body, hashlib.sha256).digest())
+        expected = self.expected_signature(body)
         return hmac.compare_digest(expected, signature.strip().encode("ascii", "replace"))
+
+    def delivery_for(self, headers: Mapping[str, str], body: bytes) -> WebhookDelivery | None:
+        """The delivery to store for a verified body; None when it carries no order to import."""
+        return WebhookDelivery(
+            shop=self.shop,
+            delivery_id=self._header(headers, self.delivery_header),
+            topic=self._header(headers, self.topic_header),
+            e_number=_e_number(body),
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            raw=body,
+        )
 
     def handle(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         """Answer one delivery: (HTTP status, JSON body)."""
@@ -196,7 +231,7 @@ class WebhookReceiver:
             return early
         if len(body) > self.max_body:
             return 413, {"error": f"body larger than {self.max_body} bytes"}
-        signature = self._header(headers, "X-WC-Webhook-Signature")
+        signature = self._header(headers, self.signature_header)
         if signature is None and _PING.match(body.strip()):
             # WooCommerce pings the URL, unsigned, when a webhook is saved; nothing to store.
             log.info("webhook ping", shop=self.shop, body=body.strip().decode("ascii"))
@@ -206,17 +241,21 @@ class WebhookReceiver:
                 "webhook signature rejected",
                 shop=self.shop,
                 reason="missing" if not signature else "mismatch",
-                delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
+                delivery_id=self._header(headers, self.delivery_header),
             )
-            return 401, {"error": "missing or invalid X-WC-Webhook-Signature"}
-        delivery = WebhookDelivery(
-            shop=self.shop,
-            delivery_id=self._header(headers, "X-WC-Webhook-Delivery-ID"),
-            topic=self._header(headers, "X-WC-Webhook-Topic"),
-            e_number=_e_number(body),
-            payload_sha256=hashlib.sha256(body).hexdigest(),
-            raw=body,
-        )
+            return 401, {"error": f"missing or invalid {self.signature_header}"}
+        bad_header = _bad_header(headers, (self.delivery_header, self.topic_header))
+        if bad_header is not None:
+            log.warning("webhook header refused", shop=self.shop, reason=bad_header)
+            return 400, {"error": bad_header}
+        delivery = self.delivery_for(headers, body)
+        if delivery is None:
+            log.info(
+                "webhook delivery without an order; the next poll covers it",
+                shop=self.shop,
+                topic=self._header(headers, self.topic_header),
+            )
+            return 200, {"status": "ignored"}
         try:
             stored = self.store(delivery)
         except RetryableError as exc:
@@ -246,15 +285,33 @@ class WebhookReceiver:
 
 
 def _e_number(body: bytes) -> str | None:
-    """The order number of a WooCommerce order payload, if the body is one."""
+    """The order number of a WooCommerce order payload, if the body is one (a hostile body —
+    too deep, huge numbers, invalid Unicode — is not: it is stored and parked by the import)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = safejson.loads(body)
+    except safejson.JsonRefused:
         return None
     if not isinstance(data, dict):
         return None
     value = data.get("number") or data.get("id")
     return str(value) if value not in (None, "") else None
+
+
+def _bad_header(
+    headers: Mapping[str, str],
+    names: tuple[str, ...] = ("X-WC-Webhook-Delivery-ID", "X-WC-Webhook-Topic"),
+) -> str | None:
+    """Why a stored header (delivery id, topic) cannot be kept, or None: they go into the
+    ledger's text columns, which hold neither control characters nor unbounded lengths."""
+    for name in names:
+        value = WebhookReceiver._header(headers, name)
+        if value is None:
+            continue
+        if len(value) > _MAX_HEADER:
+            return f"{name}: longer than {_MAX_HEADER} characters"
+        if _CONTROL.search(value):
+            return f"{name}: contains a control character"
+    return None
 
 
 class WebhookServer:

@@ -198,7 +198,7 @@ class WooCommerceConnector(RestShopConnector):
                     self._sku_ids.pop(sku, None)
         skipped = missing + refused
         log.info(
-            "stock pushed", shop=self.name, written=len(items) - len(refused), skipped=len(skipped)
+            "stock_pushed", shop=self.name, written=len(items) - len(refused), skipped=len(skipped)
         )
         if skipped:
             log.warning(

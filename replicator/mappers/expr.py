@@ -159,7 +159,15 @@ PURE_FUNCTIONS: dict[str, tuple[Callable[..., Any], str | None]] = {
     "get": (_get, None),
 }
 # Functions the mapper binds per order (they need the ERP or the mapping tables).
-BOUND_FUNCTIONS: dict[str, str | None] = {"map": "str", "item": "str", "now": "datetime"}
+BOUND_FUNCTIONS: dict[str, str | None] = {
+    "map": "str",
+    # The items table's item column: text or an integer key, whatever the ERP keeps there.
+    "item": None,
+    "now": "datetime",
+    # Plan mappings only (replicator.mappers.plan): any ERP table, the ERP's own numbering.
+    "lookup": None,
+    "next_number": "str",
+}
 
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,

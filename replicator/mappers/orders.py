@@ -37,7 +37,8 @@ from replicator.mappers import expr as ex
 
 log = structlog.get_logger(__name__)
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Hyphens appear in real ERPs' names (Tryton's "sale_line-account_tax"); names are always quoted.
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
 SQLGLOT_DIALECT = {"postgresql": "postgres", "mysql": "mysql", "sqlite": "sqlite"}
 HEADER_NAMES = frozenset({"order", "shop", "e_number", "auto_invoice"})
 LINE_NAMES = HEADER_NAMES | {"line", "line_no"}
@@ -226,8 +227,14 @@ class _Loader:
             return None
 
     def rules(self, key: str, names: frozenset[str]) -> tuple[ColumnRule, ...]:
+        return self.rules_from(key, self.section(key), names)
+
+    def rules_from(
+        self, key: str, sec: dict[str, Any], names: frozenset[str]
+    ) -> tuple[ColumnRule, ...]:
+        """``column = expression or constant`` pairs of one table of the mapping file."""
         out = []
-        for col, value in self.section(key).items():
+        for col, value in sec.items():
             k = f"{key}.{col}"
             if not _IDENT.match(col):
                 self.err(k, f"{col!r} is not a plain column name")
@@ -278,8 +285,8 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def load_mapping(path: str | Path, dialect: str) -> OrderMapping:
-    """Read and check a mapping file (without the ERP); raises ConfigError listing every problem."""
+def read_mapping_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """A mapping file's TOML and the hash of its bytes (ConfigError naming the file)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -289,7 +296,13 @@ def load_mapping(path: str | Path, dialect: str) -> OrderMapping:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    return parse_mapping(data, str(p), dialect, hashlib.sha256(raw).hexdigest())
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+def load_mapping(path: str | Path, dialect: str) -> OrderMapping:
+    """Read and check a mapping file (without the ERP); raises ConfigError listing every problem."""
+    data, digest = read_mapping_file(path)
+    return parse_mapping(data, str(Path(path)), dialect, digest)
 
 
 def parse_mapping(data: dict[str, Any], path: str, dialect: str, digest: str = "") -> OrderMapping:
@@ -469,24 +482,81 @@ def _const_type(v: Any) -> str | None:
     return None
 
 
-def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
-    """Check the mapping against the live ERP schema; raises ConfigError naming file and keys."""
-    insp = sa.inspect(engine)
-    errors: list[str] = []
-    schema: dict[str, dict[str, ColumnInfo]] = {}
+class SchemaCheck:
+    """What a mapping needs from the live ERP schema, checked once at start-up (and by
+    ``check-config --connect``); every problem is named by mapping file and key."""
 
-    def err(key: str, msg: str) -> None:
-        errors.append(f"{mapping.path}: {key}: {msg}")
+    def __init__(self, path: str, engine: sa.Engine) -> None:
+        self.path = path
+        self.insp = sa.inspect(engine)
+        self.errors: list[str] = []
+        self.schema: dict[str, dict[str, ColumnInfo]] = {}
 
-    def table(key: str, name: str | None) -> dict[str, ColumnInfo] | None:
+    def err(self, key: str, msg: str) -> None:
+        self.errors.append(f"{self.path}: {key}: {msg}")
+
+    def table(self, key: str, name: str | None) -> dict[str, ColumnInfo] | None:
+        """The table's columns, or None (and an error under ``key``) when it does not exist."""
         if not name:
             return None
-        cols = reflect_table(insp, name)
+        if name in self.schema:
+            return self.schema[name]
+        cols = reflect_table(self.insp, name)
         if cols is None:
-            err(key, f"table {name!r} does not exist in the ERP")
+            self.err(key, f"table {name!r} does not exist in the ERP")
             return None
-        schema[name] = cols
+        self.schema[name] = cols
         return cols
+
+    def rules(
+        self,
+        cols: dict[str, ColumnInfo] | None,
+        tname: str,
+        rs: tuple[ColumnRule, ...],
+        own: set[str],
+        *,
+        not_null: bool = True,
+        where: str | None = None,
+    ) -> None:
+        """Columns exist and take what the rules yield; with ``not_null``, every NOT NULL column
+        without default is filled by a rule or by ``own`` (columns the writer fills)."""
+        if cols is None:
+            return
+        for r in rs:
+            info = cols.get(r.column)
+            if info is None:
+                self.err(r.key, f"column {r.column!r} does not exist in table {tname!r}")
+                continue
+            vtype = _const_type(r.const) if r.expr is None else r.expr.result_type
+            if vtype and info.kind in _COMPATIBLE and info.kind != "other":
+                if info.kind not in _COMPATIBLE.get(vtype, {info.kind}) and vtype != info.kind:
+                    self.err(r.key, f"yields {vtype} but {tname}.{r.column} is {info.type_name}")
+                elif (
+                    vtype == "str"
+                    and info.kind in ("int", "decimal", "bool", "datetime", "date")
+                    and r.expr is not None
+                    and isinstance(r.expr.tree.body, ex.ast.Constant)
+                ):
+                    self.err(r.key, f"text constant but {tname}.{r.column} is {info.type_name}")
+        if not not_null:
+            return
+        filled = {r.column for r in rs} | own
+        for name, info in cols.items():
+            if not info.nullable and not info.has_default and name not in filled:
+                self.err(
+                    where or tname,
+                    f"column {name!r} is NOT NULL without default and nothing maps it",
+                )
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+
+
+def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
+    """Check the mapping against the live ERP schema; raises ConfigError naming file and keys."""
+    chk = SchemaCheck(mapping.path, engine)
+    insp, err, table = chk.insp, chk.err, chk.table
 
     def column(key: str, cols: dict[str, ColumnInfo] | None, name: str | None, tname: str) -> None:
         if cols is not None and name and name not in cols:
@@ -507,28 +577,7 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
     def rules(
         cols: dict[str, ColumnInfo] | None, tname: str, rs: tuple[ColumnRule, ...], own: set[str]
     ) -> None:
-        if cols is None:
-            return
-        for r in rs:
-            info = cols.get(r.column)
-            if info is None:
-                err(r.key, f"column {r.column!r} does not exist in table {tname!r}")
-                continue
-            vtype = _const_type(r.const) if r.expr is None else r.expr.result_type
-            if vtype and info.kind in _COMPATIBLE and info.kind != "other":
-                if info.kind not in _COMPATIBLE.get(vtype, {info.kind}) and vtype != info.kind:
-                    err(r.key, f"yields {vtype} but {tname}.{r.column} is {info.type_name}")
-                elif (
-                    vtype == "str"
-                    and info.kind in ("int", "decimal", "bool", "datetime", "date")
-                    and r.expr is not None
-                    and isinstance(r.expr.tree.body, ex.ast.Constant)
-                ):
-                    err(r.key, f"text constant but {tname}.{r.column} is {info.type_name}")
-        filled = {r.column for r in rs} | own
-        for name, info in cols.items():
-            if not info.nullable and not info.has_default and name not in filled:
-                err(f"{tname}", f"column {name!r} is NOT NULL without default and nothing maps it")
+        chk.rules(cols, tname, rs, own)
 
     h = table("header.table", mapping.header_table)
     for key, col in (
@@ -603,9 +652,8 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
         it = table("items.table", mapping.items_table)
         column("items.sku_column", it, mapping.sku_column, mapping.items_table)
         column("items.item_column", it, mapping.item_column, mapping.items_table)
-    if errors:
-        raise ConfigError("\n".join(errors))
-    mapping.schema = schema
+    chk.raise_if_any()
+    mapping.schema = chk.schema
 
 
 # --------------------------------------------------------------------------------------- mapping
@@ -664,6 +712,24 @@ def _present(payload: Mapping[str, Any], path: str) -> bool:
     return v is not None and v != "" and v != []
 
 
+def map_value(maps: dict[str, dict[str, str]], path: str, table: Any, value: Any) -> str:
+    """``map(table, value)`` of a mapping file: the ``[maps.<table>]`` entry for ``value``."""
+    entries = maps.get(str(table))
+    if entries is None:
+        raise ex.LookupFailed(f"no [maps.{table}] table in {Path(path).name}")
+    key = "" if value is None else str(value)
+    if key not in entries:
+        raise ex.LookupFailed(
+            f"{table} {key!r} has no ERP mapping (add it under [maps.{table}] in {Path(path).name})"
+        )
+    return entries[key]
+
+
+def is_posted_value(value: Any, posted_values: tuple[Any, ...]) -> bool:
+    """Whether an ERP order's status column says posted (``true`` matches 1, 'True'...)."""
+    return any(value == v or str(value).lower() == str(v).lower() for v in posted_values)
+
+
 class Lookups:
     """The functions a mapping binds per order: ``map``, ``item`` and ``now``.
 
@@ -674,27 +740,18 @@ class Lookups:
     def __init__(
         self,
         mapping: OrderMapping,
-        find_item: Callable[[str], str | None] | None,
+        find_item: Callable[[str], Any] | None,
         now: datetime | None = None,
     ) -> None:
         self.mapping = mapping
         self.find_item = find_item
         self.now = now or datetime.now(UTC).replace(tzinfo=None)
-        self.cache: dict[str, str | None] = {}
+        self.cache: dict[str, Any] = {}
 
     def map(self, table: Any, value: Any) -> str:
-        entries = self.mapping.maps.get(str(table))
-        if entries is None:
-            raise ex.LookupFailed(f"no [maps.{table}] table in {Path(self.mapping.path).name}")
-        key = "" if value is None else str(value)
-        if key not in entries:
-            raise ex.LookupFailed(
-                f"{table} {key!r} has no ERP mapping (add it under [maps.{table}] in "
-                f"{Path(self.mapping.path).name})"
-            )
-        return entries[key]
+        return map_value(self.mapping.maps, self.mapping.path, table, value)
 
-    def item(self, sku: Any) -> str:
+    def item(self, sku: Any) -> Any:
         key = "" if sku is None else str(sku)
         if not key:
             raise ex.LookupFailed("an order line has no SKU")

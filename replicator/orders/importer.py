@@ -1,7 +1,7 @@
 """The order import cycle: download → inbox → criteria → map → write once → ledger.
 
-:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` every
-``orders.interval`` seconds) and what the CLI commands use. Per shop, a cycle
+:class:`OrderImportService` is what the daemon loop drives (``run_cycle(now)`` on the
+``[schedules] orders`` schedule) and what the CLI commands use. Per shop, a cycle
 
 1. asks the connector for orders changed in ``[watermark - overlap, now)`` (the first time
    ``first_lookback_hours`` back), retrying transient shop failures with backoff and jitter;
@@ -43,17 +43,18 @@ from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
 from replicator.failpoints import failpoint
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import OrderMapping, OrderRejected, load_mapping, validate_mapping
-from replicator.orders.inbox import Inbox, Offered, PayloadError, parse_payload
+from replicator.mappers.orders import OrderRejected
+from replicator.mappers.plan import load_any, validate_any
+from replicator.orders.inbox import Inbox, Offered, PayloadError, no_e_number_reason, parse_payload
 from replicator.orders.ledger import Entry, Ledger, ShopState
+from replicator.orders.mappings import AnyMapping, AnyWriter, MappingUnfit, make_writer
 from replicator.orders.writer import (
     ErpUnavailable,
-    ErpWriter,
     NotInErp,
     OrderPosted,
     WriteResult,
     db_message,
-    ensure_e_number_index,
+    is_schema_mismatch,
     is_transient,
 )
 
@@ -102,6 +103,8 @@ class CycleResult:
     skipped: int = 0
     errored: int = 0
     updated: int = 0
+    # Seen again with the same payload: their fate is already recorded (not "skipped" again).
+    unchanged: int = 0
     skipped_orders: list[OrderNote] = field(default_factory=list)
     errored_orders: list[OrderNote] = field(default_factory=list)
     shops: dict[str, str] = field(default_factory=dict)
@@ -122,6 +125,7 @@ class CycleResult:
         return (
             f"total {self.total}, new {self.new}, skipped {self.skipped}, errored {self.errored}"
             + (f", updated {self.updated}" if self.updated else "")
+            + (f", unchanged {self.unchanged}" if self.unchanged else "")
         )
 
 
@@ -142,11 +146,24 @@ def check_criteria(
     crit: ImportCriteria, payload: Mapping[str, Any], status: str | None
 ) -> str | None:
     """None when the order may be imported, else why not (shown to the shop owner)."""
-    st = str(payload.get("status") or status or "").lower()
+    found = next(
+        (v for f in crit.status_fields if (v := ex._get(payload, f)) not in ("", None)), None
+    )
+    st = str(found or status or "").lower()
     allowed = [s.lower() for s in crit.statuses]
     if st not in allowed:
         shown = st or "(none)"
         return f"status {shown!r} is not imported (orders.criteria statuses: {', '.join(allowed)})"
+    if crit.fulfillment_statuses:
+        ful = next(
+            (v for f in crit.fulfillment_fields if (v := ex._get(payload, f)) not in ("", None)), ""
+        )
+        wanted = [s.lower() for s in crit.fulfillment_statuses]
+        if str(ful).lower() not in wanted:
+            return (
+                f"fulfilment {str(ful) or '(none)'!r} is not imported "
+                f"(orders.criteria fulfillment_statuses: {', '.join(wanted)})"
+            )
     if crit.paid_only and not ex._get(payload, crit.paid_field):
         return f"not paid yet ({crit.paid_field} is empty; orders.criteria paid_only = true)"
     if crit.mode == "wait_for_invoice" and not ex._get(payload, crit.invoice_field):
@@ -157,7 +174,7 @@ def check_criteria(
 
 
 class _LoadedMapping:
-    def __init__(self, mapping: OrderMapping, writer: ErpWriter, mtime: float) -> None:
+    def __init__(self, mapping: AnyMapping, writer: AnyWriter, mtime: float) -> None:
         self.mapping = mapping
         self.writer = writer
         self.mtime = mtime
@@ -189,6 +206,11 @@ class OrderImportService:
             dict(connectors) if connectors is not None else None
         )
         self._mappings: dict[str, _LoadedMapping] = {}
+        self._criteria_checked: dict[str, ImportCriteria] = {}
+        # Mapping path -> why it no longer fits the ERP (schema changed under it): the order
+        # service is not ready until a re-validation passes; capture and the rest go on.
+        self._unfit: dict[str, str] = {}
+        self._refit: set[str] = set()  # fits again: its parked orders are retried once
         self._sleep = sleep
         self._executor: ThreadPoolExecutor | None = None
         # Shops whose inbox got new orders (webhooks): imported by one background thread.
@@ -206,8 +228,11 @@ class OrderImportService:
                 self._mapping(shop)
             except ErpUnavailable as exc:
                 # Start anyway: the first cycle checks the mapping once the ERP answers (and
-                # counts as failed until it does). A bad mapping still stops the start-up.
+                # counts as failed until it does). A malformed mapping still stops the start-up.
                 log.warning("order_import_erp_unavailable", shop=shop, error=str(exc))
+            except MappingUnfit as exc:
+                # Start anyway, not ready (/readyz says why); every cycle checks again.
+                log.error("mapping_does_not_fit_erp", shop=shop, error=str(exc))
         with _active_lock:
             _active = self
 
@@ -255,17 +280,24 @@ class OrderImportService:
             if loaded is not None:
                 return loaded
             raise ConfigError(f"{path}: cannot read mapping file: {exc.strerror}") from None
-        if loaded is not None and loaded.mtime == mtime:
+        unfit = key in self._unfit
+        if loaded is not None and loaded.mtime == mtime and not unfit:
             return loaded
         try:
-            m = load_mapping(path, self.cfg.erp.dialect)
-            if loaded is not None and m.hash == loaded.mapping.hash:
+            m = load_any(path, self.cfg.erp.dialect)  # a malformed file stops the start-up
+            if loaded is not None and m.hash == loaded.mapping.hash and not unfit:
                 loaded.mtime = mtime
                 return loaded
-            validate_mapping(m, self.engine)
-            if self.ocfg.create_e_number_index:
-                ensure_e_number_index(self.engine, m)
-            writer = ErpWriter(self.engine, m)
+            try:
+                validate_any(m, self.engine)
+            except ConfigError as exc:
+                if loaded is None:
+                    # The ERP does not fit the mapping (e.g. after an ERP upgrade): the order
+                    # import is not ready and orders wait in the inbox; capture goes on.
+                    self._unfit[key] = str(exc)
+                    raise MappingUnfit(str(exc)) from None
+                raise
+            writer = make_writer(self.engine, m, create_index=self.ocfg.create_e_number_index)
         except sa.exc.DBAPIError as exc:
             # The ERP is unreachable right now: a transient condition, not a bad mapping.
             if loaded is None:
@@ -280,14 +312,27 @@ class OrderImportService:
             # Keep importing with the last good mapping; the operator sees why in the log.
             log.error("mapping_reload_failed", path=key, error=str(exc))
             loaded.mtime = mtime
+            if unfit:
+                # The ERP changed under the mapping: /readyz shows start-up's messages.
+                self._unfit[key] = str(exc)
             return loaded
+        if unfit:
+            log.info("mapping_fits_again", path=key)
+            self._unfit.pop(key, None)
+            self._refit.add(key)
         new = _LoadedMapping(m, writer, mtime)
         if loaded is not None:
             log.info("mapping_reloaded", path=key, hash=m.hash[:12])
         self._mappings[key] = new
         return new
 
-    def writer_for(self, shop: str) -> ErpWriter:
+    def readiness(self) -> tuple[bool, str]:
+        """For ``/readyz``: not ready while a mapping no longer fits the ERP."""
+        if not self._unfit:
+            return True, "mappings fit the ERP"
+        return False, "; ".join(f"{p}: {why}" for p, why in sorted(self._unfit.items()))
+
+    def writer_for(self, shop: str) -> AnyWriter:
         return self._mapping(shop).writer
 
     def _retrying(self, retry_on: Callable[[BaseException], bool]) -> Retrying:
@@ -382,6 +427,7 @@ class OrderImportService:
             self._mapping(shop)
             for e in self._retry_mapping_failures(shop, now):
                 seen.add(e)
+            self._recheck_skipped(shop, now, result)
             self._download(shop, connector, start, end, "poll", now, result, seen)
             reconcile = (
                 state.last_reconcile_at is None
@@ -428,6 +474,7 @@ class OrderImportService:
         try:
             self._mapping(shop)
             self._retry_mapping_failures(shop, now)
+            self._recheck_skipped(shop, now, result)
             self._work_off(shop, now, result)
         except (SyncError, sa.exc.SQLAlchemyError, OSError) as exc:
             self._cycle_failed(shop, state, now, exc, result)
@@ -520,31 +567,31 @@ class OrderImportService:
         self._retrying(retry_on)(fetch)
 
     def _note_arrival(self, order: ShopOrder, offered: Offered, result: CycleResult) -> None:
-        if offered.outcome != "same":
+        # An order seen again unchanged has no new fate: not logged, counted or re-checked
+        # (that made skipped orders flicker to awaiting and log a line every cycle). A change of
+        # the order goes through the inbox ("changed"); of the criteria, _recheck_skipped.
+        if offered.outcome == "same":
+            result.unchanged += 1
+
+    def _recheck_skipped(self, shop: str, now: datetime, result: CycleResult) -> None:
+        """Decide skipped orders again when the criteria they were judged by may have changed:
+        once per service (a config reload builds a new one), in place — never via awaiting."""
+        crit = self.ocfg.criteria_for(shop)
+        if self._criteria_checked.get(shop) == crit:
             return
-        entry = self.ledger.get(order.shop, order.e_number)
-        if entry is None:
-            return
-        if entry.state == "delivered":
-            reason = f"already imported as ERP order {entry.erp_order_no}"
-            log.info("order_skipped", shop=order.shop, e_number=order.e_number, reason=reason)
-            result.skip(order.shop, order.e_number, reason)
-        elif entry.state == "failed":
-            result.skip(
-                order.shop,
-                order.e_number,
-                f"parked as failed earlier: {entry.last_error} "
-                f"(sync-daemon retry {order.e_number})",
-            )
-        elif entry.state == "skipped":
-            # Criteria may have changed in the config: look again.
-            with self.ledger.begin() as conn:
-                self.ledger.update(conn, order.shop, order.e_number, state="awaiting")
+        skipped = [e for e, st, _ in self.ledger.e_numbers(shop) if st == "skipped"]
+        for i in range(0, len(skipped), self.BATCH):
+            self._process_batch(shop, skipped[i : i + self.BATCH], now, result)
+        self._criteria_checked[shop] = crit
 
     def _retry_mapping_failures(self, shop: str, now: datetime) -> list[str]:
         """Orders parked for a mapping problem are retried when the mapping files changed."""
         current = self._mapping(shop).mapping.hash
-        todo = self.ledger.mapping_failures(shop, current)
+        path = str(self._mapping_path(shop))
+        # After the ERP fitted the mapping again every mapping failure is retried ("" matches
+        # no mapping hash); otherwise only those parked under other mapping files.
+        todo = self.ledger.mapping_failures(shop, "" if path in self._refit else current)
+        self._refit.discard(path)
         for e in todo:
             with self.ledger.begin() as conn:
                 self.ledger.update(conn, shop, e, state="awaiting", next_attempt_at=None)
@@ -628,7 +675,9 @@ class OrderImportService:
         by_key = {(o.shop, o.e_number): o for part in results for o in part}
         outcomes = [by_key[(x.shop, x.e_number)] for x in entries]
         with self.ledger.begin() as conn:
-            self.ledger.update_many(conn, [(o.shop, o.e_number, o.values) for o in outcomes])
+            self.ledger.update_many(
+                conn, [(o.shop, o.e_number, o.values) for o in outcomes if o.values]
+            )
             self.ledger.events_many(
                 conn,
                 [
@@ -674,7 +723,7 @@ class OrderImportService:
         self,
         entry: Entry,
         now: datetime,
-        writer: ErpWriter,
+        writer: AnyWriter,
         mapping_hash: str,
         crit: ImportCriteria,
         conn: sa.Connection | None = None,
@@ -715,19 +764,18 @@ class OrderImportService:
         if not isinstance(payload, dict):
             return fail("payload is not a JSON object", "input")
         if e.startswith("unreadable-"):
-            fields = ", ".join(self.ocfg.e_number_fields)
-            return fail(f"payload carries no e-number (looked at: {fields})", "input")
+            return fail(no_e_number_reason(payload, self.ocfg.e_number_fields), "input")
         why = check_criteria(crit, payload, entry.shop_status)
         if why is not None:
+            if entry.state == "skipped" and entry.last_error == why:
+                # Same fate as recorded: nothing to log, count or add to the timeline.
+                return _Outcome(shop, e, {}, None, None)
             log.info("order_skipped", shop=shop, e_number=e, reason=why)
-            event = (
-                None if entry.state == "skipped" and entry.last_error == why else ("skipped", why)
-            )
             return _Outcome(
                 shop,
                 e,
                 {"state": "skipped", "last_error": why, "error_kind": None},
-                event,
+                ("skipped", why),
                 ("skip", why),
             )
         try:
@@ -755,6 +803,11 @@ class OrderImportService:
                     transient=msg,
                 )
             if isinstance(exc, sa.exc.DBAPIError):
+                if is_schema_mismatch(exc):
+                    # Not this order's fault: park it as a mapping problem (retried when the
+                    # mapping changes) and re-validate the mapping before the next order.
+                    self._unfit.setdefault(writer.m.path, db_message(exc))
+                    return fail(f"the mapping no longer fits the ERP: {db_message(exc)}", "mapping")
                 return fail(f"ERP rejected the order: {db_message(exc)}", "input")
             # Bad input never stops the line: whatever this order triggers, park it.
             log.exception("order_import_error", shop=shop, e_number=e)
@@ -795,7 +848,8 @@ class OrderImportService:
         )
 
     def _record(self, conn: sa.Connection, o: _Outcome, now: datetime) -> None:
-        self.ledger.update(conn, o.shop, o.e_number, **o.values)
+        if o.values:
+            self.ledger.update(conn, o.shop, o.e_number, **o.values)
         if o.event is not None:
             self.ledger.event(conn, o.shop, o.e_number, now, o.event[0], o.event[1])
 
@@ -983,8 +1037,10 @@ class OrderImportService:
 
     # -- webhooks -------------------------------------------------------------------------------
 
-    def ingest_webhook_payload(self, shop: str, raw: bytes, delivery_id: str | None) -> bool:
-        """Record a webhook body in the one inbox.
+    def ingest_webhook_payload(
+        self, shop: str, raw: bytes, delivery_id: str | None, e_number: str | None = None
+    ) -> bool:
+        """Record a webhook body in the one inbox (``e_number``: the receiver already knows it).
 
         True when it was stored (a new order or a new version), False for a duplicate (the same
         payload is already recorded) — the receiver's ``StoreCallback`` contract; both are
@@ -996,7 +1052,7 @@ class OrderImportService:
         timeout and redeliveries. The import runs from the inbox right after, on the importer's
         own thread (:meth:`wake`); if the ERP cannot take it then, the next cycle does.
         """
-        offered = self.inbox.offer_webhook(shop, raw, delivery_id, utcnow())
+        offered = self.inbox.offer_webhook(shop, raw, delivery_id, utcnow(), e_number)
         if offered.outcome in ("new", "changed") and offered.entry_state == "awaiting":
             self.wake(shop)
         return offered.outcome != "same"
@@ -1031,7 +1087,10 @@ class OrderImportService:
 
     def store_webhook_delivery(self, delivery: Any) -> bool:
         """``StoreCallback`` for :func:`replicator.connectors.make_webhook_receiver`."""
-        return self.ingest_webhook_payload(delivery.shop, delivery.raw, delivery.delivery_id)
+        trusted = delivery.e_number if getattr(delivery, "trusted_e_number", False) else None
+        return self.ingest_webhook_payload(
+            delivery.shop, delivery.raw, delivery.delivery_id, trusted
+        )
 
 
 def ingest_webhook_payload(shop: str, raw: bytes, delivery_id: str | None) -> bool:

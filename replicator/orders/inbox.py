@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 import sqlalchemy as sa
 import structlog
 
+from replicator import safejson
 from replicator.connectors.base import ShopOrder
 from replicator.failpoints import failpoint
 from replicator.orders.ledger import Entry, Ledger
@@ -40,21 +41,16 @@ class PayloadError(ValueError):
 
 
 def parse_payload(raw: bytes) -> Any:
-    """Decode a raw payload; numbers with a fraction become Decimal (money stays exact)."""
+    """Decode a raw payload; numbers with a fraction become Decimal (money stays exact).
+
+    Parsed within :mod:`replicator.safejson`'s limits (nesting depth, number size) and refused
+    when a string holds what the stores cannot (NUL, a lone surrogate): the order is then parked
+    as failed with the message, which names the field and the limit.
+    """
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PayloadError(
-            f"payload is not UTF-8 text (invalid byte at position {exc.start})"
-        ) from None
-    try:
-        return json.loads(text, parse_float=Decimal)
-    except json.JSONDecodeError as exc:
-        raise PayloadError(
-            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise PayloadError("malformed JSON: nested too deeply") from None
+        return safejson.loads(raw, decimal=True)
+    except safejson.JsonRefused as exc:
+        raise PayloadError(str(exc)) from None
 
 
 def payload_hash(raw: bytes) -> str:
@@ -95,21 +91,50 @@ def diff_payloads(old: bytes, new: bytes) -> list[dict[str, Any]]:
     return out
 
 
+# The ledger's e_number column is VARCHAR(100); "unreadable-" plus a delivery id must fit too.
+MAX_E_NUMBER = 100
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _e_number_value(v: Any) -> str | None:
+    if v is None or v == "" or isinstance(v, dict | list | bool):
+        return None
+    text = str(v)
+    if len(text) > MAX_E_NUMBER or safejson.field_problem(text) is not None:
+        return None
+    return text
+
+
 def e_number_from(payload: Any, fields: tuple[str, ...]) -> str | None:
     if not isinstance(payload, dict):
         return None
     for f in fields:
-        v = payload.get(f)
-        if v is not None and v != "" and not isinstance(v, dict | list | bool):
-            return str(v)
+        e = _e_number_value(payload.get(f))
+        if e is not None:
+            return e
     return None
+
+
+def no_e_number_reason(payload: Any, fields: tuple[str, ...]) -> str:
+    """Why ``payload`` yields no e-number, for the failed order's reason."""
+    looked = ", ".join(fields)
+    if isinstance(payload, dict):
+        for f in fields:
+            v = payload.get(f)
+            if isinstance(v, str | int) and len(str(v)) > MAX_E_NUMBER:
+                return (
+                    f"the e-number in field {f} is {len(str(v))} characters long "
+                    f"(limit {MAX_E_NUMBER}; looked at: {looked})"
+                )
+    return f"payload carries no e-number (looked at: {looked})"
 
 
 def read_webhook(raw: bytes, delivery_id: str | None, fields: tuple[str, ...]) -> tuple[Any, str]:
     """A webhook body's payload (None when it is not readable JSON) and its e-number.
 
     A body without a readable e-number gets ``unreadable-<delivery id or body hash>``, so it is
-    parked in the ledger instead of lost.
+    parked in the ledger instead of lost (a delivery id that is not a short plain token is not
+    used: the key must fit the ledger).
     """
     try:
         payload = parse_payload(raw)
@@ -117,7 +142,9 @@ def read_webhook(raw: bytes, delivery_id: str | None, fields: tuple[str, ...]) -
         payload = None
     e_number = e_number_from(payload, fields)
     if e_number is None:
-        e_number = f"unreadable-{delivery_id or hashlib.sha256(raw).hexdigest()[:12]}"
+        if delivery_id is None or not _DELIVERY_ID.fullmatch(delivery_id):
+            delivery_id = hashlib.sha256(raw).hexdigest()[:12]
+        e_number = f"unreadable-{delivery_id}"
     return payload, e_number
 
 
@@ -233,10 +260,17 @@ class Inbox:
         return [x for x in out if x is not None]
 
     def offer_webhook(
-        self, shop: str, raw: bytes, delivery_id: str | None, now: datetime
+        self,
+        shop: str,
+        raw: bytes,
+        delivery_id: str | None,
+        now: datetime,
+        e_number: str | None = None,
     ) -> Offered:
-        """A webhook body: the e-number is read from the payload; unreadable bodies are parked."""
-        payload, e_number = read_webhook(raw, delivery_id, self.e_number_fields)
+        """A webhook body: the e-number is read from the payload (unless the receiver knew it);
+        unreadable bodies are parked."""
+        payload, read = read_webhook(raw, delivery_id, self.e_number_fields)
+        e_number = e_number or read
         status = payload.get("status") if isinstance(payload, dict) else None
         src = f"webhook {delivery_id}" if delivery_id else "webhook"
         order = ShopOrder(

@@ -202,7 +202,8 @@ class Ledger:
         limit: int | None = None,
         update_pending_queued: bool | None = None,
     ) -> list[Entry]:
-        q = sa.select(*_ENTRY_COLS).order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
+        # Newest orders first; last_seen moves every cycle and would order nothing.
+        q = sa.select(*_ENTRY_COLS).order_by(ledger_t.c.first_seen.desc(), ledger_t.c.id.desc())
         if state:
             q = q.where(ledger_t.c.state == state)
         if shop:

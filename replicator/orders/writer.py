@@ -33,6 +33,7 @@ from replicator.mappers.orders import (
     OrderMapping,
     OrderRejected,
     SeriesSpec,
+    is_posted_value,
     map_order,
     qident,
     qtable,
@@ -97,6 +98,22 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | ConnectionError)
 
 
+# The ERP's schema no longer has what the mapping writes: undefined table/column/function,
+# datatype mismatch, a NOT NULL column nothing fills; MariaDB: unknown column, no such table,
+# field without default, column cannot be null.
+_SCHEMA_SQLSTATE = {"42P01", "42703", "42883", "42804", "23502"}
+_SCHEMA_MYSQL = {1054, 1146, 1364, 1048}
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether an ERP error says the mapping no longer fits the ERP's schema."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in _SCHEMA_SQLSTATE:
+        return True
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()) or ())
+    return len(args) > 0 and args[0] in _SCHEMA_MYSQL
+
+
 def _is_unique_violation(exc: sa.exc.IntegrityError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) == "23505":
@@ -139,7 +156,7 @@ class ErpWriter:
             f"SELECT {q(mapping.order_number_column)} FROM {t} "
             f"WHERE {q(mapping.e_number_column)} = :e"
         )
-        self.item_cache: dict[str, str | None] = {}
+        self.item_cache: dict[str, Any] = {}
         self.unique_e_number = has_unique_index(engine, mapping)
 
     def _q(self, name: str) -> str:
@@ -177,7 +194,7 @@ class ErpWriter:
     def lookups(self, conn: sa.Connection) -> Lookups:
         m = self.m
 
-        def find_item(sku: str) -> str | None:
+        def find_item(sku: str) -> Any:
             if sku in self.item_cache:
                 return self.item_cache[sku]
             if not (m.items_table and m.sku_column and m.item_column):
@@ -188,7 +205,8 @@ class ErpWriter:
                 f"WHERE {self._q(m.sku_column)} = :s",
                 {"s": sku},
             ).first()
-            found = None if row is None else str(row[0])
+            # The ERP's own value and type: an integer item key stays an integer.
+            found = None if row is None else row[0]
             # Only hits are cached across orders: a missing item may be created any moment.
             if found is not None:
                 self.item_cache[sku] = found
@@ -241,18 +259,8 @@ class ErpWriter:
 
     def _insert(self, conn: sa.Connection, table: str, rows: list[dict[str, Any]]) -> None:
         """One multi-row INSERT (one round trip for all lines of an order)."""
-        if not rows:
-            return
-        cols = list(rows[0])
-        values = ", ".join(
-            "(" + ", ".join(f":p{r}_{i}" for i in range(len(cols))) + ")" for r in range(len(rows))
-        )
-        sql = (
-            f"INSERT INTO {qtable(table, self.d)} ({', '.join(self._q(c) for c in cols)}) "
-            f"VALUES {values}"
-        )
-        params = {f"p{r}_{i}": row[c] for r, row in enumerate(rows) for i, c in enumerate(cols)}
-        self._run(conn, sql, params)
+        if rows:
+            self._run(conn, *multi_row_insert(table, rows, self.d))
 
     def _match_customer(self, conn: sa.Connection, mapped: MappedOrder, lock: bool) -> str | None:
         ref, c = mapped.customer, self.m.customer
@@ -404,8 +412,7 @@ class ErpWriter:
         ).first()
         if row is None:
             return None
-        value = row[0]
-        return any(value == v or str(value).lower() == str(v).lower() for v in m.posted_values)
+        return is_posted_value(row[0], m.posted_values)
 
     def replace(
         self,
@@ -481,6 +488,23 @@ class ErpWriter:
             p = m.e_number_prefix
             # Only this shop's orders when e-numbers carry a per-shop prefix.
             return {str(r[0])[len(p) :] for r in rows if str(r[0]).startswith(p)}
+
+
+def multi_row_insert(
+    table: str, rows: list[dict[str, Any]], dialect: str
+) -> tuple[str, dict[str, Any]]:
+    """One INSERT for rows with the same columns: the statement (``:name`` placeholders) and
+    its bound values."""
+    cols = list(rows[0])
+    values = ", ".join(
+        "(" + ", ".join(f":p{r}_{i}" for i in range(len(cols))) + ")" for r in range(len(rows))
+    )
+    sql = (
+        f"INSERT INTO {qtable(table, dialect)} ({', '.join(qident(c, dialect) for c in cols)}) "
+        f"VALUES {values}"
+    )
+    params = {f"p{r}_{i}": row[c] for r, row in enumerate(rows) for i, c in enumerate(cols)}
+    return sql, params
 
 
 def has_unique_index(engine: sa.Engine, mapping: OrderMapping) -> bool:

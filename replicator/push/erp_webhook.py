@@ -8,8 +8,11 @@ the shared secret ``stock_push.webhook_secret`` (or ``invoice_push.webhook_secre
 constant time. Answers (text/plain):
 
 * ``200 Success`` — the SKU/invoice was read from the ERP and pushed to the shop(s);
-* ``400`` unknown ``type`` or missing ``number``; ``401`` bad or missing secret;
-* ``404`` unknown SKU/invoice (not in the ERP); ``409`` the invoice is not booked;
+* ``400`` unknown ``type``, missing ``number``, or a ``number`` no ERP column holds (a NUL or
+  other control character, invalid Unicode, over 200 characters), or a body that is not UTF-8
+  form data / JSON within :mod:`replicator.safejson`'s limits — the message names the field;
+* ``401`` bad or missing secret;
+* ``404`` unknown SKU/invoice (not in the ERP, or a value its key column cannot hold); ``409`` the invoice is not booked;
 * ``422`` the invoice cannot be attached (e.g. its PDF is missing; the reason is recorded);
 * ``503`` the shop is unavailable — the push is queued and retried by the pusher, and the ERP
   may call again (``Retry-After`` is set).
@@ -33,11 +36,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import sqlalchemy as sa
 import structlog
 
+from replicator import safejson
 from replicator.health import Request, Response, RouteHandler
 
 if TYPE_CHECKING:
@@ -58,22 +64,53 @@ def erp_webhook_secret(cfg: Config) -> str | None:
     return None
 
 
+class _BadRequest(ValueError):
+    """A parameter or body the webhook cannot use; the message names it (answered 400)."""
+
+
+# SKUs and invoice numbers are short codes; anything longer is refused before the ERP sees it.
+MAX_NUMBER = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Only ASCII white space around the number is ignored (what a form or a URL may add).
+_SPACE = " \t\r\n\f\v"
+
+
 def _params(req: Request) -> dict[str, str]:
+    """Query parameters, completed by a form or JSON body on POST (the query wins)."""
     params = dict(req.query)
     if req.method == "POST" and req.body:
         ctype = req.headers.get("content-type", "")
-        try:
-            if "json" in ctype:
-                data = req.json()
-                if isinstance(data, dict):
-                    for k, v in data.items():
-                        params.setdefault(str(k), "" if v is None else str(v))
-            else:
-                for k, v in parse_qsl(req.body.decode("utf-8"), keep_blank_values=True):
-                    params.setdefault(k, v)
-        except (ValueError, UnicodeDecodeError):
-            pass
+        if "json" in ctype:
+            try:
+                # Within the depth and number limits; only the fields used are checked for
+                # unstorable text (by _check_number), so stray fields cannot refuse a call.
+                data = safejson.loads(req.body, check_text=False)
+            except safejson.JsonRefused as exc:
+                raise _BadRequest(f"body: {exc}") from None
+            if isinstance(data, dict):
+                for k, v in data.items():
+                    params.setdefault(str(k), "" if v is None else str(v))
+        else:
+            try:
+                text = req.body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _BadRequest(
+                    f"body: not UTF-8 text (invalid byte at position {exc.start})"
+                ) from None
+            for k, v in parse_qsl(text, keep_blank_values=True):
+                params.setdefault(k, v)
     return params
+
+
+def _check_number(number: str) -> None:
+    """Refuse at the edge what no ERP column holds (PostgreSQL refuses NUL in text)."""
+    problem = safejson.field_problem(number)
+    if problem is None and _CONTROL.search(number):
+        problem = "contains a control character"
+    if problem is None and len(number) > MAX_NUMBER:
+        problem = f"longer than {MAX_NUMBER} characters"
+    if problem is not None:
+        raise _BadRequest(f"number: {problem}")
 
 
 def _text(status: int, text: str, **headers: str) -> Response:
@@ -94,7 +131,10 @@ def make_erp_webhook_handler(
     expected = secret.encode()
 
     def handler(req: Request) -> Response:
-        params = _params(req)
+        try:
+            params = _params(req)
+        except _BadRequest as exc:
+            return _text(400, f"Bad request: {exc}")
         given = (
             req.headers.get("x-webhook-secret")
             or req.headers.get("secret")
@@ -105,15 +145,23 @@ def make_erp_webhook_handler(
             log.warning("erp_webhook_unauthorized", client=req.client)
             return _text(401, "Unauthorized: bad or missing secret")
         kind = params.get("type", "")
-        number = params.get("number", "").strip()
+        number = params.get("number", "").strip(_SPACE)
         if kind.lower() not in ("stockupdate", "invoicebooked"):
             return _text(400, f"Unknown type {kind!r}: use type=stockUpdate or type=invoiceBooked")
         if not number:
             return _text(400, "Missing number (the SKU or the invoice number)")
         try:
+            _check_number(number)
+        except _BadRequest as exc:
+            return _text(400, f"Bad request: {exc}")
+        try:
             if kind.lower() == "stockupdate":
                 return _stock(stock, number)
             return _invoice(invoices, number)
+        except sa.exc.DataError:
+            # The ERP's key column cannot hold this value (e.g. letters for an integer SKU),
+            # so no row has it.
+            return _text(404, f"Unknown number {number!r}: the ERP cannot hold such a value")
         except Exception as exc:
             log.exception("erp_webhook_failed", type=kind, number=number)
             return _text(500, f"Internal error: {type(exc).__name__}")

@@ -710,7 +710,8 @@ class StockPushService(ErpReads):
 
 
 def _order_lines(raw: Any) -> list[tuple[str, Decimal]]:
-    """(SKU, quantity) of an order payload as a shop sent it (WooCommerce or Magento)."""
+    """(SKU, quantity) of an order payload as a shop sent it (WooCommerce, Magento, Shopify
+    by poll or webhook, Shopware)."""
     try:
         data = json.loads(bytes(raw).decode("utf-8") if not isinstance(raw, str) else raw)
     except (ValueError, TypeError):
@@ -724,4 +725,15 @@ def _order_lines(raw: Any) -> list[tuple[str, Decimal]]:
     for item in data.get("items") or []:  # Magento (children of configurables carry no qty)
         if isinstance(item, dict) and item.get("sku") and not item.get("parent_item_id"):
             out.append((str(item["sku"]), _dec(item.get("qty_ordered"))))
+    items = data.get("lineItems")
+    if isinstance(items, dict):  # Shopify GraphQL: a connection
+        items = items.get("nodes")
+    for line in items if isinstance(items, list) else []:
+        if not isinstance(line, dict):
+            continue
+        payload = line.get("payload")
+        number = payload.get("productNumber") if isinstance(payload, dict) else None
+        sku = line.get("sku") or number  # Shopify / Shopware
+        if sku:
+            out.append((str(sku), _dec(line.get("quantity"))))
     return out

@@ -51,6 +51,7 @@ import jinja2
 import sqlalchemy as sa
 import structlog
 
+from replicator import safejson
 from replicator.config import redact_url
 from replicator.errors import FatalError
 from replicator.health import HealthServer, Request, Response
@@ -65,8 +66,9 @@ log = structlog.get_logger(__name__, service="manage")
 __all__ = ["ManageApp", "OrderActions", "WebContext", "mount"]
 
 STATIC_FILES = ("manage.css", "manage.js", "favicon.svg")
-ACTIONS = ("accept", "ignore", "cancel")
+ACTIONS = ("accept", "ignore", "cancel", "retry")
 _DONE = {
+    "retried": "Retried: the order was imported again (see its state and timeline).",
     "accepted": "Update accepted: the ERP order now has the shop's new version.",
     "ignored": "Update ignored: the ERP order keeps the imported version.",
     "cancelled": "The ERP order was marked cancelled.",
@@ -90,6 +92,8 @@ class OrderActions(Protocol):
     def ignore(self, e: str, shop: str | None = None) -> None: ...
 
     def cancel(self, e: str, shop: str | None = None) -> str: ...
+
+    def retry(self, e: str, shop: str | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -262,10 +266,16 @@ class ManageApp:
         return {"state": None, "counts": {}, "max_lag": None, "sources": 0, "breakers": []}
 
     def _schedules(self) -> dict[str, Any]:
+        """The schedules of the services this config runs (no phantom invoices service)."""
         try:
-            return dict(self.ctx.config.schedules.all())
+            schedules = dict(self.ctx.config.schedules.all())
         except Exception:
             return {}
+        reported = set(getattr(self._state(), "services", {}) or {})
+        for name in views.unconfigured_services(self.ctx.config):
+            if name not in reported:
+                schedules.pop(name, None)
+        return schedules
 
     def _summary(self) -> dict[str, Any]:
         state = self._state()
@@ -403,6 +413,9 @@ class ManageApp:
             form = dict(parse_qsl(req.body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
             return self._html("error.html", 400, message="the form is not UTF-8")
+        bad = safejson.unstorable(form)
+        if bad is not None:
+            return self._html("error.html", 400, message=f"bad form field {bad}")
         refused = self.csrf.check(req.headers, form.get(FIELD))
         if refused is not None:
             log.warning("manage_post_refused", action=action, client=req.client, reason=refused)
@@ -464,6 +477,9 @@ class ManageApp:
         if action == "ignore":
             importer.ignore(e, shop)
             return "ignored"
+        if action == "retry":
+            importer.retry(e, shop)
+            return "retried"
         importer.cancel(e, shop)
         return "cancelled"
 
@@ -475,6 +491,8 @@ def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
     except sa.exc.SQLAlchemyError as exc:  # the chart stays empty; the page still works
         log.warning("lag_history_unavailable", error=redact(str(exc).splitlines()[0]))
     app = ManageApp(ctx)
-    server.add_route("GET", "/", app.handle_get)
-    server.add_route("POST", "/actions/", app.handle_post, max_body=16 * 1024)
+    # Exact routes (the server matches whole paths): anything else is the server's 404.
+    for path in ("/", "/order", "/favicon.ico", "/fragments/{panel}", "/static/{file}"):
+        server.add_route("GET", path, app.handle_get)
+    server.add_route("POST", "/actions/{action}", app.handle_post, max_body=16 * 1024)
     return app

@@ -164,21 +164,60 @@ def orders_view(
             total = view.counts.get(state, 0)
             per = max(1, per_page)
             page = min(max(1, pages.get(state, 1)), max(1, -(-total // per)))
+            # Newest fate first: imported most recently, or arrived most recently. Not by
+            # last seen: every cycle touches it and the column would reshuffle for nothing.
+            newest = (
+                [ledger_t.c.delivered_at.desc().nulls_last(), ledger_t.c.id.desc()]
+                if state == "delivered"
+                else [ledger_t.c.id.desc()]
+            )
             stmt = (
                 sa.select(*_LIST_COLS)
                 .where(ledger_t.c.state == state)
-                .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
+                .order_by(*newest)
                 .limit(per)
                 .offset((page - 1) * per)
             )
             if q:
                 stmt = stmt.where(_search(q))
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
+            _fate_times(conn, rows)
             for r in rows:
                 if r["last_error"]:
                     r["last_error"] = redact(r["last_error"])
             view.columns.append(OrderColumn(state, rows, total, page, per))
     return view
+
+
+def unconfigured_services(cfg: Any) -> list[str]:
+    """Scheduled services this config does not run (their schedule has a default anyway)."""
+    out = []
+    if not (getattr(cfg.orders, "enabled", False) and getattr(cfg, "shops", ())):
+        out.append("orders")
+    if getattr(cfg, "stock_push", None) is None:
+        out.append("reconcile")
+    if getattr(cfg, "invoice_push", None) is None:
+        out.append("invoices")
+    return out
+
+
+def _fate_times(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    """``fate_at`` of each row: when it was imported (delivered), parked (failed: the last
+    "failed" event) or first seen — never last seen, which every cycle moves to "just now"."""
+    failed = [r["e_number"] for r in rows if r["state"] == "failed"]
+    parked: dict[tuple[str, str], Any] = {}
+    if failed:
+        q = (
+            sa.select(events_t.c.shop, events_t.c.e_number, sa.func.max(events_t.c.at))
+            .where(events_t.c.e_number.in_(failed), events_t.c.event == "failed")
+            .group_by(events_t.c.shop, events_t.c.e_number)
+        )
+        parked = {(str(sh), str(e)): at for sh, e, at in conn.execute(q)}
+    for r in rows:
+        if r["state"] == "delivered" and r.get("delivered_at"):
+            r["fate_at"] = r["delivered_at"]
+        else:
+            r["fate_at"] = parked.get((r["shop"], r["e_number"])) or r["first_seen"]
 
 
 def order_counts(engine: sa.Engine) -> dict[str, int]:
@@ -282,12 +321,20 @@ def map_order_rows(importer: Any, entry: Entry) -> tuple[dict[str, Any] | None, 
     --dry-run``): ({table: rows}, None), or (None, why not). Nothing is written."""
     from replicator.mappers.orders import OrderRejected
     from replicator.orders.inbox import PayloadError, parse_payload
+    from replicator.orders.plan_writer import PlanWriter
 
     try:
         writer = importer.writer_for(entry.shop)
         m = writer.m
         payload = parse_payload(entry.payload)
         crit = importer.ocfg.criteria_for(entry.shop)
+        if isinstance(writer, PlanWriter):
+            # Written in a transaction that is rolled back (real keys, lookups and numbering).
+            with importer.engine.connect() as conn:
+                rows = writer.dry_run(
+                    conn, entry.shop, entry.e_number, payload, crit.mode == "auto_invoice"
+                )
+            return dict(rows), None
         with importer.engine.connect() as conn:
             try:
                 mapped = writer.map(
@@ -470,6 +517,7 @@ class SourceRow:
     chart_seconds: Markup
     chart_bytes: Markup
     samples: int
+    chart_span: str = ""
 
 
 def replication_view(
@@ -485,6 +533,11 @@ def replication_view(
     for r in status_rows:
         source = str(r.get("source"))
         samples: list[LagSample] = history.get(source, [])
+        # Fit the window to the data: a daemon that started 20 minutes ago gets a 20-minute
+        # chart, not a 6-hour box with a sliver at the right (at least 10 minutes wide).
+        first = min((x.at for x in samples), default=start)
+        chart_start = min(end - timedelta(minutes=10), max(start, first))
+        span = human_seconds((end - chart_start).total_seconds())
         ls = r.get("lag_seconds")
         lb = r.get("lag_bytes")
         out.append(
@@ -503,18 +556,19 @@ def replication_view(
                 chart_seconds=sparkline_svg(
                     samples,
                     field="lag_seconds",
-                    start=start,
+                    start=chart_start,
                     end=end,
-                    title=f"lag in seconds of {source}, last {hours:g} hours",
+                    title=f"lag in seconds of {source}, last {span}",
                 ),
                 chart_bytes=sparkline_svg(
                     samples,
                     field="lag_bytes",
-                    start=start,
+                    start=chart_start,
                     end=end,
-                    title=f"lag in bytes of {source}, last {hours:g} hours",
+                    title=f"lag in bytes of {source}, last {span}",
                 ),
                 samples=len(samples),
+                chart_span=span,
             )
         )
     return out

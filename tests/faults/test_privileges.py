@@ -152,7 +152,7 @@ def test_missing_publication_without_create_right_is_a_clear_error(
 
 
 class KeptRetrying(Exception):
-    """The daemon kept retrying a permanent error instead of stopping with exit code 3."""
+    """The daemon kept retrying a permanent error instead of stopping with exit code 4."""
 
 
 @pytest.mark.fault("least-privilege")
@@ -171,8 +171,8 @@ def test_role_without_replication_is_a_clear_error(
     fault_row.injected = "capture role without the REPLICATION attribute"
     fault_row.how_often = "1 start"
     fault_row.checked = (
-        "the error names the missing right; the daemon stops with exit 3 like "
-        "every other fault a person must fix (no endless retry)"
+        "the error names the missing right; the daemon stops with exit 4 (access refused, "
+        "not restarted by systemd) instead of retrying for ever"
     )
     with DaemonProcess(cfg) as d:
         wait_until(lambda: "replication role" in d.output(), 30, what="the permission error")
@@ -182,7 +182,7 @@ def test_role_without_replication_is_a_clear_error(
         except Exception:
             code = None
             fault_row.measured += "; still retrying after 5 s (capture_interrupted, backoff)"
-    if code != 3:
+    if code != 4:
         raise KeptRetrying(f"exit code {code}")
 
 
