@@ -152,10 +152,11 @@ class Daemon:
         )
         code = 0
         try:
-            self.store.setup()
-            self._mark_alive(force=True)
-            self.store.start_checkpointer()
-            self._start_side_services()
+            self._wait_for_staging()
+            if not self.stop.is_set():
+                self._mark_alive(force=True)
+                self.store.start_checkpointer()
+                self._start_side_services()
             while not self.stop.is_set():
                 if self._reload.is_set() or (self._watcher is not None and self._watcher.changed()):
                     self._reload.clear()
@@ -183,6 +184,27 @@ class Daemon:
             self.shutdown()
         log.info("daemon_stopped", exit_code=code)
         return code
+
+    def _wait_for_staging(self) -> None:
+        """Set the staging store up, waiting (with backoff) while its server does not answer —
+        e.g. a staging PostgreSQL that starts after us at boot. Nothing is read from the ERP, an
+        inbox folder, a shop or a webhook before it answers, so nothing is taken that could not
+        be stored. Returns early when a stop is requested."""
+        assert self.store is not None
+        delay = 1.0
+        while True:
+            try:
+                self.store.setup()
+                return
+            except RetryableError as exc:
+                # Only "cannot reach": a refused login or an unwritable SQLite folder is an
+                # AccessError, which no waiting fixes.
+                log.warning("staging_unavailable", error=str(exc), retry_in_seconds=delay)
+                sdnotify.status(f"waiting for the staging store (retry in {delay:.0f} s)")
+                sdnotify.watchdog_ping()  # waiting is not hanging
+                if self.stop.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
 
     def _start_side_services(self) -> None:
         """Log store, notifier, health server: everything around the capture loop."""

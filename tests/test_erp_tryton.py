@@ -27,6 +27,7 @@ from replicator.orders.sample import ROOT
 from tests import test_orders_support as support
 from tests.erp import tryton_db
 from tests.erp.orders import taxed_order
+from tests.helpers import wait_until
 from tests.test_orders_support import erp_rows
 
 service_factory = support.service_factory
@@ -140,6 +141,8 @@ def test_one_sale_per_e_number_through_two_intake_paths_and_link_table(
     shop.put(order)
     raw = shop.orders["7001"][1]
     assert svc.ingest_webhook_payload("shop", raw, "d-1") is True
+    # Answered once stored; the woken import writes it right after.
+    wait_until(lambda: svc.ledger.get("shop", "7001").state == "delivered", 60, 0.05)
     r = svc.run_cycle()  # the poll sees it again
     assert r.new == 0
     assert erp_rows(url, "SELECT count(*) FROM sale_sale WHERE reference = 'WOO-7001'") == [(1,)]

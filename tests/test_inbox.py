@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.connectors.base import ShopOrder
 from replicator.connectors.inbox import InboxConnector, InboxItem
 
 
@@ -151,7 +152,7 @@ def test_mark_failed_moves_with_reason(inbox: InboxConnector) -> None:
     assert (inbox.failed_dir / "x.json").read_bytes() == order("E-5")
 
 
-def test_fetch_orders_consumes_files_as_the_consumer_moves_on(inbox: InboxConnector) -> None:
+def test_fetch_orders_moves_files_only_when_acknowledged(inbox: InboxConnector) -> None:
     # Old timestamps on purpose: a file dropped late is still a new delivery.
     for name, e in (("a", "E-1"), ("b", "E-2"), ("c", "E-3")):
         (inbox.directory / f"{name}.json.tmp").write_bytes(
@@ -161,23 +162,36 @@ def test_fetch_orders_consumes_files_as_the_consumer_moves_on(inbox: InboxConnec
     since = datetime(2026, 11, 1, tzinfo=UTC)
     assert inbox.fetch_order("E-2") is not None  # read-only lookup
 
+    # A consumer that reads everything but stores (acknowledges) nothing: nothing moves, however
+    # far it iterates, and the next call offers every file again.
     deadline = time.monotonic() + 3
-    stored: list[str] = []
-    while len(stored) < 1 and time.monotonic() < deadline:
-        it = inbox.fetch_orders(since)
-        assert isinstance(it, Generator)
-        for o in it:
-            stored.append(o.e_number)
-            break  # the consumer fails after storing the first one
-        it.close()
+    seen: list[str] = []
+    while len(seen) < 3 and time.monotonic() < deadline:
+        seen = [o.e_number for o in inbox.fetch_orders(since)]
         time.sleep(0.05)
-    # The first file is still in the inbox (never confirmed by asking for the next): offered again.
+    assert sorted(seen) == ["E-1", "E-2", "E-3"]
     assert sorted(p.name for p in inbox.directory.glob("*.json")) == ["a.json", "b.json", "c.json"]
-    got = [o.e_number for o in inbox.fetch_orders(since)]
-    assert sorted(got) == ["E-1", "E-2", "E-3"]
+    assert list(inbox.processed_dir.iterdir()) == []
+
+    # The consumer stores the first order, acknowledges it, then fails: only that file moves.
+    it = inbox.fetch_orders(since)
+    assert isinstance(it, Generator)
+    first = next(it)
+    inbox.acknowledge([first])
+    it.close()
+    assert [p.name for p in inbox.processed_dir.iterdir()] == [first.extra["file"]]
+    rest: list[ShopOrder] = []
+    deadline = time.monotonic() + 3
+    while not rest and time.monotonic() < deadline:
+        # Our own reads show up as inotify open/close events a moment later: poll like the daemon.
+        rest = list(inbox.fetch_orders(since))
+        time.sleep(0.05)
+    assert sorted(o.e_number for o in rest) == sorted({"E-1", "E-2", "E-3"} - {first.e_number})
+    inbox.acknowledge(rest)
+    inbox.acknowledge(rest)  # a second acknowledgement of the same orders is harmless
     assert list(inbox.directory.glob("*.json")) == []
     assert sorted(p.name for p in inbox.processed_dir.iterdir()) == ["a.json", "b.json", "c.json"]
-    assert inbox.pending_orders() is not None and list(inbox.fetch_orders(since)) == []
+    assert list(inbox.fetch_orders(since)) == []
 
 
 def test_backlog_is_read_in_batches_and_oversized_files_fail(tmp_path: Path) -> None:
@@ -193,6 +207,7 @@ def test_backlog_is_read_in_batches_and_oversized_files_fail(tmp_path: Path) -> 
         for item in first:
             conn.mark_done(item)
         rest = list(conn.fetch_orders(datetime.now(UTC)))  # drains the remaining batches
+        conn.acknowledge(rest)
         assert sorted(o.e_number for o in rest) == sorted(
             {f"E-{i}" for i in range(25)} - {i.order.e_number for i in first}
         )

@@ -11,6 +11,7 @@ import pytest
 from replicator.orders.importer import utcnow
 from replicator.orders.sample import sample_order
 from tests import test_orders_support as support
+from tests.helpers import wait_until
 from tests.test_orders_support import erp_count, erp_rows
 
 # Fixtures shared by the order tests (pytest finds them as module attributes).
@@ -152,6 +153,7 @@ def test_mapping_failure_is_retried_when_mapping_files_change(
 def test_unreadable_webhook_bodies_are_parked_not_lost(pg_erp_url, service_factory, raw):
     svc, _ = service_factory(pg_erp_url)
     assert svc.ingest_webhook_payload("shop", raw, "dlv-9") is True
+    wait_until(lambda: svc.ledger.list_orders(shop="shop")[0].state == "failed", 30, 0.05)
     entries = svc.ledger.list_orders(shop="shop")
     assert len(entries) == 1 and entries[0].payload == raw
     assert entries[0].e_number == "unreadable-dlv-9"

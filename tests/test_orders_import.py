@@ -12,6 +12,7 @@ import pytest
 from replicator.orders.importer import CANCELLED, utcnow
 from replicator.orders.sample import ListShop, sample_order
 from tests import test_orders_support as support
+from tests.helpers import wait_until
 from tests.test_orders_support import erp_count, erp_rows
 
 # Fixtures shared by the order tests (pytest finds them as module attributes).
@@ -70,7 +71,8 @@ def test_webhook_poll_and_sweep_feed_one_inbox(erp_url, service_factory):
     raw = shop.orders["2001"][1]
     assert svc.ingest_webhook_payload("shop", raw, "delivery-1") is True
     assert svc.ingest_webhook_payload("shop", raw, "delivery-1") is False  # shop redelivers
-    assert svc.ledger.get("shop", "2001").state == "delivered"  # fast path imported it at once
+    # Answered once stored; the import runs from the inbox right after, on its own thread.
+    wait_until(lambda: svc.ledger.get("shop", "2001").state == "delivered", 30, 0.05)
     r = svc.run_cycle()  # poll + first sweep both see it again
     assert r.new == 0 and r.total == 1
     assert erp_rows(erp_url, "SELECT count(*) FROM order_header WHERE e_number = '2001'") == [(1,)]
@@ -303,6 +305,7 @@ def test_webhook_receiver_stores_through_the_import_service(pg_erp_url, service_
     }
     assert receiver.handle(headers, body)[1]["status"] == "stored"
     assert receiver.handle(headers, body)[1]["status"] == "duplicate"
+    wait_until(lambda: svc.ledger.get("shop", "12001").state == "delivered", 30, 0.05)
     assert erp_rows(pg_erp_url, "SELECT e_number, order_no FROM order_header") == [
         ("12001", "SO100001")
     ]
@@ -416,3 +419,34 @@ def test_webhook_only_shop_inbox_is_worked_off_by_the_cycle(tmp_path, pg_erp_url
         assert svc.ledger.get("hooks", "880").state == "delivered"
     finally:
         svc.close()
+
+
+def test_webhook_is_answered_once_stored_not_after_the_erp_write(pg_erp_url, service_factory):
+    """The shop's request waits for the inbox commit only: with the ERP's order table locked
+    (the write would block) the delivery is still answered at once, and the order is imported
+    from the inbox as soon as the ERP takes it — once."""
+    import json
+
+    import psycopg
+
+    svc, _ = service_factory(pg_erp_url)
+    raw = json.dumps(sample_order(13001)).encode()
+    with psycopg.connect(pg_erp_url) as blocker:
+        blocker.execute("LOCK TABLE order_header IN ACCESS EXCLUSIVE MODE")
+        answered = threading.Event()
+        stored: list[bool] = []
+
+        def deliver() -> None:
+            stored.append(svc.ingest_webhook_payload("shop", raw, "d-13001"))
+            answered.set()
+
+        threading.Thread(target=deliver, daemon=True).start()
+        # Answered while the ERP is still locked: the ERP write is not part of the request.
+        assert answered.wait(30), "the webhook waited for the ERP write"
+        assert stored == [True]
+        assert svc.ledger.get("shop", "13001").state == "awaiting"
+        blocker.rollback()
+    wait_until(lambda: svc.ledger.get("shop", "13001").state == "delivered", 60, 0.05)
+    assert erp_rows(pg_erp_url, "SELECT count(*) FROM order_header WHERE e_number = '13001'") == [
+        (1,)
+    ]

@@ -324,3 +324,68 @@ def test_pdf_from_url(shop: Shop, store: StagingStore, tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+_WORKER = """
+import sys
+from pathlib import Path
+from replicator.connectors.magento import MagentoConnector
+from replicator.connectors.woocommerce import WooCommerceConnector
+from replicator.push.invoices import InvoicePushService
+from replicator.staging import StagingStore
+from tests.test_push_invoices import config
+
+kind, url, key, secret, staging, tmp = sys.argv[1:7]
+if kind == "woocommerce":
+    conn = WooCommerceConnector("web", url, key, secret, timeout=5)
+else:
+    conn = MagentoConnector("web", url, key, timeout=5)
+store = StagingStore(staging)
+store.setup()
+svc = InvoicePushService(config(Path(tmp)), store, [conn])
+print(svc.run_cycle(), flush=True)
+svc.close()
+"""
+
+
+def test_kill9_between_shop_accept_and_our_commit_attaches_once(
+    shop: Shop, store: StagingStore, staging_url: str, tmp_path: Path
+) -> None:
+    """The push runs in its own process, frozen by a failpoint right after the shop accepted
+    the note and before ``attached`` is committed, then killed with SIGKILL. The next process
+    finds the invoice still pending, reads the order's notes back, and does not attach again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.helpers import ROOT, wait_until
+
+    if shop.kind not in ("woocommerce", "magento"):
+        pytest.skip("Shopify and Shopware record invoices through their own idempotent APIs")
+    write_pdf(tmp_path, "F1")
+    invoice(store, 1, "booked", shop.e_number(0))
+    if isinstance(shop.emu, WooCommerceEmulator):
+        creds = [shop.emu.consumer_key, shop.emu.consumer_secret]
+    else:
+        creds = [shop.emu.token, ""]
+    args = [sys.executable, "-c", _WORKER, shop.kind, shop.emu.url, *creds, staging_url]
+    args.append(str(tmp_path))
+    env = {**os.environ, "SYNC_DAEMON_FAILPOINT": "invoices.attach@1"}
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    try:
+        wait_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_STOPPED, 60, 0.05)
+        assert len(shop.notes(0)) == 1  # the shop accepted it; our commit did not happen
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    env.pop("SYNC_DAEMON_FAILPOINT")
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "'attached': 1" in second.stdout, second.stdout
+    assert len(shop.notes(0)) == 1, shop.notes(0)
+    assert "invoice-F1.pdf" in shop.notes(0)[0]

@@ -248,6 +248,8 @@ def test_shopware_orders_import_with_criteria(tmp_path: Path, pg_erp_url: str) -
                 {"shopware-shop-signature": sig, "Content-Length": str(len(broken))}, broken
             )
             assert status == 200
+            # Answered once stored; the woken import parks it right after.
+            wait_until(lambda: svc.ledger.get("shopware", "9999").state == "failed", 30, 0.05)
             parked = svc.ledger.get("shopware", "9999")
             assert parked is not None and parked.state == "failed"
             assert "lineItems" in (parked.last_error or "")

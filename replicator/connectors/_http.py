@@ -283,6 +283,40 @@ class RestShopConnector(ShopConnector):
 
     @staticmethod
     def _invoice_text(filename: str, pdf: bytes) -> str:
-        """How an attached invoice is described on the order (name, size, short sha256)."""
+        """How an attached invoice is described on the order (name, size, short sha256); it
+        starts with :meth:`_invoice_marker`."""
         digest = hashlib.sha256(pdf).hexdigest()[:16]
-        return f"Invoice {filename} ({len(pdf)} bytes, sha256 {digest})"
+        return f"{RestShopConnector._invoice_marker(filename)}{len(pdf)} bytes, sha256 {digest})"
+
+    @staticmethod
+    def _invoice_marker(filename: str) -> str:
+        """What identifies our note/comment for one invoice file on the shop order."""
+        return f"Invoice {filename} ("
+
+    def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
+        """Attach the invoice as an order note/comment — unless it is already there.
+
+        The shops take no idempotency key for notes, so a crash between the shop accepting the
+        note and our commit would attach it a second time after the restart. Reading the order's
+        notes back first closes that window: a note carrying this invoice's marker means we
+        attached it before, and nothing is written again.
+        """
+        order = self._invoice_order(e_number, filename)
+        marker = self._invoice_marker(filename)
+        if any(text.startswith(marker) for text in self._order_notes(order)):
+            log.info(
+                "invoice already on the shop order; not attached again",
+                shop=self.name,
+                e_number=e_number,
+                filename=filename,
+            )
+            return
+        self._add_invoice_note(order, e_number, filename, self._invoice_text(filename, pdf))
+
+    def _order_notes(self, order: ShopOrder) -> list[str]:
+        """The texts of the notes/comments on the shop order."""
+        raise NotImplementedError
+
+    def _add_invoice_note(self, order: ShopOrder, e_number: str, filename: str, text: str) -> None:
+        """Write one invoice note/comment on the shop order."""
+        raise NotImplementedError

@@ -16,19 +16,26 @@ Contract:
 * ``fetch_order`` returns None for an e-number the shop does not know; ``attach_invoice`` raises
   :class:`ShopError` for one.
 
-Order sources that are not queried by time window deliver differently:
-:class:`replicator.connectors.inbox.InboxConnector`'s ``fetch_orders`` yields every complete file
-waiting in the folder whatever its time (a dropped file is a delivery) and moves it to processed/
-once the consumer asks for the next order; it also offers ``poll``/``mark_done``/``mark_failed``
-for consumers that decide per order. Webhooks arrive through
-:class:`replicator.connectors.webhook.WebhookReceiver` (a store callback the ledger provides); a
-webhook shop's connector polls the REST API when it has one and yields nothing otherwise.
+Acknowledgement (design invariant 6; one rule for every intake path): an order is acknowledged
+to where it came from only after the order-inbox commit that holds it. The importer stores each
+page of fetched orders in one staging transaction (:meth:`replicator.orders.inbox.Inbox.receive`)
+and only then calls :meth:`ShopConnector.acknowledge` with that page. What acknowledging means is
+the source's business:
+
+* a polled shop (WooCommerce, Magento): nothing per order — its acknowledgement is the watermark,
+  which the importer saves after every page of the window is committed;
+* the inbox folder (:class:`replicator.connectors.inbox.InboxConnector`): the files move to
+  processed/; a file whose order was never acknowledged stays and is offered again;
+* a webhook (:class:`replicator.connectors.webhook.WebhookReceiver`): the 2xx answer, sent when the
+  store callback (``Inbox.receive`` underneath) has returned.
+
+A restart re-offers whatever was not acknowledged; the inbox de-duplicates what was already stored.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -77,6 +84,10 @@ class ShopConnector(ABC):
     @abstractmethod
     def fetch_orders(self, since: datetime, until: datetime | None = None) -> Iterator[ShopOrder]:
         """Orders modified in ``[since, until)`` (UTC)."""
+
+    def acknowledge(self, orders: Sequence[ShopOrder]) -> None:  # noqa: B027 - optional hook
+        """``orders`` are committed to the order inbox: the source may forget them. Called only
+        after that commit; the default does nothing (a polled shop's watermark is the importer's)."""
 
     def fetch_order(self, e_number: str) -> ShopOrder | None:
         """One order by e-number, or None when the shop does not know it."""

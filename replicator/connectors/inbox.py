@@ -12,7 +12,10 @@ For writers that cannot rename, a ``*.json`` file is read only once it is stable
   watcher (events can be lost when the kernel queue overflows) — when its size and mtime have not
   changed for ``settle`` seconds.
 
-The consumer calls :meth:`InboxConnector.poll`, imports each item's order, then
+The order import reads the folder through :meth:`InboxConnector.fetch_orders` and, after the
+order-inbox commit that holds a page of orders, calls :meth:`InboxConnector.acknowledge` (files →
+``processed/``): a file leaves the inbox only once its order is durably stored. Consumers that
+decide per order call :meth:`InboxConnector.poll`, import each item's order, then
 :meth:`InboxConnector.mark_done` (file → ``processed/``) or :meth:`InboxConnector.mark_failed`
 (file → ``failed/`` with ``NAME.reason.txt`` beside it). Files that are not valid UTF-8 JSON orders
 go to ``failed/`` straight away, with the reason, and the next files keep flowing. A file handed out
@@ -27,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +89,11 @@ class _Events(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
             self.q.put(event)
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file this is: a rename or a rewrite under the same name changes it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _fspath(p: bytes | str) -> str:
@@ -254,7 +262,8 @@ class InboxConnector(ShopConnector):
 
     def _read(self, path: Path) -> InboxItem | None:
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            size = st.st_size
             if size > self.max_bytes:
                 self._fail(path, f"file is {size} bytes, more than the {self.max_bytes} allowed")
                 return None
@@ -270,6 +279,7 @@ class InboxConnector(ShopConnector):
         except ValueError as exc:
             self._fail(path, str(exc))
             return None
+        order.extra["read_as"] = _signature(st)
         return InboxItem(path=path, order=order)
 
     def parse(self, raw: bytes, path: Path) -> ShopOrder:
@@ -299,7 +309,7 @@ class InboxConnector(ShopConnector):
             updated_at=updated,
             payload=data,
             raw=raw,
-            extra={"file": path.name},
+            extra={"file": path.name, "path": str(path)},
         )
 
     @staticmethod
@@ -351,19 +361,42 @@ class InboxConnector(ShopConnector):
         """Every complete order file waiting in the inbox, *whatever its time*: a dropped file is a
         delivery, not the answer to a time query, and an old order dropped late must still come in.
 
-        A file moves to processed/ when the consumer asks for the next order (by then it has
-        stored this one, e.g. in the order ledger); if the consumer stops early or raises, the
-        file stays in the inbox and is offered again by the next call.
+        Nothing moves here: a file goes to processed/ only when the consumer acknowledges its
+        order (:meth:`acknowledge`), which it does after the order-inbox commit that holds it.
+        Files not acknowledged by the time the iteration ends (the consumer stopped early, raised,
+        or the process died) stay in the inbox and are offered again by the next call.
         """
-        while items := self.poll():
-            try:
+        handed: list[str] = []
+        try:
+            while items := self.poll():
+                handed.extend(str(item.path) for item in items)
                 for item in items:
                     yield item.order
-                    self.mark_done(item)
-            finally:
-                with self._lock:
-                    for item in items:
-                        self._inflight.discard(str(item.path))
+        finally:
+            with self._lock:
+                for key in handed:
+                    self._inflight.discard(key)
+
+    def acknowledge(self, orders: Sequence[ShopOrder]) -> None:
+        """The orders are committed to the order inbox: move their files to processed/.
+
+        Only a file that is still the one read is moved: if the writer replaced it since (same
+        name, new content), the new file stays and is read as a new delivery.
+        """
+        for order in orders:
+            key, read_as = order.extra.get("path"), order.extra.get("read_as")
+            if key is None or read_as is None:
+                continue  # not read from this folder
+            with self._lock:
+                try:
+                    if _signature(os.stat(key)) != read_as:
+                        continue
+                    self._move(Path(key), self.processed_dir)
+                except FileNotFoundError:
+                    # Moved already (acknowledged twice) or removed by someone: the order is
+                    # stored either way, so nothing is lost.
+                    self._inflight.discard(key)
+                    self._tracks.pop(key, None)
 
     def pending_orders(self) -> Iterator[ShopOrder]:
         """The orders of the files waiting in the inbox, read-only (nothing moved or handed out)."""

@@ -218,15 +218,18 @@ class MagentoConnector(RestShopConnector):
             yield StockUpdate(sku=str(it["sku"]), quantity=int(float(it.get("quantity") or 0)))
 
     # -- invoices --------------------------------------------------------------------------------
-    def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
-        order = self._invoice_order(e_number, filename)
-        comment = self._invoice_text(filename, pdf)
+    def _order_notes(self, order: ShopOrder) -> list[str]:
+        # The order entity carries its comment history (OrderInterface status_histories).
+        histories = order.payload.get("status_histories") or []
+        return [str(h.get("comment") or "") for h in histories if isinstance(h, dict)]
+
+    def _add_invoice_note(self, order: ShopOrder, e_number: str, filename: str, text: str) -> None:
         self.http.request(
             "POST",
             f"/orders/{order.extra['entity_id']}/comments",
             json_body={
                 "statusHistory": {
-                    "comment": comment,
+                    "comment": text,
                     "is_customer_notified": 0,
                     "is_visible_on_front": 0,
                     "parent_id": order.extra["entity_id"],

@@ -216,13 +216,15 @@ class WooCommerceConnector(RestShopConnector):
                 yield StockUpdate(sku=p["sku"], quantity=int(p["stock_quantity"]))
 
     # -- invoices --------------------------------------------------------------------------------
-    def attach_invoice(self, e_number: str, filename: str, pdf: bytes) -> None:
-        order = self._invoice_order(e_number, filename)
-        note = self._invoice_text(filename, pdf)
+    def _order_notes(self, order: ShopOrder) -> list[str]:
+        _, notes = self.http.request("GET", f"/orders/{order.extra['order_id']}/notes")
+        return [str(n.get("note") or "") for n in notes or [] if isinstance(n, dict)]
+
+    def _add_invoice_note(self, order: ShopOrder, e_number: str, filename: str, text: str) -> None:
         if self.invoice_url:
-            note += ": " + self.invoice_url.format(filename=filename, e_number=e_number)
+            text += ": " + self.invoice_url.format(filename=filename, e_number=e_number)
         self.http.request(
             "POST",
             f"/orders/{order.extra['order_id']}/notes",
-            json_body={"note": note, "customer_note": False},
+            json_body={"note": text, "customer_note": False},
         )

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,17 +41,11 @@ from replicator.config.orders import ImportCriteria, OrdersSection
 from replicator.connectors.base import ShopConnector, ShopOrder
 from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
+from replicator.failpoints import failpoint
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import OrderRejected
 from replicator.mappers.plan import load_any, validate_any
-from replicator.orders.inbox import (
-    Inbox,
-    Offered,
-    PayloadError,
-    no_e_number_reason,
-    parse_payload,
-    read_webhook,
-)
+from replicator.orders.inbox import Inbox, Offered, PayloadError, no_e_number_reason, parse_payload
 from replicator.orders.ledger import Entry, Ledger, ShopState
 from replicator.orders.mappings import AnyMapping, AnyWriter, MappingUnfit, make_writer
 from replicator.orders.writer import (
@@ -74,6 +69,10 @@ def utcnow() -> datetime:
 
 def _naive(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+
+
+def _as_generator(it: Iterator[ShopOrder]) -> Generator[ShopOrder, None, None]:
+    yield from it
 
 
 @dataclass(frozen=True)
@@ -214,6 +213,14 @@ class OrderImportService:
         self._refit: set[str] = set()  # fits again: its parked orders are retried once
         self._sleep = sleep
         self._executor: ThreadPoolExecutor | None = None
+        # Shops whose inbox got new orders (webhooks): imported by one background thread.
+        self._woken: set[str] = set()
+        self._woken_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._waker: threading.Thread | None = None
+        # One import of a shop's inbox at a time (the cycle and the woken thread share it).
+        self._shop_locks: dict[str, threading.Lock] = {}
         # Validate every mapping in use at start-up: a bad mapping is a configuration error.
         shops = {s.name for s in getattr(cfg, "shops", ())} | set(self._connectors or {})
         for shop in sorted(shops) or ["default"]:
@@ -236,6 +243,10 @@ class OrderImportService:
         with _active_lock:
             if _active is self:
                 _active = None
+        self._closing.set()
+        self._wake.set()
+        if self._waker is not None:
+            self._waker.join(timeout=30)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         for c in (self._connectors or {}).values():
@@ -438,6 +449,7 @@ class OrderImportService:
         except (SyncError, sa.exc.SQLAlchemyError, OSError) as exc:
             self._cycle_failed(shop, state, now, exc, result)
             return
+        failpoint("orders.watermark")
         watermark = state.watermark
         covers = state.watermark is None or start <= state.watermark
         if covers and (watermark is None or end > watermark):
@@ -523,8 +535,9 @@ class OrderImportService:
 
             def flush() -> None:
                 # One staging transaction per page of orders: the inbox commit is the durable
-                # point, and batching it keeps a large catch-up download fast.
-                offered = self.inbox.offer_many(page, source, now)
+                # point, and batching it keeps a large catch-up download fast. The source hears
+                # "done" for exactly this page, and only after that commit.
+                offered = self.inbox.receive(page, source, now, connector.acknowledge)
                 for order, o in zip(page, offered, strict=True):
                     if order.e_number not in seen:
                         seen.add(order.e_number)
@@ -533,11 +546,14 @@ class OrderImportService:
                 page.clear()
 
             window = (since.replace(tzinfo=UTC), until.replace(tzinfo=UTC))
-            for order in connector.fetch_orders(*window):
-                page.append(order)
-                if len(page) >= 100:
-                    flush()
-            flush()
+            # closing(): a failed page ends the fetch at once, so the source takes back what it
+            # handed out and not acknowledged (the retry below is offered it again).
+            with closing(_as_generator(connector.fetch_orders(*window))) as orders:
+                for order in orders:
+                    page.append(order)
+                    if len(page) >= 100:
+                        flush()
+                flush()
 
         # The inbox de-duplicates, so re-running a partly done fetch after a retry is harmless.
         def retry_on(e: BaseException) -> bool:
@@ -594,6 +610,12 @@ class OrderImportService:
         order in its own ERP transaction); the ledger notes a whole batch in one staging
         transaction afterwards. A crash in between leaves those orders ``awaiting``; the next run
         finds their e-numbers in the ERP and records them (no second ERP order)."""
+        with self._woken_lock:
+            lock = self._shop_locks.setdefault(shop, threading.Lock())
+        with lock:
+            self._work_off_locked(shop, now, result)
+
+    def _work_off_locked(self, shop: str, now: datetime, result: CycleResult) -> None:
         done: set[str] = set()
         while True:
             due = [(e, s) for e, s in self.ledger.due(shop, now, limit=self.BATCH) if e not in done]
@@ -1023,18 +1045,45 @@ class OrderImportService:
         True when it was stored (a new order or a new version), False for a duplicate (the same
         payload is already recorded) — the receiver's ``StoreCallback`` contract; both are
         answered 2xx. When the staging store cannot take it the error propagates, so the
-        receiver answers 5xx and the shop delivers again. A stored order is imported right away
-        when possible (the fast path); if that fails it waits for the next cycle.
+        receiver answers 5xx and the shop delivers again.
+
+        The shop is answered as soon as the delivery is committed to the inbox — the ERP write
+        (0.1-0.3 s an order) is not part of the request, so bursts do not run into the shop's
+        timeout and redeliveries. The import runs from the inbox right after, on the importer's
+        own thread (:meth:`wake`); if the ERP cannot take it then, the next cycle does.
         """
-        now = utcnow()
-        offered = self.inbox.offer_webhook(shop, raw, delivery_id, now, e_number)
+        offered = self.inbox.offer_webhook(shop, raw, delivery_id, utcnow(), e_number)
         if offered.outcome in ("new", "changed") and offered.entry_state == "awaiting":
-            e = e_number or read_webhook(raw, delivery_id, self.ocfg.e_number_fields)[1]
-            try:
-                self.process(shop, e, now)
-            except (SyncError, sa.exc.SQLAlchemyError) as exc:
-                log.warning("webhook_import_deferred", shop=shop, e_number=e, error=str(exc))
+            self.wake(shop)
         return offered.outcome != "same"
+
+    def wake(self, shop: str) -> None:
+        """Import what the inbox holds for ``shop`` now, on the importer's background thread."""
+        with self._woken_lock:
+            self._woken.add(shop)
+            if self._waker is None and not self._closing.is_set():
+                self._waker = threading.Thread(
+                    target=self._work_woken, name="order-import-woken", daemon=True
+                )
+                self._waker.start()
+        self._wake.set()
+
+    def _work_woken(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._woken_lock:
+                shops, self._woken = self._woken, set()
+            for shop in sorted(shops):
+                if self._closing.is_set():
+                    return
+                try:
+                    self.work_off(shop)
+                except (SyncError, sa.exc.SQLAlchemyError, OSError) as exc:
+                    # The orders stay awaiting in the inbox; the next cycle imports them.
+                    log.warning("order_import_deferred", shop=shop, error=str(exc))
+                except Exception:
+                    log.exception("order_import_woken_failed", shop=shop)
 
     def store_webhook_delivery(self, delivery: Any) -> bool:
         """``StoreCallback`` for :func:`replicator.connectors.make_webhook_receiver`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -26,6 +27,7 @@ import structlog
 
 from replicator import safejson
 from replicator.connectors.base import ShopOrder
+from replicator.failpoints import failpoint
 from replicator.orders.ledger import Entry, Ledger
 
 log = structlog.get_logger(__name__)
@@ -159,6 +161,31 @@ class Inbox:
         self.ledger = ledger
         self.e_number_fields = e_number_fields
 
+    def receive(
+        self,
+        orders: Sequence[ShopOrder],
+        source: str,
+        now: datetime,
+        acknowledge: Callable[[Sequence[ShopOrder]], None] | None = None,
+    ) -> list[Offered]:
+        """The one acknowledgement rule of every intake path (design invariant 6): store the
+        orders in one staging transaction, and only after that commit tell the source.
+
+        ``acknowledge`` is the source's own "done" (inbox files → processed/); a webhook's is the
+        2xx its receiver sends once this returns; a polled shop's is the watermark the importer
+        saves after the whole window went through here. A crash before the acknowledgement
+        leaves the orders with the source, which offers them again; this inbox then recognises
+        them (``same``), so nothing is lost and nothing is stored twice.
+        """
+        if not orders:
+            return []
+        failpoint("orders.receive")
+        offered = self.offer_many(list(orders), source, now)
+        failpoint("orders.acknowledge")
+        if acknowledge is not None:
+            acknowledge(orders)
+        return offered
+
     def offer(self, order: ShopOrder, source: str, now: datetime) -> Offered:
         raw = order.raw or json.dumps(order.payload, default=str).encode("utf-8")
         return self.offer_raw(order.shop, order.e_number, raw, source, now, status=order.status)
@@ -246,7 +273,16 @@ class Inbox:
         e_number = e_number or read
         status = payload.get("status") if isinstance(payload, dict) else None
         src = f"webhook {delivery_id}" if delivery_id else "webhook"
-        return self.offer_raw(shop, e_number, raw, src, now, status=str(status) if status else None)
+        order = ShopOrder(
+            shop=shop,
+            e_number=e_number,
+            status=str(status) if status else "",
+            updated_at=now,
+            payload=payload if isinstance(payload, dict) else {},
+            raw=raw,
+        )
+        # The receiver answers 2xx when this returns: that answer is the acknowledgement.
+        return self.receive([order], src, now)[0]
 
     def offer_raw(
         self,

@@ -16,9 +16,10 @@ The cycle (:meth:`InvoicePushService.run_cycle`):
 
 Why nothing is lost and nothing is attached twice: the queue row is durable before the cursor
 moves, so a crash re-reads the entries and finds them queued (an invoice key is queued once,
-ever); an invoice is ``attached`` only after the shop accepted the PDF. The one window left: a
-crash between the shop's answer and the ``attached`` commit attaches the PDF again after the
-restart (the shops offer no idempotency key for order notes/comments).
+ever); an invoice is ``attached`` only after the shop accepted the PDF. A crash between the
+shop's answer and the ``attached`` commit does not attach it twice either: the shops offer no
+idempotency key for order notes/comments, so the connector reads the order's notes back before
+writing and skips an invoice whose note (marked ``Invoice <filename> (``) is already there.
 
 Wiring (for ``replicator/daemon.py``)::
 
@@ -53,6 +54,7 @@ from replicator.config import Config
 from replicator.config.push import InvoicePushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable
 from replicator.errors import RetryableError
+from replicator.failpoints import failpoint
 from replicator.push.common import (
     ErpReads,
     JournalReader,
@@ -386,6 +388,7 @@ class InvoicePushService(ErpReads):
                 return InvoiceResult(label, "pending", "rate limit")
             with self._lock:
                 self.connector.attach_invoice(e_number, filename, pdf)
+            failpoint("invoices.attach")
         except (ShopUnavailable, RetryableError) as exc:
             wait = self.gate.failed(str(exc), getattr(exc, "retry_after", None))
             self._set(key, last_error=str(exc), e_number=e_number)

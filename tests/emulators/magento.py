@@ -223,6 +223,8 @@ class MagentoEmulator(ShopEmulator):
                 "payment": {
                     "method": o.payment_method,
                     "additional_information": [o.payment_title],
+                    # Set once the order is invoiced/captured (OrderPaymentInterface amount_paid).
+                    **({"amount_paid": float(o.total)} if o.paid else {}),
                 },
                 "shipping_amount": float(o.shipping),
                 "shipping_description": "PostNord - Fixed",

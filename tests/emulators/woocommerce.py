@@ -227,6 +227,11 @@ class WooCommerceEmulator(ShopEmulator):
                 return Response(200, order)
             if (m := re.fullmatch(r"/orders/(\d+)/notes", path)) and req.method == "POST":
                 return self._add_note(int(m[1]), req)
+            if (m := re.fullmatch(r"/orders/(\d+)/notes", path)) and req.method == "GET":
+                # "List all order notes" (REST API v3): every note of the order, newest first.
+                if int(m[1]) not in self.orders:
+                    return _error(404, "woocommerce_rest_shop_order_invalid_id", "Invalid ID.")
+                return Response(200, list(reversed(self.notes.get(int(m[1]), []))))
             if path == "/products" and req.method == "GET":
                 return self._list_products(req)
             if path == "/products" and req.method == "POST":

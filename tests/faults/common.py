@@ -242,6 +242,9 @@ def orders_config(
     max_body: int = 65536,
     extra_orders: str = "",
     writer_url: str | None = None,
+    capture: str = "",
+    schedule: str = "every 1s",
+    staging_url: str | None = None,
 ) -> Path:
     """A daemon config that captures ``order_header`` and imports orders continuously from
     ``shops`` (dicts of ``[[shops]]`` keys), with the sample mapping."""
@@ -252,17 +255,19 @@ def orders_config(
 
     (tmp / "mappings").mkdir(parents=True, exist_ok=True)
     shutil.copy(SAMPLE_MAPPING, tmp / "mappings" / "orders.toml")
+    default_staging = f"sqlite:///{tmp / 'staging.db'}"
     text = (
         f'[erp]\ndsn = "{erp_url}"\n'
         + (f'writer_dsn = "{writer_url}"\n' if writer_url else "")
         + "\n"
-        '[capture]\ntables = ["public.order_header"]\nbatch_ms = 50\nheartbeat_interval = 1\n\n'
-        f'[staging]\nurl = "sqlite:///{tmp / "staging.db"}"\n\n'
+        '[capture]\ntables = ["public.order_header"]\nbatch_ms = 50\nheartbeat_interval = 1\n'
+        f"{capture}\n"
+        f'[staging]\nurl = "{staging_url or default_staging}"\n\n'
         '[health]\nlisten = "127.0.0.1:0"\n\n'
         f'[daemon]\nstate_dir = "{tmp / "state"}"\n\n[logging]\nformat = "json"\n\n'
         f"[orders]\nenabled = true\nbackoff_initial = 0.2\nbackoff_max = 1.0\nretry_attempts = 3\n"
         f"workers = {workers}\nfirst_lookback_hours = 48\n{extra_orders}\n"
-        '[schedules]\norders = "every 1s"\n\n'
+        f'[schedules]\norders = "{schedule}"\n\n'
     )
     for shop in shops:
         text += "[[shops]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in shop.items())
@@ -271,6 +276,22 @@ def orders_config(
     path.write_text(text)
     path.chmod(0o600)
     return path
+
+
+def install_triggers(cfg: Path) -> None:
+    """``sync-daemon triggers install`` for ``cfg`` (trigger capture mode), as an operator runs it."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "sync_daemon.py"), "triggers", "install", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def health_url(log_text: str) -> str | None:

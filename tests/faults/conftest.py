@@ -50,6 +50,12 @@ PLANNED: dict[str, str] = {
     "http-fuzz": "hypothesis fuzz of the daemon's HTTP endpoints (/healthz, /readyz, /metrics, ...)",
     "shop-faults": "webshop answering 500, 429 + Retry-After, timeouts, truncated and non-JSON bodies",
     "kill9-order-import": "kill -9 during an order import between the ERP commit and the ledger update",
+    "kill9-order-intake": "kill -9 at the acknowledgement point of each intake path (inbox folder, "
+    "webhook, WooCommerce poll, Magento poll) into each ERP (PostgreSQL, MariaDB)",
+    "erp-restart-orders": "ERP PostgreSQL stopped and restarted in the middle of order transactions",
+    "staging-down-at-start": "staging store unreachable when the daemon starts, orders waiting",
+    "triggers-kill9": "kill -9 in trigger capture mode (PostgreSQL, MariaDB) with concurrent writers",
+    "triggers-erp-restart": "ERP PostgreSQL restarted in trigger capture mode with writers",
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from replicator.localpg import LocalCluster
+from tests import test_orders_support as support
 from tests.faults.common import (
     RSS_LIMIT_MB,
     TABLES,
@@ -24,12 +25,17 @@ from tests.faults.common import (
     Writer,
     check_staging_equals_source,
     erp_connect,
+    ledger_states,
+    orders_config,
     seed_erp,
 )
 from tests.faults.conftest import Row
-from tests.helpers import DaemonProcess, assert_staging_equals_source, base_config
+from tests.faults.test_order_intake_kill9 import FolderIntake, burst, erp_e_numbers
+from tests.helpers import DaemonProcess, assert_staging_equals_source, base_config, wait_until
 
 FULL = pytest.mark.faults_full
+_pg_erp_template = support._pg_erp_template
+pg_erp_url = support.pg_erp_url
 
 
 def _survived(d: DaemonProcess, row: Row, cfg: Path, tmp_path: Path) -> tuple[DaemonProcess, bool]:
@@ -163,6 +169,67 @@ def test_staging_sqlite_disk_full(
         assert sampler.peak_mb < RSS_LIMIT_MB
         if not survived:
             raise DaemonDidNotSurvive(fault_row.notes)
+        assert d.terminate() == 0
+    finally:
+        d.kill9()
+
+
+@pytest.mark.fault("staging-down-at-start")
+def test_staging_unreachable_at_start_up(
+    pg_erp_url: str, own_cluster: LocalCluster, tmp_path: Path, fault_row: Row, seed: int
+) -> None:
+    """The daemon starts while its staging PostgreSQL is down and order files wait in the inbox
+    folder: nothing may be taken from the folder before the staging store holds it. Once the
+    staging store is up, every dropped order is in the ERP exactly once."""
+    staging = own_cluster.createdb("staging")
+    own_cluster.stop("fast")
+    intake = FolderIntake(tmp_path)
+    cfg = orders_config(tmp_path, pg_erp_url, [intake.shop()], staging_url=staging)
+    intake.deliver(burst(30, seed, first=700_000))
+    fault_row.injected = (
+        "staging PostgreSQL (own cluster) stopped before `sync-daemon run` starts; 30 order "
+        "files waiting in the inbox folder; staging started after 8 s"
+    )
+    fault_row.how_often = "1 start-up"
+    fault_row.checked = (
+        "no file leaves the inbox while staging is down; after staging is up: files dropped "
+        "= orders in the ERP, each exactly once; how the daemon rode it out"
+    )
+    d = DaemonProcess(cfg).start()
+    try:
+        with RssSampler(lambda: d.pid if d.alive() else None) as sampler:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                assert intake.acknowledged() == set(), "a file left the inbox, staging is down"
+                time.sleep(0.2)
+            own_cluster.start()
+            d, survived = _survived(d, fault_row, cfg, tmp_path)
+            wait_until(
+                lambda: (
+                    intake.settled()
+                    and all(
+                        st == "delivered"
+                        for (_, e), st in ledger_states(staging).items()
+                        if e in intake.delivered()
+                    )
+                    and len(ledger_states(staging)) == 30
+                ),
+                120,
+                0.5,
+                "every dropped order delivered",
+            )
+            in_erp = erp_e_numbers(pg_erp_url)
+            assert set(in_erp) == intake.delivered(), set(in_erp) ^ intake.delivered()
+            assert all(n == 1 for n in in_erp.values()), in_erp
+        fault_row.peak_rss_mb = sampler.peak_mb
+        assert survived, fault_row.notes
+        out = d.output()
+        assert '"staging_unavailable"' in out and "Traceback" not in out, out[-2000:]
+        fault_row.measured = (
+            f"0 files taken while staging was down; dropped {len(intake.delivered())} = in the "
+            f"ERP {len(in_erp)}, 0 doubled; daemon "
+            + "waited for staging (`staging_unavailable` warnings with backoff, no traceback)"
+        )
         assert d.terminate() == 0
     finally:
         d.kill9()
