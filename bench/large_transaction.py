@@ -74,7 +74,7 @@ def run(mode: str, rows: int, batch: int, workdir: Path) -> dict[str, Any]:
     writer = threading.Thread(target=other_writer)
     writer.start()
     started = time.monotonic()
-    txn = store.begin("bench")
+    txn = store.begin("bench", spill=True)
     if mode == "direct":
         _ = txn.conn  # open the staging transaction now: every flush goes into it
     for i in range(1, rows + 1):

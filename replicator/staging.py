@@ -1039,9 +1039,12 @@ class StagingStore:
         finally:
             txn.close()
 
-    def begin(self, source: str = "") -> ApplyTxn:
+    def begin(self, source: str = "", *, spill: bool = False) -> ApplyTxn:
+        """An apply transaction; ``spill``: a flush before it is open parks the chunk in a spill
+        table (SQLite; see :class:`ApplyTxn`), for a source whose transactions may stay open
+        across cycles of the daemon's loop."""
         self.setup()
-        return ApplyTxn(self, source)
+        return ApplyTxn(self, source, spill=spill)
 
     def reset_source(self, source: str, tables: Sequence[str]) -> None:
         """Forget a source: empty its mirrors and drop its checkpoint (resync, re-snapshot)."""
@@ -1249,8 +1252,9 @@ class ApplyTxn:
     all or nothing.
 
     The database transaction is opened lazily, at the first write that needs it. On SQLite a
-    write transaction locks the whole database, so a flush in the middle of a large source
-    transaction does not write into an open transaction there: it *spills* the chunk into a
+    write transaction locks the whole database, so for the logical source (``spill=True``: its
+    large source transactions outlive a cycle of the daemon's loop) a flush in the middle of a
+    source transaction does not write into an open transaction: it *spills* the chunk into a
     spill table (see :class:`_Spill`) in a short transaction of its own, and the commit moves
     every spilled chunk into the mirrors, in order, inside the one transaction that also holds
     the checkpoint. Readers never see half a source transaction; other writers of the staging
@@ -1259,9 +1263,10 @@ class ApplyTxn:
     open while Python produces it (its WAL mode is documented to degrade there).
     """
 
-    def __init__(self, store: StagingStore, source: str = "") -> None:
+    def __init__(self, store: StagingStore, source: str = "", *, spill: bool = False) -> None:
         self.store = store
         self.source = source
+        self.spills = spill and store.dialect == "sqlite"
         self._conn: sa.Connection | None = None
         self._tx: sa.RootTransaction | None = None
         self._pending: dict[str, _Pending] = {}
@@ -1342,7 +1347,7 @@ class ApplyTxn:
         transaction, or (SQLite, none open yet) into the spill, in a short transaction."""
         if not self._pending:
             return
-        if self._conn is None and self.store.dialect == "sqlite":
+        if self._conn is None and self.spills:
             if self._spill is None:
                 self._spill = _Spill(self.store)
             self._spill.write(self._pending)

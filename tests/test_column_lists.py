@@ -68,6 +68,8 @@ def _writer(url: str, stop: threading.Event, count: list[int]) -> None:
                     (k, f"new-{k}", f"{k}@example.com"),
                 )
             count[0] += 1
+            # A steady load, not a flood: capture must keep up for the test to mean anything.
+            stop.wait(0.002)
 
 
 def _mirror_columns(staging_url: str) -> list[str]:

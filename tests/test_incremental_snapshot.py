@@ -60,6 +60,8 @@ def _writer(url: str, stop: threading.Event, seed: int, count: list[int]) -> Non
                     (k, f"NEW-{k}"),
                 )
             count[0] += 1
+            # A steady load, not a flood: capture must keep up for the test to mean anything.
+            stop.wait(0.002)
 
 
 def _extra(staging_url: str) -> dict[str, Any]:

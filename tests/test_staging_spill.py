@@ -59,7 +59,7 @@ def _journal(store: StagingStore) -> list[tuple[Any, ...]]:
 
 
 def _apply(store: StagingStore, changes: list[Change], flush_every: int, direct: bool) -> None:
-    txn = store.begin("erp")
+    txn = store.begin("erp", spill=True)
     if direct:
         _ = txn.conn  # open the transaction now: every flush writes into it
     for i, ch in enumerate(changes, 1):
@@ -144,7 +144,7 @@ def test_large_transaction_is_invisible_until_commit_and_never_blocks_other_writ
     the staging store gets its turn between chunks instead of waiting for the whole transaction."""
     path = tmp_path / "s.db"
     store = _store(path)
-    txn = store.begin("erp")
+    txn = store.begin("erp", spill=True)
     waits: list[float] = []
     stop = threading.Event()
 

@@ -666,7 +666,7 @@ class LogicalSource(CaptureSource):
 
     def _open_txn(self) -> ApplyTxn:
         if self._txn is None:
-            self._txn = self.store.begin(self.name)
+            self._txn = self.store.begin(self.name, spill=True)
             self._batch_started = time.monotonic()
             self._batch_txns = 0
         return self._txn
@@ -677,6 +677,14 @@ class LogicalSource(CaptureSource):
                 return
             self._apply_row(msg)
         elif isinstance(msg, Begin):
+            if (
+                self._txn is not None
+                and self._txn.pending_count >= self.cfg.capture.batch_size // 2
+            ):
+                # Commit whole transactions at their boundary before a new one can push the batch
+                # over its size: then only a source transaction that is large by itself is
+                # flushed (and, on SQLite, spilled) in chunks, never a backlog of small ones.
+                self._commit_batch()
             self._in_source_txn = True
             # A transaction that committed before our checkpoint is already in staging.
             self._skip_txn = msg.final_lsn < self._checkpoint_lsn
