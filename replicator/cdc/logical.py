@@ -187,10 +187,6 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
     return out
 
 
-def known_names(schema: TableSchema) -> set[str]:
-    return {c.name for c in schema.columns}
-
-
 def _where(condition: str | None) -> sql.Composable:
     """`` WHERE (cond)`` for a table's row filter (validated when the config was read)."""
     return sql.SQL(" WHERE ({})").format(sql.SQL(condition)) if condition else sql.SQL("")
@@ -738,14 +734,15 @@ class LogicalSource(CaptureSource):
             return
         names = [c.name for c in rel.columns]
         rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
+        type_names = self._type_names(rel)
         if (
             names == [c.name for c in known.columns]
             and all(known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns))
             and (rel.replica_identity != "d" or not rel_key or rel_key == known.key)
-            and self._type_names(rel) == [c.type_name for c in known.columns]
+            and type_names == [c.type_name for c in known.columns]
         ):
             return  # (a typmod change, numeric(12,2) to numeric(12,3), keeps the type's oid)
-        self._follow_schema_change(rel, known)
+        self._follow_schema_change(rel, known, type_names)
 
     def _type_names(self, rel: Relation) -> list[str]:
         """The declared types of a Relation message's columns, as ``format_type`` spells them."""
@@ -759,7 +756,9 @@ class LogicalSource(CaptureSource):
             ).fetchall()
         ]
 
-    def _follow_schema_change(self, rel: Relation, known: TableSchema) -> None:
+    def _follow_schema_change(
+        self, rel: Relation, known: TableSchema, type_names: list[str]
+    ) -> None:
         """The table changed shape in the ERP: make the mirror follow, in the open staging
         transaction, so the changes before and after the DDL stay in order.
 
@@ -781,8 +780,8 @@ class LogicalSource(CaptureSource):
             ).fetchall()
         }
         by_name = {name: num for num, (name, dropped) in catalog.items() if not dropped}
-        type_names = self._type_names(rel)
         rel_names = {rc.name for rc in rel.columns}
+        known_names = {c.name for c in known.columns}
         renamed: dict[str, str] = {}
         dropped: list[str] = []
         unsure = False
@@ -792,7 +791,7 @@ class LogicalSource(CaptureSource):
             entry = catalog.get(col.attnum) if col.attnum else None
             if entry is not None and entry[1]:
                 dropped.append(col.name)
-            elif entry is not None and entry[0] in rel_names and entry[0] not in known_names(known):
+            elif entry is not None and entry[0] in rel_names and entry[0] not in known_names:
                 renamed[col.name] = entry[0]
             elif entry is None and col.attnum == 0 and len(rel.columns) < len(known.columns):
                 dropped.append(col.name)  # no number recorded: only a pure drop is certain
