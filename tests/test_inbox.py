@@ -164,7 +164,7 @@ def test_fetch_orders_moves_files_only_when_acknowledged(inbox: InboxConnector) 
 
     # A consumer that reads everything but stores (acknowledges) nothing: nothing moves, however
     # far it iterates, and the next call offers every file again.
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 10
     seen: list[str] = []
     while len(seen) < 3 and time.monotonic() < deadline:
         seen = [o.e_number for o in inbox.fetch_orders(since)]
@@ -180,12 +180,14 @@ def test_fetch_orders_moves_files_only_when_acknowledged(inbox: InboxConnector) 
     inbox.acknowledge([first])
     it.close()
     assert [p.name for p in inbox.processed_dir.iterdir()] == [first.extra["file"]]
-    rest: list[ShopOrder] = []
-    deadline = time.monotonic() + 3
-    while not rest and time.monotonic() < deadline:
-        # Our own reads show up as inotify open/close events a moment later: poll like the daemon.
-        rest = list(inbox.fetch_orders(since))
+    offered: dict[str, ShopOrder] = {}
+    deadline = time.monotonic() + 10
+    while len(offered) < 2 and time.monotonic() < deadline:
+        # Our own reads show up as inotify open/close events a moment later, and a file someone
+        # has open is not offered: poll like the daemon until both have been offered.
+        offered.update((o.e_number, o) for o in inbox.fetch_orders(since))
         time.sleep(0.05)
+    rest = list(offered.values())
     assert sorted(o.e_number for o in rest) == sorted({"E-1", "E-2", "E-3"} - {first.e_number})
     inbox.acknowledge(rest)
     inbox.acknowledge(rest)  # a second acknowledgement of the same orders is harmless

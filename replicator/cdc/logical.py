@@ -1086,6 +1086,13 @@ class LogicalSource(CaptureSource):
                     self._commit_batch()  # whole transactions received: keep them
                 except Exception as exc:  # never raise from close; _commit_batch rolled back
                     log.warning("close_commit_failed", error=str(exc))
+        if self._conn is not None:
+            # Released explicitly: a closed socket returns before the server's session ends, and
+            # a capture started right after would still find the slot's lock held.
+            with contextlib.suppress(Exception):
+                self._conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext(%s))", (f"sync-daemon:{self.slot}",)
+                )
         for c in (self._repl, self._conn):
             if c is not None:
                 with contextlib.suppress(Exception):

@@ -67,6 +67,19 @@ def _short_name(base: str, suffix: str, limit: int = 63) -> str:
     return f"{base[: limit - len(suffix) - 10]}_{h}_{suffix}"
 
 
+class _HeldLock:
+    """The one-consumer-per-changelog lock and the connection that holds it."""
+
+    def __init__(self, dialect: Dialect, conn: Any) -> None:
+        self.dialect, self.conn = dialect, conn
+
+    def close(self) -> None:
+        try:
+            self.dialect._unlock(self.conn)
+        finally:
+            self.conn.close()
+
+
 class Dialect(ABC):
     """One ERP database kind: connections, introspection, DDL."""
 
@@ -149,12 +162,16 @@ class Dialect(ABC):
         first has not applied); returns the holder to close, or ``None`` if another has it."""
         conn = self.connect("capture-lock")
         if self._try_lock(conn):
-            return conn
+            return _HeldLock(self, conn)
         conn.close()
         return None
 
     def _try_lock(self, conn: Any) -> bool:
         return True
+
+    def _unlock(self, conn: Any) -> None:
+        """Release the lock explicitly: closing the socket alone returns before the server's
+        session ends, and a reader started right after would find the lock still held."""
 
     def lock_name(self) -> str:
         return f"sync-daemon:{self.changelog}"
@@ -350,6 +367,9 @@ class PostgresDialect(Dialect):
     def _try_lock(self, conn: Any) -> bool:
         row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.lock_name(),))
         return bool(row.fetchone()[0])
+
+    def _unlock(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.lock_name(),))
 
     def table_schema(self, conn: Any, table: str) -> TableSchema:
         s, n = self.split(table)
@@ -656,6 +676,9 @@ class MysqlDialect(_ListedColumnsDialect):
     def _try_lock(self, conn: Any) -> bool:
         cur = self._exec(conn, "SELECT GET_LOCK(%s, 0)", (f"{self.lock_name()}:{self.database}",))
         return bool(cur.fetchone()[0])
+
+    def _unlock(self, conn: Any) -> None:
+        self._exec(conn, "SELECT RELEASE_LOCK(%s)", (f"{self.lock_name()}:{self.database}",))
 
     def table_schema(self, conn: Any, table: str) -> TableSchema:
         db, n = self.db_of(table), self.split(table)[1]
