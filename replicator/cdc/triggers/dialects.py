@@ -171,7 +171,9 @@ class Dialect(ABC):
 
     def _unlock(self, conn: Any) -> None:
         """Release the lock explicitly: closing the socket alone returns before the server's
-        session ends, and a reader started right after would find the lock still held."""
+        session ends, and a reader started right after would find the lock still held.
+        Dialects without a server-side lock have nothing to release."""
+        return None
 
     def lock_name(self) -> str:
         return f"sync-daemon:{self.changelog}"
