@@ -147,7 +147,7 @@ def check_criteria(
 ) -> str | None:
     """None when the order may be imported, else why not (shown to the shop owner)."""
     found = next(
-        (v for f in crit.status_fields if (v := ex._get(payload, f)) not in ("", None)), None
+        (v for f in crit.status_fields if (v := ex.get_path(payload, f)) not in ("", None)), None
     )
     st = str(found or status or "").lower()
     allowed = [s.lower() for s in crit.statuses]
@@ -156,7 +156,7 @@ def check_criteria(
         return f"status {shown!r} is not imported (orders.criteria statuses: {', '.join(allowed)})"
     if crit.fulfillment_statuses:
         ful = next(
-            (v for f in crit.fulfillment_fields if (v := ex._get(payload, f)) not in ("", None)), ""
+            (v for f in crit.fulfillment_fields if (v := ex.get_path(payload, f)) not in ("", None)), ""
         )
         wanted = [s.lower() for s in crit.fulfillment_statuses]
         if str(ful).lower() not in wanted:
@@ -164,9 +164,9 @@ def check_criteria(
                 f"fulfilment {str(ful) or '(none)'!r} is not imported "
                 f"(orders.criteria fulfillment_statuses: {', '.join(wanted)})"
             )
-    if crit.paid_only and not ex._get(payload, crit.paid_field):
+    if crit.paid_only and not ex.get_path(payload, crit.paid_field):
         return f"not paid yet ({crit.paid_field} is empty; orders.criteria paid_only = true)"
-    if crit.mode == "wait_for_invoice" and not ex._get(payload, crit.invoice_field):
+    if crit.mode == "wait_for_invoice" and not ex.get_path(payload, crit.invoice_field):
         return (
             f"waiting for the shop's invoice ({crit.invoice_field} is empty; mode wait_for_invoice)"
         )
