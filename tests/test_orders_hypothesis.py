@@ -23,7 +23,7 @@ from replicator.mappers.orders import (
     map_order,
     validate_mapping,
 )
-from replicator.orders.importer import utcnow
+from replicator.orders.results import utcnow
 from replicator.orders.sample import SAMPLE_MAPPING, sample_order
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows
