@@ -80,7 +80,12 @@ def run_download(
 ) -> int:
     out = out or sys.stdout
     with _open_service(cfg, connectors) as svc:
-        shops = [args.shop] if getattr(args, "shop", None) else list(svc.connectors)
+        # Every shop: those polled, and those whose orders only arrive by webhook (worked off).
+        shops = (
+            [args.shop]
+            if getattr(args, "shop", None)
+            else [*svc.connectors, *(s.name for s in cfg.shops if s.name not in svc.connectors)]
+        )
         for s in shops:
             svc.actions.restart_shop(s)
         r = svc.run_cycle(since=args.since, until=args.until, force=True, shops=shops)

@@ -8,13 +8,14 @@ open. It owns no rule of its own; it puts the parts together:
 - :mod:`replicator.orders.polling` — download windows, watermarks, failure counts (``polling``);
 - :mod:`replicator.orders.inbox` — the one inbox every arrival is recorded in (``inbox``);
 - :mod:`replicator.orders.decision` — what happens to one order (a pure function);
+- :mod:`replicator.orders.batch` — deciding, writing and recording due orders on the worker
+  pool (``importer``);
 - :mod:`replicator.orders.actions` — operator actions and the updates queue (``actions``).
 
 Per shop, a cycle retries orders parked for a mapping that changed, re-checks skipped orders when
 the criteria changed, downloads the poll window (and the daily sweep) into the inbox, then works
-off the ledger: every due order is decided, written on ``orders.workers`` threads (each order in
-its own ERP transaction), and the outcomes of a batch are recorded in one staging transaction.
-Only then does the watermark advance. Webhook deliveries wake a background thread that works
+off the ledger a batch at a time (changed orders go to the updates queue). Only then does the
+watermark advance. Webhook deliveries wake a background thread that works
 off the shop's inbox at once; one work-off of a shop runs at a time.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -37,18 +37,15 @@ from replicator.db import make_engine
 from replicator.errors import SyncError
 from replicator.failpoints import failpoint
 from replicator.orders.actions import OrderActions
-from replicator.orders.decision import Outcome, Write, decide, unforeseen, write_failed, written
+from replicator.orders.batch import BATCH, BatchImporter
 from replicator.orders.inbox import Inbox
-from replicator.orders.ledger import Entry, Ledger
+from replicator.orders.ledger import Ledger
 from replicator.orders.mappings import AnyWriter, MappingStore
 from replicator.orders.polling import ShopPolling
 from replicator.orders.results import CycleResult, naive, utcnow
 from replicator.orders.retry import RetryPolicy
-from replicator.orders.writer import ErpUnavailable, WriteResult
 
 log = structlog.get_logger(__name__)
-
-BATCH = 200  # due orders read from the ledger, written, and recorded together
 
 
 class OrderImportService:
@@ -71,14 +68,14 @@ class OrderImportService:
         self.retries = RetryPolicy(self.ocfg, sleep)
         self.mappings = MappingStore(cfg, self.engine)
         self.polling = ShopPolling(self.ledger, self.inbox, self.ocfg, self.retries)
+        self.importer = BatchImporter(self.ledger, self.mappings, self.ocfg, self.retries)
         self.actions = OrderActions(
-            self.ledger, self.mappings, self.ocfg, self.engine, self.retries, self.process
+            self.ledger, self.mappings, self.ocfg, self.engine, self.retries, self.importer.process
         )
         self._connectors: dict[str, ShopConnector] | None = (
             dict(connectors) if connectors is not None else None
         )
         self._criteria_checked: dict[str, ImportCriteria] = {}
-        self._executor: ThreadPoolExecutor | None = None
         # Shops whose inbox got new orders (webhooks): imported by one background thread.
         self._woken: set[str] = set()
         self._woken_lock = threading.Lock()
@@ -94,8 +91,7 @@ class OrderImportService:
         self._wake.set()
         if self._waker is not None:
             self._waker.join(timeout=30)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        self.importer.close()
         for c in (self._connectors or {}).values():
             try:
                 c.close()
@@ -205,7 +201,7 @@ class OrderImportService:
             return
         skipped = [e for e, st, _ in self.ledger.e_numbers(shop) if st == "skipped"]
         for i in range(0, len(skipped), BATCH):
-            self._process_batch(shop, skipped[i : i + BATCH], now, result)
+            self.importer.import_batch(shop, skipped[i : i + BATCH], now, result)
         self._criteria_checked[shop] = crit
 
     def _retry_mapping_failures(self, shop: str, now: datetime) -> list[str]:
@@ -252,130 +248,7 @@ class OrderImportService:
                     self.actions.apply_update(shop, e, now, result)
             todo = [e for e, st in due if st != "update-pending"]
             if todo:
-                self._process_batch(shop, todo, now, result)
-
-    def _pool(self) -> ThreadPoolExecutor | None:
-        if self.ocfg.workers <= 1:
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self.ocfg.workers, thread_name_prefix="order-import"
-            )
-        return self._executor
-
-    def _process_batch(self, shop: str, es: list[str], now: datetime, result: CycleResult) -> None:
-        entries = self.ledger.get_many(shop, es)
-        writer = self.writer_for(shop)
-        crit = self.ocfg.criteria_for(shop)
-
-        def chunk(part: list[Entry]) -> list[Outcome]:
-            # One ERP connection per worker for its share of the batch (no pool checkout and
-            # liveness ping per order); each order is still its own ERP transaction.
-            conn: sa.Connection | None
-            try:
-                conn = writer.engine.connect()
-            except sa.exc.DBAPIError:
-                conn = None  # each order then meets the outage itself and is retried later
-            out = []
-            try:
-                for entry in part:
-                    o = self._import_one(entry, now, writer, crit, conn)
-                    if o.transient and conn is not None:
-                        # The link may be broken: later orders take fresh connections.
-                        conn.close()
-                        conn = None
-                    out.append(o)
-            finally:
-                if conn is not None:
-                    conn.close()
-            return out
-
-        pool = self._pool()
-        n = self.ocfg.workers if pool and len(entries) > 1 else 1
-        parts = [entries[i::n] for i in range(n)]
-        results = list(pool.map(chunk, parts)) if pool and n > 1 else [chunk(entries)]
-        by_key = {(o.shop, o.e_number): o for part in results for o in part}
-        outcomes = [by_key[(x.shop, x.e_number)] for x in entries]
-        with self.ledger.begin() as conn:
-            self.ledger.update_many(
-                conn, [(o.shop, o.e_number, o.values) for o in outcomes if o.values]
-            )
-            self.ledger.events_many(
-                conn,
-                [
-                    {
-                        "shop": o.shop,
-                        "e_number": o.e_number,
-                        "at": now,
-                        "event": o.event[0],
-                        "detail": o.event[1],
-                    }
-                    for o in outcomes
-                    if o.event is not None
-                ],
-            )
-        for o in outcomes:
-            _count(o, result)
-        transient = [o.transient for o in outcomes if o.transient]
-        if transient:
-            raise ErpUnavailable(f"ERP unavailable: {transient[0]}")
-
-    def process(
-        self, shop: str, e: str, now: datetime | None = None, result: CycleResult | None = None
-    ) -> Entry | None:
-        """Import one order now (awaiting, failed or skipped). Transient ERP trouble raises
-        ErpUnavailable after the in-place retries (the order stays awaiting, with a retry time)."""
-        now = now or utcnow()
-        entry = self.ledger.get(shop, e)
-        if entry is None or entry.state not in ("awaiting", "failed", "skipped"):
-            return entry
-        writer = self.writer_for(shop)
-        o = self._import_one(entry, now, writer, self.ocfg.criteria_for(shop))
-        with self.ledger.begin() as conn:
-            if o.values:
-                self.ledger.update(conn, o.shop, o.e_number, **o.values)
-            if o.event is not None:
-                self.ledger.event(conn, o.shop, o.e_number, now, o.event[0], o.event[1])
-        if result is not None:
-            _count(o, result)
-        if o.transient:
-            raise ErpUnavailable(f"ERP unavailable: {o.transient}")
-        return self.ledger.get(shop, e)
-
-    def _import_one(
-        self,
-        entry: Entry,
-        now: datetime,
-        writer: AnyWriter,
-        crit: ImportCriteria,
-        conn: sa.Connection | None = None,
-    ) -> Outcome:
-        """Decide one order and do the ERP write it calls for; no ledger writes (the caller
-        records the outcome), so it runs on a worker thread."""
-        step = decide(entry, crit, self.ocfg, writer.m.hash)
-        if isinstance(step, Write):
-            try:
-                res: WriteResult = self.retries.write(
-                    writer.write,
-                    entry.shop,
-                    entry.e_number,
-                    step.payload,
-                    auto_invoice=step.auto_invoice,
-                    conn=conn,
-                )
-            except Exception as exc:
-                if unforeseen(exc):
-                    log.exception("order_import_error", shop=entry.shop, e_number=entry.e_number)
-                o = write_failed(entry, exc, now, self.ocfg, writer.m.hash)
-            else:
-                o = written(entry, res, utcnow())
-        else:
-            o = step
-        if o.unfit is not None:
-            # Re-validate the mapping before the next order.
-            self.mappings.mark_unfit(writer.m.path, o.unfit)
-        _log(o)
-        return o
+                self.importer.import_batch(shop, todo, now, result)
 
     # -- webhooks -------------------------------------------------------------------------------
 
@@ -434,42 +307,3 @@ class OrderImportService:
                     log.warning("order_import_deferred", shop=shop, error=str(exc))
                 except Exception:
                     log.exception("order_import_woken_failed", shop=shop)
-
-
-def _count(o: Outcome, result: CycleResult) -> None:
-    if o.note is None:
-        return
-    kind, reason = o.note
-    if kind == "new":
-        result.new += 1
-    elif kind == "skip":
-        result.skip(o.shop, o.e_number, reason)
-    else:
-        result.error(o.shop, o.e_number, reason)
-
-
-def _log(o: Outcome) -> None:
-    """The log line of an order's fate (the decision itself does not log)."""
-    if o.event is None:
-        return
-    event, v = o.event[0], o.values
-    if event == "failed":
-        log.warning(
-            "order_failed",
-            shop=o.shop,
-            e_number=o.e_number,
-            reason=v["last_error"],
-            kind=v["error_kind"],
-        )
-    elif event == "skipped":
-        log.info("order_skipped", shop=o.shop, e_number=o.e_number, reason=v["last_error"])
-    elif event == "retry later":
-        log.warning("order_retry_later", shop=o.shop, e_number=o.e_number, error=o.transient)
-    else:
-        log.info(
-            "order_imported",
-            shop=o.shop,
-            e_number=o.e_number,
-            order_number=v["erp_order_no"],
-            created=event == "written",
-        )
