@@ -29,7 +29,8 @@ from replicator.config import parse_config
 from replicator.connectors.base import ShopOrder
 from replicator.db import make_engine
 from replicator.localpg import local_cluster
-from replicator.orders.importer import OrderImportService, utcnow
+from replicator.orders.coordinator import OrderImportService
+from replicator.orders.results import utcnow
 from replicator.orders.sample import ROOT, SAMPLE_MAPPING, install_sample_erp, sample_order
 
 

@@ -336,20 +336,17 @@ class Daemon:
                 daemon_state=lambda: self.state,
                 store=self.store,
                 logstore=self.logstore,
-                importer=self.order_service,
+                importer=self.order_service.actions if self.order_service else None,
             ),
         )
 
     def _connectors(self) -> dict[str, Any]:
-        from pathlib import Path
+        from replicator.connectors import make_connectors
 
-        from replicator.connectors import make_connector
-
-        base = Path(self.cfg.source_path).parent if self.cfg.source_path else None
-        return {s.name: make_connector(s, base) for s in self.cfg.shops if s.kind != "webhook"}
+        return make_connectors(self.cfg)
 
     def _order_services(self, connectors: dict[str, Any]) -> list[Any]:
-        from replicator.orders.importer import OrderImportService
+        from replicator.orders.coordinator import OrderImportService
         from replicator.services import Service
 
         cfg = self.cfg

@@ -52,7 +52,7 @@ def test_demo_order_mix_shows_every_fate_at_once() -> None:
     """The first six orders of the sample shop: imported, failed, skipped for two reasons."""
     from replicator.config.orders import ImportCriteria
     from replicator.demo import SKUS, demo_order
-    from replicator.orders.importer import check_criteria
+    from replicator.orders.decision import check_criteria
     from tests.emulators import WooCommerceEmulator
 
     shop = WooCommerceEmulator()

@@ -13,7 +13,7 @@ import pytest
 
 from replicator.db import make_engine
 from replicator.errors import ConfigError
-from replicator.orders.importer import OrderImportService
+from replicator.orders.coordinator import OrderImportService
 from replicator.orders.mappings import load_checked
 from replicator.orders.sample import ROOT, ListShop, sample_order
 from tests import test_orders_support as support

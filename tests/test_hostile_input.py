@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from replicator.config.core import HealthSection
 from replicator.connectors.webhook import WebhookReceiver
 from replicator.health import HealthServer, Request, Response
-from replicator.orders.importer import OrderImportService
+from replicator.orders.coordinator import OrderImportService
 from replicator.safejson import JsonRefused, loads
 from tests import test_orders_support as support
 

@@ -26,7 +26,7 @@ def test_every_record_carries_its_service() -> None:
     setup_logging(stream=io.StringIO())
     add_sink(sink)
     try:
-        structlog.get_logger("replicator.orders.importer").info("from_importer")
+        structlog.get_logger("replicator.orders.coordinator").info("from_importer")
         structlog.get_logger("replicator.cdc.logical").info("from_capture")
         structlog.get_logger("replicator.push.stock").info("from_stock")
         structlog.get_logger("replicator.config").warning("from_config")

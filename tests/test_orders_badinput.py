@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from replicator.orders.importer import utcnow
+from replicator.orders.results import utcnow
 from replicator.orders.sample import sample_order
 from tests import test_orders_support as support
 from tests.helpers import wait_until
@@ -134,7 +134,10 @@ def test_mapping_failure_is_retried_when_mapping_files_change(
     r = svc.run_cycle()
     assert "payment 'klarna' has no ERP mapping" in r.errored_orders[0].reason
     entry = svc.ledger.get("shop", "50")
-    assert entry.error_kind == "mapping" and entry.mapping_hash == svc._mapping("shop").mapping.hash
+    assert (
+        entry.error_kind == "mapping"
+        and entry.mapping_hash == svc.mappings.get("shop").mapping.hash
+    )
     svc.run_cycle(utcnow() + timedelta(minutes=5))
     assert svc.ledger.get("shop", "50").state == "failed"  # unchanged mapping: stays parked
     mapping = tmp_path / "mappings" / "orders.toml"

@@ -14,7 +14,7 @@ import pytest
 
 from replicator.cli import main
 from replicator.commands.orders import parse_time, run_download, run_gaps
-from replicator.orders.importer import OrderImportService
+from replicator.orders.coordinator import OrderImportService
 from replicator.orders.sample import SAMPLE_MAPPING, ListShop, sample_order
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_count, erp_rows, make_config

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from structlog.testing import capture_logs
 
-from replicator.orders.importer import utcnow
+from replicator.orders.results import utcnow
 from replicator.orders.sample import ListShop, sample_order
 from tests import test_orders_support as support
 

@@ -23,7 +23,7 @@ from replicator.mappers.orders import (
     map_order,
     validate_mapping,
 )
-from replicator.orders.importer import utcnow
+from replicator.orders.results import utcnow
 from replicator.orders.sample import SAMPLE_MAPPING, sample_order
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows
@@ -150,7 +150,7 @@ def test_import_writes_one_complete_order_or_nothing(pg_erp_url, service_factory
     order = {**order, "number": e, "id": int(e)}
     shop.put(order)
     svc.inbox.offer(shop._order(e), "poll", utcnow())
-    entry = svc.process("shop", e)
+    entry = svc.importer.process("shop", e)
     headers = erp_rows(pg_erp_url, "SELECT order_no FROM order_header WHERE e_number = :e", e=e)
     if entry.state == "delivered":
         assert headers == [(entry.erp_order_no,)]

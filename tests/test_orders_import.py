@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from replicator.orders.importer import CANCELLED, utcnow
+from replicator.orders.polling import CANCELLED
+from replicator.orders.results import utcnow
 from replicator.orders.sample import ListShop, sample_order
 from tests import test_orders_support as support
 from tests.helpers import wait_until
@@ -222,7 +223,7 @@ def test_erp_unreachable_keeps_order_awaiting_and_counts_failure(
     from replicator.localpg import free_port
 
     dead = make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/x", "test")
-    loaded = svc._mapping("shop")
+    loaded = svc.mappings.get("shop")
     good = loaded.writer
     loaded.writer = copy.copy(good)
     loaded.writer.engine = dead
@@ -312,7 +313,7 @@ def test_webhook_receiver_stores_through_the_import_service(pg_erp_url, service_
 
 
 def test_two_shops_with_the_same_e_number_get_two_erp_orders(tmp_path, pg_erp_url):
-    from replicator.orders.importer import OrderImportService
+    from replicator.orders.coordinator import OrderImportService
     from tests.test_orders_support import make_config
 
     cfg = make_config(tmp_path, pg_erp_url, shop_mappings={"magento": "mappings/magento.toml"})
@@ -344,7 +345,7 @@ def test_two_shops_with_the_same_e_number_get_two_erp_orders(tmp_path, pg_erp_ur
 
 def test_missing_e_number_index_is_created_at_start(erp_url, tmp_path):
     from replicator.db import make_engine
-    from replicator.orders.importer import OrderImportService
+    from replicator.orders.coordinator import OrderImportService
     from tests.test_orders_support import make_config
 
     eng = make_engine(erp_url, "test")
@@ -401,7 +402,7 @@ def test_webhook_only_shop_inbox_is_worked_off_by_the_cycle(tmp_path, pg_erp_url
     import json
 
     from replicator.config import parse_config
-    from replicator.orders.importer import OrderImportService
+    from replicator.orders.coordinator import OrderImportService
     from tests.test_orders_support import make_config
 
     base = make_config(tmp_path, pg_erp_url)

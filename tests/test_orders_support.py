@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from replicator.config import Config, parse_config
 from replicator.db import make_engine
-from replicator.orders.importer import OrderImportService
+from replicator.orders.coordinator import OrderImportService
 from replicator.orders.sample import SAMPLE_MAPPING, ListShop, install_sample_erp
 
 

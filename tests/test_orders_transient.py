@@ -69,7 +69,7 @@ def test_integrity_and_data_errors_are_permanent(pg_erp_url):
 def test_shop_429_retry_after_is_honoured_then_cycle_succeeds(pg_erp_url, service_factory):
     slept: list[float] = []
     svc, shop = service_factory(pg_erp_url, backoff_max=5.0, retry_attempts=3)
-    svc._sleep = slept.append  # the retry loop's clock; recorded instead of waiting
+    svc.retries.sleep = slept.append  # the retry loop's clock; recorded instead of waiting
     shop.put(sample_order(1))
     shop.failures = [
         ShopUnavailable("429 Too Many Requests", retry_after=2.0),
@@ -86,7 +86,7 @@ def test_retry_after_beyond_backoff_ceiling_fails_the_cycle_without_blocking(
 ):
     slept: list[float] = []
     svc, shop = service_factory(pg_erp_url, backoff_max=5.0, retry_attempts=3)
-    svc._sleep = slept.append
+    svc.retries.sleep = slept.append
     shop.failures = [ShopUnavailable("429 Too Many Requests", retry_after=3600)]
     r = svc.run_cycle()
     assert not r.ok and "429" in r.shops["shop"]
@@ -101,7 +101,7 @@ def test_service_starts_with_erp_down_or_unfit_mapping_and_bad_mapping_stops_sta
 
     from replicator.errors import ConfigError
     from replicator.localpg import free_port
-    from replicator.orders.importer import OrderImportService
+    from replicator.orders.coordinator import OrderImportService
     from replicator.orders.sample import ListShop
     from tests.test_orders_support import make_config
 

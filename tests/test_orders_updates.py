@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from replicator.errors import FatalError
-from replicator.orders.importer import utcnow
+from replicator.orders.results import utcnow
 from replicator.orders.sample import sample_order
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_count, erp_rows
@@ -63,9 +63,9 @@ def test_posted_order_goes_to_queue_and_accept_needs_force(erp_url, service_fact
     assert "customer_note" in fields and "line_items[3].sku" in fields
 
     with pytest.raises(FatalError, match="is posted; use --force"):
-        svc.accept("200")
+        svc.actions.accept("200")
     assert erp_count(erp_url, "order_line") == 2
-    res = svc.accept("200", force=True)
+    res = svc.actions.accept("200", force=True)
     assert res.order_number == "SO100001"
     assert erp_count(erp_url, "order_header") == 1 and erp_count(erp_url, "order_line") == 4
     events = svc.ledger.events("shop", "200")
@@ -80,7 +80,7 @@ def test_ignore_keeps_erp_order_and_same_version_is_not_redetected(pg_erp_url, s
     shop.put(sample_order(300, customer_note="x"), updated_at=_later())
     svc.run_cycle(utcnow() + timedelta(seconds=5))
     assert svc.ledger.get("shop", "300").state == "update-pending"
-    svc.ignore("300")
+    svc.actions.ignore("300")
     assert svc.ledger.get("shop", "300").state == "delivered"
     svc.run_cycle(utcnow() + timedelta(seconds=10))  # the shop sends that version again
     assert svc.ledger.get("shop", "300").state == "delivered"
@@ -91,8 +91,8 @@ def test_cancel_marks_erp_order_cancelled(pg_erp_url, service_factory):
     svc, shop = service_factory(pg_erp_url)
     shop.put(sample_order(400))
     svc.run_cycle()
-    assert svc.cancel("400") == "SO100001"
+    assert svc.actions.cancel("400") == "SO100001"
     assert erp_rows(pg_erp_url, "SELECT status FROM order_header") == [("cancelled",)]
     assert svc.ledger.events("shop", "400")[-1].event == "cancelled"
     with pytest.raises(FatalError):
-        svc.cancel("nope")
+        svc.actions.cancel("nope")

@@ -22,7 +22,7 @@ import pytest
 from replicator.commands.orders import run_map
 from replicator.connectors.shopify import ShopifyConnector, ShopifyWebhookReceiver
 from replicator.connectors.shopware import ShopwareConnector, ShopwareWebhookReceiver
-from replicator.orders.importer import OrderImportService
+from replicator.orders.coordinator import OrderImportService
 from tests import test_orders_support as support
 from tests.emulators.orders import generate_orders
 from tests.emulators.shopify import ShopifyEmulator

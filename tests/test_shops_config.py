@@ -10,7 +10,12 @@ import pytest
 
 from replicator.config import parse_config
 from replicator.config.shops import ShopSection
-from replicator.connectors import WebhookOnlyConnector, make_connector, make_webhook_receiver
+from replicator.connectors import (
+    WebhookOnlyConnector,
+    make_connector,
+    make_connectors,
+    make_webhook_receiver,
+)
 from replicator.connectors.inbox import InboxConnector
 from replicator.connectors.magento import MagentoConnector
 from replicator.connectors.shopify import ShopifyConnector, ShopifyWebhookReceiver
@@ -194,3 +199,42 @@ def test_factory_connector_talks_to_the_shop() -> None:
             assert emu.requests and all(r.status == 200 for r in emu.requests)
         finally:
             conn.close()
+
+
+def test_one_connector_set_for_the_daemon_and_the_cli(tmp_path: Path) -> None:
+    """make_connectors: every shop with something to reach; a webhook-only shop has none (its
+    orders arrive by webhook; the import works off its inbox), a webhook shop with REST has one."""
+    cfg = parse_config(
+        {
+            **BASE,
+            "shops": [
+                {
+                    "name": "woo",
+                    "kind": "woocommerce",
+                    "url": "https://w.example",
+                    "consumer_key": KEY,
+                    "consumer_secret": SECRET,
+                },
+                {"name": "hooks", "kind": "webhook", "webhook_secret": "s"},
+                {
+                    "name": "hooks-rest",
+                    "kind": "webhook",
+                    "webhook_secret": "s",
+                    "url": "https://h.example",
+                    "consumer_key": KEY,
+                    "consumer_secret": SECRET,
+                },
+                {"name": "files", "kind": "inbox", "inbox_dir": "drop"},
+            ],
+        },
+        str(tmp_path / "config.toml"),
+    )
+    connectors = make_connectors(cfg)
+    try:
+        assert sorted(connectors) == ["files", "hooks-rest", "woo"]
+        assert isinstance(connectors["hooks-rest"], WooCommerceConnector)
+        files = connectors["files"]
+        assert isinstance(files, InboxConnector)
+    finally:
+        for c in connectors.values():
+            c.close()

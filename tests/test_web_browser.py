@@ -24,7 +24,8 @@ from replicator.config.core import HealthSection
 from replicator.daemon import DaemonState
 from replicator.health import HealthServer
 from replicator.logstore import LogStore
-from replicator.orders.importer import OrderImportService, utcnow
+from replicator.orders.coordinator import OrderImportService
+from replicator.orders.results import utcnow
 from replicator.orders.sample import ListShop, sample_order
 from replicator.staging import StagingStore
 from replicator.web import WebContext, mount, record_lag_sample
@@ -148,7 +149,7 @@ def manage(tmp_path: Path, pg_erp_url: str, service_factory: Any) -> Iterator[Sh
             store=store,
             daemon_state=lambda: state,
             logstore=logstore,
-            importer=svc,
+            importer=svc.actions,
             refresh_seconds=1.0,
         ),
     )

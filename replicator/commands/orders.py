@@ -42,7 +42,9 @@ def parse_time(text: str) -> datetime:
 @contextmanager
 def _open_service(cfg: Any, connectors: dict[str, Any] | None = None) -> Iterator[Any]:
     """The order import service for one command, closed when the command is done."""
-    from replicator.orders.importer import OrderImportService
+    # Deferred import (PLC0415): the CLI imports every command module to register it; the order
+    # import (SQLAlchemy, the ERP writers, the connectors) loads only when a command runs.
+    from replicator.orders.coordinator import OrderImportService
 
     svc = OrderImportService(cfg, connectors)
     try:
@@ -54,7 +56,7 @@ def _open_service(cfg: Any, connectors: dict[str, Any] | None = None) -> Iterato
 @contextmanager
 def _open_ledger(cfg: Any) -> Iterator[Any]:
     """The order ledger in the staging store, for one reading command, closed afterwards."""
-    from replicator.orders.ledger import Ledger
+    from replicator.orders.ledger import Ledger  # deferred: see _open_service
 
     led = Ledger(cfg.staging_url)
     try:
@@ -78,9 +80,14 @@ def run_download(
 ) -> int:
     out = out or sys.stdout
     with _open_service(cfg, connectors) as svc:
-        shops = [args.shop] if getattr(args, "shop", None) else list(svc.connectors)
+        # Every shop: those polled, and those whose orders only arrive by webhook (worked off).
+        shops = (
+            [args.shop]
+            if getattr(args, "shop", None)
+            else [*svc.connectors, *(s.name for s in cfg.shops if s.name not in svc.connectors)]
+        )
         for s in shops:
-            svc.restart_shop(s)
+            svc.actions.restart_shop(s)
         r = svc.run_cycle(since=args.since, until=args.until, force=True, shops=shops)
         print(f"download: {r.summary()}", file=out)
         for n in r.skipped_orders:
@@ -145,10 +152,26 @@ def run_orders(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) ->
         return 0
 
 
+def describe(entry: Any) -> dict[str, Any]:
+    """The ledger row as plain data (for ``sync-daemon order`` and JSON output)."""
+    return {
+        "shop": entry.shop,
+        "e_number": entry.e_number,
+        "state": entry.state + (" (queued for accept)" if entry.update_queued else ""),
+        "erp_order_no": entry.erp_order_no,
+        "attempts": entry.attempts,
+        "last_error": entry.last_error,
+        "shop_status": entry.shop_status,
+        "first_seen": entry.first_seen,
+        "last_seen": entry.last_seen,
+        "payload_bytes": len(entry.payload),
+        "payload_hash": entry.payload_hash,
+        "diff": json.loads(entry.diff) if entry.diff else None,
+    }
+
+
 def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    from replicator.orders.importer import describe
-
     with _open_ledger(cfg) as led:
         found = led.find(args.e_number, args.shop)
         if not found:
@@ -194,7 +217,7 @@ def run_order(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> 
 def run_retry(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     with _open_service(cfg, {}) as svc:
-        entry = svc.retry(args.e_number, args.shop)
+        entry = svc.actions.retry(args.e_number, args.shop)
         if entry is None:
             return 1
         line = f"{entry.shop}/{entry.e_number}: {entry.state}"
@@ -227,17 +250,17 @@ def _simple(action: str) -> Callable[[Any, argparse.Namespace, TextIO | None], i
         out = out or sys.stdout
         with _open_service(cfg, {}) as svc:
             if action == "accept":
-                res = svc.accept(args.e_number, args.shop, force=args.force)
+                res = svc.actions.accept(args.e_number, args.shop, force=args.force)
                 print(
                     f"{args.e_number}: update accepted, ERP order {res.order_number} replaced"
                     + (" (forced)" if args.force else ""),
                     file=out,
                 )
             elif action == "ignore":
-                svc.ignore(args.e_number, args.shop)
+                svc.actions.ignore(args.e_number, args.shop)
                 print(f"{args.e_number}: update ignored", file=out)
             else:
-                order_no = svc.cancel(args.e_number, args.shop)
+                order_no = svc.actions.cancel(args.e_number, args.shop)
                 print(f"{args.e_number}: ERP order {order_no} marked cancelled", file=out)
             return 0
 
@@ -253,7 +276,7 @@ def run_gaps(
     out: TextIO | None = None,
     connectors: dict[str, Any] | None = None,
 ) -> int:
-    from replicator.orders.gaps import find_gaps
+    from replicator.orders.gaps import find_gaps  # deferred: see _open_service
 
     out = out or sys.stdout
     with _open_service(cfg, connectors) as svc:
@@ -294,6 +317,7 @@ def run_gaps(
 def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Map one order file and print the rows that would be written (nothing is written)."""
     out = out or sys.stdout
+    # Deferred imports: see _open_service.
     from replicator.db import make_engine
     from replicator.mappers.orders import OrderRejected
     from replicator.mappers.plan import PlanMapping, load_any, validate_any

@@ -1,8 +1,10 @@
 """Webshop connectors: where orders come from (REST polling, webhooks, an inbox folder) and where
 stock levels and invoices go to.
 
-:func:`make_connector` builds the connector a ``[[shops]]`` section describes; the rest of the
-daemon only sees :class:`~replicator.connectors.base.ShopConnector`. Webhook shops also need a
+:func:`make_connectors` builds the connectors of a whole config — the one set the daemon's
+services and the CLI's order import use; :func:`make_connector` builds the one a ``[[shops]]``
+section describes. The rest of the daemon only sees
+:class:`~replicator.connectors.base.ShopConnector`. Webhook shops also need a
 :class:`~replicator.connectors.webhook.WebhookReceiver` (:func:`make_webhook_receiver`), whose
 store callback the order ledger provides.
 """
@@ -13,14 +15,21 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from replicator.config import Config
 from replicator.config.shops import ShopSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopOrder, StockUpdate
+from replicator.connectors.inbox import InboxConnector
+from replicator.connectors.magento import MagentoConnector
+from replicator.connectors.shopify import ShopifyConnector, ShopifyWebhookReceiver
+from replicator.connectors.shopware import ShopwareConnector, ShopwareWebhookReceiver
 from replicator.connectors.webhook import WebhookDelivery, WebhookReceiver
+from replicator.connectors.woocommerce import WooCommerceConnector
 
 __all__ = [
     "ShopConnector",
     "WebhookOnlyConnector",
     "make_connector",
+    "make_connectors",
     "make_webhook_receiver",
 ]
 
@@ -54,11 +63,22 @@ class WebhookOnlyConnector(ShopConnector):
         raise self._no_rest("receive invoices")
 
 
+def make_connectors(cfg: Config) -> dict[str, ShopConnector]:
+    """The connector of every shop there is something to reach at (REST, GraphQL, an inbox
+    folder), by shop name; a ``webhook`` shop without ``url`` has none — its orders arrive by
+    webhook only, and the order import works off its inbox without polling. A relative
+    ``inbox_dir`` is resolved against the config file's directory."""
+    base = Path(cfg.source_path).parent if cfg.source_path else None
+    return {
+        s.name: make_connector(s, base)
+        for s in cfg.shops
+        if not (s.kind == "webhook" and s.url is None)
+    }
+
+
 def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConnector:
     """The connector for one ``[[shops]]`` section; ``base_dir`` resolves a relative inbox_dir."""
     if shop.kind == "magento":
-        from replicator.connectors.magento import MagentoConnector
-
         assert shop.url is not None  # the section validator guarantees it
         return MagentoConnector(
             shop.name,
@@ -70,8 +90,6 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
             verify_tls=shop.verify_tls,
         )
     if shop.kind == "shopify":
-        from replicator.connectors.shopify import ShopifyConnector
-
         assert shop.url is not None
         return ShopifyConnector(
             shop.name,
@@ -88,8 +106,6 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
             verify_tls=shop.verify_tls,
         )
     if shop.kind == "shopware":
-        from replicator.connectors.shopware import ShopwareConnector
-
         assert shop.url is not None
         return ShopwareConnector(
             shop.name,
@@ -102,8 +118,6 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
             verify_tls=shop.verify_tls,
         )
     if shop.kind == "woocommerce" or (shop.kind == "webhook" and shop.url is not None):
-        from replicator.connectors.woocommerce import WooCommerceConnector
-
         assert shop.url is not None
         return WooCommerceConnector(
             shop.name,
@@ -116,8 +130,6 @@ def make_connector(shop: ShopSection, base_dir: Path | None = None) -> ShopConne
             verify_tls=shop.verify_tls,
         )
     if shop.kind == "inbox":
-        from replicator.connectors.inbox import InboxConnector
-
         assert shop.inbox_dir is not None
         directory = Path(shop.inbox_dir)
         if not directory.is_absolute() and base_dir is not None:
@@ -134,13 +146,9 @@ def make_webhook_receiver(
     raw delivery atomically with its de-duplication keys, False for a duplicate)."""
     secret = shop.secret("webhook_secret")
     if shop.kind == "shopify":
-        from replicator.connectors.shopify import ShopifyWebhookReceiver
-
         return ShopifyWebhookReceiver(
             secret, shop.max_body, store, shop=shop.name, e_number_field=shop.e_number_field
         )
     if shop.kind == "shopware":
-        from replicator.connectors.shopware import ShopwareWebhookReceiver
-
         return ShopwareWebhookReceiver(secret, shop.max_body, store, shop=shop.name)
     return WebhookReceiver(secret, shop.max_body, store, shop=shop.name)

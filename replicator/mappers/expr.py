@@ -34,7 +34,7 @@ class LookupFailed(ValueError):
     """A value needs mapping: ``map()``/``item()`` found no entry. The message names the value."""
 
 
-def _to_decimal(v: Any) -> Decimal | None:
+def to_decimal(v: Any) -> Decimal | None:
     if v is None or v == "":
         return None
     if isinstance(v, bool):
@@ -48,8 +48,8 @@ def _to_decimal(v: Any) -> Decimal | None:
     return d
 
 
-def _to_int(v: Any) -> int | None:
-    d = _to_decimal(v)
+def to_int(v: Any) -> int | None:
+    d = to_decimal(v)
     if d is None:
         return None
     if d != d.to_integral_value():
@@ -57,7 +57,7 @@ def _to_int(v: Any) -> int | None:
     return int(d)
 
 
-def _to_str(v: Any) -> str | None:
+def to_str(v: Any) -> str | None:
     if v is None:
         return None
     if isinstance(v, bool):
@@ -65,7 +65,7 @@ def _to_str(v: Any) -> str | None:
     return str(v)
 
 
-def _to_date(v: Any) -> datetime | None:
+def to_date(v: Any) -> datetime | None:
     if v is None or v == "":
         return None
     if isinstance(v, datetime):
@@ -87,7 +87,7 @@ def _short(v: Any) -> str:
 
 
 def _concat(*args: Any) -> str:
-    return "".join("" if a is None else (_to_str(a) or "") for a in args)
+    return "".join("" if a is None else (to_str(a) or "") for a in args)
 
 
 def _coalesce(*args: Any) -> Any:
@@ -98,16 +98,16 @@ def _coalesce(*args: Any) -> Any:
 
 
 def _substr(s: Any, start: Any, length: Any = None) -> str | None:
-    text = _to_str(s)
+    text = to_str(s)
     if text is None:
         return None
-    i = _to_int(start) or 0
-    return text[i:] if length is None else text[i : i + (_to_int(length) or 0)]
+    i = to_int(start) or 0
+    return text[i:] if length is None else text[i : i + (to_int(length) or 0)]
 
 
 def _round(v: Any, places: Any = 2) -> Decimal | None:
-    d = _to_decimal(v)
-    return None if d is None else round(d, _to_int(places) or 0)
+    d = to_decimal(v)
+    return None if d is None else round(d, to_int(places) or 0)
 
 
 def _len(v: Any) -> int:
@@ -117,18 +117,18 @@ def _len(v: Any) -> int:
 def _join(items: Any, sep: Any = ", ") -> str:
     if items is None:
         return ""
-    return str(sep).join(_to_str(i) or "" for i in items)
+    return str(sep).join(to_str(i) or "" for i in items)
 
 
 def _sum(items: Any, field: Any = None) -> Decimal:
     total = Decimal(0)
     for i in items or ():
         v = i.get(field) if field is not None and isinstance(i, Mapping) else i
-        total += _to_decimal(v) or 0
+        total += to_decimal(v) or 0
     return total
 
 
-def _get(obj: Any, path: Any, default: Any = None) -> Any:
+def get_path(obj: Any, path: Any, default: Any = None) -> Any:
     cur = obj
     for part in str(path).split("."):
         if isinstance(cur, Mapping):
@@ -142,10 +142,10 @@ def _get(obj: Any, path: Any, default: Any = None) -> Any:
 
 # name -> (function, result type for the start-up type check or None when it depends)
 PURE_FUNCTIONS: dict[str, tuple[Callable[..., Any], str | None]] = {
-    "str": (_to_str, "str"),
-    "int": (_to_int, "int"),
-    "decimal": (_to_decimal, "decimal"),
-    "date": (_to_date, "datetime"),
+    "str": (to_str, "str"),
+    "int": (to_int, "int"),
+    "decimal": (to_decimal, "decimal"),
+    "date": (to_date, "datetime"),
     "lower": (lambda s: None if s is None else str(s).lower(), "str"),
     "upper": (lambda s: None if s is None else str(s).upper(), "str"),
     "strip": (lambda s: None if s is None else str(s).strip(), "str"),
@@ -156,7 +156,7 @@ PURE_FUNCTIONS: dict[str, tuple[Callable[..., Any], str | None]] = {
     "len": (_len, "int"),
     "join": (_join, "str"),
     "sum": (_sum, "decimal"),
-    "get": (_get, None),
+    "get": (get_path, None),
 }
 # Functions the mapper binds per order (they need the ERP or the mapping tables).
 BOUND_FUNCTIONS: dict[str, str | None] = {
@@ -218,6 +218,13 @@ class Expr:
             raise
         except (TypeError, ArithmeticError) as exc:
             raise ExprError(f"cannot evaluate {self.source!r}: {exc}") from None
+
+    def interpret(
+        self, context: Mapping[str, Any], functions: Mapping[str, Callable[..., Any]]
+    ) -> Any:
+        """Walk the tree with the reference evaluator, errors unwrapped: the semantics the
+        compiled form must match (tests compare the two)."""
+        return _Eval(context, functions).visit(self.tree.body)
 
 
 def _static_type(node: ast.AST) -> str | None:
@@ -336,7 +343,7 @@ class _Eval:
             ):
                 raise ExprError("repeating text or lists with * is not allowed")
             if isinstance(left, float) or isinstance(right, float):
-                left, right = _to_decimal(left), _to_decimal(right)
+                left, right = to_decimal(left), to_decimal(right)
             result = _BINOPS[type(node.op)](left, right)
             if isinstance(result, str | list) and len(result) > MAX_RESULT_LEN:
                 raise ExprError("result too long")
@@ -395,7 +402,7 @@ def _binop(op: ast.operator, left: Any, right: Any) -> Any:
     if isinstance(op, ast.Mult) and (isinstance(left, str | list) or isinstance(right, str | list)):
         raise ExprError("repeating text or lists with * is not allowed")
     if isinstance(left, float) or isinstance(right, float):
-        left, right = _to_decimal(left), _to_decimal(right)
+        left, right = to_decimal(left), to_decimal(right)
     result = _BINOPS[type(op)](left, right)
     if isinstance(result, str | list) and len(result) > MAX_RESULT_LEN:
         raise ExprError("result too long")

@@ -17,6 +17,7 @@ dialect with sqlglot there (:func:`qident`, :func:`qtable`), values are always b
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import re
@@ -409,10 +410,10 @@ def parse_mapping(data: dict[str, Any], path: str, dialect: str, digest: str = "
     if order_series is None:
         ld.err("header.number_series", "required: where ERP order numbers come from")
     uses_item = any(
-        isinstance(n, ex.ast.Call) and isinstance(n.func, ex.ast.Name) and n.func.id == "item"
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "item"
         for r in mapping.line_rules + mapping.header_rules
         if r.expr
-        for n in ex.ast.walk(r.expr.tree)
+        for n in ast.walk(r.expr.tree)
     )
     if uses_item and mapping.items_table is None:
         ld.err("items", "item() is used but no [items] table is configured")
@@ -535,7 +536,7 @@ class SchemaCheck:
                     vtype == "str"
                     and info.kind in ("int", "decimal", "bool", "datetime", "date")
                     and r.expr is not None
-                    and isinstance(r.expr.tree.body, ex.ast.Constant)
+                    and isinstance(r.expr.tree.body, ast.Constant)
                 ):
                     self.err(r.key, f"text constant but {tname}.{r.column} is {info.type_name}")
         if not not_null:
@@ -676,9 +677,9 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
         return value
     try:
         if info.kind == "int":
-            return ex._to_int(value)
+            return ex.to_int(value)
         if info.kind == "decimal":
-            return ex._to_decimal(value)
+            return ex.to_decimal(value)
         if info.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -688,14 +689,14 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
                 return False
             raise ex.ExprError(f"{_short(value)} is not true/false")
         if info.kind == "datetime":
-            return ex._to_date(value)
+            return ex.to_date(value)
         if info.kind == "date":
-            d = ex._to_date(value)
+            d = ex.to_date(value)
             return d.date() if d else None
         if info.kind == "str":
             if isinstance(value, list | dict):
                 raise ex.ExprError("a list/object cannot go into a text column")
-            text = ex._to_str(value) or ""
+            text = ex.to_str(value) or ""
             if info.length and len(text) > info.length:
                 raise OrderRejected(
                     f"{key}: value {_short(text)} is {len(text)} characters, "
@@ -708,7 +709,7 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
 
 
 def _present(payload: Mapping[str, Any], path: str) -> bool:
-    v = ex._get(payload, path)
+    v = ex.get_path(payload, path)
     return v is not None and v != "" and v != []
 
 
@@ -829,7 +830,7 @@ def map_order(
         if mapping.quantity_column and mapping.quantity_column in row:
             q = row[mapping.quantity_column]
             try:
-                qd = ex._to_decimal(q)
+                qd = ex.to_decimal(q)
             except ex.ExprError:
                 raise OrderRejected(f"line {i}: quantity {_short(q)} is not a number") from None
             if qd is None or qd <= 0:
@@ -850,9 +851,9 @@ def map_order(
         email = number = None
         try:
             if c.email is not None:
-                email = ex._to_str(c.email.evaluate(ctx, fns)) or None
+                email = ex.to_str(c.email.evaluate(ctx, fns)) or None
             if c.number is not None:
-                number = ex._to_str(c.number.evaluate(ctx, fns)) or None
+                number = ex.to_str(c.number.evaluate(ctx, fns)) or None
         except ex.ExprError as e:
             raise OrderRejected(f"customer: {e}") from None
         if email is not None and ("@" not in email or len(email) > 254):

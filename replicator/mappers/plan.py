@@ -26,6 +26,7 @@ and ``check-config --connect`` print. Executing the plan is :mod:`replicator.ord
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -522,20 +523,20 @@ def _check_calls(plan: PlanMapping, ld: _Loader) -> list[LookupUse]:
     names a ``[numbers.*]`` section; ``item`` belongs to the first mapping format."""
     uses: list[LookupUse] = []
     for key, e in _exprs(plan):
-        for node in ex.ast.walk(e.tree):
-            if not (isinstance(node, ex.ast.Call) and isinstance(node.func, ex.ast.Name)):
+        for node in ast.walk(e.tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
                 continue
             fn, args = node.func.id, node.args
             if fn == "item":
                 ld.err(key, "item() is not available in a plan mapping; use lookup()")
             elif fn == "next_number":
-                name = args[0].value if args and isinstance(args[0], ex.ast.Constant) else None
+                name = args[0].value if args and isinstance(args[0], ast.Constant) else None
                 if len(args) != 1 or name not in plan.numbers:
                     ld.err(key, f"next_number() needs one of: {', '.join(sorted(plan.numbers))}")
             elif fn == "lookup":
                 consts = [
                     a.value
-                    if isinstance(a, ex.ast.Constant)
+                    if isinstance(a, ast.Constant)
                     and isinstance(a.value, str)
                     and ex_ident(a.value)
                     else None

@@ -356,9 +356,9 @@ class PlanWriter:
             return
         email = number = None
         if c.email is not None:
-            email = ex._to_str(self._eval("customer.email", c.email, ctx, fns)) or None
+            email = ex.to_str(self._eval("customer.email", c.email, ctx, fns)) or None
         if c.number is not None:
-            number = ex._to_str(self._eval("customer.number", c.number, ctx, fns)) or None
+            number = ex.to_str(self._eval("customer.number", c.number, ctx, fns)) or None
         if email is not None and ("@" not in email or len(email) > 254):
             raise OrderRejected(f"customer e-mail {_short(email)} is not an e-mail address")
         guest = email is None and number is None

@@ -33,7 +33,7 @@ Wiring (for ``replicator/daemon.py``, after the health server is built, before `
         store=store,                          # replication_status()
         daemon_state=lambda: self.state,      # DaemonState, read only
         logstore=logstore,                    # or None: the page reads log_records itself
-        importer=order_service,               # OrderImportService, or None: updates read-only
+        importer=order_service.actions,       # OrderActions, or None: updates read-only
     ))
 """
 
@@ -85,7 +85,7 @@ _SECURITY_HEADERS = {
 
 
 class OrderActions(Protocol):
-    """What the updates queue needs: :class:`replicator.orders.importer.OrderImportService`."""
+    """What the updates queue needs: :class:`replicator.orders.actions.OrderActions`."""
 
     def accept(self, e: str, shop: str | None = None, force: bool = False) -> Any: ...
 

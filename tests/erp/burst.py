@@ -38,7 +38,7 @@ def burst_orders(n: int, known_email: str) -> list[dict[str, Any]]:
 
 
 def main(url: str, mapping: str, workdir: str, n: int, known_email: str) -> None:
-    from replicator.orders.importer import OrderImportService
+    from replicator.orders.coordinator import OrderImportService
     from replicator.orders.sample import ListShop
     from tests.test_orders_support import make_config
 
