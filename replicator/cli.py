@@ -191,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # A driver error that no boundary mapped yet: one line, not a traceback (-v shows it).
-        from replicator.db import access_refused, one_line
+        from replicator.db import one_line
+        from replicator.errors_map import is_access_refused
 
         if getattr(args, "verbose", False):
             raise
         print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
-        return EXIT_ACCESS if access_refused(exc) else EXIT_FAILURE
+        return EXIT_ACCESS if is_access_refused(exc) else EXIT_FAILURE

@@ -25,8 +25,9 @@ import psycopg
 
 from replicator.config import Config
 from replicator.config.shops import ShopSection
-from replicator.db import access_refused, one_line, pg_connect
+from replicator.db import one_line, pg_connect
 from replicator.errors import EXIT_ACCESS, EXIT_FAILURE, EXIT_SOURCE, SyncError
+from replicator.errors_map import is_access_refused
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Check:
 
 
 def _failed(what: str, exc: BaseException) -> Check:
-    code = EXIT_ACCESS if access_refused(exc) else EXIT_FAILURE
+    code = EXIT_ACCESS if is_access_refused(exc) else EXIT_FAILURE
     return Check(what, f"cannot connect: {one_line(exc)}", code)
 
 

@@ -72,6 +72,7 @@ from replicator.errors import (
     SchemaError,
     SlotMissingError,
 )
+from replicator.errors_map import replication_start_error
 from replicator.staging import ApplyTxn, StagingStore
 
 log = structlog.get_logger(__name__, service="capture")
@@ -580,11 +581,8 @@ class LogicalSource(CaptureSource):
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode(errors="replace") if res is not None else "no result"
-            if "does not exist" in msg and "slot" in msg:
-                raise SlotMissingError(f"replication slot {self.slot!r} is gone: {msg.strip()}")
-            if "is active for PID" in msg:
-                raise DaemonAlreadyRunning(msg.strip())
-            raise RetryableError(f"START_REPLICATION failed: {msg.strip()}")
+            code = res.error_field(pq.DiagnosticField.SQLSTATE) if res is not None else None
+            raise replication_start_error(self.slot, code.decode() if code else None, msg)
         pgconn.nonblocking = 1
         self._last_status = 0.0
         log.info("streaming_started", slot=self.slot, position=int_to_lsn(lsn))

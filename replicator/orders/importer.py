@@ -41,6 +41,7 @@ from replicator.config.orders import ImportCriteria, OrdersSection
 from replicator.connectors.base import ShopConnector, ShopOrder
 from replicator.db import make_engine
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
+from replicator.errors_map import is_retryable, is_schema_mismatch
 from replicator.failpoints import failpoint
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import OrderRejected
@@ -54,8 +55,6 @@ from replicator.orders.writer import (
     OrderPosted,
     WriteResult,
     db_message,
-    is_schema_mismatch,
-    is_transient,
 )
 
 log = structlog.get_logger(__name__)
@@ -353,11 +352,11 @@ class OrderImportService:
             return fn(*args, **kwargs)
         except Exception as exc:
             # The common case (success) needs no retry machinery; only failures pay for it.
-            if not is_transient(exc) or self.ocfg.retry_attempts <= 1:
+            if not is_retryable(exc) or self.ocfg.retry_attempts <= 1:
                 raise
         # Retries take fresh connections from the pool: a caller's connection may be broken.
         kwargs.pop("conn", None)
-        result: WriteResult = self._retrying(is_transient)(fn, *args, **kwargs)
+        result: WriteResult = self._retrying(is_retryable)(fn, *args, **kwargs)
         return result
 
     def _backoff(self, attempts: int) -> timedelta:
@@ -561,7 +560,7 @@ class OrderImportService:
             # (it counts as failed) instead of blocking the daemon in place.
             hint = getattr(e, "retry_after", None) or 0
             return (
-                isinstance(e, RetryableError) or is_transient(e)
+                isinstance(e, RetryableError) or is_retryable(e)
             ) and hint <= self.ocfg.backoff_max
 
         self._retrying(retry_on)(fetch)
@@ -785,7 +784,7 @@ class OrderImportService:
         except OrderRejected as exc:
             return fail(exc.reason, exc.kind)
         except Exception as exc:
-            if is_transient(exc):
+            if is_retryable(exc):
                 msg = db_message(exc)
                 log.warning("order_retry_later", shop=shop, e_number=e, error=msg)
                 return _Outcome(
@@ -902,7 +901,7 @@ class OrderImportService:
         assert entry.pending_payload is not None
         payload = parse_payload(entry.pending_payload)
         crit = self.ocfg.criteria_for(entry.shop)
-        res = self._retrying(is_transient)(
+        res = self._retrying(is_retryable)(
             self.writer_for(entry.shop).replace,
             entry.shop,
             entry.e_number,
