@@ -20,8 +20,13 @@ asks :func:`is_retryable`), while an order waits for a password or GRANT to be f
 import asks :func:`is_retryable`, which does not hold refused access against the order) instead
 of being parked as bad input.
 
-Every rule here is proven on errors provoked from real servers in
-``tests/test_errors_classification.py``.
+A shop's HTTP *answers* (429, 5xx, 401/403, 404) are mapped where they arrive, in
+:mod:`replicator.connectors._http`, onto the connector contract (``ShopUnavailable`` is a
+:class:`RetryableError`, ``ShopError`` a :class:`FatalError`), so they reach this module already
+classified; an httpx transport failure that escapes raw is retryable here.
+
+The rules are checked against errors provoked from real servers (PostgreSQL, MariaDB, SQLite, a
+loopback HTTP server) in ``tests/test_errors_classification.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pymysql
 import sqlalchemy as sa
 
 from replicator.errors import (
@@ -93,6 +99,26 @@ ACCESS_REFUSED_TEXT = (
     "Access denied for user",
     "Unknown database",
     "unable to open database file",
+)
+
+# How each driver says that the server or the connection failed rather than the statement (the
+# DB-API's "operational" classes); SQLAlchemy wraps them in its own OperationalError. Capture maps
+# these to RetryableError where it calls the ERP.
+DRIVER_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    pymysql.err.OperationalError,
+    pymysql.err.InterfaceError,
+    sqlite3.OperationalError,
+)
+
+# How a store reached through SQLAlchemy (staging) fails under a statement: the server went away,
+# the disk filled, the file could not be read. Capture maps these to RetryableError and resumes
+# from the staging checkpoint.
+STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sqlite3.OperationalError,
+    OSError,
 )
 
 # START_REPLICATION refusals: the slot does not exist (undefined object), or another walsender
@@ -169,8 +195,7 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(
         exc,
         (
-            psycopg.OperationalError,
-            sqlite3.OperationalError,
+            *DRIVER_UNAVAILABLE,
             sa.exc.DisconnectionError,
             sa.exc.TimeoutError,  # the pool had no connection in time
             httpx.TransportError,  # refused, reset, timed out, cut mid-response

@@ -33,7 +33,6 @@ import contextlib
 import datetime as dt
 import json
 import select
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -41,7 +40,6 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import pq, sql
-from sqlalchemy import exc as sa_exc
 
 from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, Progress, TableSchema
 from replicator.cdc.pgoutput import (
@@ -72,7 +70,7 @@ from replicator.errors import (
     SchemaError,
     SlotMissingError,
 )
-from replicator.errors_map import replication_start_error
+from replicator.errors_map import STORE_UNAVAILABLE, replication_start_error
 from replicator.staging import ApplyTxn, StagingStore
 
 log = structlog.get_logger(__name__, service="capture")
@@ -636,12 +634,7 @@ class LogicalSource(CaptureSource):
             self._maybe_send_status()
         except psycopg.OperationalError as exc:
             raise RetryableError(f"replication connection lost: {exc}") from exc
-        except (
-            sa_exc.OperationalError,
-            sa_exc.InterfaceError,
-            sqlite3.OperationalError,
-            OSError,
-        ) as exc:
+        except STORE_UNAVAILABLE as exc:
             # The staging store went away (server down, disk full). Nothing was confirmed
             # beyond its last commit: reconnect later and resume from the staging checkpoint.
             raise RetryableError(f"staging store unavailable: {exc}") from exc
