@@ -143,8 +143,10 @@ def sqlstate(exc: BaseException) -> str | None:
 def mysql_errno(exc: BaseException) -> int | None:
     """The MySQL/MariaDB error number (PyMySQL puts it first in ``args``), or None."""
     orig = driver_error(exc)
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()) or ())
-    return args[0] if args and isinstance(args[0], int) and not isinstance(orig, OSError) else None
+    if not isinstance(orig, pymysql.err.MySQLError):
+        return None
+    args: tuple[Any, ...] = tuple(orig.args or ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 def sqlite_errorcode(exc: BaseException) -> int | None:

@@ -255,6 +255,13 @@ def test_mariadb_connection_failures(maria: str) -> None:
             _check(_raised(engine.connect), expect)
         finally:
             engine.dispose()
+    # Bare PyMySQL, as the trigger capture connects.
+    refused = _raised(lambda: pymysql.connect(host="127.0.0.1", port=free_port(), user="root"))
+    _check(refused, RETRY)
+    denied = _raised(
+        lambda: pymysql.connect(host="127.0.0.1", port=3306, user="no_such_user", password="pw")
+    )
+    _check(denied, ACCESS)
 
 
 def test_mariadb_statement_errors(maria: str) -> None:
