@@ -36,6 +36,7 @@ from replicator.cdc.base import CaptureSource
 from replicator.config import Config, load_config, warn_if_world_readable
 from replicator.config.watch import ConfigWatcher
 from replicator.errors import AccessError, ConfigError, FatalError, RetryableError, SyncError
+from replicator.errors_map import classify, is_access_refused
 from replicator.log import setup_logging
 from replicator.staging import StagingStore
 
@@ -682,9 +683,9 @@ class Daemon:
             import psycopg
 
             if isinstance(exc, psycopg.OperationalError):
-                from replicator.db import access_refused, one_line
+                from replicator.db import one_line
 
-                cls = AccessError if access_refused(exc) else FatalError
+                cls = AccessError if is_access_refused(exc) else FatalError
                 raise cls(
                     f"cannot capture from the ERP ({self.cfg.erp.redacted}): {one_line(exc)}"
                 ) from exc
@@ -861,26 +862,7 @@ def _lsn(v: int) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    import sqlite3
-
-    import psycopg
-    from sqlalchemy import exc as sa_exc
-
-    from replicator.db import access_refused
-
-    if access_refused(exc):
-        return False
-    return isinstance(
-        exc,
-        (
-            psycopg.OperationalError,
-            sa_exc.OperationalError,
-            sa_exc.InterfaceError,
-            sqlite3.OperationalError,
-            OSError,
-            TimeoutError,
-        ),
-    )
+    return issubclass(classify(exc), RetryableError)
 
 
 def run_daemon(config_path: str) -> int:

@@ -15,21 +15,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from replicator.errors import AccessError, RetryableError, SyncError
+from replicator.errors_map import is_access_refused
 
 APP = "sync-daemon"
-
-# What a server says when a retry cannot help: credentials, database, role or privilege. The
-# daemon stops on these (exit 4) instead of retrying for ever.
-ACCESS_REFUSED = (
-    "must be superuser or replication role",
-    "permission denied",
-    "password authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",
-    "Access denied for user",
-    "Unknown database",
-    "unable to open database file",
-)
 
 
 def one_line(exc: BaseException) -> str:
@@ -37,15 +25,10 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def access_refused(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(f in text for f in ACCESS_REFUSED)
-
-
 def connect_error(what: str, where: str, exc: BaseException) -> SyncError:
     """The one-line error for a failed connection: what was reached, where, and the cause;
     :class:`AccessError` when a retry cannot help, else :class:`RetryableError`."""
-    cls: type[SyncError] = AccessError if access_refused(exc) else RetryableError
+    cls: type[SyncError] = AccessError if is_access_refused(exc) else RetryableError
     return cls(f"{what} ({where}): {one_line(exc)}")
 
 

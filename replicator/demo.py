@@ -32,6 +32,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from replicator.config import load_config
+from replicator.localpg import LocalCluster, find_bindir, free_port, wait_port
+from replicator.orders.sample import install_sample_erp
+from replicator.status import collect_status
+
+# The demo runs from a checkout (`make demo`) and borrows the test suite's shop emulators.
+from tests.emulators import WooCommerceEmulator
+from tests.emulators.orders import generate_orders
+
 ROOT = Path(__file__).resolve().parent.parent
 
 STOCK_SCHEMA = """
@@ -67,10 +78,6 @@ class DemoErp:
 
 def _postgres_erp(stack: contextlib.ExitStack) -> DemoErp | None:
     """Option 1 (local binaries) or 2 (testcontainers), with the full sample schema."""
-    import psycopg
-
-    from replicator.localpg import LocalCluster, find_bindir
-
     url: str | None = None
     label = ""
     if find_bindir() is not None and os.environ.get("SYNC_DEMO_ERP") != "sqlite":
@@ -81,7 +88,8 @@ def _postgres_erp(stack: contextlib.ExitStack) -> DemoErp | None:
         label = "a throwaway PostgreSQL cluster from the local server binaries"
     elif os.environ.get("SYNC_DEMO_ERP") != "sqlite" and shutil.which("docker"):
         try:
-            from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]
+            # Optional, not a dependency: only this fallback uses it, and only if installed.
+            from testcontainers.postgres import PostgresContainer  # type: ignore[import-not-found]  # noqa: PLC0415 - optional package
 
             pg = PostgresContainer("postgres:15").with_command("postgres -c wal_level=logical")
             pg.start()
@@ -92,8 +100,6 @@ def _postgres_erp(stack: contextlib.ExitStack) -> DemoErp | None:
             print(f"demo: Docker/testcontainers not usable ({type(exc).__name__}: {exc})")
     if url is None:
         return None
-    from replicator.orders.sample import install_sample_erp
-
     install_sample_erp(url, extra_items=0)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(STOCK_SCHEMA)
@@ -154,8 +160,6 @@ DEMO_MIX = ("imported", "failed", "not paid", "imported", "on hold", "imported")
 
 def demo_order(n: int) -> Any:
     """The n-th order of the sample shop (1-based), shaped by ``DEMO_MIX``."""
-    from tests.emulators.orders import generate_orders
-
     kind = DEMO_MIX[(n - 1) % len(DEMO_MIX)]
     order = generate_orders(
         1,
@@ -190,8 +194,6 @@ def _shop_orders(shop: Any, stop: threading.Event, counter: list[int]) -> None:
 
 def status_line(cfg: Any, counter: int, orders_made: int) -> str:
     """The demo's one line of status (``sync-daemon status`` has the whole picture)."""
-    from replicator.status import collect_status
-
     st = collect_status(cfg, per_state=1)
     parts = [time.strftime("%H:%M:%S")]
     for src in st["sources"][:1]:
@@ -277,10 +279,6 @@ def _on_stop_signal(*_: object) -> None:
 
 
 def main() -> int:
-    from replicator.config import load_config
-    from replicator.localpg import free_port, wait_port
-    from tests.emulators import WooCommerceEmulator
-
     state = Path(os.environ.get("SYNC_DEMO_STATE", ROOT / "demo-state"))
     # SIGTERM behaves like Ctrl-C, so everything the demo started is always stopped.
     signal.signal(signal.SIGTERM, _on_stop_signal)

@@ -3,7 +3,9 @@
 Everything the daemon raises on purpose derives from :class:`SyncError`. Failures are classified
 the Debezium way: :class:`RetryableError` (connection lost, server restarting: reconnect and
 resume) versus :class:`FatalError` (a slot that vanished, a bad schema: stop that source and say
-why). Driver exceptions are mapped to these at the boundary where they occur.
+why). Driver exceptions are mapped to these at the boundary where they occur, by the rules of
+:mod:`replicator.errors_map` (the one place that reads SQLSTATEs, MySQL error numbers and
+driver exception classes).
 
 Each class of failure has its own exit code (the systemd unit does not restart on 2, 3 and 4,
 ``RestartPreventExitStatus``):

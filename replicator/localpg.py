@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
+
 
 def find_bindir() -> Path | None:
     """The newest ``/usr/lib/postgresql/N/bin`` with ``initdb``, or ``$PG_BINDIR``."""
@@ -135,8 +137,6 @@ class LocalCluster:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
 
     def createdb(self, name: str) -> str:
-        import psycopg
-
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)

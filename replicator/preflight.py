@@ -23,10 +23,15 @@ from typing import Any
 
 import psycopg
 
+from replicator.cdc.logical import describe_tables
 from replicator.config import Config
 from replicator.config.shops import ShopSection
-from replicator.db import access_refused, one_line, pg_connect
+from replicator.connectors import make_connector
+from replicator.db import make_engine, one_line, pg_connect
 from replicator.errors import EXIT_ACCESS, EXIT_FAILURE, EXIT_SOURCE, SyncError
+from replicator.errors_map import is_access_refused
+from replicator.orders.mappings import check_mappings
+from replicator.staging import StagingStore
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Check:
 
 
 def _failed(what: str, exc: BaseException) -> Check:
-    code = EXIT_ACCESS if access_refused(exc) else EXIT_FAILURE
+    code = EXIT_ACCESS if is_access_refused(exc) else EXIT_FAILURE
     return Check(what, f"cannot connect: {one_line(exc)}", code)
 
 
@@ -60,9 +65,6 @@ def preflight(cfg: Config) -> Iterator[Check]:
 
 def _mappings(cfg: Config) -> Iterator[Check]:
     """Every order mapping against the live ERP, with the daemon's start-up messages."""
-    from replicator.db import make_engine
-    from replicator.orders.mappings import check_mappings
-
     try:
         engine = make_engine(cfg.erp.writer_url, "check")
     except Exception as exc:
@@ -221,8 +223,6 @@ def _slot(conn: psycopg.Connection[Any], cfg: Config) -> Iterator[Check]:
 
 
 def _tables(conn: psycopg.Connection[Any], cfg: Config) -> Iterator[Check]:
-    from replicator.cdc.logical import describe_tables
-
     for table in cfg.capture.tables:
         (ok,) = conn.execute(
             "SELECT has_table_privilege(to_regclass(%s), 'SELECT')", (table,)
@@ -243,8 +243,6 @@ def _tables(conn: psycopg.Connection[Any], cfg: Config) -> Iterator[Check]:
 
 
 def _staging(cfg: Config) -> Iterator[Check]:
-    from replicator.staging import StagingStore
-
     if cfg.staging.url is None:
         try:
             os.makedirs(cfg.daemon.state_dir, exist_ok=True)
@@ -278,8 +276,6 @@ def _shop(cfg: Config, shop: ShopSection) -> Check:
         return Check(what, f"inbox_dir {folder} exists and is writable")
     if shop.kind == "webhook" and shop.url is None:
         return Check(what, "receives webhooks only (nothing to reach)")
-    from replicator.connectors import make_connector
-
     base = Path(cfg.source_path).parent if cfg.source_path else None
     try:
         connector = make_connector(shop, base)

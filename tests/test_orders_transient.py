@@ -8,8 +8,8 @@ import sqlalchemy as sa
 
 from replicator.connectors.base import ShopUnavailable
 from replicator.db import make_engine
+from replicator.errors_map import is_retryable
 from replicator.orders.sample import sample_order
-from replicator.orders.writer import is_transient
 from tests import test_orders_support as support
 
 # Fixtures shared by the order tests (pytest finds them as module attributes).
@@ -43,10 +43,10 @@ def _lock_error(url: str, set_timeout: str) -> sa.exc.DBAPIError:
 
 def test_lock_timeouts_are_transient_on_both_erps(pg_erp_url, maria_erp_url):
     pg = _lock_error(pg_erp_url, "SET lock_timeout = '100ms'")
-    assert is_transient(pg)
+    assert is_retryable(pg)
     maria = _lock_error(maria_erp_url, "SET SESSION innodb_lock_wait_timeout = 1")
     assert isinstance(maria.orig, pymysql.err.OperationalError) and maria.orig.args[0] == 1205
-    assert is_transient(maria)
+    assert is_retryable(maria)
 
 
 def test_integrity_and_data_errors_are_permanent(pg_erp_url):
@@ -56,12 +56,12 @@ def test_integrity_and_data_errors_are_permanent(pg_erp_url):
             try:
                 conn.exec_driver_sql("INSERT INTO items VALUES ('I-0001', 'dup', 'x', 1)")
             except sa.exc.IntegrityError as exc:
-                assert not is_transient(exc)
+                assert not is_retryable(exc)
             conn.rollback()
             try:
                 conn.exec_driver_sql("SELECT 'abc'::numeric")
             except sa.exc.DataError as exc:
-                assert not is_transient(exc)
+                assert not is_retryable(exc)
     finally:
         engine.dispose()
 

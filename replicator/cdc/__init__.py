@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from replicator.errors import ConfigError
+
 if TYPE_CHECKING:
     from replicator.cdc.base import CaptureSource
     from replicator.config import Config
@@ -12,7 +14,10 @@ if TYPE_CHECKING:
 
 def make_source(cfg: Config, store: StagingStore) -> CaptureSource:
     """Build the capture source the config asks for."""
-    from replicator.errors import ConfigError
+    # Import cycle: the sources import replicator.staging, which imports replicator.cdc.base, so
+    # this package must not import the sources while it initialises.
+    from replicator.cdc.logical import LogicalSource  # noqa: PLC0415 - import cycle (see above)
+    from replicator.cdc.triggers.source import TriggerSource  # noqa: PLC0415 - import cycle
 
     if cfg.capture.mode == "logical":
         if cfg.erp.dialect != "postgresql":
@@ -20,10 +25,6 @@ def make_source(cfg: Config, store: StagingStore) -> CaptureSource:
                 f"{cfg.source_path}: capture.mode = 'logical' needs a PostgreSQL ERP; "
                 f'erp.dsn is {cfg.erp.dialect}: use capture.mode = "triggers"'
             )
-        from replicator.cdc.logical import LogicalSource
-
         return LogicalSource(cfg, store)
-    from replicator.cdc.triggers.source import TriggerSource
-
     source: CaptureSource = TriggerSource(cfg, store)
     return source

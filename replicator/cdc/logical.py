@@ -33,7 +33,6 @@ import contextlib
 import datetime as dt
 import json
 import select
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -41,7 +40,6 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import pq, sql
-from sqlalchemy import exc as sa_exc
 
 from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, Progress, TableSchema
 from replicator.cdc.pgoutput import (
@@ -72,6 +70,7 @@ from replicator.errors import (
     SchemaError,
     SlotMissingError,
 )
+from replicator.errors_map import STORE_UNAVAILABLE, replication_start_error
 from replicator.staging import ApplyTxn, StagingStore
 
 log = structlog.get_logger(__name__, service="capture")
@@ -580,11 +579,8 @@ class LogicalSource(CaptureSource):
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode(errors="replace") if res is not None else "no result"
-            if "does not exist" in msg and "slot" in msg:
-                raise SlotMissingError(f"replication slot {self.slot!r} is gone: {msg.strip()}")
-            if "is active for PID" in msg:
-                raise DaemonAlreadyRunning(msg.strip())
-            raise RetryableError(f"START_REPLICATION failed: {msg.strip()}")
+            code = res.error_field(pq.DiagnosticField.SQLSTATE) if res is not None else None
+            raise replication_start_error(self.slot, code.decode() if code else None, msg)
         pgconn.nonblocking = 1
         self._last_status = 0.0
         log.info("streaming_started", slot=self.slot, position=int_to_lsn(lsn))
@@ -638,12 +634,7 @@ class LogicalSource(CaptureSource):
             self._maybe_send_status()
         except psycopg.OperationalError as exc:
             raise RetryableError(f"replication connection lost: {exc}") from exc
-        except (
-            sa_exc.OperationalError,
-            sa_exc.InterfaceError,
-            sqlite3.OperationalError,
-            OSError,
-        ) as exc:
+        except STORE_UNAVAILABLE as exc:
             # The staging store went away (server down, disk full). Nothing was confirmed
             # beyond its last commit: reconnect later and resume from the staging checkpoint.
             raise RetryableError(f"staging store unavailable: {exc}") from exc

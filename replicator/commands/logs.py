@@ -40,7 +40,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 def _level(text: str) -> str:
-    from replicator.logstore import normalize_level
+    from replicator.logstore import normalize_level  # noqa: PLC0415 - fast CLI start
 
     try:
         return normalize_level(text)
@@ -60,8 +60,8 @@ def _format_value(v: Any) -> str:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from replicator.db import null_pool_engine
-    from replicator.logstore import has_table, query_records
+    from replicator.db import null_pool_engine  # noqa: PLC0415 - fast CLI start
+    from replicator.logstore import has_table, query_records  # noqa: PLC0415 - fast CLI start
 
     cfg = load(args)
     engine = null_pool_engine(cfg.staging_url, "logs")

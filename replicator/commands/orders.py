@@ -44,7 +44,7 @@ def _open_service(cfg: Any, connectors: dict[str, Any] | None = None) -> Iterato
     """The order import service for one command, closed when the command is done."""
     # Deferred import (PLC0415): the CLI imports every command module to register it; the order
     # import (SQLAlchemy, the ERP writers, the connectors) loads only when a command runs.
-    from replicator.orders.coordinator import OrderImportService
+    from replicator.orders.coordinator import OrderImportService  # noqa: PLC0415 - fast CLI start
 
     svc = OrderImportService(cfg, connectors)
     try:
@@ -56,7 +56,7 @@ def _open_service(cfg: Any, connectors: dict[str, Any] | None = None) -> Iterato
 @contextmanager
 def _open_ledger(cfg: Any) -> Iterator[Any]:
     """The order ledger in the staging store, for one reading command, closed afterwards."""
-    from replicator.orders.ledger import Ledger  # deferred: see _open_service
+    from replicator.orders.ledger import Ledger  # noqa: PLC0415 - fast CLI start
 
     led = Ledger(cfg.staging_url)
     try:
@@ -276,7 +276,7 @@ def run_gaps(
     out: TextIO | None = None,
     connectors: dict[str, Any] | None = None,
 ) -> int:
-    from replicator.orders.gaps import find_gaps  # deferred: see _open_service
+    from replicator.orders.gaps import find_gaps  # noqa: PLC0415 - fast CLI start
 
     out = out or sys.stdout
     with _open_service(cfg, connectors) as svc:
@@ -318,12 +318,12 @@ def run_map(cfg: Any, args: argparse.Namespace, out: TextIO | None = None) -> in
     """Map one order file and print the rows that would be written (nothing is written)."""
     out = out or sys.stdout
     # Deferred imports: see _open_service.
-    from replicator.db import make_engine
-    from replicator.mappers.orders import OrderRejected
-    from replicator.mappers.plan import PlanMapping, load_any, validate_any
-    from replicator.orders.inbox import PayloadError, e_number_from, parse_payload
-    from replicator.orders.plan_writer import PlanWriter
-    from replicator.orders.writer import ErpWriter
+    from replicator.db import make_engine  # noqa: PLC0415 - fast CLI start
+    from replicator.mappers.orders import OrderRejected  # noqa: PLC0415 - fast CLI start
+    from replicator.mappers.plan import PlanMapping, load_any, validate_any  # noqa: PLC0415 - fast CLI start
+    from replicator.orders.inbox import PayloadError, e_number_from, parse_payload  # noqa: PLC0415 - fast CLI start
+    from replicator.orders.plan_writer import PlanWriter  # noqa: PLC0415 - fast CLI start
+    from replicator.orders.writer import ErpWriter  # noqa: PLC0415 - fast CLI start
 
     if not args.dry_run:
         print("map only supports --dry-run (it never writes)", file=sys.stderr)

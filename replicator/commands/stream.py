@@ -11,8 +11,8 @@ from replicator.cli import add_config_arg
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from replicator.log import setup_logging
-    from replicator.stream.consumer import StreamConsumer, load_consume_config
+    from replicator.log import setup_logging  # noqa: PLC0415 - fast CLI start
+    from replicator.stream.consumer import StreamConsumer, load_consume_config  # noqa: PLC0415 - fast CLI start
 
     cfg = load_consume_config(args.config)
     setup_logging(cfg.logging)

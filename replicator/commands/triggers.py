@@ -10,24 +10,30 @@ triggers are present and current and exits 1 when any is not.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import TYPE_CHECKING
 
 from replicator.cli import add_config_arg, load
 
+if TYPE_CHECKING:
+    from replicator.cdc.triggers.dialects import Dialect
+    from replicator.config import Config
 
-def _dialect(args: argparse.Namespace) -> tuple[object, object]:
-    from replicator.cdc.triggers.dialects import dialect_for
 
-    cfg = load(args)
+def _dialect(args: argparse.Namespace) -> tuple[Config, Dialect]:
+    # The dialects load the database drivers; see replicator.cli on imports inside handlers.
+    from replicator.cdc.triggers.dialects import dialect_for  # noqa: PLC0415 - fast CLI start
+
+    cfg: Config = load(args)
     return cfg, dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from replicator.cdc.triggers.dialects import VERSION, Dialect, MysqlDialect
+    from replicator.cdc.triggers.dialects import VERSION, MysqlDialect  # noqa: PLC0415 - fast CLI start
 
     cfg, d = _dialect(args)
-    assert isinstance(d, Dialect)
-    tables = list(cfg.capture.tables)  # type: ignore[attr-defined]
+    tables = list(cfg.capture.tables)
     with d.connection("triggers-install") as conn:
         d.install(conn, tables)
         warn = d.cascade_children(conn, tables) if isinstance(d, MysqlDialect) else []
@@ -48,10 +54,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
-    from replicator.cdc.triggers.dialects import Dialect
-
     cfg, d = _dialect(args)
-    assert isinstance(d, Dialect)
     if not args.yes:
         print(
             "uninstall drops the capture triggers and the changelog (unapplied changes are "
@@ -60,20 +63,15 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
         )
         return 2
     with d.connection("triggers-uninstall") as conn:
-        removed = d.uninstall(conn, list(cfg.capture.tables))  # type: ignore[attr-defined]
+        removed = d.uninstall(conn, list(cfg.capture.tables))
     print(f"triggers removed from {len(removed)} table(s); changelog {d.changelog} dropped")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import json
-
-    from replicator.cdc.triggers.dialects import Dialect
-
     cfg, d = _dialect(args)
-    assert isinstance(d, Dialect)
     with d.connection("triggers-status") as conn:
-        rows = d.status(conn, list(cfg.capture.tables))  # type: ignore[attr-defined]
+        rows = d.status(conn, list(cfg.capture.tables))
     if args.json:
         print(json.dumps([{"table": r.table, "state": r.state, "detail": r.detail} for r in rows]))
     else:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from replicator.config.core import Section, _read_secret
+from replicator.schedules import Schedule
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -113,8 +114,6 @@ class StockPushSection(_WebhookSecret):
     @field_validator("reconcile_schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        from replicator.schedules import Schedule
-
         try:
             sched = Schedule._parse(v)
         except ValueError as exc:

@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the REST connectors: one ``httpx.Client`` per shop, and the mapping of
 transport and HTTP failures onto the connector error contract.
 
-Mapping (the contract in :mod:`replicator.connectors.base`):
+Mapping (the contract in :mod:`replicator.connectors.base`; this is the HTTP part of the error
+classification that :mod:`replicator.errors_map` does for database drivers):
 
 * connection refused/reset, timeouts, 5xx, 429 → :class:`ShopUnavailable` (``retry_after`` from a
   ``Retry-After`` header, seconds or HTTP date);

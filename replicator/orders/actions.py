@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from replicator.config.orders import OrdersSection
 from replicator.errors import FatalError
+from replicator.errors_map import is_retryable
 from replicator.mappers.orders import OrderRejected
 from replicator.orders.inbox import PayloadError, parse_payload
 from replicator.orders.ledger import Entry, Ledger
@@ -26,7 +27,7 @@ from replicator.orders.mappings import AnyWriter, MappingStore
 from replicator.orders.polling import restarted
 from replicator.orders.results import CycleResult, utcnow
 from replicator.orders.retry import RetryPolicy
-from replicator.orders.writer import NotInErp, OrderPosted, WriteResult, is_transient
+from replicator.orders.writer import NotInErp, OrderPosted, WriteResult
 
 # Import one order now (shop, e-number, time) -> its ledger entry afterwards.
 ProcessOne = Callable[[str, str, datetime], Entry | None]
@@ -186,7 +187,7 @@ class OrderActions:
         assert entry.pending_payload is not None
         payload = parse_payload(entry.pending_payload)
         crit = self.ocfg.criteria_for(entry.shop)
-        res = self.retries.retrying(is_transient)(
+        res = self.retries.retrying(is_retryable)(
             self.writer_for(entry.shop).replace,
             entry.shop,
             entry.e_number,

@@ -21,11 +21,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from replicator.config.orders import ImportCriteria, OrdersSection
+from replicator.errors_map import is_retryable, is_schema_mismatch
 from replicator.mappers.expr import get_path
 from replicator.mappers.orders import OrderRejected
 from replicator.orders.inbox import PayloadError, no_e_number_reason, parse_payload
 from replicator.orders.ledger import Entry
-from replicator.orders.writer import WriteResult, db_message, is_schema_mismatch, is_transient
+from replicator.orders.writer import WriteResult, db_message
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def written(entry: Entry, res: WriteResult, at: datetime) -> Outcome:
 
 def unforeseen(exc: BaseException) -> bool:
     """An error of the write no rule below knows (worth a traceback in the log)."""
-    return not (isinstance(exc, (OrderRejected, sa.exc.DBAPIError)) or is_transient(exc))
+    return not (isinstance(exc, (OrderRejected, sa.exc.DBAPIError)) or is_retryable(exc))
 
 
 def write_failed(
@@ -194,7 +195,7 @@ def write_failed(
     """The ERP write raised ``exc`` (after the in-place retries)."""
     if isinstance(exc, OrderRejected):
         return failed(entry, mapping_hash, exc.reason, exc.kind)
-    if is_transient(exc):
+    if is_retryable(exc):
         msg = db_message(exc)
         attempts = entry.attempts + 1
         return Outcome(

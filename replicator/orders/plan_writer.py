@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from replicator.errors_map import is_unique_violation
 from replicator.mappers import expr as ex
 from replicator.mappers.orders import (
     ColumnRule,
@@ -46,7 +47,6 @@ from replicator.orders.writer import (
     NotInErp,
     OrderPosted,
     WriteResult,
-    _is_unique_violation,
     _pyformat,
     multi_row_insert,
 )
@@ -549,7 +549,7 @@ class PlanWriter:
                         return self._write_once(c, shop, e_number, payload, auto_invoice)
                 return self._write_once(conn, shop, e_number, payload, auto_invoice)
             except sa.exc.IntegrityError as exc:
-                if not _is_unique_violation(exc):
+                if not is_unique_violation(exc):
                     raise
                 with self.engine.connect() as c:
                     existing = self._find(c, shop, e_number)

@@ -25,11 +25,12 @@ import structlog
 from replicator.config.orders import OrdersSection
 from replicator.connectors.base import ShopConnector, ShopOrder
 from replicator.errors import RetryableError
+from replicator.errors_map import is_retryable
 from replicator.orders.inbox import Inbox, Offered
 from replicator.orders.ledger import Ledger, ShopState
 from replicator.orders.results import CycleResult, naive
 from replicator.orders.retry import RetryPolicy
-from replicator.orders.writer import db_message, is_transient
+from replicator.orders.writer import db_message
 
 log = structlog.get_logger(__name__)
 
@@ -129,7 +130,7 @@ class ShopPolling:
             # (it counts as failed) instead of blocking the daemon in place.
             hint = getattr(e, "retry_after", None) or 0
             return (
-                isinstance(e, RetryableError) or is_transient(e)
+                isinstance(e, RetryableError) or is_retryable(e)
             ) and hint <= self.ocfg.backoff_max
 
         self.retries.retrying(retry_on)(fetch)

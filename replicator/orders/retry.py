@@ -15,7 +15,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from tenacity.wait import wait_base
 
 from replicator.config.orders import OrdersSection
-from replicator.orders.writer import WriteResult, is_transient
+from replicator.errors_map import is_retryable
+from replicator.orders.writer import WriteResult
 
 
 class WaitRetryAfter(wait_base):
@@ -56,9 +57,9 @@ class RetryPolicy:
             return fn(*args, **kwargs)
         except Exception as exc:
             # The common case (success) needs no retry machinery; only failures pay for it.
-            if not is_transient(exc) or self.ocfg.retry_attempts <= 1:
+            if not is_retryable(exc) or self.ocfg.retry_attempts <= 1:
                 raise
         # Retries take fresh connections from the pool: a caller's connection may be broken.
         kwargs.pop("conn", None)
-        result: WriteResult = self.retrying(is_transient)(fn, *args, **kwargs)
+        result: WriteResult = self.retrying(is_retryable)(fn, *args, **kwargs)
         return result

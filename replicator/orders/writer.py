@@ -27,6 +27,7 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.errors import RetryableError
+from replicator.errors_map import is_unique_violation
 from replicator.mappers.orders import (
     Lookups,
     MappedOrder,
@@ -40,23 +41,6 @@ from replicator.mappers.orders import (
 )
 
 log = structlog.get_logger(__name__)
-
-# SQLSTATEs / MySQL error numbers that mean "try again": serialization failure, deadlock, lock not
-# available, query cancelled, admin shutdown, connection failures; lock wait timeout, server gone.
-# 42501 / 1142 / 1143: the ERP role lacks a privilege. Not the order's fault: the order waits and
-# is retried once the DBA has fixed the GRANT, instead of being parked as bad input.
-_TRANSIENT_SQLSTATE = {
-    "40001",
-    "40P01",
-    "55P03",
-    "57014",
-    "57P01",
-    "57P02",
-    "57P03",
-    "53300",
-    "42501",
-}
-_TRANSIENT_MYSQL = {1205, 1213, 2002, 2003, 2006, 2013, 2055, 1040, 1053, 1142, 1143}
 
 
 class ErpUnavailable(RetryableError):
@@ -76,50 +60,6 @@ class WriteResult:
     order_number: str
     created: bool
     lines: int = 0
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an ERP error is worth retrying (network, locks, serialization, restarts)."""
-    if isinstance(exc, RetryableError):
-        return True
-    if isinstance(exc, sa.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        orig = exc.orig
-        state = getattr(orig, "sqlstate", None)
-        if isinstance(state, str) and (state in _TRANSIENT_SQLSTATE or state.startswith("08")):
-            return True
-        args = getattr(orig, "args", ())
-        if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL:
-            return True
-        return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not isinstance(
-            exc, sa.exc.IntegrityError
-        )
-    return isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | ConnectionError)
-
-
-# The ERP's schema no longer has what the mapping writes: undefined table/column/function,
-# datatype mismatch, a NOT NULL column nothing fills; MariaDB: unknown column, no such table,
-# field without default, column cannot be null.
-_SCHEMA_SQLSTATE = {"42P01", "42703", "42883", "42804", "23502"}
-_SCHEMA_MYSQL = {1054, 1146, 1364, 1048}
-
-
-def is_schema_mismatch(exc: BaseException) -> bool:
-    """Whether an ERP error says the mapping no longer fits the ERP's schema."""
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "sqlstate", None) in _SCHEMA_SQLSTATE:
-        return True
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()) or ())
-    return len(args) > 0 and args[0] in _SCHEMA_MYSQL
-
-
-def _is_unique_violation(exc: sa.exc.IntegrityError) -> bool:
-    orig = exc.orig
-    if getattr(orig, "sqlstate", None) == "23505":
-        return True
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()) or ())
-    return len(args) > 0 and args[0] == 1062
 
 
 _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -356,7 +296,7 @@ class ErpWriter:
             with conn.begin():
                 return self._write(conn, shop, e_number, payload, auto_invoice)
         except sa.exc.IntegrityError as exc:
-            if not _is_unique_violation(exc):
+            if not is_unique_violation(exc):
                 raise
             # A concurrent importer (or a second daemon) won the race for this e-number.
             with self.engine.connect() as c:

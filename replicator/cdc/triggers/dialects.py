@@ -25,6 +25,7 @@ table *outdated* until ``triggers install`` is run again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import sqlite3
 from abc import ABC, abstractmethod
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pymysql
 import sqlglot.expressions as exp
 from sqlalchemy.engine import make_url
 
@@ -655,8 +657,6 @@ class MysqlDialect(_ListedColumnsDialect):
         return [_short_name(base, sfx, 64) for sfx in ("ins", "upd", "del")]
 
     def connect(self, role: str, *, autocommit: bool = True) -> Any:
-        import pymysql
-
         u = self._u
         conn = pymysql.connect(
             host=u.host or "127.0.0.1",
@@ -857,8 +857,6 @@ class SqliteDialect(_ListedColumnsDialect):
         return self.q(self.meta)
 
     def consumer_lock(self) -> Any:
-        import fcntl
-
         f = open(f"{self.path}.{self.changelog}.lock", "a")  # noqa: SIM115 - held until close
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+import pymysql.cursors
 import structlog
 
 from replicator.cdc.base import CaptureSource, Change, Checkpoint, Progress, TableSchema
@@ -73,6 +74,7 @@ from replicator.cdc.triggers.dialects import (
     dialect_for,
 )
 from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
+from replicator.errors_map import DRIVER_UNAVAILABLE
 from replicator.staging import ApplyTxn, StagingStore
 
 if TYPE_CHECKING:
@@ -82,17 +84,6 @@ log = structlog.get_logger(__name__)
 
 # (id, table, op, row image JSON, old key JSON, unix time of the change)
 Entry = tuple[int, str, str, str | None, str | None, Any]
-
-
-def _driver_errors() -> tuple[type[BaseException], ...]:
-    import pymysql
-
-    return (
-        psycopg.OperationalError,
-        pymysql.err.OperationalError,
-        pymysql.err.InterfaceError,
-        sqlite3.OperationalError,
-    )
 
 
 def ranges_of(ids: Iterable[int]) -> list[list[int]]:
@@ -249,7 +240,7 @@ class TriggerSource(CaptureSource):
                 self.reader.wait(min(self.capture.poll_interval, left), stop)
                 if time.monotonic() >= deadline or stop.is_set():
                     return self.reader.read_batch_and_cleanup()
-        except _driver_errors() as exc:
+        except DRIVER_UNAVAILABLE as exc:
             self._need_resume = True
             self.reader.close()
             raise RetryableError(f"ERP connection lost: {exc}") from exc
@@ -260,7 +251,7 @@ class TriggerSource(CaptureSource):
     def heartbeat(self) -> None:
         try:
             lag = self.reader.lag_seconds()
-        except _driver_errors() as exc:
+        except DRIVER_UNAVAILABLE as exc:
             self._need_resume = True
             self.reader.close()
             raise RetryableError(f"ERP connection lost: {exc}") from exc
@@ -686,8 +677,6 @@ class _MysqlReader(_Reader):
         return self._conn
 
     def _stream(self, sql: str, conn: Any | None = None) -> Iterator[Any]:
-        import pymysql.cursors
-
         c = conn or self.conn()
         cur = c.cursor(pymysql.cursors.SSCursor)
         try:
