@@ -3,7 +3,7 @@
 Capture runs in the main loop (it must answer the walsender and signals promptly). Everything
 that talks to a webshop can take seconds, so those services run one after another in a single
 worker thread, each on its schedule (crontab, ``every 5m`` or continuous). One service failing
-never stops the others: the failure is recorded in :class:`~replicator.daemon.ServiceState`
+never stops the others: the failure is recorded in :class:`~replicator.state.ServiceState`
 (status, the Manage page, ``/readyz`` breakers) and reported to the notifier as one incident per
 service until it recovers.
 
