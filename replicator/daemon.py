@@ -224,9 +224,8 @@ class Daemon:
         if rt is not None:
             store = rt.store
             restarted, rebuilt = rt.reload(new)
-            if rt.store is not store:
+            if rt.store is not store:  # a new staging store: say at once that we live there
                 self._mark_alive(force=True)
-                rt.store.start_checkpointer()
         log.info("config_reloaded", capture_restarted=restarted, services_rebuilt=rebuilt)
         sdnotify.ready()
 

@@ -255,7 +255,7 @@ class ServiceSet:
         ]
 
 
-@dataclass
+@dataclass(eq=False)  # a set of running things: compared by identity
 class Runtime:
     """Everything one daemon runs beside its loop; built by :func:`build`."""
 
@@ -351,6 +351,7 @@ class Runtime:
             self.store.dispose()
             self.store = StagingStore(cfg.staging_url)
             self.store.setup()
+            self.store.start_checkpointer()
             self.capture.store = self.store
         rebuild = ServiceSet.changed(old, cfg)
         if rebuild:
