@@ -52,13 +52,15 @@ import sqlalchemy as sa
 import structlog
 
 from replicator import safejson
-from replicator.config import redact_url
+from replicator.config import Config, redact_url
 from replicator.errors import FatalError
 from replicator.log import redact
-from replicator.logstore import LEVELS
+from replicator.logstore import LEVELS, LogStore
 from replicator.mappers.orders import OrderRejected
 from replicator.ops.readmodel import scale_out_lines
 from replicator.orders.writer import NotInErp, OrderPosted
+from replicator.staging import StagingStore
+from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
 from replicator.web.lag import NO_VALUE, ensure_lag_history
@@ -117,11 +119,11 @@ class WebContext:
                         the dry-run mapping on the order page); None makes updates read-only.
     """
 
-    config: Any
+    config: Config
     staging_engine: sa.Engine
-    daemon_state: Callable[[], Any] = lambda: None
-    store: Any = None
-    logstore: Any = None
+    daemon_state: Callable[[], DaemonState | None] = lambda: None
+    store: StagingStore | None = None
+    logstore: LogStore | None = None
     importer: OrderActions | None = None
     per_page: int = 20
     refresh_seconds: float = 5.0
