@@ -76,9 +76,12 @@ class ServiceSet:
     metrics collection and lag history share the last one.
     """
 
-    def __init__(self, cfg: Config, store: StagingStore, stop: threading.Event) -> None:
+    def __init__(
+        self, cfg: Config, store: StagingStore, logstore: LogStore, stop: threading.Event
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.logstore = logstore
         # The daemon's stop: a continuous push run returns early when the daemon stops.
         self._daemon_stop = stop
         # Set on shutdown, and to rebuild on reload.
@@ -88,7 +91,6 @@ class ServiceSet:
         self.orders: OrderImportService | None = None
         self.stock: StockPushService | None = None
         self.invoices: InvoicePushService | None = None
-        self.logstore: LogStore | None = None
         self.notifier: Notifier | None = None
 
     @staticmethod
@@ -237,7 +239,7 @@ class ServiceSet:
         store = self.store
 
         def housekeeping(_now: dt.datetime) -> str:
-            purged = self.logstore.purge() if self.logstore is not None else 0
+            purged = self.logstore.purge()
             pruned = store.journal_prune(keep_seconds=7 * 86400)
             return f"{purged} log records and {pruned} journal entries removed"
 
@@ -416,8 +418,7 @@ def build(
     logstore.start()
     add_sink(logstore.sink)
     notifier = Notifier(cfg.notify, name=cfg.daemon.name)
-    services = ServiceSet(cfg, store, stop)
-    services.logstore = logstore
+    services = ServiceSet(cfg, store, logstore, stop)
     rt = Runtime(
         cfg=cfg,
         config_path=config_path,
