@@ -323,7 +323,7 @@ class Renewer:
 
 def _standby_health(cfg: Config, lease: Lease) -> Any:
     """While standby: /healthz answers, /readyz says standby and names the active node."""
-    from replicator.health import HealthServer
+    from replicator.web.server import HealthServer
 
     if not cfg.health.enabled:
         return None

@@ -73,7 +73,6 @@ _SERVICE_BY_MODULE = {
     "replicator.push.invoices": "invoices",
     "replicator.push": "push",
     "replicator.web": "web",
-    "replicator.health": "web",
     "replicator.notify": "notify",
 }
 

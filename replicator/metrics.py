@@ -1,6 +1,6 @@
 """Prometheus metrics of the daemon: one registry, the metric objects, scrape-time refreshers.
 
-This module owns the :data:`REGISTRY` that ``GET /metrics`` (:mod:`replicator.health`) renders;
+This module owns the :data:`REGISTRY` that ``GET /metrics`` (:mod:`replicator.web.server`) renders;
 nothing else in the daemon creates metric objects or registries. Features import the metric they
 update and set it where the work happens, e.g.::
 

@@ -20,7 +20,7 @@ failed delivery is logged and retried on a later tick (with back-off), never rai
 texts pass :func:`replicator.log.redact`; the SMTP password and the webhook URL never appear in
 a message or a log line.
 
-Wiring (for ``replicator/daemon.py``)::
+Wiring (see ``replicator/runtime.py`` and ``replicator/cdc/supervisor.py``)::
 
     from replicator.notify import Notifier
 

@@ -3,7 +3,7 @@
 Capture runs in the main loop (it must answer the walsender and signals promptly). Everything
 that talks to a webshop can take seconds, so those services run one after another in a single
 worker thread, each on its schedule (crontab, ``every 5m`` or continuous). One service failing
-never stops the others: the failure is recorded in :class:`~replicator.daemon.ServiceState`
+never stops the others: the failure is recorded in :class:`~replicator.state.ServiceState`
 (status, the Manage page, ``/readyz`` breakers) and reported to the notifier as one incident per
 service until it recovers.
 
@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
+from replicator.notify import Notifier
 from replicator.schedules import Schedule
+from replicator.state import DaemonState, ServiceState
 
 log = structlog.get_logger(__name__, service="services")
 
@@ -53,11 +54,11 @@ class ServiceRunner:
     def __init__(
         self,
         services: list[Service],
-        state: Any,
-        notifier: Any,
+        state: DaemonState,
+        notifier: Notifier | None,
         stop: threading.Event,
         tick: float = 1.0,
-        on_update: Callable[[Any], None] | None = None,
+        on_update: Callable[[ServiceState], None] | None = None,
     ) -> None:
         self.services = services
         self.on_update = on_update

@@ -19,15 +19,9 @@ from replicator import __version__, metrics
 from replicator.config.core import HealthSection
 from replicator.db import make_engine
 from replicator.errors import ConfigError
-from replicator.health import (
-    HealthServer,
-    Request,
-    Response,
-    engine_check,
-    is_loopback,
-    threshold_check,
-)
 from replicator.localpg import free_port
+from replicator.ops.checks import engine_check, threshold_check
+from replicator.web.server import HealthServer, Request, Response, is_loopback
 
 
 class FakeClock:

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from replicator.config.core import HealthSection
 from replicator.connectors.webhook import WebhookReceiver
-from replicator.health import HealthServer, Request, Response
 from replicator.orders.coordinator import OrderImportService
 from replicator.safejson import JsonRefused, loads
+from replicator.web.server import HealthServer, Request, Response
 from tests import test_orders_support as support
 
 _pg_erp_template = support._pg_erp_template

@@ -11,10 +11,10 @@ from typing import Any
 
 import structlog
 
-from replicator.daemon import DaemonState
 from replicator.log import add_sink, remove_sink, setup_logging
 from replicator.schedules import Schedule
 from replicator.services import Service, ServiceRunner
+from replicator.state import DaemonState
 
 
 def test_every_record_carries_its_service() -> None:

@@ -13,11 +13,11 @@ import pytest
 
 from replicator.config import Config, parse_config
 from replicator.connectors.woocommerce import WooCommerceConnector
-from replicator.health import HealthServer
 from replicator.push.erp_webhook import erp_webhook_secret, make_erp_webhook_handler
 from replicator.push.invoices import InvoicePushService
 from replicator.push.stock import StockPushService
 from replicator.staging import StagingStore
+from replicator.web.server import HealthServer
 from tests.emulators import WooCommerceEmulator, generate_orders
 
 SECRET = "s3cret-erp-hook"

@@ -14,11 +14,11 @@ from pathlib import Path
 import psycopg
 import sqlalchemy as sa
 
-from replicator.daemon import DaemonState
 from replicator.log import setup_logging
 from replicator.schedules import Schedule
 from replicator.services import BREAKER_AFTER, Service, ServiceRunner
 from replicator.staging import StagingStore
+from replicator.state import DaemonState
 from replicator.status import human_bytes
 
 

@@ -21,14 +21,15 @@ import pytest
 
 from replicator.cdc.base import Checkpoint
 from replicator.config.core import HealthSection
-from replicator.daemon import DaemonState
-from replicator.health import HealthServer
 from replicator.logstore import LogStore
 from replicator.orders.coordinator import OrderImportService
 from replicator.orders.results import utcnow
 from replicator.orders.sample import ListShop, sample_order
 from replicator.staging import StagingStore
-from replicator.web import WebContext, mount, record_lag_sample
+from replicator.state import DaemonState
+from replicator.web.app import WebContext, mount
+from replicator.web.lag import record_lag_sample
+from replicator.web.server import HealthServer
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows
 

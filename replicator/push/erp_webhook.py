@@ -44,7 +44,7 @@ import sqlalchemy as sa
 import structlog
 
 from replicator import safejson
-from replicator.health import Request, Response, RouteHandler
+from replicator.web.server import Request, Response, RouteHandler
 
 if TYPE_CHECKING:
     from replicator.config import Config

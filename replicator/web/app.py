@@ -1,6 +1,6 @@
 """The Manage page: orders, updates, logs, services and replication, served by the health server.
 
-:func:`mount` puts the page on the daemon's :class:`~replicator.health.HealthServer` (at ``/``),
+:func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HealthServer` (at ``/``),
 so it shares the server's protection: bound to a loopback address by default, and with
 ``health.token`` required (bearer or basic auth — a browser asks for it) on every route mounted
 here when the server listens elsewhere. Write actions (accept / ignore / cancel an order update)
@@ -23,7 +23,7 @@ Routes (all non-public; GET unless noted)::
     /static/<file>             manage.css, manage.js
     POST /actions/<action>     accept | ignore | cancel (form: shop, e_number, csrf_token, force)
 
-Wiring (for ``replicator/daemon.py``, after the health server is built, before ``start()``)::
+Wiring (see ``replicator/runtime.py``; after the server is built, before ``start()``)::
 
     from replicator.web import WebContext, mount
 
@@ -52,14 +52,19 @@ import sqlalchemy as sa
 import structlog
 
 from replicator import safejson
-from replicator.config import redact_url
+from replicator.config import Config, redact_url
 from replicator.errors import FatalError
-from replicator.health import HealthServer, Request, Response
 from replicator.log import redact
-from replicator.logstore import LEVELS
+from replicator.logstore import LEVELS, LogStore
+from replicator.mappers.orders import OrderRejected
+from replicator.ops.readmodel import scale_out_lines
+from replicator.orders.writer import NotInErp, OrderPosted
+from replicator.staging import StagingStore
+from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
 from replicator.web.lag import NO_VALUE, ensure_lag_history
+from replicator.web.server import HealthServer, Request, Response
 
 log = structlog.get_logger(__name__, service="manage")
 
@@ -104,7 +109,7 @@ class WebContext:
                         the DSNs — shown redacted only).
     ``staging_engine``  the staging store's engine: order ledger, log records, lag history,
                         ``replication_status``.
-    ``daemon_state``    returns the live :class:`~replicator.daemon.DaemonState` (or None when
+    ``daemon_state``    returns the live :class:`~replicator.state.DaemonState` (or None when
                         no loop runs); called on every request, never mutated.
     ``store``           the :class:`~replicator.staging.StagingStore`; when None the page reads
                         the ``replication_status`` view from ``staging_engine``.
@@ -114,11 +119,11 @@ class WebContext:
                         the dry-run mapping on the order page); None makes updates read-only.
     """
 
-    config: Any
+    config: Config
     staging_engine: sa.Engine
-    daemon_state: Callable[[], Any] = lambda: None
-    store: Any = None
-    logstore: Any = None
+    daemon_state: Callable[[], DaemonState | None] = lambda: None
+    store: StagingStore | None = None
+    logstore: LogStore | None = None
     importer: OrderActions | None = None
     per_page: int = 20
     refresh_seconds: float = 5.0
@@ -253,8 +258,6 @@ class ManageApp:
 
     def _scale_out(self) -> list[str]:
         """The stream sink's backlog and the HA roles (docs/scale-out.md), when configured."""
-        from replicator.status import scale_out_lines
-
         try:
             return scale_out_lines(self.ctx.config)
         except Exception as exc:  # the panel shows the rest; this line says why it is missing
@@ -444,9 +447,6 @@ class ManageApp:
                 "updates are read-only here: this daemon runs no order import",
             )
         force = form.get("force") in ("1", "on", "true", "yes")
-        from replicator.mappers.orders import OrderRejected
-        from replicator.orders.writer import NotInErp, OrderPosted
-
         try:
             done = self._run_action(action, shop, e, force)
         except (FatalError, OrderRejected, OrderPosted, NotInErp) as exc:  # a person must act

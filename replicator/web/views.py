@@ -1,5 +1,9 @@
 """What the Manage page shows, read from the staging store and the daemon state.
 
+The order columns and the service rows ``status`` prints too come from the read model
+(:mod:`replicator.ops.readmodel`); this module adds what only the page shows (the updates queue,
+one order's detail, logs, the replication charts) and the formatting helpers of its templates.
+
 Every function here only reads. The order ledger is read with SQLAlchemy Core on its tables
 (:mod:`replicator.orders.ledger`) because the page needs paging, counts per state and a search by
 ERP order number, which :class:`~replicator.orders.ledger.Ledger` does not offer; the order page
@@ -11,10 +15,9 @@ whose order import never ran shows "no orders yet".
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +26,24 @@ from markupsafe import Markup
 
 from replicator.log import redact
 from replicator.logstore import LEVELS, LogRecord, log_records, query_records, utc
+from replicator.mappers.orders import OrderRejected
+from replicator.ops.readmodel import (
+    ORDER_LIST_COLUMNS,
+    ORDER_STATES,
+    OrderColumn,
+    OrdersView,
+    ServiceRow,
+    has_table,
+    order_counts,
+    orders_view,
+    progress_pct,
+    services_view,
+    unconfigured_services,
+    utcnow,
+)
+from replicator.orders.inbox import PayloadError, parse_payload
 from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
+from replicator.orders.plan_writer import PlanWriter
 from replicator.web.lag import (
     NO_VALUE,
     LagSample,
@@ -35,29 +55,8 @@ from replicator.web.lag import (
 
 log = structlog.get_logger(__name__)
 
-ORDER_COLUMNS = ("delivered", "awaiting", "failed")
+ORDER_COLUMNS = ORDER_STATES
 OTHER_STATES = ("skipped", "update-pending")
-
-_LIST_COLS = (
-    ledger_t.c.id,
-    ledger_t.c.shop,
-    ledger_t.c.e_number,
-    ledger_t.c.erp_order_no,
-    ledger_t.c.state,
-    ledger_t.c.attempts,
-    ledger_t.c.last_error,
-    ledger_t.c.shop_status,
-    ledger_t.c.first_seen,
-    ledger_t.c.last_seen,
-    ledger_t.c.delivered_at,
-    ledger_t.c.next_attempt_at,
-    ledger_t.c.update_queued,
-    ledger_t.c.diff,
-)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def as_utc(t: datetime | None) -> datetime | None:
@@ -110,131 +109,15 @@ def ago(t: Any, now: datetime | None = None) -> str:
     return f"{a / 86400:.0f} days ago"
 
 
-def _has_table(engine: sa.Engine, name: str) -> bool:
-    return sa.inspect(engine).has_table(name)
-
-
 # -------------------------------------------------------------------------------------- orders
-
-
-@dataclass
-class OrderColumn:
-    """One state's column: a page of orders, newest first."""
-
-    state: str
-    rows: list[dict[str, Any]]
-    total: int
-    page: int
-    per_page: int
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.per_page))
-
-
-@dataclass
-class OrdersView:
-    available: bool
-    columns: list[OrderColumn] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-    query: str = ""
-
-
-def _search(q: str) -> Any:
-    return sa.or_(
-        ledger_t.c.e_number.icontains(q, autoescape=True),
-        ledger_t.c.erp_order_no.icontains(q, autoescape=True),
-    )
-
-
-def orders_view(
-    engine: sa.Engine, pages: dict[str, int], per_page: int = 20, query: str = ""
-) -> OrdersView:
-    """The three order columns (delivered, awaiting, failed) and the count of every state."""
-    if not _has_table(engine, ledger_t.name):
-        return OrdersView(available=False, query=query)
-    q = query.strip()
-    view = OrdersView(available=True, query=q)
-    with engine.connect() as conn:
-        counts = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
-        if q:
-            counts = counts.where(_search(q))
-        view.counts = {str(s): int(n) for s, n in conn.execute(counts)}
-        for state in ORDER_COLUMNS:
-            total = view.counts.get(state, 0)
-            per = max(1, per_page)
-            page = min(max(1, pages.get(state, 1)), max(1, -(-total // per)))
-            # Newest fate first: imported most recently, or arrived most recently. Not by
-            # last seen: every cycle touches it and the column would reshuffle for nothing.
-            newest = (
-                [ledger_t.c.delivered_at.desc().nulls_last(), ledger_t.c.id.desc()]
-                if state == "delivered"
-                else [ledger_t.c.id.desc()]
-            )
-            stmt = (
-                sa.select(*_LIST_COLS)
-                .where(ledger_t.c.state == state)
-                .order_by(*newest)
-                .limit(per)
-                .offset((page - 1) * per)
-            )
-            if q:
-                stmt = stmt.where(_search(q))
-            rows = [dict(r._mapping) for r in conn.execute(stmt)]
-            _fate_times(conn, rows)
-            for r in rows:
-                if r["last_error"]:
-                    r["last_error"] = redact(r["last_error"])
-            view.columns.append(OrderColumn(state, rows, total, page, per))
-    return view
-
-
-def unconfigured_services(cfg: Any) -> list[str]:
-    """Scheduled services this config does not run (their schedule has a default anyway)."""
-    out = []
-    if not (getattr(cfg.orders, "enabled", False) and getattr(cfg, "shops", ())):
-        out.append("orders")
-    if getattr(cfg, "stock_push", None) is None:
-        out.append("reconcile")
-    if getattr(cfg, "invoice_push", None) is None:
-        out.append("invoices")
-    return out
-
-
-def _fate_times(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-    """``fate_at`` of each row: when it was imported (delivered), parked (failed: the last
-    "failed" event) or first seen — never last seen, which every cycle moves to "just now"."""
-    failed = [r["e_number"] for r in rows if r["state"] == "failed"]
-    parked: dict[tuple[str, str], Any] = {}
-    if failed:
-        q = (
-            sa.select(events_t.c.shop, events_t.c.e_number, sa.func.max(events_t.c.at))
-            .where(events_t.c.e_number.in_(failed), events_t.c.event == "failed")
-            .group_by(events_t.c.shop, events_t.c.e_number)
-        )
-        parked = {(str(sh), str(e)): at for sh, e, at in conn.execute(q)}
-    for r in rows:
-        if r["state"] == "delivered" and r.get("delivered_at"):
-            r["fate_at"] = r["delivered_at"]
-        else:
-            r["fate_at"] = parked.get((r["shop"], r["e_number"])) or r["first_seen"]
-
-
-def order_counts(engine: sa.Engine) -> dict[str, int]:
-    """Orders per state (empty when the ledger does not exist yet)."""
-    if not _has_table(engine, ledger_t.name):
-        return {}
-    stmt = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
-    with engine.connect() as conn:
-        return {str(s): int(n) for s, n in conn.execute(stmt)}
 
 
 def updates_view(engine: sa.Engine, limit: int = 100) -> tuple[bool, list[dict[str, Any]]]:
     """Orders changed in the shop after import (``update-pending``), newest first, with diffs."""
-    if not _has_table(engine, ledger_t.name):
+    if not has_table(engine, ledger_t.name):
         return False, []
     stmt = (
-        sa.select(*_LIST_COLS)
+        sa.select(*ORDER_LIST_COLUMNS)
         .where(ledger_t.c.state == "update-pending")
         .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
         .limit(limit)
@@ -284,7 +167,7 @@ MAX_PAYLOAD_SHOWN = 512 * 1024
 
 
 def order_detail(engine: sa.Engine, shop: str, e_number: str) -> OrderDetail | None:
-    if not _has_table(engine, ledger_t.name):
+    if not has_table(engine, ledger_t.name):
         return None
     with engine.connect() as conn:
         row = conn.execute(
@@ -319,10 +202,6 @@ def order_detail(engine: sa.Engine, shop: str, e_number: str) -> OrderDetail | N
 def map_order_rows(importer: Any, entry: Entry) -> tuple[dict[str, Any] | None, str | None]:
     """What the shop's current mapping makes of the stored payload (``sync-daemon map
     --dry-run``): ({table: rows}, None), or (None, why not). Nothing is written."""
-    from replicator.mappers.orders import OrderRejected
-    from replicator.orders.inbox import PayloadError, parse_payload
-    from replicator.orders.plan_writer import PlanWriter
-
     try:
         writer = importer.writer_for(entry.shop)
         m = writer.m
@@ -391,7 +270,7 @@ def logs_view(
         level = ""
     if since not in SINCE_CHOICES:
         since = "24h"
-    if not _has_table(engine, log_records.name):
+    if not has_table(engine, log_records.name):
         return LogsView(False, [], [], service, level, since, limit)
     delta = SINCE_CHOICES[since][1]
     start = utcnow() - delta if delta is not None else None
@@ -420,75 +299,6 @@ def log_fields(rec: LogRecord) -> str:
 
 
 # ------------------------------------------------------------------------------------ services
-
-
-_PROGRESS = re.compile(r"(\d[\d,]*)\s*(?:/|of)\s*(\d[\d,]*)")
-
-
-@dataclass
-class ServiceRow:
-    name: str
-    schedule: str
-    schedule_expr: str
-    next_runs: list[datetime]
-    last_run_at: datetime | None
-    last_result: str
-    last_ok: bool | None
-    breaker_open: bool
-    progress: str
-    progress_pct: float | None
-    failures: int
-
-
-def progress_pct(text: str) -> float | None:
-    m = _PROGRESS.search(text or "")
-    if not m:
-        return None
-    done, total = (int(x.replace(",", "")) for x in m.groups())
-    return None if total <= 0 else max(0.0, min(100.0, 100.0 * done / total))
-
-
-def services_view(
-    schedules: dict[str, Any], state: Any, now: datetime | None = None
-) -> list[ServiceRow]:
-    """Every scheduled service and every service the daemon reports, schedules first."""
-    now_local = (now or utcnow()).astimezone()
-    services = dict(getattr(state, "services", {}) or {})
-    names = list(schedules) + [n for n in services if n not in schedules]
-    rows = []
-    for name in names:
-        sched = schedules.get(name)
-        st = services.get(name)
-        nxt: list[datetime] = []
-        next_at = getattr(st, "next_run_at", None)
-        if next_at is not None:
-            nxt.append(next_at)
-        if sched is not None and sched.kind != "continuous":
-            after = next_at or now_local
-            if sched.kind == "interval" and next_at is None:
-                last = getattr(st, "last_run_at", None)
-                after = last.astimezone() if last is not None else now_local
-            try:
-                nxt += sched.next_runs(3 - len(nxt), after)
-            except Exception as exc:  # a schedule we cannot evaluate must not break the page
-                log.warning("schedule_next_runs_failed", service=name, error=str(exc))
-        text = getattr(st, "progress", "") or ""
-        rows.append(
-            ServiceRow(
-                name=name,
-                schedule=sched.describe() if sched is not None else "run by the daemon",
-                schedule_expr=sched.expr if sched is not None else "",
-                next_runs=nxt[:3],
-                last_run_at=getattr(st, "last_run_at", None),
-                last_result=redact(getattr(st, "last_result", "not run yet") or ""),
-                last_ok=getattr(st, "last_ok", None),
-                breaker_open=bool(getattr(st, "breaker_open", False)),
-                progress=redact(text),
-                progress_pct=progress_pct(text),
-                failures=int(getattr(st, "failures", 0) or 0),
-            )
-        )
-    return rows
 
 
 def fmt_local(t: datetime | None) -> str:
@@ -595,7 +405,9 @@ __all__ = [
     "order_counts",
     "order_detail",
     "orders_view",
+    "progress_pct",
     "replication_view",
     "services_view",
+    "unconfigured_services",
     "updates_view",
 ]

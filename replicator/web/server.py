@@ -1,4 +1,5 @@
-"""The daemon's HTTP server: liveness, readiness, Prometheus metrics, and mounted feature routes.
+"""The daemon's HTTP server: liveness, readiness, Prometheus metrics, and routes mounted by their
+owners (webhook receivers, the Manage page).
 
 Responsibilities (the Patroni split, see ``patroni/api.py``):
 
@@ -6,8 +7,10 @@ Responsibilities (the Patroni split, see ``patroni/api.py``):
   tick is younger than ``health.loop_overdue`` seconds; 503 otherwise. A supervisor restarts the
   daemon on 503; it says nothing about the ERP or the shops.
 * ``GET /readyz`` — **readiness**: runs every check registered with :meth:`HealthServer.add_check`
-  (each in its own worker thread with a timeout, so a stuck database cannot hang the probe) and
-  answers 503 when a *critical* check fails. Non-critical failures are listed but keep 200.
+  (each in its own worker thread with a timeout, so a stuck database cannot hang the probe; see
+  :class:`replicator.ops.checks.Check`) and answers 503 when a *critical* check fails.
+  Non-critical failures are listed but keep 200. The checks themselves live in
+  :mod:`replicator.ops.checks`; this module only serves them.
 * ``GET /metrics`` — Prometheus text exposition of :data:`replicator.metrics.REGISTRY`.
 * Routes mounted by other features with :meth:`HealthServer.add_route` (webhook receivers, the
   Manage page).
@@ -28,9 +31,10 @@ Bodies (sent with ``Content-Length`` or chunked) larger than ``max_body`` get 41
 have a socket timeout (slow clients cannot hold a thread for long) and the number of concurrent connections is bounded. Handlers never raise:
 an exception becomes a 500 whose body names the exception type only, redacted.
 
-Wiring (for ``replicator/daemon.py``)::
+Wiring (see ``replicator/runtime.py``)::
 
-    from replicator.health import HealthServer, Response
+    from replicator.ops.checks import engine_check, threshold_check
+    from replicator.web.server import HealthServer, Response
 
     health = HealthServer(cfg.health)            # or HealthServer(cfg.health, last_tick=fn)
     health.add_check("staging", engine_check(staging_engine))    # fn() -> (ok, detail)
@@ -76,27 +80,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import sqlalchemy as sa
 import structlog
 
 from replicator import metrics, safejson
 from replicator.config.core import HealthSection
 from replicator.errors import ConfigError
 from replicator.log import redact
+from replicator.ops.checks import Check, CheckFn
 
 log = structlog.get_logger(__name__)
 
-__all__ = [
-    "Check",
-    "HealthServer",
-    "Request",
-    "Response",
-    "engine_check",
-    "is_loopback",
-    "threshold_check",
-]
+__all__ = ["HealthServer", "Request", "Response", "RouteHandler", "is_loopback"]
 
-CheckFn = Callable[[], tuple[bool, str]]
 RouteHandler = Callable[["Request"], "Response"]
 
 # The server's own resources (GET only). /healthz and /readyz need no token: a load balancer or
@@ -172,92 +167,6 @@ def _allow(methods: set[str]) -> str:
         methods = methods | {"HEAD"}
     order = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
     return ", ".join([m for m in order if m in methods] + ["OPTIONS"])
-
-
-class _Run:
-    """One execution of a check in its worker thread; shared by concurrent probes."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.done = threading.Event()
-        self.ok = False
-        self.detail = ""
-        self.ms = 0.0
-
-
-@dataclass
-class Check:
-    """A named readiness check. At most one run of it is in flight at any time."""
-
-    name: str
-    fn: CheckFn
-    critical: bool
-    timeout: float
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _run: _Run | None = field(default=None, repr=False)
-
-    def start(self) -> _Run:
-        """Start a run, or join the one still in flight (a stuck check never piles up threads)."""
-        with self._lock:
-            if self._run is not None and not self._run.done.is_set():
-                return self._run
-            run = self._run = _Run()
-        threading.Thread(
-            target=self._execute, args=(run,), name=f"readyz-{self.name}", daemon=True
-        ).start()
-        return run
-
-    def _execute(self, run: _Run) -> None:
-        try:
-            result = self.fn()
-            ok, detail = bool(result[0]), str(result[1])
-        except Exception as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}"
-        run.ok, run.detail = ok, redact(detail)
-        run.ms = (time.monotonic() - run.started) * 1000
-        run.done.set()
-
-    def result(self, run: _Run) -> dict[str, Any]:
-        remaining = run.started + self.timeout - time.monotonic()
-        if run.done.wait(max(0.0, remaining)):
-            ok, detail, ms = run.ok, run.detail, run.ms
-        else:
-            ok, detail = False, f"timed out after {self.timeout:g}s"
-            ms = (time.monotonic() - run.started) * 1000
-        return {
-            "name": self.name,
-            "ok": ok,
-            "critical": self.critical,
-            "detail": detail,
-            "ms": round(ms, 1),
-        }
-
-
-def engine_check(engine: sa.Engine) -> CheckFn:
-    """A readiness check that runs ``SELECT 1`` on ``engine`` (staging store, ERP)."""
-
-    def check() -> tuple[bool, str]:
-        started = time.monotonic()
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return True, f"SELECT 1 in {(time.monotonic() - started) * 1000:.0f} ms"
-
-    return check
-
-
-def threshold_check(value: Callable[[], float | None], limit: float, what: str) -> CheckFn:
-    """A readiness check that fails when ``value()`` exceeds ``limit`` (e.g. lag seconds).
-
-    ``value()`` returning None (nothing measured yet) fails with "no <what> measured yet".
-    """
-
-    def check() -> tuple[bool, str]:
-        v = value()
-        if v is None:
-            return False, f"no {what} measured yet"
-        return v <= limit, f"{what} {v:.1f} (limit {limit:g})"
-
-    return check
 
 
 def is_loopback(host: str) -> bool:
