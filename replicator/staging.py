@@ -42,7 +42,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config.core import redact_url
 from replicator.db import connect_error, make_engine, one_line
 from replicator.errors import AccessError, SyncError

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from replicator.cdc.base import Checkpoint
+from replicator.changes import Checkpoint
 from replicator.config import Config, parse_config
 from replicator.daemon import DaemonState
 from replicator.db import make_engine

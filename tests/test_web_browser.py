@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from replicator.cdc.base import Checkpoint
+from replicator.changes import Checkpoint
 from replicator.config.core import HealthSection
 from replicator.daemon import DaemonState
 from replicator.health import HealthServer
