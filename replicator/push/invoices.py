@@ -55,17 +55,17 @@ from replicator.config.push import InvoicePushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable
 from replicator.errors import RetryableError
 from replicator.failpoints import failpoint
+from replicator.orders.ledger import Ledger
 from replicator.push.common import (
     ErpReads,
-    JournalReader,
     ProgressReporter,
     ShopGate,
-    mirror_info,
     push_section,
     select_connectors,
     utcnow_text,
 )
 from replicator.staging import StagingStore, to_json
+from replicator.staging.push import InvoiceQueue
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class InvoicePushService(ErpReads):
         on_progress: Callable[[str], None] | None = None,
         consumer: str = CONSUMER,
         base_dir: Path | None = None,
-        ledger: Any = None,
+        ledger: Ledger | None = None,
     ) -> None:
         section, self._erp_url = push_section(cfg, InvoicePushSection, "invoice_push", erp_url)
         if base_dir is None and not isinstance(cfg, InvoicePushSection) and cfg.source_path:
@@ -124,41 +124,19 @@ class InvoicePushService(ErpReads):
             )
         ((self.shop, self.connector),) = shops.items()
         self.gate = ShopGate(self.shop, section.rate_limit, section.burst, 300.0, clock)
-        self.reader = JournalReader(store, consumer, [section.table])
+        self.reader = store.journal_reader(consumer, [section.table])
         self._progress = ProgressReporter("invoices", 10.0, clock, on_progress)
         self._lock = threading.Lock()  # one attach at a time (cycle vs. ERP webhook)
         self._erp_engine: sa.Engine | None = None
         self._http: httpx.Client | None = None
         self._ledger = ledger if ledger is not None else self._find_ledger()
         self.last_cycle: dict[str, Any] = {}
-        self._setup()
+        self._queued = InvoiceQueue(store.db)
 
     # ------------------------------------------------------------------ state
-    def _setup(self) -> None:
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                """CREATE TABLE IF NOT EXISTS push_invoices (
-                    invoice_key TEXT PRIMARY KEY,
-                    number TEXT,
-                    shop TEXT NOT NULL,
-                    e_number TEXT,
-                    state TEXT NOT NULL,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    last_error TEXT,
-                    filename TEXT,
-                    queued_at TEXT NOT NULL,
-                    next_attempt_at TEXT,
-                    attached_at TEXT
-                )"""
-            )
-
-    def _find_ledger(self) -> Any:
+    def _find_ledger(self) -> Ledger | None:
         try:
-            from replicator.orders.ledger import Ledger
-        except ImportError:  # pragma: no cover - the order import is not installed
-            return None
-        try:
-            return Ledger(self.store.engine)
+            return Ledger(self.store)
         except Exception as exc:  # never let the timeline stop invoices
             log.warning("invoice_ledger_unavailable", error=str(exc))
             return None
@@ -169,12 +147,7 @@ class InvoicePushService(ErpReads):
 
     def invoices(self) -> list[dict[str, Any]]:
         """Every invoice the pusher knows, oldest first (status output, tests)."""
-        with self.store.engine.connect() as conn:
-            res = conn.exec_driver_sql(
-                "SELECT invoice_key, number, shop, e_number, state, attempts, last_error, "
-                "filename, queued_at, attached_at FROM push_invoices ORDER BY queued_at"
-            )
-            return [dict(r._mapping) for r in res]
+        return self._queued.all()
 
     def status(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -191,71 +164,23 @@ class InvoicePushService(ErpReads):
             "last_cycle": self.last_cycle,
         }
 
-    def _known(self, keys: list[str]) -> set[str]:
-        if not keys:
-            return set()
-        p = self.store._ph
-        out: set[str] = set()
-        with self.store.engine.connect() as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i : i + 500]
-                rows = conn.exec_driver_sql(
-                    f"SELECT invoice_key FROM push_invoices WHERE invoice_key IN "
-                    f"({', '.join([p] * len(chunk))})",
-                    tuple(chunk),
-                ).fetchall()
-                out.update(r[0] for r in rows)
-        return out
-
     def _queue(self, items: list[tuple[str, str]]) -> int:
         """Queue (invoice key, number) pairs not seen before; returns how many were new."""
-        known = self._known([k for k, _ in items])
+        known = self._queued.known([k for k, _ in items]) if items else set()
         new = [(k, n) for k, n in dict(items).items() if k not in known]
-        if not new:
-            return 0
-        p = self.store._ph
-        now = utcnow_text()
-        with self.store.engine.begin() as conn:
-            for key, number in new:
-                conn.exec_driver_sql(
-                    "INSERT INTO push_invoices (invoice_key, number, shop, state, queued_at) "
-                    f"VALUES ({p}, {p}, {p}, 'pending', {p})",
-                    (key, number, self.shop, now),
-                )
+        if new:
+            self._queued.add(self.shop, new, utcnow_text())
         return len(new)
 
     def _set(self, key: str, **values: Any) -> None:
-        p = self.store._ph
-        sets = ", ".join(f"{k} = {p}" for k in values)
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"UPDATE push_invoices SET {sets} WHERE invoice_key = {p}", (*values.values(), key)
-            )
+        self._queued.update(key, **values)
 
     def _row_state(self, key: str) -> dict[str, Any] | None:
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT * FROM push_invoices WHERE invoice_key = {p}", (key,)
-            ).fetchone()
-        return dict(row._mapping) if row is not None else None
+        return self._queued.get(key)
 
     # ------------------------------------------------------------------ reading rows
     def _mirror_row(self, table: str, where: Mapping[str, Any]) -> dict[str, Any] | None:
-        info = mirror_info(self.store, table)
-        if info is None:
-            return None
-        q = self.store.q
-        cond = " AND ".join(f"{q(k)} = {self.store._ph}" for k in where)
-        cols = ", ".join(q(c.name) for c in info.schema.columns)
-        with self.store.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT {cols} FROM {q(info.name)} WHERE {cond}",
-                tuple(self.store.to_storage(v) for v in where.values()),
-            ).fetchone()
-        if row is None:
-            return None
-        return dict(zip([c.name for c in info.schema.columns], row, strict=True))
+        return self.store.catalog.select(table, where)
 
     def _erp_row(self, table: str, column: str, value: Any) -> dict[str, Any] | None:
         """One row straight from the ERP (all columns)."""
@@ -266,7 +191,7 @@ class InvoicePushService(ErpReads):
         return dict(row._mapping) if row is not None else None
 
     def _key_of(self, row: Mapping[str, Any]) -> str:
-        info = mirror_info(self.store, self.cfg.table)
+        info = self.store.catalog.find(self.cfg.table)
         keycols = list(info.schema.key) if info is not None else [self.cfg.number_column]
         return to_json([row[k] for k in keycols])
 
@@ -277,7 +202,7 @@ class InvoicePushService(ErpReads):
         return v is not None and str(v) == self.cfg.booked_value
 
     def _invoice_row(self, key: str, number: str | None) -> dict[str, Any] | None:
-        info = mirror_info(self.store, self.cfg.table)
+        info = self.store.catalog.find(self.cfg.table)
         if info is not None:
             values = json.loads(key)
             row = self._mirror_row(self.cfg.table, dict(zip(info.schema.key, values, strict=True)))
@@ -359,13 +284,7 @@ class InvoicePushService(ErpReads):
         if self._ledger is None or not e_number:
             return
         try:
-            add = getattr(self._ledger, "add_event", None)
-            at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            if add is not None:
-                add(self.shop, e_number, event, detail)
-            else:
-                with self._ledger.begin() as conn:
-                    self._ledger.event(conn, self.shop, e_number, at, event, detail)
+            self._ledger.add_event(self.shop, e_number, event, detail)
         except Exception as exc:  # the timeline is a courtesy, never a reason to fail
             log.warning("invoice_timeline_failed", e_number=e_number, error=str(exc))
 
@@ -451,15 +370,7 @@ class InvoicePushService(ErpReads):
         return InvoiceResult(label, "attached", filename)
 
     def _due(self, limit: int = 100) -> list[tuple[str, str | None, int]]:
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT invoice_key, number, attempts FROM push_invoices WHERE state = 'pending' "
-                f"OR (state = 'failed' AND next_attempt_at IS NOT NULL AND next_attempt_at <= {p}) "
-                f"ORDER BY queued_at LIMIT {int(limit)}",
-                (utcnow_text(),),
-            ).fetchall()
-        return [(r[0], r[1], int(r[2])) for r in rows]
+        return self._queued.due(utcnow_text(), limit)
 
     def run_cycle(self, now: float | None = None) -> dict[str, Any]:
         """Queue newly booked invoices from the journal, then attach what is due."""
@@ -469,7 +380,7 @@ class InvoicePushService(ErpReads):
         for e in entries:
             if e["op"] != "U" or e["key"] is None:
                 continue  # deletions and truncates are not bookings
-            info = mirror_info(self.store, self.cfg.table)
+            info = self.store.catalog.find(self.cfg.table)
             if info is None:
                 continue
             row = self._mirror_row(
@@ -498,10 +409,7 @@ class InvoicePushService(ErpReads):
             "failed": sum(r.state == "failed" for r in results),
             "waiting": sum(r.state == "pending" for r in results),
         }
-        with self.store.engine.connect() as conn:
-            oldest = conn.exec_driver_sql(
-                "SELECT MIN(queued_at) FROM push_invoices WHERE state = 'pending'"
-            ).scalar()
+        oldest = self._queued.oldest_pending()
         lag = 0.0
         if oldest:
             lag = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(str(oldest))).total_seconds()

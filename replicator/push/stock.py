@@ -72,20 +72,20 @@ from replicator.config import Config
 from replicator.config.push import StockPushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable, StockUpdate
 from replicator.errors import RetryableError
+from replicator.orders.ledger import payloads_in_states
 from replicator.push.common import (
     ErpReads,
-    JournalReader,
     ProgressReporter,
     ShopGate,
     SkuFilter,
     erp_table,
-    mirror_info,
     push_section,
     select_connectors,
     utcnow_text,
 )
 from replicator.schedules import Schedule
 from replicator.staging import StagingStore
+from replicator.staging.push import PushedStock
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +156,7 @@ class StockPushService(ErpReads):
             for name in self.connectors
         }
         self.filter = SkuFilter(section.exclude_skus)
-        self.reader = JournalReader(store, consumer, section.tables)
+        self.reader = store.journal_reader(consumer, section.tables)
         self.schedule = Schedule.parse(section.reconcile_schedule, "stock_push.reconcile_schedule")
         self._progress = ProgressReporter("stock", section.progress_log_seconds, clock, on_progress)
         self._lock = threading.RLock()  # the dirty set
@@ -166,23 +166,9 @@ class StockPushService(ErpReads):
         self._next_reconcile: dt.datetime | None = None
         self.last_cycle: dict[str, Any] = {}
         self.last_reconcile: dict[str, Any] = {}
-        self._setup()
+        self._pushed = PushedStock(store.db)
 
     # ------------------------------------------------------------------ state
-    def _setup(self) -> None:
-        text = "TEXT"
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"""CREATE TABLE IF NOT EXISTS push_stock_pushed (
-                    shop {text} NOT NULL,
-                    sku {text} NOT NULL,
-                    quantity BIGINT NOT NULL,
-                    refused INTEGER NOT NULL DEFAULT 0,
-                    pushed_at {text} NOT NULL,
-                    PRIMARY KEY (shop, sku)
-                )"""
-            )
-
     @property
     def progress(self) -> str:
         """ "Updating product 825 of 12403 (webshop)" while pushing, "idle" otherwise."""
@@ -211,56 +197,17 @@ class StockPushService(ErpReads):
 
     def pushed(self, shop: str) -> dict[str, int]:
         """SKU → quantity last accepted by ``shop`` (what the pusher believes the shop has)."""
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                f"SELECT sku, quantity FROM push_stock_pushed WHERE shop = {p}", (shop,)
-            ).fetchall()
-        return {str(s): int(q) for s, q in rows}
+        return self._pushed.of_shop(shop)
 
     def _pushed_for(self, shop: str, skus: Sequence[str]) -> dict[str, int]:
-        p = self.store._ph
-        out: dict[str, int] = {}
-        with self.store.engine.connect() as conn:
-            for i in range(0, len(skus), _LOOKUP_CHUNK):
-                chunk = list(skus[i : i + _LOOKUP_CHUNK])
-                rows = conn.exec_driver_sql(
-                    f"SELECT sku, quantity FROM push_stock_pushed WHERE shop = {p} "
-                    f"AND sku IN ({', '.join([p] * len(chunk))})",
-                    (shop, *chunk),
-                ).fetchall()
-                out.update((str(s), int(q)) for s, q in rows)
-        return out
+        return self._pushed.of_shop(shop, skus)
 
     def _record(
         self, shop: str, quantities: Mapping[str, int], refused: Iterable[str] = ()
     ) -> None:
         """Remember what ``shop`` accepted (refused SKUs too: not retried until they change)."""
-        if not quantities:
-            return
-        refused_set = set(refused)
-        p = self.store._ph
-        now = utcnow_text()
-        skus = list(quantities)
-        with self.store.engine.begin() as conn:
-            for i in range(0, len(skus), _LOOKUP_CHUNK):
-                chunk = skus[i : i + _LOOKUP_CHUNK]
-                conn.exec_driver_sql(
-                    f"DELETE FROM push_stock_pushed WHERE shop = {p} "
-                    f"AND sku IN ({', '.join([p] * len(chunk))})",
-                    (shop, *chunk),
-                )
-            dbapi = conn.connection.driver_connection
-            assert dbapi is not None
-            cur = dbapi.cursor()
-            try:
-                cur.executemany(
-                    "INSERT INTO push_stock_pushed (shop, sku, quantity, refused, pushed_at) "
-                    f"VALUES ({p}, {p}, {p}, {p}, {p})",
-                    [(shop, s, int(q), int(s in refused_set), now) for s, q in quantities.items()],
-                )
-            finally:
-                cur.close()
+        if quantities:
+            self._pushed.record(shop, quantities, refused, utcnow_text())
 
     # ------------------------------------------------------------------ quantities
     def _columns(self) -> list[str]:
@@ -290,24 +237,13 @@ class StockPushService(ErpReads):
     def _mirror_totals(self, skus: Sequence[str] | None) -> dict[str, Decimal]:
         """Sum of on-hand - reserved per SKU from the mirrors (all SKUs when ``skus`` is None)."""
         totals: dict[str, Decimal] = {}
-        store = self.store
+        catalog = self.store.catalog
         for table in self.cfg.tables:
-            info = mirror_info(store, table)
+            info = catalog.find(table)
             if info is None:
                 continue  # not captured yet: nothing to publish from it
-            cols = ", ".join(store.q(col) for col in self._columns())
-            base = f"SELECT {cols} FROM {store.q(info.name)}"
-            with store.engine.connect() as conn:
-                if skus is None:
-                    self._accumulate(conn.exec_driver_sql(base), totals)
-                    continue
-                for i in range(0, len(skus), _LOOKUP_CHUNK):
-                    chunk = list(skus[i : i + _LOOKUP_CHUNK])
-                    sql = (
-                        f"{base} WHERE {store.q(self.cfg.sku_column)} IN "
-                        f"({', '.join([store._ph] * len(chunk))})"
-                    )
-                    self._accumulate(conn.exec_driver_sql(sql, tuple(chunk)), totals)
+            where = None if skus is None else (self.cfg.sku_column, skus)
+            self._accumulate(catalog.column_rows(info, self._columns(), where_in=where), totals)
         return totals
 
     def _unimported(self) -> dict[str, Decimal]:
@@ -315,20 +251,12 @@ class StockPushService(ErpReads):
         if not self.cfg.subtract_unimported_orders:
             return {}
         try:
-            if not sa.inspect(self.store.engine).has_table("order_ledger"):
-                return {}
-            p = self.store._ph
-            with self.store.engine.connect() as conn:
-                rows = conn.exec_driver_sql(
-                    "SELECT COALESCE(pending_payload, payload) FROM order_ledger "
-                    f"WHERE state IN ({', '.join([p] * len(_UNIMPORTED_STATES))})",
-                    _UNIMPORTED_STATES,
-                ).fetchall()
+            payloads = payloads_in_states(self.store.engine, _UNIMPORTED_STATES)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("stock_unimported_orders_unreadable", error=str(exc).splitlines()[0])
             return {}
         out: dict[str, Decimal] = {}
-        for (raw,) in rows:
+        for raw in payloads:
             for sku, qty in _order_lines(raw):
                 out[sku] = out.get(sku, Decimal(0)) + qty
         return out
@@ -361,7 +289,7 @@ class StockPushService(ErpReads):
             if e["op"] == "T" or e["key"] is None:
                 full = True
                 continue
-            info = mirror_info(self.store, e["table"])
+            info = self.store.catalog.find(e["table"])
             if info is None:
                 full = True
                 continue
@@ -374,19 +302,15 @@ class StockPushService(ErpReads):
                 full = True  # the row is gone, and with it which SKU it belonged to
             else:
                 lookups.setdefault(e["table"], []).append((e["key"], e["id"]))
-        store = self.store
         for table, keys in lookups.items():
-            info = mirror_info(store, table)
-            keycols = list(info.schema.key)
-            where = " AND ".join(f"{store.q(k)} = {store._ph}" for k in keycols)
-            sql = f"SELECT {store.q(self.cfg.sku_column)} FROM {store.q(info.name)} WHERE {where}"
-            with store.engine.connect() as conn:
-                for k, jid in keys:
-                    row = conn.exec_driver_sql(sql, tuple(k)).fetchone()
-                    if row is None:
-                        full = True  # deleted since: its SKU is found by the full diff
-                    elif row[0] is not None:
-                        found.setdefault(str(row[0]), jid)
+            info = self.store.catalog.find(table)
+            assert info is not None  # found above
+            skus = self.store.catalog.column_by_key(info, self.cfg.sku_column, [k for k, _ in keys])
+            for (exists, sku), (_, jid) in zip(skus, keys, strict=True):
+                if not exists:
+                    full = True  # deleted since: its SKU is found by the full diff
+                elif sku is not None:
+                    found.setdefault(str(sku), jid)
         return found, full
 
     def _mark(
