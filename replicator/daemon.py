@@ -427,11 +427,10 @@ class Daemon:
             Service("housekeeping", Schedule.parse("every 1h"), housekeeping),
             Service("metrics", Schedule.parse("every 15s"), self._collect_metrics),
         ]
-        from replicator.web.lag import record_lag_sample
 
         def lag_sample(_now: dt.datetime) -> str:
             assert self.store is not None
-            record_lag_sample(self.store.engine, self.store.replication_status())
+            self.store.record_lag_sample()
             return ""
 
         services.append(Service("lag_history", Schedule.parse("every 1m"), lag_sample))

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.config import Config
+from replicator.connectors import WebhookOnlyConnector
 from replicator.connectors.base import ShopConnector
 from replicator.db import make_engine
 from replicator.push.ratelimit import TokenBucket
@@ -73,8 +74,6 @@ class ErpReads:
 
 def can_push(conn: ShopConnector) -> bool:
     """Whether a connector implements the outbound API (webhook-only and inbox shops do not)."""
-    from replicator.connectors import WebhookOnlyConnector
-
     if isinstance(conn, WebhookOnlyConnector):
         return False
     return type(conn).push_stock is not ShopConnector.push_stock

@@ -26,7 +26,7 @@ from replicator.changes import Checkpoint, TableSchema
 from replicator.config.core import redact_url
 from replicator.db import connect_error, one_line
 from replicator.errors import AccessError, SyncError
-from replicator.staging import schema
+from replicator.staging import lag, schema
 from replicator.staging.apply import ApplyTxn
 from replicator.staging.engine import StagingDb, shared_engine
 from replicator.staging.journal import Journal, JournalReader
@@ -243,6 +243,11 @@ class StagingStore:
 
     def take_recopy_request(self, conn: sa.Connection, source: str, table: str) -> None:
         self.state.take_recopy_request(conn, source, table)
+
+    def record_lag_sample(self) -> int:
+        """One lag history sample per source, from :meth:`replication_status` (see
+        :func:`replicator.staging.lag.record_lag_sample`: never raises for a database problem)."""
+        return lag.record_lag_sample(self.engine, self.replication_status())
 
     # ------------------------------------------------------------------ apply
     @contextmanager

@@ -156,3 +156,8 @@ def pg_param(col: Column | None, v: Any) -> Any:
     if col.type_oid and col.type_oid >= BUILTIN_OID_LIMIT:
         return v if isinstance(v, str) else to_json(v)
     return v
+
+
+def utc(t: dt.datetime) -> dt.datetime:
+    """A time as aware UTC: SQLite hands DateTime back naive, and everything stored is UTC."""
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)

@@ -25,6 +25,8 @@ import structlog
 from replicator import metrics
 from replicator.config.scale import StreamSection
 from replicator.errors import RetryableError
+from replicator.schedules import Schedule
+from replicator.services import Service
 from replicator.staging import StagingStore, to_json
 from replicator.stream import wire
 from replicator.stream.nats import NatsBridge
@@ -188,9 +190,6 @@ class StreamSink:
 
 def stream_service(cfg: Any, store: StagingStore, stop: threading.Event) -> Any:
     """The ``stream`` service of the daemon (continuous; failures are alerted by the runner)."""
-    from replicator.schedules import Schedule
-    from replicator.services import Service
-
     sink = StreamSink(cfg.stream, store, cfg.daemon.name)
 
     def run(_now: dt.datetime) -> str:
