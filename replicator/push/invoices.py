@@ -180,7 +180,7 @@ class InvoicePushService(ErpReads):
 
     # ------------------------------------------------------------------ reading rows
     def _mirror_row(self, table: str, where: Mapping[str, Any]) -> dict[str, Any] | None:
-        return self.store.catalog.select(table, where)
+        return self.store.mirror_rows.select(table, where)
 
     def _erp_row(self, table: str, column: str, value: Any) -> dict[str, Any] | None:
         """One row straight from the ERP (all columns)."""

@@ -9,6 +9,7 @@ from replicator.staging.apply import ApplyTxn
 from replicator.staging.engine import StagingDb, shared_engine
 from replicator.staging.journal import Journal, JournalReader
 from replicator.staging.mirrors import MirrorInfo, Mirrors
+from replicator.staging.rows import MirrorRows
 from replicator.staging.store import StagingStore
 from replicator.staging.values import column_category, key_json, scalar_text, to_json
 
@@ -25,6 +26,7 @@ __all__ = [
     "Journal",
     "JournalReader",
     "MirrorInfo",
+    "MirrorRows",
     "Mirrors",
     "StagingDb",
     "StagingStore",

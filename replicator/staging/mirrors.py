@@ -15,9 +15,8 @@ user-defined ones (enums, domains) as text; on SQLite a coarse affinity per cate
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,6 @@ from replicator.staging.engine import StagingDb
 from replicator.staging.values import (
     BUILTIN_OID_LIMIT,
     column_category,
-    key_json,
     pg_param,
     pg_type,
     scalar_text,
@@ -343,107 +341,3 @@ class Mirrors:
             sql = f"DELETE FROM {self.db.q(info.name)} WHERE {where}"
             self._sql_cache[ck] = sql
         return sql
-
-    # -- reading rows ---------------------------------------------------------------------------
-    def rows_by_key(self, table: str, keys: Sequence[Sequence[Any]]) -> dict[str, dict[str, Any]]:
-        """The current mirror rows of ``keys`` (:func:`key_json` of the key -> row as a dict);
-        absent keys are rows deleted since."""
-        info = self._by_table.get(table)
-        if info is None or not keys:
-            return {}
-        q, p = self.db.q, self.db.ph
-        names = [c.name for c in info.schema.columns]
-        keycols = info.schema.key
-        cols = ", ".join(q(c) for c in names)
-        out: dict[str, dict[str, Any]] = {}
-        with self.db.engine.connect() as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i : i + 500]
-                row_ph = "(" + ", ".join([p] * len(keycols)) + ")"
-                where = (
-                    f"({', '.join(q(k) for k in keycols)}) IN "
-                    f"(VALUES {', '.join([row_ph] * len(chunk))})"
-                )
-                params = tuple(v for k in chunk for v in k)
-                for r in conn.exec_driver_sql(
-                    f"SELECT {cols} FROM {q(info.name)} WHERE {where}", params
-                ):
-                    row = dict(zip(names, r, strict=True))
-                    out[str(key_json(tuple(row[k] for k in keycols)))] = row
-        return out
-
-    def rows(self, table: str) -> list[tuple[Any, ...]]:
-        """All rows of a mirror, ordered by key (tests and the fault suite compare with the source)."""
-        info = self._by_table.get(table)
-        if info is None:
-            self.load()
-            info = self._by_table[table]
-        cols = ", ".join(self.db.q(c.name) for c in info.schema.columns)
-        order = ", ".join(self.db.q(k) for k in info.schema.key)
-        with self.db.engine.connect() as conn:
-            return [
-                tuple(r)
-                for r in conn.exec_driver_sql(
-                    f"SELECT {cols} FROM {self.db.q(info.name)} ORDER BY {order}"
-                )
-            ]
-
-    def checksum(self, table: str) -> tuple[int, str]:
-        h = hashlib.sha256()
-        rows = self.rows(table)
-        for r in rows:
-            h.update(to_json([scalar_text(v) for v in r]).encode())
-        return len(rows), h.hexdigest()
-
-    def select(self, table: str, where: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The first row of a mirror whose columns equal ``where`` (all columns, as a dict);
-        None when there is none or the table is not mirrored."""
-        info = self.find(table)
-        if info is None:
-            return None
-        q, p = self.db.q, self.db.ph
-        cond = " AND ".join(f"{q(k)} = {p}" for k in where)
-        names = [c.name for c in info.schema.columns]
-        with self.db.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT {', '.join(q(c) for c in names)} FROM {q(info.name)} WHERE {cond}",
-                tuple(self.db.to_storage(v) for v in where.values()),
-            ).fetchone()
-        return None if row is None else dict(zip(names, row, strict=True))
-
-    def column_rows(
-        self,
-        info: MirrorInfo,
-        columns: Sequence[str],
-        *,
-        where_in: tuple[str, Sequence[Any]] | None = None,
-        chunk: int = 500,
-    ) -> Iterable[Sequence[Any]]:
-        """Rows of ``columns`` of a mirror: all of them, or those whose column ``where_in[0]``
-        is one of ``where_in[1]`` (asked ``chunk`` values at a time)."""
-        q, p = self.db.q, self.db.ph
-        base = f"SELECT {', '.join(q(c) for c in columns)} FROM {q(info.name)}"
-        with self.db.engine.connect() as conn:
-            if where_in is None:
-                yield from conn.exec_driver_sql(base)
-                return
-            column, values = where_in
-            for i in range(0, len(values), chunk):
-                part = list(values[i : i + chunk])
-                yield from conn.exec_driver_sql(
-                    f"{base} WHERE {q(column)} IN ({', '.join([p] * len(part))})", tuple(part)
-                )
-
-    def column_by_key(
-        self, info: MirrorInfo, column: str, keys: Sequence[Sequence[Any]]
-    ) -> list[tuple[bool, Any]]:
-        """For each row key, whether the row exists and its value of ``column``."""
-        q, p = self.db.q, self.db.ph
-        where = " AND ".join(f"{q(k)} = {p}" for k in info.schema.key)
-        sql = f"SELECT {q(column)} FROM {q(info.name)} WHERE {where}"
-        out: list[tuple[bool, Any]] = []
-        with self.db.engine.connect() as conn:
-            for k in keys:
-                row = conn.exec_driver_sql(sql, tuple(k)).fetchone()
-                out.append((False, None) if row is None else (True, row[0]))
-        return out

@@ -3,9 +3,9 @@
 Any SQLAlchemy URL; SQLite (a file under the state directory) by default, PostgreSQL supported.
 :class:`StagingStore` is a facade: it opens the database (:mod:`~replicator.staging.engine`),
 creates the system tables (:mod:`~replicator.staging.schema`) and hands out the parts that own
-them — :attr:`~StagingStore.catalog` (mirrors), :attr:`~StagingStore.journal` (change journal
-and cursors), :attr:`~StagingStore.state` (checkpoints, services, liveness) — and apply
-transactions (:mod:`~replicator.staging.apply`). Its own methods keep the names capture, the
+them — :attr:`~StagingStore.catalog` (mirrors), :attr:`~StagingStore.mirror_rows` (reading
+them), :attr:`~StagingStore.journal` (change journal and cursors), :attr:`~StagingStore.state`
+(checkpoints, services, liveness) — and apply transactions (:mod:`~replicator.staging.apply`). Its own methods keep the names capture, the
 daemon and the CLI call, and pass through.
 """
 
@@ -31,6 +31,7 @@ from replicator.staging.apply import ApplyTxn
 from replicator.staging.engine import StagingDb, shared_engine
 from replicator.staging.journal import Journal, JournalReader
 from replicator.staging.mirrors import MirrorInfo, Mirrors
+from replicator.staging.rows import MirrorRows
 from replicator.staging.state import SourceState
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,7 @@ class StagingStore:
         self.db = StagingDb(self.engine, url)
         self.dialect = self.db.dialect
         self.catalog = Mirrors(self.db)
+        self.mirror_rows = MirrorRows(self.catalog)
         self.journal = Journal(self.db, enabled=journal)
         self.state = SourceState(self.db)
         self._ready = False
@@ -159,13 +161,13 @@ class StagingStore:
 
     def rows(self, table: str) -> list[tuple[Any, ...]]:
         """All rows of a mirror, ordered by key (tests and the fault suite compare with the source)."""
-        return self.catalog.rows(table)
+        return self.mirror_rows.rows(table)
 
     def rows_by_key(self, table: str, keys: Sequence[Sequence[Any]]) -> dict[str, dict[str, Any]]:
-        return self.catalog.rows_by_key(table, keys)
+        return self.mirror_rows.rows_by_key(table, keys)
 
     def checksum(self, table: str) -> tuple[int, str]:
-        return self.catalog.checksum(table)
+        return self.mirror_rows.checksum(table)
 
     # ------------------------------------------------------------------ checkpoints and state
     def load_checkpoint(self, source: str) -> Checkpoint | None:
