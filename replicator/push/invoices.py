@@ -37,7 +37,6 @@ Wiring (for ``replicator/daemon.py``)::
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 import structlog
 
@@ -64,16 +62,13 @@ from replicator.push.common import (
     select_connectors,
     utcnow_text,
 )
+from replicator.push.invoice_docs import InvoiceDocuments, InvoiceFailure, fmt
 from replicator.staging import StagingStore, to_json
 from replicator.staging.push import InvoiceQueue
 
 log = structlog.get_logger(__name__)
 
 CONSUMER = "push:invoices"
-
-
-class InvoiceFailure(Exception):
-    """An invoice that cannot be attached for a reason a person must fix (no PDF, no order)."""
 
 
 @dataclass
@@ -83,10 +78,6 @@ class InvoiceResult:
     number: str
     state: str
     detail: str = ""
-
-
-def _fmt(template: str, row: Mapping[str, Any]) -> str:
-    return template.format_map({k: "" if v is None else v for k, v in row.items()})
 
 
 class InvoicePushService(ErpReads):
@@ -113,7 +104,6 @@ class InvoicePushService(ErpReads):
         self.cfg = section
         self.store = store
         self.clock = clock
-        self.base_dir = base_dir
         shops = select_connectors(connectors, (section.shop,) if section.shop else ())
         if not shops:
             raise ValueError("invoice_push: no shop with REST access to attach invoices to")
@@ -128,7 +118,7 @@ class InvoicePushService(ErpReads):
         self._progress = ProgressReporter("invoices", 10.0, clock, on_progress)
         self._lock = threading.Lock()  # one attach at a time (cycle vs. ERP webhook)
         self._erp_engine: sa.Engine | None = None
-        self._http: httpx.Client | None = None
+        self.docs = InvoiceDocuments(section, store, self._erp, base_dir)
         self._ledger = ledger if ledger is not None else self._find_ledger()
         self.last_cycle: dict[str, Any] = {}
         self._queued = InvoiceQueue(store.db)
@@ -178,107 +168,6 @@ class InvoicePushService(ErpReads):
     def _row_state(self, key: str) -> dict[str, Any] | None:
         return self._queued.get(key)
 
-    # ------------------------------------------------------------------ reading rows
-    def _mirror_row(self, table: str, where: Mapping[str, Any]) -> dict[str, Any] | None:
-        return self.store.mirror_rows.select(table, where)
-
-    def _erp_row(self, table: str, column: str, value: Any) -> dict[str, Any] | None:
-        """One row straight from the ERP (all columns)."""
-        schema, _, name = table.rpartition(".")
-        t = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=self._erp())
-        with self._erp().connect() as conn:
-            row = conn.execute(sa.select(t).where(t.c[column] == value).limit(1)).fetchone()
-        return dict(row._mapping) if row is not None else None
-
-    def _key_of(self, row: Mapping[str, Any]) -> str:
-        info = self.store.catalog.find(self.cfg.table)
-        keycols = list(info.schema.key) if info is not None else [self.cfg.number_column]
-        return to_json([row[k] for k in keycols])
-
-    def _booked(self, row: Mapping[str, Any]) -> bool:
-        v = row.get(self.cfg.state_column)
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        return v is not None and str(v) == self.cfg.booked_value
-
-    def _invoice_row(self, key: str, number: str | None) -> dict[str, Any] | None:
-        info = self.store.catalog.find(self.cfg.table)
-        if info is not None:
-            values = json.loads(key)
-            row = self._mirror_row(self.cfg.table, dict(zip(info.schema.key, values, strict=True)))
-            if row is not None:
-                return row
-        if number is not None:
-            return self._erp_row(self.cfg.table, self.cfg.number_column, number)
-        return None
-
-    def _e_number(self, row: Mapping[str, Any]) -> str:
-        c = self.cfg
-        if c.e_number_column is not None:
-            v = row.get(c.e_number_column)
-            if v not in (None, ""):
-                return str(v)
-            if c.order_column is None:
-                raise InvoiceFailure(f"the invoice has no e-number ({c.e_number_column} is empty)")
-        assert c.order_column is not None and c.order_table is not None
-        order_id = row.get(c.order_column)
-        if order_id in (None, ""):
-            raise InvoiceFailure(f"the invoice names no ERP order ({c.order_column} is empty)")
-        order = self._mirror_row(c.order_table, {c.order_key_column: order_id})
-        if order is None:
-            order = self._erp_row(c.order_table, c.order_key_column, order_id)
-        if order is None:
-            raise InvoiceFailure(f"ERP order {order_id} ({c.order_table}) not found")
-        e = order.get(c.order_e_number_column)
-        if e in (None, ""):
-            raise InvoiceFailure(
-                f"ERP order {order_id} has no e-number ({c.order_e_number_column} is empty): "
-                "not a webshop order?"
-            )
-        return str(e)
-
-    def _pdf(self, row: Mapping[str, Any]) -> bytes:
-        c = self.cfg
-        if c.pdf_source == "column":
-            assert c.pdf_column is not None
-            data = row.get(c.pdf_column)
-            if isinstance(data, memoryview):
-                data = data.tobytes()
-            if isinstance(data, str) and data.startswith("\\x"):
-                data = bytes.fromhex(data[2:])
-            if not data:
-                raise InvoiceFailure(f"the invoice has no PDF ({c.pdf_column} is empty)")
-            return bytes(data)
-        if c.pdf_source == "path":
-            assert c.pdf_path is not None
-            path = Path(_fmt(c.pdf_path, row))
-            if not path.is_absolute() and self.base_dir is not None:
-                path = self.base_dir / path
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise InvoiceFailure(f"PDF not found: {path}") from None
-            except OSError as exc:
-                raise InvoiceFailure(f"cannot read PDF {path}: {exc.strerror}") from None
-            if not data:
-                raise InvoiceFailure(f"PDF is empty: {path}")
-            return data
-        assert c.pdf_url is not None
-        url = _fmt(c.pdf_url, row)
-        if self._http is None:
-            self._http = httpx.Client(timeout=c.http_timeout, follow_redirects=True)
-        try:
-            resp = self._http.get(url)
-        except httpx.HTTPError as exc:
-            raise RetryableError(f"cannot fetch PDF from {url}: {type(exc).__name__}") from None
-        if resp.status_code == 404:
-            raise InvoiceFailure(f"PDF not found: {url} answered 404")
-        if resp.status_code >= 500:
-            raise RetryableError(f"PDF server answered {resp.status_code} for {url}")
-        if resp.status_code != 200 or not resp.content:
-            raise InvoiceFailure(f"cannot fetch PDF: {url} answered {resp.status_code}")
-        return resp.content
-
     # ------------------------------------------------------------------ timeline
     def _timeline(self, e_number: str | None, event: str, detail: str) -> None:
         if self._ledger is None or not e_number:
@@ -294,15 +183,15 @@ class InvoicePushService(ErpReads):
         label = number or key
         e_number: str | None = None
         try:
-            row = self._invoice_row(key, number)
+            row = self.docs.invoice_row(key, number)
             if row is None:
                 raise InvoiceFailure("the invoice row no longer exists in the ERP")
             label = str(row.get(self.cfg.number_column, label))
             ctx = {**row, "number": label}
-            e_number = self._e_number(row)
+            e_number = self.docs.e_number(row)
             ctx["e_number"] = e_number
-            filename = _fmt(self.cfg.filename, ctx)
-            pdf = self._pdf(ctx)
+            filename = fmt(self.cfg.filename, ctx)
+            pdf = self.docs.pdf(ctx)
             if not self.gate.bucket.acquire(max_wait=30.0):
                 return InvoiceResult(label, "pending", "rate limit")
             with self._lock:
@@ -383,10 +272,10 @@ class InvoicePushService(ErpReads):
             info = self.store.catalog.find(self.cfg.table)
             if info is None:
                 continue
-            row = self._mirror_row(
+            row = self.docs.mirror_row(
                 self.cfg.table, dict(zip(info.schema.key, e["key"], strict=True))
             )
-            if row is None or not self._booked(row):
+            if row is None or not self.docs.booked(row):
                 continue  # a draft, or gone again
             booked.append((to_json(e["key"]), str(row.get(self.cfg.number_column))))
         queued = self._queue(booked)
@@ -423,12 +312,12 @@ class InvoicePushService(ErpReads):
     # ------------------------------------------------------------------ ERP webhook
     def refresh_invoice(self, number: str) -> InvoiceResult:
         """Read one invoice straight from the ERP by number and attach it now (if booked, once)."""
-        row = self._erp_row(self.cfg.table, self.cfg.number_column, number)
+        row = self.docs.erp_row(self.cfg.table, self.cfg.number_column, number)
         if row is None:
             return InvoiceResult(number, "unknown", f"invoice {number} not found in the ERP")
-        if not self._booked(row):
+        if not self.docs.booked(row):
             return InvoiceResult(number, "not-booked", f"invoice {number} is not booked")
-        key = self._key_of(row)
+        key = self.docs.key_of(row)
         self._queue([(key, number)])
         state = self._row_state(key)
         assert state is not None
@@ -448,6 +337,4 @@ class InvoicePushService(ErpReads):
 
     def close(self) -> None:
         super().close()
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self.docs.close()
