@@ -284,13 +284,6 @@ class StagingStore:
         Consumers treat an entry without a key as "anything in this table may have changed"."""
         self.journal.event(conn, source, table, op, position)
 
-    def journal_read(
-        self, consumer: str, *, tables: Sequence[str] | None = None, limit: int = 1000
-    ) -> list[dict[str, Any]]:
-        """Journal entries after ``consumer``'s durable cursor (oldest first)."""
-        self.setup()
-        return self.journal.read(self.journal.cursor(consumer), tables=tables, limit=limit)
-
     def journal_reader(self, consumer: str, tables: Sequence[str] = ()) -> JournalReader:
         """A reader of the journal for ``consumer`` (see :class:`JournalReader`)."""
         self.setup()
