@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema  # noqa: E402
+from replicator.changes import Change, Checkpoint, Column, TableSchema  # noqa: E402
 from replicator.staging import StagingStore  # noqa: E402
 
 SCHEMA = TableSchema(

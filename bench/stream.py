@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema  # noqa: E402
+from replicator.changes import Change, Checkpoint, Column, TableSchema  # noqa: E402
 from replicator.config.scale import ConsumeConfig, StreamSection  # noqa: E402
 from replicator.staging import StagingStore  # noqa: E402
 from replicator.stream.consumer import StreamConsumer  # noqa: E402

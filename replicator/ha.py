@@ -1,8 +1,8 @@
 """High availability: one active and one standby daemon sharing a lease in the staging store.
 
-The lease is one row of ``sync_ha_lease`` in the shared PostgreSQL staging store: the holder's
-node name, an **epoch** (the fencing token, raised by every takeover) and an expiry on the
-database's clock. The active daemon renews it every ``ha.renew_seconds``; a standby takes it
+The lease is one row of ``sync_ha_lease`` in the shared PostgreSQL staging store (its SQL is in
+:mod:`replicator.staging.lease`): the holder's node name, an **epoch** (the fencing token, raised
+by every takeover) and an expiry on the database's clock. The active daemon renews it every ``ha.renew_seconds``; a standby takes it
 over only once it has expired, raising the epoch.
 
 Why a lease alone is not enough, and what fencing adds
@@ -46,31 +46,14 @@ from replicator import metrics, sdnotify
 from replicator.config import Config
 from replicator.db import make_engine
 from replicator.errors import FatalError
+from replicator.staging import shared_engine
+from replicator.staging.lease import LeaseTable
+from replicator.web.server import HealthServer
 
 log = structlog.get_logger(__name__, service="ha")
 
 EXIT_LEASE_LOST = 4
 LEASE = "sync-daemon"
-
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS sync_ha_lease (
-        name TEXT PRIMARY KEY,
-        holder TEXT NOT NULL,
-        epoch BIGINT NOT NULL,
-        expires_at TIMESTAMP WITH TIME ZONE NOT NULL,
-        acquired_at TIMESTAMP WITH TIME ZONE NOT NULL,
-        renewed_at TIMESTAMP WITH TIME ZONE NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS sync_ha_nodes (
-        node TEXT PRIMARY KEY,
-        role TEXT NOT NULL,
-        host TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        health_url TEXT,
-        seen_at TIMESTAMP WITH TIME ZONE NOT NULL
-    )""",
-)
-
 
 # Engines that read and write the lease itself: never fenced (they are what fences).
 _LEASE_ENGINES: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
@@ -87,86 +70,42 @@ class Lease:
         self.node = cfg.ha.node
         self.seconds = cfg.ha.lease_seconds
         self.engine = _lease_engine(cfg.staging_url, cfg.ha.renew_seconds)
+        self.table = LeaseTable(self.engine, LEASE)
         self.epoch = 0
         self.health_url = ""
 
     def setup(self) -> None:
-        with self.engine.begin() as c:
-            for ddl in _DDL:
-                c.exec_driver_sql(ddl)
+        self.table.create()
 
     def try_acquire(self) -> int | None:
         """Take the lease when nobody holds it or it expired: the new epoch, else None."""
-        with self.engine.begin() as c:
-            c.exec_driver_sql(
-                "INSERT INTO sync_ha_lease (name, holder, epoch, expires_at, acquired_at, "
-                "renewed_at) VALUES (%s, '', 0, clock_timestamp(), clock_timestamp(), "
-                "clock_timestamp()) ON CONFLICT (name) DO NOTHING",
-                (LEASE,),
-            )
-            row = c.exec_driver_sql(
-                "UPDATE sync_ha_lease SET holder = %s, epoch = epoch + 1, "
-                "expires_at = clock_timestamp() + make_interval(secs => %s), "
-                "acquired_at = clock_timestamp(), renewed_at = clock_timestamp() "
-                "WHERE name = %s AND expires_at <= clock_timestamp() RETURNING epoch",
-                (self.node, self.seconds, LEASE),
-            ).fetchone()
-        if row is None:
+        epoch = self.table.try_acquire(self.node, self.seconds)
+        if epoch is None:
             return None
-        self.epoch = int(row[0])
+        self.epoch = epoch
         return self.epoch
 
     def renew(self) -> bool:
         """Extend the lease; False when it is no longer ours (epoch moved or expired)."""
-        with self.engine.begin() as c:
-            row = c.exec_driver_sql(
-                "UPDATE sync_ha_lease SET expires_at = clock_timestamp() + "
-                "make_interval(secs => %s), renewed_at = clock_timestamp() "
-                "WHERE name = %s AND holder = %s AND epoch = %s "
-                "AND expires_at > clock_timestamp() RETURNING epoch",
-                (self.seconds, LEASE, self.node, self.epoch),
-            ).fetchone()
-        return row is not None
+        return self.table.renew(self.node, self.epoch, self.seconds)
 
     def release(self) -> None:
         """Clean shutdown: let the standby take over at once."""
-        with self.engine.begin() as c:
-            c.exec_driver_sql(
-                "UPDATE sync_ha_lease SET expires_at = clock_timestamp() "
-                "WHERE name = %s AND holder = %s AND epoch = %s",
-                (LEASE, self.node, self.epoch),
-            )
+        self.table.release(self.node, self.epoch)
 
     def announce(self, role: str) -> None:
         """Record this node and its role, so the peer (and ``status``) can name it."""
-        with self.engine.begin() as c:
-            c.exec_driver_sql(
-                "INSERT INTO sync_ha_nodes (node, role, host, pid, health_url, seen_at) "
-                "VALUES (%s, %s, %s, %s, %s, clock_timestamp()) ON CONFLICT (node) DO UPDATE "
-                "SET role = excluded.role, host = excluded.host, pid = excluded.pid, "
-                "health_url = excluded.health_url, seen_at = excluded.seen_at",
-                (self.node, role, socket.gethostname(), os.getpid(), self.health_url),
-            )
+        self.table.announce(self.node, role, socket.gethostname(), os.getpid(), self.health_url)
 
     def holder(self) -> dict[str, Any] | None:
-        return lease_state(self.engine)
+        return self.table.state()
 
     def peers(self) -> list[dict[str, Any]]:
-        return [n for n in ha_nodes(self.engine, self.seconds * 3) if n["node"] != self.node]
+        return [n for n in self.table.nodes(self.seconds * 3) if n["node"] != self.node]
 
     def fence_check(self, dbapi_conn: Any) -> None:
         """Inside a staging transaction: fail unless our epoch still holds the lease."""
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(
-                "SELECT 1 FROM sync_ha_lease WHERE name = %s AND holder = %s AND epoch = %s "
-                "AND expires_at > clock_timestamp() FOR SHARE",
-                (LEASE, self.node, self.epoch),
-            )
-            ok = cur.fetchone() is not None
-        finally:
-            cur.close()
-        if not ok:
+        if not self.table.holds(dbapi_conn, self.node, self.epoch):
             # Roll back here: SQLAlchemy does not roll back a commit its own hook refused.
             dbapi_conn.rollback()
             raise LeaseLost(
@@ -193,45 +132,6 @@ def _lease_engine(url: str, renew_seconds: float) -> sa.Engine:
         dbapi_conn.commit()
 
     return eng
-
-
-def lease_state(engine: sa.Engine) -> dict[str, Any] | None:
-    with engine.connect() as c:
-        row = c.exec_driver_sql(
-            "SELECT holder, epoch, expires_at, expires_at > clock_timestamp(), acquired_at "
-            "FROM sync_ha_lease WHERE name = %s",
-            (LEASE,),
-        ).fetchone()
-    if row is None:
-        return None
-    return {
-        "holder": row[0],
-        "epoch": int(row[1]),
-        "expires_at": row[2],
-        "valid": bool(row[3]),
-        "acquired_at": row[4],
-    }
-
-
-def ha_nodes(engine: sa.Engine, within: float) -> list[dict[str, Any]]:
-    with engine.connect() as c:
-        rows = c.exec_driver_sql(
-            "SELECT node, role, host, pid, health_url, "
-            "EXTRACT(EPOCH FROM clock_timestamp() - seen_at) FROM sync_ha_nodes "
-            "WHERE seen_at > clock_timestamp() - make_interval(secs => %s) ORDER BY node",
-            (within,),
-        ).fetchall()
-    return [
-        {
-            "node": r[0],
-            "role": r[1],
-            "host": r[2],
-            "pid": r[3],
-            "health_url": r[4],
-            "age": float(r[5]),
-        }
-        for r in rows
-    ]
 
 
 class Fence:
@@ -323,8 +223,6 @@ class Renewer:
 
 def _standby_health(cfg: Config, lease: Lease) -> Any:
     """While standby: /healthz answers, /readyz says standby and names the active node."""
-    from replicator.web.server import HealthServer
-
     if not cfg.health.enabled:
         return None
 
@@ -394,7 +292,7 @@ def _standby(cfg: Config, lease: Lease, terminate: threading.Event) -> int | Non
 
 def _active(config_path: str, cfg: Config, lease: Lease, terminate: threading.Event) -> int | None:
     """Run the daemon while the lease is ours: its exit code, or None to go back to standby."""
-    from replicator.daemon import Daemon
+    from replicator.daemon import Daemon  # noqa: PLC0415 - cycle: the daemon starts run_with_lease
 
     daemon = Daemon(config_path, cfg)
     fence = Fence(lease, cfg.staging_url)
@@ -481,10 +379,11 @@ def _ha_check_hook(lease: Lease, renewer: Renewer) -> Callable[[Any], None]:
 
 def describe(cfg: Config) -> list[str]:
     """Lines for ``sync-daemon status``: who holds the lease, who is standby."""
-    eng = make_engine(cfg.staging_url, "status")
+    eng = shared_engine(cfg.staging_url, "status")
     try:
-        st = lease_state(eng)
-        nodes = ha_nodes(eng, cfg.ha.lease_seconds * 3)
+        table = LeaseTable(eng, LEASE)
+        st = table.state()
+        nodes = table.nodes(cfg.ha.lease_seconds * 3)
     except sa.exc.ProgrammingError:
         return ["ha: no lease yet (no daemon with [ha] has started)"]
     finally:

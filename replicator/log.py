@@ -66,11 +66,14 @@ def redact_secrets(
 _SERVICE_BY_MODULE = {
     "replicator.cdc": "capture",
     "replicator.staging": "capture",
+    "replicator.staging.lag": "web",  # the lag chart's history (was replicator.web.lag)
     "replicator.orders": "orders",
     "replicator.connectors": "orders",
     "replicator.mappers": "orders",
     "replicator.push.stock": "stock_push",
+    "replicator.push.levels": "stock_push",
     "replicator.push.invoices": "invoices",
+    "replicator.push.invoice_docs": "invoices",
     "replicator.push": "push",
     "replicator.web": "web",
     "replicator.notify": "notify",

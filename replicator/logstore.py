@@ -10,8 +10,9 @@ batches. A failing insert is logged (rate-limited) and the batch dropped; journa
 Records logged by this module itself are not stored, so a broken staging store cannot feed a loop
 of "insert failed" records.
 
-The table has its own SQLAlchemy ``MetaData`` and is created on first use (``create_all``,
-idempotent) on the staging engine; it needs no migration with the staging schema.
+The table is defined with the other staging tables (:mod:`replicator.staging.schema`) and created
+on first use (idempotent) on the staging engine; this module is the only code that reads or
+writes it.
 
 Wiring (for ``replicator/daemon.py``)::
 
@@ -45,46 +46,16 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from replicator.staging.schema import create_tables, log_records
+from replicator.staging.values import utc
+
 log = structlog.get_logger(__name__)
 
-__all__ = ["LEVELS", "LogRecord", "LogStore", "id_column", "log_records", "metadata", "utc"]
+__all__ = ["LEVELS", "LogRecord", "LogStore", "log_records", "utc"]
 
 # Lowest first; "this level and above" filters on the suffix of this list.
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _LEVEL_ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical"}
-
-metadata = sa.MetaData()
-
-
-def id_column() -> sa.Column[Any]:
-    """The ``id`` primary key of a side table in staging: BIGINT, autoincrement (INTEGER on
-    SQLite, whose rowid alias must be declared INTEGER)."""
-    return sa.Column(
-        "id",
-        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),  # SQLite rowid needs INTEGER
-        primary_key=True,
-        autoincrement=True,
-    )
-
-
-def utc(dt: datetime) -> datetime:
-    """A time as aware UTC: SQLite hands DateTime back naive, and everything stored is UTC."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-log_records = sa.Table(
-    "log_records",
-    metadata,
-    id_column(),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("level", sa.String(10), nullable=False),
-    sa.Column("service", sa.String(100), nullable=True),
-    sa.Column("logger", sa.String(200), nullable=True),
-    sa.Column("event", sa.Text(), nullable=False),
-    sa.Column("fields", sa.JSON(), nullable=True),
-    sa.Index("ix_log_records_at", "at"),
-    sa.Index("ix_log_records_service_at", "service", "at"),
-)
 
 # Keys the sink lifts into columns, or that the renderer adds and the table does not need.
 _COLUMN_KEYS = {"event", "level", "logger", "service", "timestamp"}
@@ -159,7 +130,7 @@ class LogStore:
         self._thread: threading.Thread | None = None
         self._last_error_log = 0.0
         if create:
-            metadata.create_all(engine, checkfirst=True)
+            create_tables(engine, log_records)
 
     # -- the sink (called on the logging path: must be cheap and never raise) -----------------
 

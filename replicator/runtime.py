@@ -59,7 +59,6 @@ from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.stream.sink import stream_service
 from replicator.web.app import WebContext, mount
-from replicator.web.lag import record_lag_sample
 from replicator.web.server import HealthServer, Request, Response
 
 log = structlog.get_logger(__name__, service="daemon")
@@ -245,7 +244,7 @@ class ServiceSet:
             return gauges.collect_queried(self.cfg, store.engine, orders=self.orders is not None)
 
         def lag_sample(_now: dt.datetime) -> str:
-            record_lag_sample(store.engine, store.replication_status())
+            store.record_lag_sample()
             return ""
 
         return [

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from replicator.config import Config
+from replicator.ops.format import human_bytes as pretty_bytes
 from replicator.ops.readmodel import (
     ORDER_STATES,
     collect_status,
@@ -21,7 +22,6 @@ from replicator.ops.readmodel import (
     scale_out_lines,
     slot_lag,
 )
-from replicator.web.lag import human_bytes as pretty_bytes
 
 __all__ = [
     "EXIT_NOT_RUNNING",

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from replicator.staging import StagingStore, _sqlite_value, to_json
+from replicator.staging import StagingStore, scalar_text, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ def norm(v: Any) -> Any:
         return int(v)
     if isinstance(v, dt.datetime) and v.tzinfo is not None:
         v = v.astimezone(dt.UTC)
-    return _sqlite_value(v)
+    return scalar_text(v)
 
 
 def source_rows(

@@ -55,7 +55,7 @@ def main() -> None:
             print("killing myself after a PubAck", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        store.journal_commit = die  # type: ignore[method-assign]
+        store.journal.commit = die  # type: ignore[method-assign]  # the cursor's one writer
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print("started", flush=True)

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import parse_config
 from replicator.ha import Fence, Lease, LeaseLost
 from replicator.orders.ledger import Ledger, events_t

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from replicator.cdc.base import Change, Column, TableSchema
+from replicator.changes import Change, Column, TableSchema
 from replicator.config import Config, parse_config
 from replicator.connectors.base import ShopConnector
 from replicator.connectors.magento import MagentoConnector

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from replicator.cdc.base import Change, Column, TableSchema
+from replicator.changes import Change, Column, TableSchema
 from replicator.config import Config, parse_config
 from replicator.connectors.base import ShopConnector, StockUpdate
 from replicator.connectors.magento import MagentoConnector

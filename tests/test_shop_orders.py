@@ -260,10 +260,10 @@ def test_shopware_orders_import_with_criteria(tmp_path: Path, pg_erp_url: str) -
 
 def test_unimported_order_quantities_are_read_from_every_shape() -> None:
     # The stock push subtracts what waits in the ledger; it must find the lines in each shape.
-    from replicator.push.stock import _order_lines
+    from replicator.push.levels import order_lines
 
     shapes = [
-        _order_lines((EXAMPLES / name).read_bytes())
+        order_lines((EXAMPLES / name).read_bytes())
         for name in ("shopify-order.json", "shopify-webhook-order.json", "shopware-order.json")
     ]
     assert shapes[0] and shapes[0] == shapes[1] == shapes[2]

@@ -17,7 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.staging import StagingStore
 from tests.helpers import wait_until
 

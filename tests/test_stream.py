@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.cdc.base import Change, Checkpoint, Column, TableSchema
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import parse_config
 from replicator.config.scale import StreamSection
 from replicator.errors import ConfigError, RetryableError

@@ -17,16 +17,16 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from replicator.cdc.base import Checkpoint
+from replicator.changes import Checkpoint
 from replicator.config import Config, parse_config
 from replicator.db import make_engine
 from replicator.logstore import LogStore
 from replicator.orders.ledger import Ledger
 from replicator.staging import StagingStore
+from replicator.staging.lag import lag_history, lag_history_t, purge_lag_history, record_lag_sample
 from replicator.state import DaemonState
 from replicator.web.app import WebContext, mount
 from replicator.web.csrf import COOKIE, CsrfGuard
-from replicator.web.lag import lag_history, lag_history_t, purge_lag_history, record_lag_sample
 from replicator.web.server import HealthServer
 
 SECRET = "s3cret-Pw0rd"

@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 
-from replicator.cdc.base import Checkpoint
+from replicator.changes import Checkpoint
 from replicator.config.core import HealthSection
 from replicator.logstore import LogStore
 from replicator.orders.coordinator import OrderImportService
 from replicator.orders.results import utcnow
 from replicator.orders.sample import ListShop, sample_order
 from replicator.staging import StagingStore
+from replicator.staging.lag import record_lag_sample
 from replicator.state import DaemonState
 from replicator.web.app import WebContext, mount
-from replicator.web.lag import record_lag_sample
 from replicator.web.server import HealthServer
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows

@@ -1,8 +1,9 @@
-"""The capture contract: change events, table schemas, and the interface every capture source keeps.
+"""The capture contract: the interface every capture source keeps, and what it reports.
 
-A capture source (logical replication, trigger changelog) turns ERP writes into :class:`Change`
-events and hands them, with the source position they reach, to the staging store's apply path.
-The contract each backend must keep:
+A capture source (logical replication, trigger changelog) turns ERP writes into
+:class:`~replicator.changes.Change` events and hands them, with the source position they reach,
+to the staging store's apply path. The change types live in :mod:`replicator.changes` (staging
+imports them too). The contract each backend must keep:
 
 * changes of one source transaction are delivered in commit order, and a transaction is never
   split across two positions: the position passed to ``commit`` covers whole transactions only;
@@ -17,66 +18,21 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
-Op = Literal["I", "U", "D", "T"]
+# Re-exported so that code written against the old home of the change types keeps importing;
+# new code imports them from replicator.changes.
+from replicator.changes import Change, Checkpoint, Column, Op, TableSchema
 
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    """A source column: name, source type name (``format_type``), type OID where known."""
-
-    name: str
-    type_name: str
-    type_oid: int = 0
-    nullable: bool = True
-    attnum: int = 0  # the column's number in the source catalog (0: not known); survives a rename
-
-
-@dataclass(frozen=True, slots=True)
-class TableSchema:
-    """A watched table as the source describes it."""
-
-    schema: str
-    name: str
-    columns: tuple[Column, ...]
-    key: tuple[str, ...]
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def column(self, name: str) -> Column | None:
-        for c in self.columns:
-            if c.name == name:
-                return c
-        return None
-
-
-@dataclass(slots=True)
-class Change:
-    """One row change (or a truncate) of a watched table.
-
-    ``values``: the new row image for I/U (columns absent are unchanged); ``key``: the key of the
-    row before the change for U (when the key changed) and D.
-    """
-
-    table: str
-    op: Op
-    values: dict[str, Any] | None = None
-    key: dict[str, Any] | None = None
-    position: str = ""
-
-
-@dataclass(slots=True)
-class Checkpoint:
-    """Where a source stands in staging, written in the same transaction as the data it covers."""
-
-    source: str
-    position: str
-    state: str = "streaming"  # "snapshot" while the initial copy runs, then "streaming"
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = [
+    "CaptureSource",
+    "Change",
+    "Checkpoint",
+    "Column",
+    "Op",
+    "Progress",
+    "TableSchema",
+]
 
 
 @dataclass(slots=True)

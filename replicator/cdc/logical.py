@@ -41,7 +41,7 @@ import psycopg
 import structlog
 from psycopg import pq, sql
 
-from replicator.cdc.base import CaptureSource, Change, Checkpoint, Column, Progress, TableSchema
+from replicator.cdc.base import CaptureSource, Progress
 from replicator.cdc.pgoutput import (
     Begin,
     Commit,
@@ -60,6 +60,7 @@ from replicator.cdc.pgoutput import (
     standby_status,
 )
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import Config
 from replicator.config.core import filter_columns
 from replicator.db import PG_KEEPALIVES, app_name, pg_connect

@@ -43,7 +43,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from replicator.cdc.base import TableSchema
+from replicator.changes import TableSchema
 
 log = structlog.get_logger(__name__, service="capture")
 

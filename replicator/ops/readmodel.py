@@ -26,10 +26,10 @@ from replicator.config import Config
 from replicator.db import connect_error, pg_connect
 from replicator.ha import describe
 from replicator.log import redact
+from replicator.ops.format import human_bytes
 from replicator.orders.ledger import events_t, ledger_t
 from replicator.staging import StagingStore
 from replicator.stream.sink import cursor_name
-from replicator.web.lag import human_bytes
 
 log = structlog.get_logger(__name__)
 

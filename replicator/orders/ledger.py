@@ -1,6 +1,7 @@
 """The order ledger in the staging store: every order's fate, its timeline, and per-shop state.
 
-Tables (prefix ``order_``, own :class:`sqlalchemy.MetaData`, created with ``create_all``):
+Tables (prefix ``order_``, defined in :mod:`replicator.staging.schema`, created on first use;
+this module is the only code that reads or writes them):
 
 ``order_ledger``    one row per (shop, e-number): state (awaiting, delivered, failed, skipped,
                     update-pending), ERP order number, attempts, last error (+ its kind and the
@@ -19,69 +20,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from replicator.db import make_engine
-
-metadata = sa.MetaData()
+from replicator.staging import StagingStore, schema, shared_engine
 
 STATES = ("awaiting", "delivered", "failed", "skipped", "update-pending")
 
-ledger_t = sa.Table(
-    "order_ledger",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("shop", sa.String(100), nullable=False),
-    sa.Column("e_number", sa.String(100), nullable=False),
-    sa.Column("erp_order_no", sa.String(64)),
-    sa.Column("state", sa.String(20), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("last_error", sa.Text),
-    sa.Column("error_kind", sa.String(20)),
-    sa.Column("mapping_hash", sa.String(64)),
-    sa.Column("payload_hash", sa.String(64), nullable=False),
-    sa.Column("payload", sa.LargeBinary, nullable=False),
-    sa.Column("shop_status", sa.String(60)),
-    sa.Column("first_seen", sa.DateTime, nullable=False),
-    sa.Column("last_seen", sa.DateTime, nullable=False),
-    sa.Column("next_attempt_at", sa.DateTime),
-    sa.Column("delivered_at", sa.DateTime),
-    sa.Column("pending_payload", sa.LargeBinary),
-    sa.Column("pending_hash", sa.String(64)),
-    sa.Column("diff", sa.Text),
-    sa.Column("update_queued", sa.Boolean, nullable=False, default=False),
-    sa.UniqueConstraint("shop", "e_number", name="order_ledger_shop_e_number"),
-)
-sa.Index("order_ledger_state", ledger_t.c.shop, ledger_t.c.state)
-
-events_t = sa.Table(
-    "order_events",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("shop", sa.String(100), nullable=False),
-    sa.Column("e_number", sa.String(100), nullable=False),
-    sa.Column("at", sa.DateTime, nullable=False),
-    sa.Column("event", sa.String(40), nullable=False),
-    sa.Column("detail", sa.Text),
-)
-sa.Index("order_events_order", events_t.c.shop, events_t.c.e_number, events_t.c.id)
-
-shops_t = sa.Table(
-    "order_shops",
-    metadata,
-    sa.Column("shop", sa.String(100), primary_key=True),
-    sa.Column("watermark", sa.DateTime),
-    sa.Column("last_success_at", sa.DateTime),
-    sa.Column("consecutive_failures", sa.Integer, nullable=False, default=0),
-    sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
-    sa.Column("cancelled_reason", sa.Text),
-    sa.Column("next_probe_at", sa.DateTime),
-    sa.Column("last_reconcile_at", sa.DateTime),
-    sa.Column("last_error", sa.Text),
-)
+# The tables are defined with every other staging table, in replicator.staging.schema.
+ledger_t = schema.order_ledger
+events_t = schema.order_events
+shops_t = schema.order_shops
 
 
 @dataclass(frozen=True)
@@ -146,13 +97,15 @@ def entry_from_row(row: Any) -> Entry:
 class Ledger:
     """Access to the order tables of the staging store."""
 
-    def __init__(self, url_or_engine: str | sa.Engine) -> None:
-        self.engine = (
-            make_engine(url_or_engine, "orders")
-            if isinstance(url_or_engine, str)
-            else url_or_engine
-        )
-        metadata.create_all(self.engine)
+    def __init__(self, staging: str | sa.Engine | StagingStore) -> None:
+        """``staging``: the store, its engine, or its URL (then the process's engine for it)."""
+        if isinstance(staging, StagingStore):
+            self.engine = staging.engine
+        elif isinstance(staging, str):
+            self.engine = shared_engine(staging, "orders")
+        else:
+            self.engine = staging
+        schema.create_tables(self.engine, *schema.ORDER_TABLES)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -316,6 +269,12 @@ class Ledger:
             )
         )
 
+    def add_event(self, shop: str, e_number: str, event: str, detail: str | None = None) -> None:
+        """One timeline event in a transaction of its own (for features beside the import)."""
+        at = datetime.now(UTC).replace(tzinfo=None)
+        with self.engine.begin() as conn:
+            self.event(conn, shop, e_number, at, event, detail)
+
     def events(self, shop: str, e_number: str) -> list[Event]:
         q = (
             sa.select(events_t.c.at, events_t.c.event, events_t.c.detail)
@@ -376,3 +335,15 @@ class Ledger:
         for e in entries:
             out[e.state] = out.get(e.state, 0) + 1
         return out
+
+
+def payloads_in_states(engine: sa.Engine, states: Sequence[str]) -> list[bytes]:
+    """The payloads (the pending update where there is one) of orders in ``states``; none when
+    the order import never ran on this staging store (no ledger table)."""
+    if not sa.inspect(engine).has_table(ledger_t.name):
+        return []
+    q = sa.select(sa.func.coalesce(ledger_t.c.pending_payload, ledger_t.c.payload)).where(
+        ledger_t.c.state.in_(list(states))
+    )
+    with engine.connect() as c:
+        return [bytes(r[0]) for r in c.execute(q)]

@@ -1,31 +1,30 @@
-"""Plumbing shared by the pushers: reading the change journal past a consumer's cursor, a shop's
-gate (token bucket + back-off after failures), and the staging tables the pushers own.
+"""Plumbing shared by the pushers: config sections, choosing connectors, a shop's gate (token
+bucket + back-off after failures), SKU filters, direct ERP reads and progress reporting.
 
-The journal is read forward from an in-memory read position (so entries waiting for a slow shop
-are not re-read every cycle), while the consumer's durable cursor (``sync_cursors``) is moved
-only with :meth:`StagingStore.journal_commit` — after the work the entries stand for is done.
-After a restart the read position starts again at the durable cursor, so at worst entries are
-looked at twice; every push is idempotent (absolute quantities, "attached once" bookkeeping).
+The pushers read the change journal with :class:`replicator.staging.JournalReader` (an in-memory
+read position; the durable cursor moves only after the work the entries stand for is done) and
+keep their own state in staging tables through :mod:`replicator.staging.push`. Every push is
+idempotent (absolute quantities, "attached once" bookkeeping), so entries looked at twice after
+a restart do no harm.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import sqlalchemy as sa
 import structlog
 
 from replicator.config import Config
+from replicator.connectors import WebhookOnlyConnector
 from replicator.connectors.base import ShopConnector
 from replicator.db import make_engine
 from replicator.push.ratelimit import TokenBucket
-from replicator.staging import StagingStore
 
 log = structlog.get_logger(__name__)
 
@@ -75,8 +74,6 @@ class ErpReads:
 
 def can_push(conn: ShopConnector) -> bool:
     """Whether a connector implements the outbound API (webhook-only and inbox shops do not)."""
-    from replicator.connectors import WebhookOnlyConnector
-
     if isinstance(conn, WebhookOnlyConnector):
         return False
     return type(conn).push_stock is not ShopConnector.push_stock
@@ -145,77 +142,6 @@ class ShopGate:
         self.failures = 0
         self.last_error = None
         self.blocked_until = 0.0
-
-
-class JournalReader:
-    """Reads a consumer's journal entries for some tables, oldest first."""
-
-    def __init__(self, store: StagingStore, consumer: str, tables: Sequence[str]) -> None:
-        self.store = store
-        self.consumer = consumer
-        self.tables = list(tables)
-        store.setup()
-        self.committed = self._durable_cursor()
-        self.read_upto = self.committed
-
-    def _durable_cursor(self) -> int:
-        with self.store.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT journal_id FROM sync_cursors WHERE consumer = {self.store._ph}",
-                (self.consumer,),
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    def read(self, limit: int) -> list[dict[str, Any]]:
-        """The next entries after the read position (which then moves past them)."""
-        p = self.store._ph
-        sql = (
-            "SELECT id, table_name, op, row_key, at FROM sync_journal "
-            f"WHERE id > {p} AND table_name IN ({', '.join([p] * len(self.tables))}) "
-            f"ORDER BY id LIMIT {int(limit)}"
-        )
-        with self.store.engine.connect() as conn:
-            rows = conn.exec_driver_sql(sql, (self.read_upto, *self.tables)).fetchall()
-        out = [
-            {
-                "id": int(r[0]),
-                "table": r[1],
-                "op": r[2],
-                "key": json.loads(r[3]) if r[3] else None,
-                "at": r[4],
-            }
-            for r in rows
-        ]
-        if out:
-            self.read_upto = out[-1]["id"]
-        return out
-
-    def commit(self, journal_id: int) -> bool:
-        """Move the durable cursor forward to ``journal_id`` (never backwards)."""
-        if journal_id <= self.committed:
-            return False
-        self.store.journal_commit(self.consumer, journal_id)
-        self.committed = journal_id
-        return True
-
-    def caught_up(self) -> bool:
-        with self.store.engine.connect() as conn:
-            p = self.store._ph
-            row = conn.exec_driver_sql(
-                f"SELECT MAX(id) FROM sync_journal WHERE table_name IN "
-                f"({', '.join([p] * len(self.tables))})",
-                tuple(self.tables),
-            ).fetchone()
-        return row is None or row[0] is None or int(row[0]) <= self.committed
-
-
-def mirror_info(store: StagingStore, table: str) -> Any:
-    """The mirror of a captured table, re-reading the catalogue when capture created it since."""
-    info = store.mirror(table)
-    if info is None:
-        store._load_mirrors()  # the capture source may have created it after our setup()
-        info = store.mirror(table)
-    return info
 
 
 def erp_table(table: str, columns: Iterable[str]) -> sa.TableClause:

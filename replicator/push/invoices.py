@@ -37,7 +37,6 @@ Wiring (for ``replicator/daemon.py``)::
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 import structlog
 
@@ -55,25 +53,22 @@ from replicator.config.push import InvoicePushSection
 from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable
 from replicator.errors import RetryableError
 from replicator.failpoints import failpoint
+from replicator.orders.ledger import Ledger
 from replicator.push.common import (
     ErpReads,
-    JournalReader,
     ProgressReporter,
     ShopGate,
-    mirror_info,
     push_section,
     select_connectors,
     utcnow_text,
 )
+from replicator.push.invoice_docs import InvoiceDocuments, InvoiceFailure, fmt
 from replicator.staging import StagingStore, to_json
+from replicator.staging.push import InvoiceQueue
 
 log = structlog.get_logger(__name__)
 
 CONSUMER = "push:invoices"
-
-
-class InvoiceFailure(Exception):
-    """An invoice that cannot be attached for a reason a person must fix (no PDF, no order)."""
 
 
 @dataclass
@@ -83,10 +78,6 @@ class InvoiceResult:
     number: str
     state: str
     detail: str = ""
-
-
-def _fmt(template: str, row: Mapping[str, Any]) -> str:
-    return template.format_map({k: "" if v is None else v for k, v in row.items()})
 
 
 class InvoicePushService(ErpReads):
@@ -105,7 +96,7 @@ class InvoicePushService(ErpReads):
         on_progress: Callable[[str], None] | None = None,
         consumer: str = CONSUMER,
         base_dir: Path | None = None,
-        ledger: Any = None,
+        ledger: Ledger | None = None,
     ) -> None:
         section, self._erp_url = push_section(cfg, InvoicePushSection, "invoice_push", erp_url)
         if base_dir is None and not isinstance(cfg, InvoicePushSection) and cfg.source_path:
@@ -113,7 +104,6 @@ class InvoicePushService(ErpReads):
         self.cfg = section
         self.store = store
         self.clock = clock
-        self.base_dir = base_dir
         shops = select_connectors(connectors, (section.shop,) if section.shop else ())
         if not shops:
             raise ValueError("invoice_push: no shop with REST access to attach invoices to")
@@ -124,41 +114,19 @@ class InvoicePushService(ErpReads):
             )
         ((self.shop, self.connector),) = shops.items()
         self.gate = ShopGate(self.shop, section.rate_limit, section.burst, 300.0, clock)
-        self.reader = JournalReader(store, consumer, [section.table])
+        self.reader = store.journal_reader(consumer, [section.table])
         self._progress = ProgressReporter("invoices", 10.0, clock, on_progress)
         self._lock = threading.Lock()  # one attach at a time (cycle vs. ERP webhook)
         self._erp_engine: sa.Engine | None = None
-        self._http: httpx.Client | None = None
+        self.docs = InvoiceDocuments(section, store, self._erp, base_dir)
         self._ledger = ledger if ledger is not None else self._find_ledger()
         self.last_cycle: dict[str, Any] = {}
-        self._setup()
+        self._queued = InvoiceQueue(store.db)
 
     # ------------------------------------------------------------------ state
-    def _setup(self) -> None:
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                """CREATE TABLE IF NOT EXISTS push_invoices (
-                    invoice_key TEXT PRIMARY KEY,
-                    number TEXT,
-                    shop TEXT NOT NULL,
-                    e_number TEXT,
-                    state TEXT NOT NULL,
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    last_error TEXT,
-                    filename TEXT,
-                    queued_at TEXT NOT NULL,
-                    next_attempt_at TEXT,
-                    attached_at TEXT
-                )"""
-            )
-
-    def _find_ledger(self) -> Any:
+    def _find_ledger(self) -> Ledger | None:
         try:
-            from replicator.orders.ledger import Ledger
-        except ImportError:  # pragma: no cover - the order import is not installed
-            return None
-        try:
-            return Ledger(self.store.engine)
+            return Ledger(self.store)
         except Exception as exc:  # never let the timeline stop invoices
             log.warning("invoice_ledger_unavailable", error=str(exc))
             return None
@@ -169,12 +137,7 @@ class InvoicePushService(ErpReads):
 
     def invoices(self) -> list[dict[str, Any]]:
         """Every invoice the pusher knows, oldest first (status output, tests)."""
-        with self.store.engine.connect() as conn:
-            res = conn.exec_driver_sql(
-                "SELECT invoice_key, number, shop, e_number, state, attempts, last_error, "
-                "filename, queued_at, attached_at FROM push_invoices ORDER BY queued_at"
-            )
-            return [dict(r._mapping) for r in res]
+        return self._queued.all()
 
     def status(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -191,181 +154,26 @@ class InvoicePushService(ErpReads):
             "last_cycle": self.last_cycle,
         }
 
-    def _known(self, keys: list[str]) -> set[str]:
-        if not keys:
-            return set()
-        p = self.store._ph
-        out: set[str] = set()
-        with self.store.engine.connect() as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i : i + 500]
-                rows = conn.exec_driver_sql(
-                    f"SELECT invoice_key FROM push_invoices WHERE invoice_key IN "
-                    f"({', '.join([p] * len(chunk))})",
-                    tuple(chunk),
-                ).fetchall()
-                out.update(r[0] for r in rows)
-        return out
-
     def _queue(self, items: list[tuple[str, str]]) -> int:
         """Queue (invoice key, number) pairs not seen before; returns how many were new."""
-        known = self._known([k for k, _ in items])
+        known = self._queued.known([k for k, _ in items]) if items else set()
         new = [(k, n) for k, n in dict(items).items() if k not in known]
-        if not new:
-            return 0
-        p = self.store._ph
-        now = utcnow_text()
-        with self.store.engine.begin() as conn:
-            for key, number in new:
-                conn.exec_driver_sql(
-                    "INSERT INTO push_invoices (invoice_key, number, shop, state, queued_at) "
-                    f"VALUES ({p}, {p}, {p}, 'pending', {p})",
-                    (key, number, self.shop, now),
-                )
+        if new:
+            self._queued.add(self.shop, new, utcnow_text())
         return len(new)
 
     def _set(self, key: str, **values: Any) -> None:
-        p = self.store._ph
-        sets = ", ".join(f"{k} = {p}" for k in values)
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"UPDATE push_invoices SET {sets} WHERE invoice_key = {p}", (*values.values(), key)
-            )
+        self._queued.update(key, **values)
 
     def _row_state(self, key: str) -> dict[str, Any] | None:
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT * FROM push_invoices WHERE invoice_key = {p}", (key,)
-            ).fetchone()
-        return dict(row._mapping) if row is not None else None
-
-    # ------------------------------------------------------------------ reading rows
-    def _mirror_row(self, table: str, where: Mapping[str, Any]) -> dict[str, Any] | None:
-        info = mirror_info(self.store, table)
-        if info is None:
-            return None
-        q = self.store.q
-        cond = " AND ".join(f"{q(k)} = {self.store._ph}" for k in where)
-        cols = ", ".join(q(c.name) for c in info.schema.columns)
-        with self.store.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT {cols} FROM {q(info.name)} WHERE {cond}",
-                tuple(self.store.to_storage(v) for v in where.values()),
-            ).fetchone()
-        if row is None:
-            return None
-        return dict(zip([c.name for c in info.schema.columns], row, strict=True))
-
-    def _erp_row(self, table: str, column: str, value: Any) -> dict[str, Any] | None:
-        """One row straight from the ERP (all columns)."""
-        schema, _, name = table.rpartition(".")
-        t = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=self._erp())
-        with self._erp().connect() as conn:
-            row = conn.execute(sa.select(t).where(t.c[column] == value).limit(1)).fetchone()
-        return dict(row._mapping) if row is not None else None
-
-    def _key_of(self, row: Mapping[str, Any]) -> str:
-        info = mirror_info(self.store, self.cfg.table)
-        keycols = list(info.schema.key) if info is not None else [self.cfg.number_column]
-        return to_json([row[k] for k in keycols])
-
-    def _booked(self, row: Mapping[str, Any]) -> bool:
-        v = row.get(self.cfg.state_column)
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        return v is not None and str(v) == self.cfg.booked_value
-
-    def _invoice_row(self, key: str, number: str | None) -> dict[str, Any] | None:
-        info = mirror_info(self.store, self.cfg.table)
-        if info is not None:
-            values = json.loads(key)
-            row = self._mirror_row(self.cfg.table, dict(zip(info.schema.key, values, strict=True)))
-            if row is not None:
-                return row
-        if number is not None:
-            return self._erp_row(self.cfg.table, self.cfg.number_column, number)
-        return None
-
-    def _e_number(self, row: Mapping[str, Any]) -> str:
-        c = self.cfg
-        if c.e_number_column is not None:
-            v = row.get(c.e_number_column)
-            if v not in (None, ""):
-                return str(v)
-            if c.order_column is None:
-                raise InvoiceFailure(f"the invoice has no e-number ({c.e_number_column} is empty)")
-        assert c.order_column is not None and c.order_table is not None
-        order_id = row.get(c.order_column)
-        if order_id in (None, ""):
-            raise InvoiceFailure(f"the invoice names no ERP order ({c.order_column} is empty)")
-        order = self._mirror_row(c.order_table, {c.order_key_column: order_id})
-        if order is None:
-            order = self._erp_row(c.order_table, c.order_key_column, order_id)
-        if order is None:
-            raise InvoiceFailure(f"ERP order {order_id} ({c.order_table}) not found")
-        e = order.get(c.order_e_number_column)
-        if e in (None, ""):
-            raise InvoiceFailure(
-                f"ERP order {order_id} has no e-number ({c.order_e_number_column} is empty): "
-                "not a webshop order?"
-            )
-        return str(e)
-
-    def _pdf(self, row: Mapping[str, Any]) -> bytes:
-        c = self.cfg
-        if c.pdf_source == "column":
-            assert c.pdf_column is not None
-            data = row.get(c.pdf_column)
-            if isinstance(data, memoryview):
-                data = data.tobytes()
-            if isinstance(data, str) and data.startswith("\\x"):
-                data = bytes.fromhex(data[2:])
-            if not data:
-                raise InvoiceFailure(f"the invoice has no PDF ({c.pdf_column} is empty)")
-            return bytes(data)
-        if c.pdf_source == "path":
-            assert c.pdf_path is not None
-            path = Path(_fmt(c.pdf_path, row))
-            if not path.is_absolute() and self.base_dir is not None:
-                path = self.base_dir / path
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise InvoiceFailure(f"PDF not found: {path}") from None
-            except OSError as exc:
-                raise InvoiceFailure(f"cannot read PDF {path}: {exc.strerror}") from None
-            if not data:
-                raise InvoiceFailure(f"PDF is empty: {path}")
-            return data
-        assert c.pdf_url is not None
-        url = _fmt(c.pdf_url, row)
-        if self._http is None:
-            self._http = httpx.Client(timeout=c.http_timeout, follow_redirects=True)
-        try:
-            resp = self._http.get(url)
-        except httpx.HTTPError as exc:
-            raise RetryableError(f"cannot fetch PDF from {url}: {type(exc).__name__}") from None
-        if resp.status_code == 404:
-            raise InvoiceFailure(f"PDF not found: {url} answered 404")
-        if resp.status_code >= 500:
-            raise RetryableError(f"PDF server answered {resp.status_code} for {url}")
-        if resp.status_code != 200 or not resp.content:
-            raise InvoiceFailure(f"cannot fetch PDF: {url} answered {resp.status_code}")
-        return resp.content
+        return self._queued.get(key)
 
     # ------------------------------------------------------------------ timeline
     def _timeline(self, e_number: str | None, event: str, detail: str) -> None:
         if self._ledger is None or not e_number:
             return
         try:
-            add = getattr(self._ledger, "add_event", None)
-            at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            if add is not None:
-                add(self.shop, e_number, event, detail)
-            else:
-                with self._ledger.begin() as conn:
-                    self._ledger.event(conn, self.shop, e_number, at, event, detail)
+            self._ledger.add_event(self.shop, e_number, event, detail)
         except Exception as exc:  # the timeline is a courtesy, never a reason to fail
             log.warning("invoice_timeline_failed", e_number=e_number, error=str(exc))
 
@@ -375,15 +183,15 @@ class InvoicePushService(ErpReads):
         label = number or key
         e_number: str | None = None
         try:
-            row = self._invoice_row(key, number)
+            row = self.docs.invoice_row(key, number)
             if row is None:
                 raise InvoiceFailure("the invoice row no longer exists in the ERP")
             label = str(row.get(self.cfg.number_column, label))
             ctx = {**row, "number": label}
-            e_number = self._e_number(row)
+            e_number = self.docs.e_number(row)
             ctx["e_number"] = e_number
-            filename = _fmt(self.cfg.filename, ctx)
-            pdf = self._pdf(ctx)
+            filename = fmt(self.cfg.filename, ctx)
+            pdf = self.docs.pdf(ctx)
             if not self.gate.bucket.acquire(max_wait=30.0):
                 return InvoiceResult(label, "pending", "rate limit")
             with self._lock:
@@ -451,15 +259,7 @@ class InvoicePushService(ErpReads):
         return InvoiceResult(label, "attached", filename)
 
     def _due(self, limit: int = 100) -> list[tuple[str, str | None, int]]:
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT invoice_key, number, attempts FROM push_invoices WHERE state = 'pending' "
-                f"OR (state = 'failed' AND next_attempt_at IS NOT NULL AND next_attempt_at <= {p}) "
-                f"ORDER BY queued_at LIMIT {int(limit)}",
-                (utcnow_text(),),
-            ).fetchall()
-        return [(r[0], r[1], int(r[2])) for r in rows]
+        return self._queued.due(utcnow_text(), limit)
 
     def run_cycle(self, now: float | None = None) -> dict[str, Any]:
         """Queue newly booked invoices from the journal, then attach what is due."""
@@ -469,13 +269,13 @@ class InvoicePushService(ErpReads):
         for e in entries:
             if e["op"] != "U" or e["key"] is None:
                 continue  # deletions and truncates are not bookings
-            info = mirror_info(self.store, self.cfg.table)
+            info = self.store.catalog.find(self.cfg.table)
             if info is None:
                 continue
-            row = self._mirror_row(
+            row = self.docs.mirror_row(
                 self.cfg.table, dict(zip(info.schema.key, e["key"], strict=True))
             )
-            if row is None or not self._booked(row):
+            if row is None or not self.docs.booked(row):
                 continue  # a draft, or gone again
             booked.append((to_json(e["key"]), str(row.get(self.cfg.number_column))))
         queued = self._queue(booked)
@@ -498,10 +298,7 @@ class InvoicePushService(ErpReads):
             "failed": sum(r.state == "failed" for r in results),
             "waiting": sum(r.state == "pending" for r in results),
         }
-        with self.store.engine.connect() as conn:
-            oldest = conn.exec_driver_sql(
-                "SELECT MIN(queued_at) FROM push_invoices WHERE state = 'pending'"
-            ).scalar()
+        oldest = self._queued.oldest_pending()
         lag = 0.0
         if oldest:
             lag = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(str(oldest))).total_seconds()
@@ -515,12 +312,12 @@ class InvoicePushService(ErpReads):
     # ------------------------------------------------------------------ ERP webhook
     def refresh_invoice(self, number: str) -> InvoiceResult:
         """Read one invoice straight from the ERP by number and attach it now (if booked, once)."""
-        row = self._erp_row(self.cfg.table, self.cfg.number_column, number)
+        row = self.docs.erp_row(self.cfg.table, self.cfg.number_column, number)
         if row is None:
             return InvoiceResult(number, "unknown", f"invoice {number} not found in the ERP")
-        if not self._booked(row):
+        if not self.docs.booked(row):
             return InvoiceResult(number, "not-booked", f"invoice {number} is not booked")
-        key = self._key_of(row)
+        key = self.docs.key_of(row)
         self._queue([(key, number)])
         state = self._row_state(key)
         assert state is not None
@@ -540,6 +337,4 @@ class InvoicePushService(ErpReads):
 
     def close(self) -> None:
         super().close()
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        self.docs.close()

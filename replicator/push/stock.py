@@ -54,14 +54,11 @@ schedule is due; the loop may instead call both itself.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import math
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,25 +71,22 @@ from replicator.connectors.base import ShopConnector, ShopError, ShopUnavailable
 from replicator.errors import RetryableError
 from replicator.push.common import (
     ErpReads,
-    JournalReader,
     ProgressReporter,
     ShopGate,
     SkuFilter,
-    erp_table,
-    mirror_info,
     push_section,
     select_connectors,
     utcnow_text,
 )
+from replicator.push.levels import StockLevels
 from replicator.schedules import Schedule
 from replicator.staging import StagingStore
+from replicator.staging.push import PushedStock
 
 log = structlog.get_logger(__name__)
 
 CONSUMER = "push:stock"
 _NO_ENTRY = sys.maxsize  # a dirty SKU not backed by a journal entry (webhook retry)
-_UNIMPORTED_STATES = ("awaiting", "failed", "update-pending")
-_LOOKUP_CHUNK = 500
 
 
 @dataclass
@@ -117,17 +111,6 @@ class RefreshResult:
     @property
     def ok(self) -> bool:
         return self.found and all(r.error is None for r in self.shops.values())
-
-
-def _dec(v: Any) -> Decimal:
-    if v is None or v == "":
-        return Decimal(0)
-    if isinstance(v, Decimal):
-        return v
-    try:
-        return Decimal(str(v))
-    except InvalidOperation:
-        return Decimal(0)
 
 
 class StockPushService(ErpReads):
@@ -156,7 +139,7 @@ class StockPushService(ErpReads):
             for name in self.connectors
         }
         self.filter = SkuFilter(section.exclude_skus)
-        self.reader = JournalReader(store, consumer, section.tables)
+        self.reader = store.journal_reader(consumer, section.tables)
         self.schedule = Schedule.parse(section.reconcile_schedule, "stock_push.reconcile_schedule")
         self._progress = ProgressReporter("stock", section.progress_log_seconds, clock, on_progress)
         self._lock = threading.RLock()  # the dirty set
@@ -166,23 +149,10 @@ class StockPushService(ErpReads):
         self._next_reconcile: dt.datetime | None = None
         self.last_cycle: dict[str, Any] = {}
         self.last_reconcile: dict[str, Any] = {}
-        self._setup()
+        self._pushed = PushedStock(store.db)
+        self.levels = StockLevels(section, store, self.filter, self._erp)
 
     # ------------------------------------------------------------------ state
-    def _setup(self) -> None:
-        text = "TEXT"
-        with self.store.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"""CREATE TABLE IF NOT EXISTS push_stock_pushed (
-                    shop {text} NOT NULL,
-                    sku {text} NOT NULL,
-                    quantity BIGINT NOT NULL,
-                    refused INTEGER NOT NULL DEFAULT 0,
-                    pushed_at {text} NOT NULL,
-                    PRIMARY KEY (shop, sku)
-                )"""
-            )
-
     @property
     def progress(self) -> str:
         """ "Updating product 825 of 12403 (webshop)" while pushing, "idle" otherwise."""
@@ -211,184 +181,19 @@ class StockPushService(ErpReads):
 
     def pushed(self, shop: str) -> dict[str, int]:
         """SKU → quantity last accepted by ``shop`` (what the pusher believes the shop has)."""
-        p = self.store._ph
-        with self.store.engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                f"SELECT sku, quantity FROM push_stock_pushed WHERE shop = {p}", (shop,)
-            ).fetchall()
-        return {str(s): int(q) for s, q in rows}
+        return self._pushed.of_shop(shop)
 
     def _pushed_for(self, shop: str, skus: Sequence[str]) -> dict[str, int]:
-        p = self.store._ph
-        out: dict[str, int] = {}
-        with self.store.engine.connect() as conn:
-            for i in range(0, len(skus), _LOOKUP_CHUNK):
-                chunk = list(skus[i : i + _LOOKUP_CHUNK])
-                rows = conn.exec_driver_sql(
-                    f"SELECT sku, quantity FROM push_stock_pushed WHERE shop = {p} "
-                    f"AND sku IN ({', '.join([p] * len(chunk))})",
-                    (shop, *chunk),
-                ).fetchall()
-                out.update((str(s), int(q)) for s, q in rows)
-        return out
+        return self._pushed.of_shop(shop, skus)
 
     def _record(
         self, shop: str, quantities: Mapping[str, int], refused: Iterable[str] = ()
     ) -> None:
         """Remember what ``shop`` accepted (refused SKUs too: not retried until they change)."""
-        if not quantities:
-            return
-        refused_set = set(refused)
-        p = self.store._ph
-        now = utcnow_text()
-        skus = list(quantities)
-        with self.store.engine.begin() as conn:
-            for i in range(0, len(skus), _LOOKUP_CHUNK):
-                chunk = skus[i : i + _LOOKUP_CHUNK]
-                conn.exec_driver_sql(
-                    f"DELETE FROM push_stock_pushed WHERE shop = {p} "
-                    f"AND sku IN ({', '.join([p] * len(chunk))})",
-                    (shop, *chunk),
-                )
-            dbapi = conn.connection.driver_connection
-            assert dbapi is not None
-            cur = dbapi.cursor()
-            try:
-                cur.executemany(
-                    "INSERT INTO push_stock_pushed (shop, sku, quantity, refused, pushed_at) "
-                    f"VALUES ({p}, {p}, {p}, {p}, {p})",
-                    [(shop, s, int(q), int(s in refused_set), now) for s, q in quantities.items()],
-                )
-            finally:
-                cur.close()
+        if quantities:
+            self._pushed.record(shop, quantities, refused, utcnow_text())
 
-    # ------------------------------------------------------------------ quantities
-    def _columns(self) -> list[str]:
-        c = self.cfg
-        cols = [c.sku_column, c.on_hand_column]
-        if c.reserved_column:
-            cols.append(c.reserved_column)
-        if c.warehouse_column:
-            cols.append(c.warehouse_column)
-        return cols
-
-    def _accumulate(self, rows: Iterable[Sequence[Any]], totals: dict[str, Decimal]) -> None:
-        c = self.cfg
-        wanted = set(c.warehouses)
-        has_res = c.reserved_column is not None
-        wh_idx = 3 if has_res else 2
-        for r in rows:
-            sku = r[0]
-            if sku is None:
-                continue
-            sku = str(sku)
-            if wanted and c.warehouse_column and str(r[wh_idx]) not in wanted:
-                continue
-            q = _dec(r[1]) - (_dec(r[2]) if has_res else 0)
-            totals[sku] = totals.get(sku, Decimal(0)) + q
-
-    def _mirror_totals(self, skus: Sequence[str] | None) -> dict[str, Decimal]:
-        """Sum of on-hand - reserved per SKU from the mirrors (all SKUs when ``skus`` is None)."""
-        totals: dict[str, Decimal] = {}
-        store = self.store
-        for table in self.cfg.tables:
-            info = mirror_info(store, table)
-            if info is None:
-                continue  # not captured yet: nothing to publish from it
-            cols = ", ".join(store.q(col) for col in self._columns())
-            base = f"SELECT {cols} FROM {store.q(info.name)}"
-            with store.engine.connect() as conn:
-                if skus is None:
-                    self._accumulate(conn.exec_driver_sql(base), totals)
-                    continue
-                for i in range(0, len(skus), _LOOKUP_CHUNK):
-                    chunk = list(skus[i : i + _LOOKUP_CHUNK])
-                    sql = (
-                        f"{base} WHERE {store.q(self.cfg.sku_column)} IN "
-                        f"({', '.join([store._ph] * len(chunk))})"
-                    )
-                    self._accumulate(conn.exec_driver_sql(sql, tuple(chunk)), totals)
-        return totals
-
-    def _unimported(self) -> dict[str, Decimal]:
-        """SKU → quantity on webshop orders not yet imported into the ERP (order ledger)."""
-        if not self.cfg.subtract_unimported_orders:
-            return {}
-        try:
-            if not sa.inspect(self.store.engine).has_table("order_ledger"):
-                return {}
-            p = self.store._ph
-            with self.store.engine.connect() as conn:
-                rows = conn.exec_driver_sql(
-                    "SELECT COALESCE(pending_payload, payload) FROM order_ledger "
-                    f"WHERE state IN ({', '.join([p] * len(_UNIMPORTED_STATES))})",
-                    _UNIMPORTED_STATES,
-                ).fetchall()
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("stock_unimported_orders_unreadable", error=str(exc).splitlines()[0])
-            return {}
-        out: dict[str, Decimal] = {}
-        for (raw,) in rows:
-            for sku, qty in _order_lines(raw):
-                out[sku] = out.get(sku, Decimal(0)) + qty
-        return out
-
-    def _publish(self, total: Decimal, unimported: Decimal) -> int:
-        q = total - unimported - self.cfg.safety_buffer
-        return max(0, math.floor(q))
-
-    def quantities(self, skus: Sequence[str] | None = None) -> dict[str, int]:
-        """The quantity to publish per SKU, from the mirrors (excluded SKUs left out).
-
-        With ``skus``, a SKU without rows gets 0 (its rows were deleted).
-        """
-        totals = self._mirror_totals(skus)
-        unimported = self._unimported()
-        names: Iterable[str] = totals if skus is None else skus
-        return {
-            s: self._publish(totals.get(s, Decimal(0)), unimported.get(s, Decimal(0)))
-            for s in names
-            if not self.filter.excluded(s)
-        }
-
-    # ------------------------------------------------------------------ journal → SKUs
-    def _skus_of(self, entries: list[dict[str, Any]]) -> tuple[dict[str, int], bool]:
-        """SKU → oldest journal id touching it; and whether a full local diff is needed."""
-        found: dict[str, int] = {}
-        full = False
-        lookups: dict[str, list[tuple[list[Any], int]]] = {}
-        for e in entries:
-            if e["op"] == "T" or e["key"] is None:
-                full = True
-                continue
-            info = mirror_info(self.store, e["table"])
-            if info is None:
-                full = True
-                continue
-            key = list(info.schema.key)
-            if self.cfg.sku_column in key:
-                sku = e["key"][key.index(self.cfg.sku_column)]
-                if sku is not None:
-                    found.setdefault(str(sku), e["id"])
-            elif e["op"] == "D":
-                full = True  # the row is gone, and with it which SKU it belonged to
-            else:
-                lookups.setdefault(e["table"], []).append((e["key"], e["id"]))
-        store = self.store
-        for table, keys in lookups.items():
-            info = mirror_info(store, table)
-            keycols = list(info.schema.key)
-            where = " AND ".join(f"{store.q(k)} = {store._ph}" for k in keycols)
-            sql = f"SELECT {store.q(self.cfg.sku_column)} FROM {store.q(info.name)} WHERE {where}"
-            with store.engine.connect() as conn:
-                for k, jid in keys:
-                    row = conn.exec_driver_sql(sql, tuple(k)).fetchone()
-                    if row is None:
-                        full = True  # deleted since: its SKU is found by the full diff
-                    elif row[0] is not None:
-                        found.setdefault(str(row[0]), jid)
-        return found, full
-
+    # ------------------------------------------------------------------ dirty SKUs
     def _mark(
         self, skus: Mapping[str, int], now: float, shops: Iterable[str] | None = None
     ) -> None:
@@ -403,7 +208,7 @@ class StockPushService(ErpReads):
 
     def _local_diff(self, jid: int, now: float) -> int:
         """Mark every SKU whose quantity differs from what was last pushed (no shop requests)."""
-        current = self.quantities(None)
+        current = self.levels.quantities(None)
         marked = 0
         for shop in self.connectors:
             pushed = self.pushed(shop)
@@ -492,7 +297,7 @@ class StockPushService(ErpReads):
         now = self.clock() if now is None else now
         started = time.monotonic()
         entries = self.reader.read(self.cfg.journal_batch)
-        skus, full = self._skus_of(entries)
+        skus, full = self.levels.skus_of(entries)
         self._mark(skus, now)
         diffed = 0
         if full:
@@ -517,10 +322,10 @@ class StockPushService(ErpReads):
             with self._lock:
                 dirty = self._dirty[shop]
                 from_erp = [s for s in due if dirty.get(s, (0.0, 0))[1] == _NO_ENTRY]
-            want = self.quantities([s for s in due if s not in set(from_erp)])
+            want = self.levels.quantities([s for s in due if s not in set(from_erp)])
             if from_erp:  # webhook refreshes the shop did not take: read the ERP again
                 try:
-                    erp_now = self._erp_quantities(from_erp)
+                    erp_now = self.levels.from_erp(from_erp)
                 except sa.exc.SQLAlchemyError as exc:
                     log.warning("stock_erp_read_failed", error=str(exc).splitlines()[0])
                     erp_now = None
@@ -605,7 +410,7 @@ class StockPushService(ErpReads):
         now = now or dt.datetime.now().astimezone()
         self._next_reconcile = self.schedule.next_after(now)
         self._progress.set("Reconcile: computing ERP quantities", force_log=True)
-        erp = self.quantities(None)
+        erp = self.levels.quantities(None)
         summary: dict[str, Any] = {"erp_skus": len(erp), "shops": {}}
         for shop, conn in self.connectors.items():
             out: dict[str, Any] = {}
@@ -655,25 +460,9 @@ class StockPushService(ErpReads):
         return summary
 
     # ------------------------------------------------------------------ ERP webhook
-    def _erp_quantities(self, skus: Sequence[str]) -> dict[str, int]:
-        """Published quantities read straight from the ERP (SKUs without rows are left out)."""
-        totals: dict[str, Decimal] = {}
-        cols = self._columns()
-        with self._erp().connect() as conn:
-            for table in self.cfg.tables:
-                t = erp_table(table, cols)
-                for i in range(0, len(skus), _LOOKUP_CHUNK):
-                    chunk = list(skus[i : i + _LOOKUP_CHUNK])
-                    q = sa.select(*(t.c[c] for c in cols)).where(
-                        t.c[self.cfg.sku_column].in_(chunk)
-                    )
-                    self._accumulate(conn.execute(q).fetchall(), totals)
-        unimported = self._unimported()
-        return {s: self._publish(q, unimported.get(s, Decimal(0))) for s, q in totals.items()}
-
     def refresh_sku(self, sku: str) -> RefreshResult:
         """Read one SKU's rows directly from the ERP and push its quantity to every shop now."""
-        found = self._erp_quantities([sku])
+        found = self.levels.from_erp([sku])
         if sku not in found:
             return RefreshResult(found=False)
         if self.filter.excluded(sku):
@@ -707,33 +496,3 @@ class StockPushService(ErpReads):
                 log.exception("stock_push_cycle_failed", error=str(exc))
                 stop.wait(5.0)
             stop.wait(interval)
-
-
-def _order_lines(raw: Any) -> list[tuple[str, Decimal]]:
-    """(SKU, quantity) of an order payload as a shop sent it (WooCommerce, Magento, Shopify
-    by poll or webhook, Shopware)."""
-    try:
-        data = json.loads(bytes(raw).decode("utf-8") if not isinstance(raw, str) else raw)
-    except (ValueError, TypeError):
-        return []
-    if not isinstance(data, dict):
-        return []
-    out: list[tuple[str, Decimal]] = []
-    for line in data.get("line_items") or []:  # WooCommerce
-        if isinstance(line, dict) and line.get("sku"):
-            out.append((str(line["sku"]), _dec(line.get("quantity"))))
-    for item in data.get("items") or []:  # Magento (children of configurables carry no qty)
-        if isinstance(item, dict) and item.get("sku") and not item.get("parent_item_id"):
-            out.append((str(item["sku"]), _dec(item.get("qty_ordered"))))
-    items = data.get("lineItems")
-    if isinstance(items, dict):  # Shopify GraphQL: a connection
-        items = items.get("nodes")
-    for line in items if isinstance(items, list) else []:
-        if not isinstance(line, dict):
-            continue
-        payload = line.get("payload")
-        number = payload.get("productNumber") if isinstance(payload, dict) else None
-        sku = line.get("sku") or number  # Shopify / Shopware
-        if sku:
-            out.append((str(sku), _dec(line.get("quantity"))))
-    return out

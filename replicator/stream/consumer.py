@@ -26,7 +26,7 @@ import structlog
 from nats.js import api
 from pydantic import ValidationError
 
-from replicator.cdc.base import Change, Checkpoint
+from replicator.changes import Change, Checkpoint
 from replicator.config import format_validation_error
 from replicator.config.scale import ConsumeConfig
 from replicator.errors import ConfigError, FatalError, RetryableError

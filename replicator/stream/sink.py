@@ -25,6 +25,8 @@ import structlog
 from replicator import metrics
 from replicator.config.scale import StreamSection
 from replicator.errors import RetryableError
+from replicator.schedules import Schedule
+from replicator.services import Service
 from replicator.staging import StagingStore, to_json
 from replicator.stream import wire
 from replicator.stream.nats import NatsBridge
@@ -64,8 +66,10 @@ class StreamSink:
         deadline = time.monotonic() + idle_wait
         try:
             self.bridge.connect()
+            # From the durable cursor every cycle: a round that failed is published again.
+            reader = self.store.journal_reader(self.cursor)
             while not stop.is_set():
-                entries = self.store.journal_read(self.cursor, limit=self.cfg.batch)
+                entries = reader.read(self.cfg.batch)
                 if not entries:
                     if rounds or time.monotonic() >= deadline:
                         break
@@ -73,7 +77,7 @@ class StreamSink:
                     continue
                 acks = self.publish(entries)
                 # Every entry of the round is stored by the stream: only now the cursor moves.
-                self.store.journal_commit(self.cursor, entries[-1]["id"])
+                reader.commit(entries[-1]["id"])
                 rounds += 1
                 published += len(entries)
                 duplicates += acks[1]
@@ -188,9 +192,6 @@ class StreamSink:
 
 def stream_service(cfg: Any, store: StagingStore, stop: threading.Event) -> Any:
     """The ``stream`` service of the daemon (continuous; failures are alerted by the runner)."""
-    from replicator.schedules import Schedule
-    from replicator.services import Service
-
     sink = StreamSink(cfg.stream, store, cfg.daemon.name)
 
     def run(_now: dt.datetime) -> str:

@@ -26,7 +26,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from replicator.cdc.base import Column, TableSchema
+from replicator.changes import Column, TableSchema
 from replicator.staging import column_category, scalar_text, to_json
 
 VERSION = 1

@@ -57,13 +57,13 @@ from replicator.errors import FatalError
 from replicator.log import redact
 from replicator.logstore import LEVELS, LogStore
 from replicator.mappers.orders import OrderRejected
+from replicator.ops.format import NO_VALUE
 from replicator.ops.readmodel import scale_out_lines
 from replicator.orders.writer import NotInErp, OrderPosted
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
-from replicator.web.lag import NO_VALUE, ensure_lag_history
 from replicator.web.server import HealthServer, Request, Response
 
 log = structlog.get_logger(__name__, service="manage")
@@ -496,10 +496,6 @@ class ManageApp:
 
 def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
     """Serve the Manage page from ``server`` (non-public routes: the token applies)."""
-    try:
-        ensure_lag_history(ctx.staging_engine)
-    except sa.exc.SQLAlchemyError as exc:  # the chart stays empty; the page still works
-        log.warning("lag_history_unavailable", error=redact(str(exc).splitlines()[0]))
     app = ManageApp(ctx)
     # Exact routes (the server matches whole paths): anything else is the server's 404.
     for path in ("/", "/order", "/favicon.ico", "/fragments/{panel}", "/static/{file}"):

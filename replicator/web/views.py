@@ -27,6 +27,7 @@ from markupsafe import Markup
 from replicator.log import redact
 from replicator.logstore import LEVELS, LogRecord, log_records, query_records, utc
 from replicator.mappers.orders import OrderRejected
+from replicator.ops.format import NO_VALUE, human_bytes, human_seconds
 from replicator.ops.readmodel import (
     ORDER_LIST_COLUMNS,
     ORDER_STATES,
@@ -44,14 +45,8 @@ from replicator.ops.readmodel import (
 from replicator.orders.inbox import PayloadError, parse_payload
 from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
 from replicator.orders.plan_writer import PlanWriter
-from replicator.web.lag import (
-    NO_VALUE,
-    LagSample,
-    human_bytes,
-    human_seconds,
-    lag_history,
-    sparkline_svg,
-)
+from replicator.staging.lag import LagSample, lag_history
+from replicator.web.lag import sparkline_svg
 
 log = structlog.get_logger(__name__)
 

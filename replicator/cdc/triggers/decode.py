@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from replicator.cdc.base import Column, TableSchema
+from replicator.changes import Column, TableSchema
 
 Decoder = Callable[[Any], Any]
 

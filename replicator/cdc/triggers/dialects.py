@@ -2,7 +2,7 @@
 
 Responsible for everything the trigger mode must know about PostgreSQL, MariaDB and SQLite as
 *databases*: how to connect (every connection carries ``application_name`` / ``program_name``),
-how a watched table is described (:class:`~replicator.cdc.base.TableSchema`, with PostgreSQL type
+how a watched table is described (:class:`~replicator.changes.TableSchema`, with PostgreSQL type
 names whatever the dialect so that staging mirrors and :mod:`.decode` work the same), and how the
 changelog table, the ``<changelog>_meta`` version table and the triggers are installed, checked
 and removed. How changes are *read* lives in :mod:`.source`.
@@ -37,7 +37,7 @@ import pymysql
 import sqlglot.expressions as exp
 from sqlalchemy.engine import make_url
 
-from replicator.cdc.base import Column, TableSchema
+from replicator.changes import Column, TableSchema
 from replicator.config.core import CaptureSection
 from replicator.db import app_name, pg_connect
 from replicator.errors import SchemaError

@@ -1,6 +1,6 @@
 """Trigger capture: reads the changelog the triggers fill and applies it to staging, exactly once.
 
-Responsible for turning changelog rows into :class:`~replicator.cdc.base.Change` events in an
+Responsible for turning changelog rows into :class:`~replicator.changes.Change` events in an
 order that leaves staging equal to the source, committing them with a position from which capture
 resumes after any crash, and deleting changelog rows only once a staging commit covers them.
 
@@ -64,7 +64,7 @@ import psycopg
 import pymysql.cursors
 import structlog
 
-from replicator.cdc.base import CaptureSource, Change, Checkpoint, Progress, TableSchema
+from replicator.cdc.base import CaptureSource, Progress
 from replicator.cdc.triggers.decode import RowDecoder, loads
 from replicator.cdc.triggers.dialects import (
     Dialect,
@@ -73,6 +73,7 @@ from replicator.cdc.triggers.dialects import (
     SqliteDialect,
     dialect_for,
 )
+from replicator.changes import Change, Checkpoint, TableSchema
 from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
 from replicator.errors_map import DRIVER_UNAVAILABLE
 from replicator.staging import ApplyTxn, StagingStore
