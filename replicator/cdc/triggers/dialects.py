@@ -326,7 +326,12 @@ class Dialect(ABC):
         tables that left ``capture.tables``; returns the schemas of ``tables``."""
         schemas = [self.table_schema(conn, t) for t in tables]
         stale = sorted(set(self.meta_rows(conn)) - set(tables))
-        stmts = list(self.base_ddl())
+        # The changelog first, in a transaction of its own: the triggers' transaction must not
+        # hold a lock on the changelog (CREATE INDEX IF NOT EXISTS takes one) while it waits for
+        # a watched table, whose writers wait for the changelog after locking their row — a
+        # deadlock that aborted ERP transactions during `triggers install`.
+        self._run_ddl(conn, list(self.base_ddl()), [])
+        stmts: list[str] = []
         for t in stale:
             stmts.extend(self.drop_ddl(t))
             stmts.append(f"DELETE FROM {self.qmeta} WHERE table_name = {self.lit(t)}")
