@@ -330,6 +330,12 @@ def test_trigger_column_list_and_row_filter(
         stale.start()
     stale.close()
     assert main(["triggers", "install", "--config", str(cfg_path)]) == 0
+    # Changes between the install and the start are not lost.
+    erp.execute(
+        "UPDATE customers SET region = 'north' WHERE id IN (41, 42, 43)",
+        "UPDATE customers SET region = 'south', name = 'between' WHERE id IN (44, 45, 46)",
+        "DELETE FROM customers WHERE id = 47",
+    )
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()

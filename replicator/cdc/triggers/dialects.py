@@ -422,17 +422,18 @@ BEGIN
 END
 $sync$"""
 
-# One function per table: key columns are compiled in, the row image is to_jsonb(NEW).
+# One function per table: key columns are compiled in, the row image is to_jsonb(NEW) (or its
+# listed columns, see PostgresDialect.image).
 _PG_CAPTURE_FN = """\
 CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         INSERT INTO {cl} (tbl, op, row_data, old_key)
-        VALUES ({tbl}, 'U', to_jsonb(NEW),
+        VALUES ({tbl}, 'U', {new_image},
                 CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
                      THEN jsonb_build_object({old_key_pairs}) END);
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', to_jsonb(NEW));
+        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image});
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {cl} (tbl, op, old_key)
         VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
@@ -591,21 +592,15 @@ class PostgresDialect(Dialect):
             "old_key_cols": ", ".join(f"OLD.{self.q(k)}" for k in key),
             "new_key_cols": ", ".join(f"NEW.{self.q(k)}" for k in key),
             "old_key_pairs": ", ".join(f"{self.lit(k)}, OLD.{self.q(k)}" for k in key),
+            "new_image": self.image(table, "NEW"),
         }
         new_filter = self.filter_sql(table, "NEW")
-        if new_filter is None and self.capture.column_list(table) is None:
-            # Unchanged for tables without list or filter: their definition hash stays.
+        if new_filter is None:
+            # Without list or filter the DDL (and definition hash) is what it always was.
             capture_fn = _PG_CAPTURE_FN.format(**args)
-        elif new_filter is None:
-            capture_fn = _PG_CAPTURE_FN.format(**args).replace(
-                "to_jsonb(NEW)", self.image(table, "NEW")
-            )
         else:
             capture_fn = _PG_CAPTURE_FILTERED_FN.format(
-                **args,
-                new_image=self.image(table, "NEW"),
-                new_filter=new_filter,
-                old_filter=self.filter_sql(table, "OLD"),
+                **args, new_filter=new_filter, old_filter=self.filter_sql(table, "OLD")
             )
         stmts = [
             capture_fn,
