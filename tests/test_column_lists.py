@@ -22,7 +22,7 @@ from replicator.cdc.triggers import TriggerSource
 from replicator.cdc.triggers.dialects import dialect_for
 from replicator.cli import main
 from replicator.config import load_config
-from replicator.errors import ConfigError, FatalError
+from replicator.errors import ConfigError, FatalError, SchemaError
 from replicator.staging import StagingStore
 from tests.capture_worker import Erp, make_config, new_mysql_db, new_sqlite_db
 from tests.helpers import (
@@ -361,6 +361,14 @@ def test_trigger_filter_or_list_that_cannot_work_is_refused(tmp_path: Path) -> N
     d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
     with (
         d.connection("test") as conn,
-        pytest.raises(ConfigError, match=r"capture\.columns\.public\.customers .* key column 'id'"),
+        pytest.raises(SchemaError, match=r"capture\.columns\.public\.customers .* key column 'id'"),
     ):
         d.install(conn, ["public.customers"])
+    # A filter on a column the table has not: refused before a trigger could fail ERP writes.
+    cfg = make_config(erp.url, staging, ["customers"], filters={"customers": "regio = 'x'"})
+    d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
+    with d.connection("test") as conn:
+        with pytest.raises(SchemaError, match=r"capture\.filters\.public\.customers reads 'regio'"):
+            d.install(conn, ["public.customers"])
+        [st] = d.status(conn, ["public.customers"])
+        assert st.state == "error" and "regio" in st.detail

@@ -47,7 +47,7 @@ import sqlglot.expressions as exp
 from sqlalchemy.engine import make_url
 
 from replicator.cdc.base import Column, TableSchema
-from replicator.config.core import CaptureSection
+from replicator.config.core import CaptureSection, filter_columns
 from replicator.db import app_name, pg_connect
 from replicator.errors import ConfigError, SchemaError
 
@@ -200,17 +200,27 @@ class Dialect(ABC):
         return {"columns": list(cols) if cols else None, "filter": self.capture.row_filter(table)}
 
     def project(self, table: str, schema: TableSchema) -> TableSchema:
-        """``schema`` reduced to ``capture.columns[table]`` (in the table's order); refuses a list
-        that leaves out a key column or names a column the table does not have."""
+        """``schema`` reduced to ``capture.columns[table]`` (in the table's order).
+
+        Refuses (a :class:`SchemaError`, which ``triggers status`` shows as the table's error) a
+        list that leaves out a key column or names a column the table does not have, and a row
+        filter reading a column the table does not have: a PostgreSQL trigger would only find
+        out when the ERP writes, and fail the ERP's write.
+        """
+        cond = self.capture.row_filter(table)
+        if cond is not None:
+            for c in filter_columns(table, cond):
+                if schema.column(c) is None:
+                    raise SchemaError(f"capture.filters.{table} reads {c!r}, which {table} has not")
         wanted = self.capture.column_list(table)
         if wanted is None:
             return schema
         for c in wanted:
             if schema.column(c) is None:
-                raise ConfigError(f"capture.columns.{table} names {c!r}, which {table} has not")
+                raise SchemaError(f"capture.columns.{table} names {c!r}, which {table} has not")
         for k in schema.key:
             if k not in wanted:
-                raise ConfigError(
+                raise SchemaError(
                     f"capture.columns.{table} must include the key column {k!r} of {table}"
                 )
         cols = tuple(c for c in schema.columns if c.name in wanted)
