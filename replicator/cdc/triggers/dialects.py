@@ -793,24 +793,28 @@ class _ListedColumnsDialect(Dialect):
             return None
         a = self._template_args(schema, table, "")
         new_m, old_m = f"COALESCE({new_f}, 0)", f"COALESCE({old_f}, 0)"
-        cl, tbl, dual = a["cl"], a["tbl"], self.from_dual
-        ins = (
-            f"INSERT INTO {cl} (tbl, op, row_data) SELECT {tbl}, 'I', {a['new_image']}{dual} "
-            "WHERE {cond}"
-        )
-        dele = f"INSERT INTO {cl} (tbl, op, old_key) SELECT {tbl}, 'D', {a['old_key']}{dual} WHERE {{cond}}"
-        upd = (
-            f"INSERT INTO {cl} (tbl, op, row_data, old_key) SELECT {tbl}, 'U', {a['new_image']}, "
-            f"CASE WHEN {a['key_changed']} THEN {a['old_key']} END{dual} WHERE {{cond}}"
+
+        def logged(cols: str, values: str, cond: str) -> str:
+            return (
+                f"INSERT INTO {self.cl} (tbl, {cols}) SELECT {a['tbl']}, {values}{self.from_dual} "
+                f"WHERE {cond}"
+            )
+
+        def insert(cond: str) -> str:
+            return logged("op, row_data", f"'I', {a['new_image']}", cond)
+
+        def delete(cond: str) -> str:
+            return logged("op, old_key", f"'D', {a['old_key']}", cond)
+
+        update = logged(
+            "op, row_data, old_key",
+            f"'U', {a['new_image']}, CASE WHEN {a['key_changed']} THEN {a['old_key']} END",
+            f"{old_m} AND {new_m}",
         )
         return {
-            "I": [ins.replace("{cond}", new_m)],
-            "U": [
-                upd.replace("{cond}", f"{old_m} AND {new_m}"),
-                dele.replace("{cond}", f"{old_m} AND NOT {new_m}"),
-                ins.replace("{cond}", f"NOT {old_m} AND {new_m}"),
-            ],
-            "D": [dele.replace("{cond}", old_m)],
+            "I": [insert(new_m)],
+            "U": [update, delete(f"{old_m} AND NOT {new_m}"), insert(f"NOT {old_m} AND {new_m}")],
+            "D": [delete(old_m)],
         }
 
     def listed_copy_sql(self, schema: TableSchema, table: str, t: str) -> str:
