@@ -286,3 +286,65 @@ def test_resync_table_recopies_one_table_online(
     finally:
         stop.set()
         d.kill9()
+
+
+def _b_writer(url: str, stop: threading.Event, count: list[int]) -> None:
+    """Keeps changing ``b``, the table that leaves capture."""
+    rnd = random.Random(11)
+    with psycopg.connect(url, autocommit=True) as c:
+        while not stop.is_set():
+            k = rnd.randint(1, 600)
+            if rnd.random() < 0.7:
+                c.execute("UPDATE b SET v = v + 1 WHERE id = %s", (k,))
+            else:
+                c.execute("INSERT INTO b VALUES (%s, 0) ON CONFLICT DO NOTHING", (k,))
+            count[0] += 1
+            stop.wait(0.003)
+
+
+def test_table_added_and_another_removed_in_one_reload(
+    erp_db: str, staging_url: str, tmp_path: Path
+) -> None:
+    """One config edit swaps ``b`` for ``items`` while writers change both: ``items`` is copied
+    online and ends equal to the source; ``b`` is no longer applied, its mirror kept."""
+    _setup(erp_db)
+    with psycopg.connect(erp_db, autocommit=True) as c:
+        c.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
+        c.execute("INSERT INTO b SELECT g, 0 FROM generate_series(1, 500) g")
+    cfg = base_config(tmp_path, erp_db, staging_url, ["public.a", "public.b"], batch_size=200)
+    stop = threading.Event()
+    count, b_count = [0], [0]
+    writers = [threading.Thread(target=_writer, args=(erp_db, stop, s, count)) for s in range(2)]
+    writers.append(threading.Thread(target=_b_writer, args=(erp_db, stop, b_count)))
+    d = DaemonProcess(cfg).start()
+    try:
+        wait_until(lambda: "streaming_started" in d.output(), 60, what="streaming")
+        for w in writers:
+            w.start()
+        wait_until(lambda: b_count[0] > 100, 60, what="writes to b while it is captured")
+        base_config(tmp_path, erp_db, staging_url, ["public.a", "public.items"], batch_size=200)
+        wait_until(lambda: "config_reloaded" in d.output(), 60, what="the reload")
+        wait_until(
+            lambda: "public.items" in _extra(staging_url).get("copied", []), 180, 0.5, "copy done"
+        )
+        wait_until(lambda: count[0] > 300 and b_count[0] > 300, 60, what="writes after it")
+        stop.set()
+        for w in writers:
+            w.join()
+        with psycopg.connect(erp_db, autocommit=True) as c:
+            c.execute("UPDATE b SET v = -1")  # after this, any -1 in staging is a leak
+            c.execute("UPDATE a SET v = 'after b' WHERE id = 1")  # streamed after it
+        assert_staging_equals_source(erp_db, staging_url, ["public.a", "public.items"], 120)
+        store = StagingStore(staging_url)
+        try:
+            store.setup()
+            kept = store.rows("public.b")
+        finally:
+            store.dispose()
+        assert len(kept) >= 500, "the mirror of a removed table is kept"
+        assert all(v != -1 for _, v in kept), "a removed table is no longer applied"
+        assert "snapshot_table_done" in d.output()
+        assert d.terminate() == 0
+    finally:
+        stop.set()
+        d.kill9()

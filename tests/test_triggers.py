@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import random
 import threading
 import time
 import uuid
@@ -501,3 +502,68 @@ def test_one_reader_per_changelog(any_erp: Erp, tmp_path: Path) -> None:
     third = TriggerSource(cfg, StagingStore(cfg.staging_url))
     third.start()  # the lock went with the first reader
     third.close()
+
+
+def test_table_added_and_another_removed_while_writers_go_on(any_erp: Erp, tmp_path: Path) -> None:
+    """Trigger mode's reload path (a config edit restarts capture): `triggers install` for the
+    new table set while the old reader goes on, then the new reader starts. The added table is
+    copied and equal to the source; the removed one is no longer applied, its mirror kept."""
+    erp = any_erp
+    erp.execute(
+        "CREATE TABLE a (id INTEGER PRIMARY KEY, v INTEGER)",
+        "CREATE TABLE b (id INTEGER PRIMARY KEY, v INTEGER)",
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, v INTEGER)",
+        *(f"INSERT INTO {t} VALUES ({i}, 0)" for t in ("a", "b", "items") for i in range(1, 201)),
+    )
+    stop, count = threading.Event(), [0]
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        rnd = random.Random(7)
+        try:
+            with erp.session() as conn:
+                while not stop.is_set():
+                    t, k = rnd.choice(["a", "b", "items"]), rnd.randint(1, 300)
+                    erp.begin(conn)
+                    if rnd.random() < 0.2:
+                        erp.run(conn, f"DELETE FROM {t} WHERE id = {k}")
+                    else:
+                        erp.run(conn, erp.upsert(t, "id, v", f"{k}, 1", f"v = {t}.v + 1"))
+                    erp.commit(conn)
+                    count[0] += 1
+                    time.sleep(0.001)
+        except BaseException as exc:
+            failed.append(exc)
+
+    def cycles(src: TriggerSource, writes: int) -> None:
+        target = count[0] + writes
+        while count[0] < target and writer.is_alive():
+            src.run_cycle(0.02, threading.Event())
+
+    staging = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = _install(erp, staging, ["a", "b"])
+    store = StagingStore(staging)
+    src = TriggerSource(cfg, store)
+    src.start()
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        cycles(src, 150)
+        cfg2 = _install(erp, staging, ["a", "items"])  # b's triggers go, items' come
+        cycles(src, 150)  # the old reader meanwhile: items' entries are not its business
+        src.close()
+        src = TriggerSource(cfg2, store)
+        src.start()
+        cycles(src, 300)
+    finally:
+        stop.set()
+        writer.join()
+    assert not failed, failed
+    erp.execute("UPDATE b SET v = -1")
+    _drain(src)
+    src.close()
+    for t in ("a", "items"):
+        assert store.rows(f"public.{t}") == erp.query(f"SELECT id, v FROM {t} ORDER BY id"), t
+    kept = store.rows("public.b")
+    assert len(kept) > 100 and all(v != -1 for _, v in kept)
+    assert erp.query("SELECT count(*) FROM b")[0][0] > 100

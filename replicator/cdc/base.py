@@ -20,19 +20,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-# Re-exported so that code written against the old home of the change types keeps importing;
-# new code imports them from replicator.changes.
-from replicator.changes import Change, Checkpoint, Column, Op, TableSchema
-
-__all__ = [
-    "CaptureSource",
-    "Change",
-    "Checkpoint",
-    "Column",
-    "Op",
-    "Progress",
-    "TableSchema",
-]
+__all__ = ["CaptureSource", "Progress"]
 
 
 @dataclass(slots=True)

@@ -184,11 +184,13 @@ class CaptureSection(Section):
     tables: tuple[str, ...] = Field(min_length=1)
     # Key columns for tables without a primary key, e.g. {"public.stock" = ["sku", "warehouse"]}.
     keys: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    # Logical mode, per table: only these columns reach staging (a PostgreSQL 15 publication
-    # column list; the key must be among them), e.g. {"public.customers" = ["id", "name"]}.
+    # Per table: only these columns reach staging (logical mode: a PostgreSQL 15 publication
+    # column list; trigger mode: the triggers log only these), the key among them, e.g.
+    # {"public.customers" = ["id", "name"]}.
     columns: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    # Logical mode, per table: only rows matching this condition reach staging (a publication
-    # row filter), e.g. {"public.orders" = "status <> 'draft'"}.
+    # Per table: only rows matching this condition reach staging (logical mode: a publication
+    # row filter; trigger mode: evaluated in the triggers, with the publication's rules),
+    # e.g. {"public.orders" = "status <> 'draft'"}.
     filters: dict[str, str] = Field(default_factory=dict)
     slot: str = "sync_daemon"
     publication: str = "sync_daemon"

@@ -20,6 +20,14 @@ cheaper than computing "key + changed columns" in PL/pgSQL (see docs/triggers.md
 up added columns without reinstalling. MariaDB and SQLite have no row-to-JSON function, so their
 templates list the columns (``JSON_OBJECT('c', NEW.c, ...)``); a column added later makes the
 table *outdated* until ``triggers install`` is run again.
+
+Column lists and row filters (``capture.columns`` / ``capture.filters``): the row image holds only
+the listed columns (PostgreSQL: the listed keys of ``to_jsonb(NEW)``), and the filter, translated
+from the config's PostgreSQL syntax into the dialect (:meth:`Dialect.filter_sql`), decides what is
+logged with a publication's rules (an UPDATE leaving the filter is logged as a DELETE, one
+entering it as an INSERT). Both are part of the generated DDL, hence of the definition hash: a
+changed list or filter shows as *outdated*. The initial copy selects through the same
+expressions. Tables with neither keep exactly the DDL (and hash) they had before.
 """
 
 from __future__ import annotations
@@ -34,13 +42,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pymysql
+import sqlglot
 import sqlglot.expressions as exp
 from sqlalchemy.engine import make_url
 
 from replicator.changes import Column, TableSchema
-from replicator.config.core import CaptureSection
+from replicator.config.core import CaptureSection, filter_columns
 from replicator.db import app_name, pg_connect
-from replicator.errors import SchemaError
+from replicator.errors import ConfigError, SchemaError
 
 VERSION = 1
 """Bump when a template changes: installed triggers then show as outdated until reinstalled."""
@@ -55,6 +64,36 @@ class TableStatus:
     table: str
     state: Literal["current", "outdated", "missing", "error"]
     detail: str = ""
+
+
+# What a row filter may be made of in trigger mode: conditions every dialect evaluates alike.
+# Functions, casts, subqueries and the like are refused (their meaning differs per database).
+_FILTER_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Column,
+    exp.Identifier,
+    exp.Literal,
+    exp.Boolean,
+    exp.Null,
+    exp.And,
+    exp.Or,
+    exp.Not,
+    exp.Paren,
+    exp.EQ,
+    exp.NEQ,
+    exp.GT,
+    exp.GTE,
+    exp.LT,
+    exp.LTE,
+    exp.Is,
+    exp.In,
+    exp.Between,
+    exp.Like,
+    exp.Add,
+    exp.Sub,
+    exp.Mul,
+    exp.Mod,
+    exp.Neg,
+)
 
 
 def _digest(*parts: str) -> str:
@@ -93,6 +132,8 @@ class Dialect(ABC):
         self.capture = capture
         self.changelog = capture.changelog_table
         self.meta = f"{capture.changelog_table}_meta"
+        for table in capture.tables:
+            self.filter_sql(table, "NEW")  # an untranslatable filter is refused before any DDL
 
     # -- quoting ---------------------------------------------------------------------------
     def q(self, ident: str) -> str:
@@ -105,6 +146,85 @@ class Dialect(ABC):
     def split(self, table: str) -> tuple[str, str]:
         schema, _, name = table.partition(".")
         return schema, name
+
+    def string_literal(self, value: str) -> str:
+        """A string value of a row filter as this dialect's SQL literal."""
+        return self.lit(value)
+
+    # -- column lists and row filters --------------------------------------------------------
+    def filter_sql(self, table: str, alias: str) -> str | None:
+        """``capture.filters[table]`` as this dialect's SQL, its columns read from row ``alias``
+        (``NEW``, ``OLD``, or the copy's table alias); ``None`` without a filter.
+
+        The filter is parsed as PostgreSQL (as the config check does) and written again for the
+        dialect from the tree, so identifiers are quoted and string values are literals built
+        here; anything outside :data:`_FILTER_NODES` is refused with a :class:`ConfigError`.
+        """
+        cond = self.capture.row_filter(table)
+        if cond is None:
+            return None
+        where = f"capture.filters.{table} ({cond!r})"
+        try:
+            tree = sqlglot.parse_one(f"SELECT 1 WHERE {cond}", read="postgres")
+        except sqlglot.errors.ParseError:
+            raise ConfigError(f"{where} is not a SQL condition") from None
+        node = tree.args.get("where")
+        if node is None:
+            raise ConfigError(f"{where} is not a SQL condition")
+        body: exp.Expression = node.this
+        for n in body.walk():
+            if not isinstance(n, _FILTER_NODES):
+                raise ConfigError(
+                    f"{where} cannot be evaluated in {self.name} triggers: "
+                    f"{n.sql(dialect='postgres')!r} is not supported there (use comparisons, "
+                    "AND/OR/NOT, IN, BETWEEN, IS NULL, LIKE, + - * % on columns and constants)"
+                )
+            if isinstance(n, exp.Column) and n.table:
+                raise ConfigError(f"{where}: name columns without a table ({n.sql()!r})")
+
+        def rewrite(n: exp.Expression) -> exp.Expression:
+            if isinstance(n, exp.Column):
+                return exp.Column(
+                    this=exp.to_identifier(n.name, quoted=True),
+                    table=exp.to_identifier(alias, quoted=False),
+                )
+            if isinstance(n, exp.Literal) and n.is_string:
+                return exp.Var(this=self.string_literal(n.this))
+            return n
+
+        return "(" + body.transform(rewrite).sql(dialect=self.sqlglot_dialect) + ")"
+
+    def spec(self, table: str) -> dict[str, Any]:
+        """What of ``table`` reaches staging: column list and row filter (``None``: all)."""
+        cols = self.capture.column_list(table)
+        return {"columns": list(cols) if cols else None, "filter": self.capture.row_filter(table)}
+
+    def project(self, table: str, schema: TableSchema) -> TableSchema:
+        """``schema`` reduced to ``capture.columns[table]`` (in the table's order).
+
+        Refuses (a :class:`SchemaError`, which ``triggers status`` shows as the table's error) a
+        list that leaves out a key column or names a column the table does not have, and a row
+        filter reading a column the table does not have: a PostgreSQL trigger would only find
+        out when the ERP writes, and fail the ERP's write.
+        """
+        cond = self.capture.row_filter(table)
+        if cond is not None:
+            for c in filter_columns(table, cond):
+                if schema.column(c) is None:
+                    raise SchemaError(f"capture.filters.{table} reads {c!r}, which {table} has not")
+        wanted = self.capture.column_list(table)
+        if wanted is None:
+            return schema
+        for c in wanted:
+            if schema.column(c) is None:
+                raise SchemaError(f"capture.columns.{table} names {c!r}, which {table} has not")
+        for k in schema.key:
+            if k not in wanted:
+                raise SchemaError(
+                    f"capture.columns.{table} must include the key column {k!r} of {table}"
+                )
+        cols = tuple(c for c in schema.columns if c.name in wanted)
+        return TableSchema(schema.schema, schema.name, cols, schema.key)
 
     @property
     @abstractmethod
@@ -216,7 +336,12 @@ class Dialect(ABC):
         tables that left ``capture.tables``; returns the schemas of ``tables``."""
         schemas = [self.table_schema(conn, t) for t in tables]
         stale = sorted(set(self.meta_rows(conn)) - set(tables))
-        stmts = list(self.base_ddl())
+        # The changelog first, in a transaction of its own: the triggers' transaction must not
+        # hold a lock on the changelog (CREATE INDEX IF NOT EXISTS takes one) while it waits for
+        # a watched table, whose writers wait for the changelog after locking their row — a
+        # deadlock that aborted ERP transactions during `triggers install`.
+        self._run_ddl(conn, list(self.base_ddl()), [])
+        stmts: list[str] = []
         for t in stale:
             stmts.extend(self.drop_ddl(t))
             stmts.append(f"DELETE FROM {self.qmeta} WHERE table_name = {self.lit(t)}")
@@ -307,21 +432,56 @@ BEGIN
 END
 $sync$"""
 
-# One function per table: key columns are compiled in, the row image is to_jsonb(NEW).
+# One function per table: key columns are compiled in, the row image is to_jsonb(NEW) (or its
+# listed columns, see PostgresDialect.image).
 _PG_CAPTURE_FN = """\
 CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         INSERT INTO {cl} (tbl, op, row_data, old_key)
-        VALUES ({tbl}, 'U', to_jsonb(NEW),
+        VALUES ({tbl}, 'U', {new_image},
                 CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
                      THEN jsonb_build_object({old_key_pairs}) END);
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', to_jsonb(NEW));
+        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image});
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {cl} (tbl, op, old_key)
         VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
     ELSE
+        INSERT INTO {cl} (tbl, op) VALUES ({tbl}, 'T');
+    END IF;
+    RETURN NULL;
+END
+$sync$"""
+
+
+# The same with a row filter, with PostgreSQL's publication semantics: INSERT and DELETE are
+# logged when the new (inserted) or old (deleted) row matches; an UPDATE whose old row matched
+# and new row does not becomes a DELETE of the old key, the reverse becomes an INSERT, and one
+# where neither matched is not logged. NULL counts as not matching.
+_PG_CAPTURE_FILTERED_FN = """\
+CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
+DECLARE
+    old_match boolean := false;
+    new_match boolean := false;
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        old_match := coalesce({old_filter}, false);
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        new_match := coalesce({new_filter}, false);
+    END IF;
+    IF TG_OP = 'UPDATE' AND old_match AND new_match THEN
+        INSERT INTO {cl} (tbl, op, row_data, old_key)
+        VALUES ({tbl}, 'U', {new_image},
+                CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
+                     THEN jsonb_build_object({old_key_pairs}) END);
+    ELSIF TG_OP IN ('UPDATE', 'INSERT') AND new_match AND NOT old_match THEN
+        INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image});
+    ELSIF TG_OP IN ('UPDATE', 'DELETE') AND old_match AND NOT new_match THEN
+        INSERT INTO {cl} (tbl, op, old_key)
+        VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
+    ELSIF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {cl} (tbl, op) VALUES ({tbl}, 'T');
     END IF;
     RETURN NULL;
@@ -401,7 +561,24 @@ class PostgresDialect(Dialect):
             ).fetchall()
         ]
         columns = tuple(Column(c[0], c[1], c[2], c[3], int(c[4])) for c in cols)
-        return TableSchema(s, n, columns, self.key_for(table, pk))
+        return self.project(table, TableSchema(s, n, columns, self.key_for(table, pk)))
+
+    def image(self, table: str, row: str) -> str:
+        """The JSON row image of ``row`` (a row value such as ``NEW`` or ``t.*``).
+
+        Without a column list, ``to_jsonb`` of the whole row. With one, the listed keys of it:
+        not ``jsonb_build_object(NEW.a, ...)``, which would make every write to the ERP table
+        fail once a listed column is renamed or dropped; this way the image just lacks the
+        column and the daemon stops, saying so, while the ERP goes on.
+        """
+        cols = self.capture.column_list(table)
+        if cols is None:
+            return f"to_jsonb({row})"
+        names = ", ".join(self.lit(c) for c in cols)
+        return (
+            f"(SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(to_jsonb({row})) AS e "
+            f"WHERE e.key = ANY (ARRAY[{names}]::text[]))"
+        )
 
     def base_ddl(self) -> list[str]:
         ddl = [
@@ -418,15 +595,25 @@ class PostgresDialect(Dialect):
         fn = self.capture_fn(table)
         t = self.qtable(table)
         key = schema.key
+        args = {
+            "fn": fn,
+            "cl": self.cl,
+            "tbl": self.lit(table),
+            "old_key_cols": ", ".join(f"OLD.{self.q(k)}" for k in key),
+            "new_key_cols": ", ".join(f"NEW.{self.q(k)}" for k in key),
+            "old_key_pairs": ", ".join(f"{self.lit(k)}, OLD.{self.q(k)}" for k in key),
+            "new_image": self.image(table, "NEW"),
+        }
+        new_filter = self.filter_sql(table, "NEW")
+        if new_filter is None:
+            # Without list or filter the DDL (and definition hash) is what it always was.
+            capture_fn = _PG_CAPTURE_FN.format(**args)
+        else:
+            capture_fn = _PG_CAPTURE_FILTERED_FN.format(
+                **args, new_filter=new_filter, old_filter=self.filter_sql(table, "OLD")
+            )
         stmts = [
-            _PG_CAPTURE_FN.format(
-                fn=fn,
-                cl=self.cl,
-                tbl=self.lit(table),
-                old_key_cols=", ".join(f"OLD.{self.q(k)}" for k in key),
-                new_key_cols=", ".join(f"NEW.{self.q(k)}" for k in key),
-                old_key_pairs=", ".join(f"{self.lit(k)}, OLD.{self.q(k)}" for k in key),
-            ),
+            capture_fn,
             f"CREATE OR REPLACE TRIGGER {self.q(self.changelog + '_row')} "
             f"AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {fn}()",
             f"CREATE OR REPLACE TRIGGER {self.q(self.changelog + '_truncate')} "
@@ -495,7 +682,10 @@ class PostgresDialect(Dialect):
 
     def copy_sql(self, schema: TableSchema, table: str) -> str:
         # t.* (not t): a column named "t" would shadow the row.
-        return f"SELECT to_jsonb(t.*)::text FROM {self.qtable(table)} AS t"
+        where = self.filter_sql(table, "t")
+        return f"SELECT {self.image(table, 't.*')}::text FROM {self.qtable(table)} AS t" + (
+            f" WHERE coalesce({where}, false)" if where else ""
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,6 +779,51 @@ class _ListedColumnsDialect(Dialect):
     def drop_base_ddl(self) -> list[str]:
         return [f"DROP TABLE IF EXISTS {self.cl}", f"DROP TABLE IF EXISTS {self.qmeta}"]
 
+    from_dual = ""
+    """What a ``SELECT`` without a table needs to take a ``WHERE`` clause."""
+
+    def filtered_bodies(self, schema: TableSchema, table: str) -> dict[str, list[str]] | None:
+        """With a row filter: the statements of the INSERT, UPDATE and DELETE triggers ("I",
+        "U", "D"), each an ``INSERT ... SELECT ... WHERE`` that logs only what PostgreSQL's
+        publication row filter would publish (see ``_PG_CAPTURE_FILTERED_FN``); ``None``
+        without a filter (the plain templates apply)."""
+        new_f = self.filter_sql(table, "NEW")
+        old_f = self.filter_sql(table, "OLD")
+        if new_f is None or old_f is None:
+            return None
+        a = self._template_args(schema, table, "")
+        new_m, old_m = f"COALESCE({new_f}, 0)", f"COALESCE({old_f}, 0)"
+
+        def logged(cols: str, values: str, cond: str) -> str:
+            return (
+                f"INSERT INTO {self.cl} (tbl, {cols}) SELECT {a['tbl']}, {values}{self.from_dual} "
+                f"WHERE {cond}"
+            )
+
+        def insert(cond: str) -> str:
+            return logged("op, row_data", f"'I', {a['new_image']}", cond)
+
+        def delete(cond: str) -> str:
+            return logged("op, old_key", f"'D', {a['old_key']}", cond)
+
+        update = logged(
+            "op, row_data, old_key",
+            f"'U', {a['new_image']}, CASE WHEN {a['key_changed']} THEN {a['old_key']} END",
+            f"{old_m} AND {new_m}",
+        )
+        return {
+            "I": [insert(new_m)],
+            "U": [update, delete(f"{old_m} AND NOT {new_m}"), insert(f"NOT {old_m} AND {new_m}")],
+            "D": [delete(old_m)],
+        }
+
+    def listed_copy_sql(self, schema: TableSchema, table: str, t: str) -> str:
+        """The initial copy's SELECT (``t``: the table as written in FROM)."""
+        where = self.filter_sql(table, "t")
+        return f"SELECT {self.image(schema.columns, 't')} FROM {t} AS t" + (
+            f" WHERE COALESCE({where}, 0)" if where else ""
+        )
+
 
 def mysql_pg_type(data_type: str, column_type: str) -> str:
     """A MariaDB column type described with the PostgreSQL name staging mirrors use."""
@@ -627,6 +862,7 @@ class MysqlDialect(_ListedColumnsDialect):
     name: DialectName = "mysql"
     sqlglot_dialect = "mysql"
     json_object = "JSON_OBJECT"
+    from_dual = " FROM DUAL"
 
     def __init__(self, url: str, capture: CaptureSection) -> None:
         super().__init__(url, capture)
@@ -702,7 +938,17 @@ class MysqlDialect(_ListedColumnsDialect):
         )
         pk = [r[0] for r in cur.fetchall()]
         columns = tuple(Column(c[0], mysql_pg_type(c[1], c[2]), 0, c[3] == "YES") for c in cols)
-        return TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+        return self.project(
+            table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+        )
+
+    def string_literal(self, value: str) -> str:
+        # A backslash means different things with and without NO_BACKSLASH_ESCAPES (and the
+        # trigger keeps the sql_mode of its creation): such a value goes in as hex, which reads
+        # the same in every mode.
+        if "\\" in value:
+            return f"_utf8mb4 X'{value.encode().hex()}'"
+        return self.lit(value)
 
     def _value(self, col: Column, alias: str) -> str:
         ref = f"{alias}.{self.q(col.name)}"
@@ -721,6 +967,17 @@ class MysqlDialect(_ListedColumnsDialect):
     def table_ddl(self, schema: TableSchema, table: str) -> list[str]:
         ins, upd, dele = (self.q(n) for n in self.trigger_names(table))
         args = self._template_args(schema, table, self.qtable(table))
+        bodies = self.filtered_bodies(schema, table)
+        if bodies is not None:
+            head = "CREATE OR REPLACE TRIGGER {} AFTER {} ON {} FOR EACH ROW\n"
+            return [
+                head.format(ins, "INSERT", args["t"]) + bodies["I"][0],
+                head.format(upd, "UPDATE", args["t"])
+                + "BEGIN\n"
+                + "".join(f"{b};\n" for b in bodies["U"])
+                + "END",
+                head.format(dele, "DELETE", args["t"]) + bodies["D"][0],
+            ]
         return [
             _MY_INSERT.format(name=ins, **args),
             _MY_UPDATE.format(name=upd, **args),
@@ -756,7 +1013,7 @@ class MysqlDialect(_ListedColumnsDialect):
             self._exec(conn, self.upsert_meta_sql(), m)
 
     def copy_sql(self, schema: TableSchema, table: str) -> str:
-        return f"SELECT {self.image(schema.columns, 't')} FROM {self.qtable(table)} AS t"
+        return self.listed_copy_sql(schema, table, self.qtable(table))
 
     def cascade_children(self, conn: Any, tables: list[str]) -> list[str]:
         """Watched tables whose rows a foreign-key action changes (no trigger fires for those)."""
@@ -888,7 +1145,9 @@ class SqliteDialect(_ListedColumnsDialect):
             raise SchemaError(f"table {table} not found in the ERP database")
         pk = [r[1] for r in sorted((r for r in rows if r[5]), key=lambda r: r[5])]
         columns = tuple(Column(r[1], sqlite_pg_type(r[2] or ""), 0, not r[3]) for r in rows)
-        return TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+        return self.project(
+            table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+        )
 
     def _value(self, col: Column, alias: str) -> str:
         ref = f"{alias}.{self.q(col.name)}"
@@ -909,6 +1168,19 @@ class SqliteDialect(_ListedColumnsDialect):
         names = [self.q(n) for n in self.trigger_names(table)]
         args = self._template_args(schema, table, self.q(schema.name))
         drops = [f"DROP TRIGGER IF EXISTS {n}" for n in names]
+        bodies = self.filtered_bodies(schema, table)
+        if bodies is not None:
+            return [
+                *drops,
+                *(
+                    f"CREATE TRIGGER {name} AFTER {event} ON {args['t']} BEGIN\n"
+                    + "".join(f"{b};\n" for b in bodies[op])
+                    + "END"
+                    for name, event, op in zip(
+                        names, ("INSERT", "UPDATE", "DELETE"), "IUD", strict=True
+                    )
+                ),
+            ]
         return [
             *drops,
             _LITE_INSERT.format(name=names[0], **args),
@@ -946,7 +1218,7 @@ class SqliteDialect(_ListedColumnsDialect):
             raise
 
     def copy_sql(self, schema: TableSchema, table: str) -> str:
-        return f"SELECT {self.image(schema.columns, 't')} FROM {self.q(schema.name)} AS t"
+        return self.listed_copy_sql(schema, table, self.q(schema.name))
 
 
 def dialect_for(url: str, capture: CaptureSection, name: str) -> Dialect:

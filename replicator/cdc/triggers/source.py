@@ -182,11 +182,23 @@ class TriggerSource(CaptureSource):
                         hint="MariaDB fires no triggers for rows changed by foreign-key actions; "
                         "these changes reach staging only with a resync",
                     )
+        cp = self.store.load_checkpoint(self.name)
+        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
+        plain = {"columns": None, "filter": None}
+        respecified = sorted(
+            t for t in self.tables if recorded.get(t, plain) != self.dialect.spec(t)
+        )
         with self.store.engine.begin() as sconn:
             for table, schema in zip(self.tables, schemas, strict=True):
-                self.store.ensure_mirror(schema, sconn)
+                info = self.store.ensure_mirror(schema, sconn)
+                if table in respecified or self.capture.column_list(table) is not None:
+                    # Columns left out of the list leave the mirror (personal data must not
+                    # stay in staging); the copy below fills what is listed now.
+                    gone = [c.name for c in info.schema.columns if schema.column(c.name) is None]
+                    if gone:
+                        self.store.alter_mirror(sconn, schema, renamed={}, dropped=gone, retyped=[])
+                        log.warning("mirror_columns_dropped", table=table, columns=gone)
                 self.decoders[table] = RowDecoder(schema)
-        cp = self.store.load_checkpoint(self.name)
         if cp is None or cp.state != "streaming" or cp.extra.get("mode") != "triggers":
             if cp is not None:
                 log.warning(
@@ -203,6 +215,17 @@ class TriggerSource(CaptureSource):
                 source=self.name,
                 before=cp.extra.get("tables"),
                 now=self.tables,
+                hint="taking a new initial copy",
+            )
+            self.reader.initial_copy()
+        elif respecified:
+            # A column list or row filter changed: rows that now match (or columns now listed)
+            # are in no mirror. The triggers already log the new way (`triggers install`, else
+            # the status check above stops us), so a new copy with a new boundary is exact.
+            log.warning(
+                "capture_spec_changed",
+                source=self.name,
+                tables=respecified,
                 hint="taking a new initial copy",
             )
             self.reader.initial_copy()
@@ -402,7 +425,12 @@ class TriggerSource(CaptureSource):
             self.name,
             str(position),
             "streaming",
-            {"mode": "triggers", "tables": sorted(self.tables), **extra},
+            {
+                "mode": "triggers",
+                "tables": sorted(self.tables),
+                "specs": {t: self.dialect.spec(t) for t in self.tables},
+                **extra,
+            },
         )
 
     def commit(self, txn: ApplyTxn, cp: Checkpoint, latest: Any) -> None:
