@@ -39,7 +39,7 @@ from replicator.log import setup_logging
 from replicator.runtime import Runtime, build
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 
 log = structlog.get_logger(__name__, service="daemon")
 
@@ -67,7 +67,7 @@ class Daemon:
         self._exit_code = 1  # until run() says otherwise: a crash is not a clean stop
 
     @property
-    def health(self) -> HealthServer | None:
+    def health(self) -> HttpServer | None:
         """The HTTP server, once it listens."""
         return None if self.runtime is None else self.runtime.server
 

@@ -1,6 +1,6 @@
 """The Manage page: orders, updates, logs, services and replication, served by the health server.
 
-:func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HealthServer` (at ``/``),
+:func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HttpServer` (at ``/``),
 so it shares the server's protection: bound to a loopback address by default, and with
 ``health.token`` required (bearer or basic auth — a browser asks for it) on every route mounted
 here when the server listens elsewhere. Write actions (accept / ignore / cancel an order update)
@@ -64,7 +64,7 @@ from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
-from replicator.web.server import HealthServer, Request, Response
+from replicator.web.server import HttpServer, Request, Response
 
 log = structlog.get_logger(__name__, service="manage")
 
@@ -494,7 +494,7 @@ class ManageApp:
         return "cancelled"
 
 
-def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
+def mount(server: HttpServer, ctx: WebContext) -> ManageApp:
     """Serve the Manage page from ``server`` (non-public routes: the token applies)."""
     app = ManageApp(ctx)
     # Exact routes (the server matches whole paths): anything else is the server's 404.
