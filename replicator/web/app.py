@@ -58,7 +58,7 @@ from replicator.log import redact
 from replicator.logstore import LEVELS, LogStore
 from replicator.mappers.orders import OrderRejected
 from replicator.ops.format import NO_VALUE
-from replicator.ops.readmodel import scale_out_lines
+from replicator.ops.readmodel import order_counts, replication_rows, scale_out_lines
 from replicator.orders.writer import NotInErp, OrderPosted
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
@@ -200,12 +200,7 @@ class ManageApp:
     def _replication_rows(self) -> list[dict[str, Any]]:
         if self.ctx.store is not None:
             return list(self.ctx.store.replication_status())
-        engine = self.ctx.staging_engine
-        if "replication_status" not in sa.inspect(engine).get_view_names():
-            return []
-        with engine.connect() as conn:
-            res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
-            return [dict(r._mapping) for r in res]
+        return replication_rows(self.ctx.staging_engine)
 
     # -- panels ---------------------------------------------------------------------------------
 
@@ -292,8 +287,7 @@ class ManageApp:
 
     def _summary(self) -> dict[str, Any]:
         state = self._state()
-        engine = self.ctx.staging_engine
-        counts = views.order_counts(engine)
+        counts = order_counts(self.ctx.staging_engine)
         rows = self._replication_rows()
         lags = [float(r["lag_seconds"]) for r in rows if r.get("lag_seconds") is not None]
         breakers = [
