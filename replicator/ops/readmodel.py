@@ -418,13 +418,19 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     store = StagingStore(cfg.staging_url, role="status")
     now = dt.datetime.now(dt.UTC)
     try:
-        rows = store.replication_status()
+        # Opened, never set up: a store the daemon has not made yet shows "never started"
+        # and stays empty (``status`` pointed at the wrong store creates nothing there).
+        store.check_open()
+        tables = set(sa.inspect(store.engine).get_table_names())
+        rows = replication_rows(store.engine)
         copying = {}
         for r in rows:
-            cp = store.load_checkpoint(r["source"])
+            cp = store.state.load_checkpoint(r["source"])
             copying[r["source"]] = (cp.extra if cp else {}).get("copying", [])
-        daemon = daemon_liveness(store.load_liveness(), now)
-        services = _services(cfg, store, running=daemon["running"])
+        liveness = store.state.load_liveness() if "sync_daemon" in tables else None
+        daemon = daemon_liveness(liveness, now)
+        saved = store.state.load_services() if "sync_services" in tables else []
+        services = _services(cfg, saved, running=daemon["running"])
         orders = _orders(store, per_state)
     finally:
         store.dispose()
@@ -463,10 +469,10 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     }
 
 
-def _services(cfg: Config, store: StagingStore, *, running: bool) -> list[dict[str, Any]]:
+def _services(cfg: Config, stored: list[dict[str, Any]], *, running: bool) -> list[dict[str, Any]]:
     """Each service: schedule in words, last run and result, next run (none while the daemon
     is down: nothing will run), breaker, progress."""
-    saved = {d["name"]: SimpleNamespace(**d) for d in store.load_services()}
+    saved = {d["name"]: SimpleNamespace(**d) for d in stored}
     schedules = cfg.schedules.all()
     for name in unconfigured_services(cfg):
         schedules.pop(name, None)
@@ -568,7 +574,9 @@ def scale_out_lines(cfg: Config) -> list[str]:
     if cfg.stream is not None:
         store = StagingStore(cfg.staging_url)
         try:
-            n, oldest = store.journal_backlog(cursor_name(cfg.stream))
+            n, oldest = 0, None
+            if has_table(store.engine, "sync_journal"):  # the daemon creates it, not a reader
+                n, oldest = store.journal.backlog(cursor_name(cfg.stream))
         finally:
             store.dispose()
         lines.append(

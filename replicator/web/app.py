@@ -30,7 +30,7 @@ Wiring (see ``replicator/runtime.py``; after the server is built, before ``start
     mount(health, WebContext(
         config=cfg,
         staging_engine=store.engine,
-        store=store,                          # replication_status()
+        store=store,                          # replication_status, via the read model
         daemon_state=lambda: self.state,      # DaemonState, read only
         logstore=logstore,                    # or None: the page reads log_records itself
         importer=order_service.actions,       # OrderActions, or None: updates read-only
@@ -111,10 +111,11 @@ class WebContext:
                         ``replication_status``.
     ``daemon_state``    returns the live :class:`~replicator.state.DaemonState` (or None when
                         no loop runs); called on every request, never mutated.
-    ``store``           the :class:`~replicator.staging.StagingStore`; when None the page reads
-                        the ``replication_status`` view from ``staging_engine``.
+    ``store``           the :class:`~replicator.staging.StagingStore`, whose engine the
+                        ``replication_status`` view is read from (``staging_engine`` when None);
+                        the page reads through the read model and never sets a store up.
     ``logstore``        the :class:`~replicator.logstore.LogStore`; when None ``log_records``
-                        is read directly.
+                        is read through the read model.
     ``importer``        the order import service (accept / ignore / cancel, as the CLI does, and
                         the dry-run mapping on the order page); None makes updates read-only.
     """
@@ -198,9 +199,8 @@ class ManageApp:
             return None
 
     def _replication_rows(self) -> list[dict[str, Any]]:
-        if self.ctx.store is not None:
-            return list(self.ctx.store.replication_status())
-        return replication_rows(self.ctx.staging_engine)
+        store = self.ctx.store
+        return replication_rows(store.engine if store is not None else self.ctx.staging_engine)
 
     # -- panels ---------------------------------------------------------------------------------
 
