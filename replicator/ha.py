@@ -358,7 +358,7 @@ def _active(config_path: str, cfg: Config, lease: Lease, terminate: threading.Ev
 
 
 def _ha_check_hook(lease: Lease, renewer: Renewer) -> Callable[[Any], None]:
-    """A per-cycle hook that adds the ``ha`` readiness check once the health server is up."""
+    """A per-cycle hook that adds the ``ha`` readiness check once the HTTP server is up."""
     done = [False]
 
     def check() -> tuple[bool, str]:

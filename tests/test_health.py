@@ -1,4 +1,4 @@
-"""The health server over real HTTP on loopback: liveness, readiness, metrics, routes, auth."""
+"""The HTTP server over real HTTP on loopback: liveness, readiness, metrics, routes, auth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Manage page: orders, updates, logs, services and replication, served by the health server.
+"""The Manage page: orders, updates, logs, services and replication, served by the HTTP server.
 
 :func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HttpServer` (at ``/``),
 so it shares the server's protection: bound to a loopback address by default, and with
