@@ -1,7 +1,8 @@
 """Command line: parse arguments, load and validate config, configure logging, dispatch.
 
-Core subcommands live here (``run``, ``check-config``, ``status``, ``resync``, ``lag``); feature
-areas contribute theirs from modules in :mod:`replicator.commands`, each exposing
+Core subcommands live here (``run``, ``check-config``, ``status``, ``lag``); feature areas
+contribute theirs from modules in :mod:`replicator.commands` (``resync`` from
+:mod:`replicator.commands.capture`, ``logs``, the order commands, ...), each exposing
 ``register(subparsers)``. A handler takes the parsed ``argparse.Namespace`` and returns the exit
 code. Exit codes (one per class of failure, see :mod:`replicator.errors`): 0 ok, 1 failure at
 run time, 2 usage or configuration error, 3 the source needs a person, 4 access refused, 5 the
@@ -90,25 +91,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return print_status(cfg, as_json=args.json, show_all=getattr(args, "all", False))
 
 
-def _cmd_resync(args: argparse.Namespace) -> int:
-    from replicator.daemon import request_recopy, resync  # noqa: PLC0415 - fast CLI start
-
-    cfg = load(args)
-    if args.table:
-        print(request_recopy(cfg, args.table))
-        return 0
-    if not args.yes:
-        print(
-            "resync drops the replication slot and the staging mirror, then takes a new snapshot.\n"
-            "Stop the daemon first. Run again with --yes to proceed.",
-            file=sys.stderr,
-        )
-        return 2
-    resync(cfg)
-    print("resync: new slot created and snapshot taken; start the daemon to resume streaming")
-    return 0
-
-
 def _cmd_lag(args: argparse.Namespace) -> int:
     from replicator.status import print_lag  # noqa: PLC0415 - fast CLI start
 
@@ -150,18 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_lag)
-
-    p = sub.add_parser(
-        "resync", help="drop and recreate the slot, take a new snapshot (on purpose)"
-    )
-    add_config_arg(p)
-    p.add_argument("--yes", action="store_true", help="really do it")
-    p.add_argument(
-        "--table",
-        metavar="SCHEMA.TABLE",
-        help="copy one captured table again, online, while the daemon streams (no slot change)",
-    )
-    p.set_defaults(func=_cmd_resync)
 
     for mod in pkgutil.iter_modules(commands.__path__):
         module = importlib.import_module(f"replicator.commands.{mod.name}")

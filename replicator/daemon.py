@@ -30,7 +30,6 @@ from types import FrameType
 import structlog
 
 from replicator import metrics, sdnotify
-from replicator.cdc.logical import LogicalSource
 from replicator.cdc.supervisor import save_capture_state
 from replicator.config import Config, load_config, warn_if_world_readable
 from replicator.errors import ConfigError, FatalError, RetryableError, SyncError
@@ -39,7 +38,7 @@ from replicator.log import setup_logging
 from replicator.runtime import Runtime, build
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 
 log = structlog.get_logger(__name__, service="daemon")
 
@@ -67,7 +66,7 @@ class Daemon:
         self._exit_code = 1  # until run() says otherwise: a crash is not a clean stop
 
     @property
-    def health(self) -> HealthServer | None:
+    def health(self) -> HttpServer | None:
         """The HTTP server, once it listens."""
         return None if self.runtime is None else self.runtime.server
 
@@ -274,35 +273,3 @@ def run_daemon(config_path: str) -> int:
     except SyncError as exc:
         log.error("daemon_failed", error=str(exc))
         return exc.exit_code
-
-
-def resync(cfg: Config) -> None:
-    """Drop and recreate the slot and take a new snapshot (``sync-daemon resync``)."""
-    store = StagingStore(cfg.staging_url)
-    if cfg.capture.mode != "logical":
-        raise FatalError("resync applies to capture.mode = 'logical'")
-    src = LogicalSource(cfg, store)
-    try:
-        src.resync()
-    finally:
-        src.close()
-        store.dispose()
-
-
-def request_recopy(cfg: Config, table: str) -> str:
-    """``sync-daemon resync --table T``: ask the daemon to copy one table again, online."""
-    if cfg.capture.mode != "logical":
-        raise ConfigError("resync --table applies to capture.mode = 'logical'")
-    if table not in cfg.capture.tables:
-        raise ConfigError(
-            f"resync --table: {table!r} is not in capture.tables ({', '.join(cfg.capture.tables)})"
-        )
-    store = StagingStore(cfg.staging_url)
-    try:
-        store.request_recopy("erp", table)
-    finally:
-        store.dispose()
-    return (
-        f"resync: {table} will be copied again online while capture streams; "
-        "`sync-daemon status` shows its progress (a stopped daemon starts it when it runs)"
-    )

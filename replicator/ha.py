@@ -48,7 +48,7 @@ from replicator.db import make_engine
 from replicator.errors import FatalError
 from replicator.staging import shared_engine
 from replicator.staging.lease import LeaseTable
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 
 log = structlog.get_logger(__name__, service="ha")
 
@@ -232,7 +232,7 @@ def _standby_health(cfg: Config, lease: Lease) -> Any:
             return False, f"standby ({lease.node}); no active daemon holds the lease: taking over"
         return False, f"standby ({lease.node}); active: {st['holder']} (epoch {st['epoch']})"
 
-    health = HealthServer(cfg.health)
+    health = HttpServer(cfg.health)
     health.add_check("ha", check)
     health.start()
     lease.health_url = health.url
@@ -358,7 +358,7 @@ def _active(config_path: str, cfg: Config, lease: Lease, terminate: threading.Ev
 
 
 def _ha_check_hook(lease: Lease, renewer: Renewer) -> Callable[[Any], None]:
-    """A per-cycle hook that adds the ``ha`` readiness check once the health server is up."""
+    """A per-cycle hook that adds the ``ha`` readiness check once the HTTP server is up."""
     done = [False]
 
     def check() -> tuple[bool, str]:

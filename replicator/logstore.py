@@ -313,5 +313,12 @@ def query_records(
     return records
 
 
+def services(engine: sa.Engine) -> list[str]:
+    """The services that have records, sorted (the Manage page's filter choices)."""
+    stmt = sa.select(log_records.c.service).where(log_records.c.service.is_not(None)).distinct()
+    with engine.connect() as conn:
+        return sorted(str(s) for (s,) in conn.execute(stmt))
+
+
 def has_table(engine: sa.Engine) -> bool:
     return sa.inspect(engine).has_table(log_records.name)

@@ -59,7 +59,7 @@ from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.stream.sink import stream_service
 from replicator.web.app import WebContext, mount
-from replicator.web.server import HealthServer, Request, Response
+from replicator.web.server import HttpServer, Request, Response
 
 log = structlog.get_logger(__name__, service="daemon")
 
@@ -266,7 +266,7 @@ class Runtime:
     notifier: Notifier
     capture: CaptureSupervisor
     services: ServiceSet
-    server: HealthServer | None = None
+    server: HttpServer | None = None
     watcher: ConfigWatcher | None = None
     _on_close: list[Callable[[], None]] = field(default_factory=list)
 
@@ -274,7 +274,7 @@ class Runtime:
     def start_server(self) -> None:
         """Readiness checks, metrics refresher and routes on the daemon's HTTP server."""
         cfg = self.cfg
-        server = HealthServer(cfg.health)
+        server = HttpServer(cfg.health)
         server.add_check("staging", engine_check(self.store.engine))
         server.add_check("erp", lambda: erp_check(self.cfg))
         server.add_check("capture", lambda: capture_check(self.capture))
@@ -305,7 +305,7 @@ class Runtime:
     def _refresh_metrics(self) -> None:
         gauges.refresh_live(self.cfg, self.capture, self.state)
 
-    def mount_routes(self, server: HealthServer) -> None:
+    def mount_routes(self, server: HttpServer) -> None:
         """Webhook receivers (shops, ERP) and the Manage page, as their owners build them."""
         cfg = self.cfg
         services = self.services

@@ -1,4 +1,4 @@
-"""The health server over real HTTP on loopback: liveness, readiness, metrics, routes, auth."""
+"""The HTTP server over real HTTP on loopback: liveness, readiness, metrics, routes, auth."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from replicator.db import make_engine
 from replicator.errors import ConfigError
 from replicator.localpg import free_port
 from replicator.ops.checks import engine_check, threshold_check
-from replicator.web.server import HealthServer, Request, Response, is_loopback
+from replicator.web.server import HttpServer, Request, Response, is_loopback
 
 
 class FakeClock:
@@ -37,17 +37,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def _server(clock: FakeClock | None = None, **kwargs: object) -> HealthServer:
+def _server(clock: FakeClock | None = None, **kwargs: object) -> HttpServer:
     token = kwargs.pop("token", None)
     secret = SecretStr(str(token)) if token else None
     cfg = HealthSection(listen="127.0.0.1:0", loop_overdue=60, token=secret)
     if clock is not None:
         kwargs["clock"] = clock
-    return HealthServer(cfg, **kwargs)  # type: ignore[arg-type]
+    return HttpServer(cfg, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def server(clock: FakeClock) -> Iterator[HealthServer]:
+def server(clock: FakeClock) -> Iterator[HttpServer]:
     srv = _server(clock)
     srv.start()
     try:
@@ -56,7 +56,7 @@ def server(clock: FakeClock) -> Iterator[HealthServer]:
         srv.stop()
 
 
-def test_liveness_flips_to_503_when_tick_overdue(server: HealthServer, clock: FakeClock) -> None:
+def test_liveness_flips_to_503_when_tick_overdue(server: HttpServer, clock: FakeClock) -> None:
     server.tick()
     r = httpx.get(f"{server.url}/healthz")
     assert r.status_code == 200
@@ -87,7 +87,7 @@ def test_liveness_from_callable_and_before_first_tick(clock: FakeClock) -> None:
         srv.stop()
 
 
-def test_readiness_critical_and_non_critical(server: HealthServer) -> None:
+def test_readiness_critical_and_non_critical(server: HttpServer) -> None:
     r = httpx.get(f"{server.url}/readyz")
     assert r.status_code == 200 and r.json()["checks"] == []
 
@@ -108,7 +108,7 @@ def test_readiness_critical_and_non_critical(server: HealthServer) -> None:
     assert r.json()["status"] == "not ready"
 
 
-def test_stuck_check_times_out_and_does_not_pile_up(server: HealthServer) -> None:
+def test_stuck_check_times_out_and_does_not_pile_up(server: HttpServer) -> None:
     release = threading.Event()
     calls: list[int] = []
 
@@ -137,7 +137,7 @@ def test_stuck_check_times_out_and_does_not_pile_up(server: HealthServer) -> Non
         release.set()
 
 
-def test_engine_and_threshold_checks(server: HealthServer, tmp_path: Path) -> None:
+def test_engine_and_threshold_checks(server: HttpServer, tmp_path: Path) -> None:
     ok_engine = make_engine(f"sqlite:///{tmp_path / 'ok.db'}", "test")
     # Nothing listens on this loopback port: the connection is refused at once.
     down = make_engine(f"postgresql://sync:hunter2@127.0.0.1:{free_port()}/erp", "test")
@@ -173,7 +173,7 @@ def test_engine_and_threshold_checks(server: HealthServer, tmp_path: Path) -> No
         down.dispose()
 
 
-def test_check_exception_is_failed_check_with_redacted_message(server: HealthServer) -> None:
+def test_check_exception_is_failed_check_with_redacted_message(server: HttpServer) -> None:
     def boom() -> tuple[bool, str]:
         raise RuntimeError("cannot connect to postgresql://sync:hunter2@db:5432/erp")
 
@@ -186,7 +186,7 @@ def test_check_exception_is_failed_check_with_redacted_message(server: HealthSer
     assert "***" in detail
 
 
-def test_metrics_exposition_parses_and_has_the_metric_names(server: HealthServer) -> None:
+def test_metrics_exposition_parses_and_has_the_metric_names(server: HttpServer) -> None:
     metrics.CHANGES_APPLIED.labels(source="erp", table="public.stock", op="update").inc(3)
     metrics.REPLICATION_LAG_SECONDS.labels(source="erp", slot="sync_daemon").set(1.5)
     metrics.LOOP_DURATION.observe(0.2)
@@ -278,7 +278,7 @@ def test_mounted_route_body_query_and_413(clock: FakeClock) -> None:
         srv.stop()
 
 
-def test_route_handler_exception_is_500_without_secret(server: HealthServer) -> None:
+def test_route_handler_exception_is_500_without_secret(server: HttpServer) -> None:
     def bad(req: Request) -> Response:
         raise ValueError("password=hunter2 rejected")
 
@@ -353,13 +353,13 @@ def test_connection_count_is_bounded(clock: FakeClock) -> None:
 
 def test_non_loopback_without_token_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"health\.token"):
-        HealthServer(HealthSection(listen="0.0.0.0:8787"))
+        HttpServer(HealthSection(listen="0.0.0.0:8787"))
     with pytest.raises(ConfigError, match=r"health\.token"):
-        HealthServer(HealthSection(listen="[::]:8787"))
+        HttpServer(HealthSection(listen="[::]:8787"))
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("db.example.com")
     # With a token the server may be built for a public address (not started: loopback only here).
-    HealthServer(HealthSection(listen="0.0.0.0:8787", token=SecretStr("s3cret-token")))
+    HttpServer(HealthSection(listen="0.0.0.0:8787", token=SecretStr("s3cret-token")))
 
 
 def test_token_protects_everything_but_probes(clock: FakeClock) -> None:

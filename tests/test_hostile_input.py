@@ -25,7 +25,7 @@ from replicator.config.core import HealthSection
 from replicator.connectors.webhook import WebhookReceiver
 from replicator.orders.coordinator import OrderImportService
 from replicator.safejson import JsonRefused, loads
-from replicator.web.server import HealthServer, Request, Response
+from replicator.web.server import HttpServer, Request, Response
 from tests import test_orders_support as support
 
 _pg_erp_template = support._pg_erp_template
@@ -41,7 +41,7 @@ def _sign(body: bytes) -> str:
 
 
 class Shop:
-    """A webhook shop ``shop`` on a real HealthServer, feeding a real OrderImportService."""
+    """A webhook shop ``shop`` on a real HttpServer, feeding a real OrderImportService."""
 
     def __init__(self, svc: OrderImportService) -> None:
         self.svc = svc
@@ -51,7 +51,7 @@ class Shop:
             status, body = receiver.handle(req.headers, req.body)
             return Response.json(body, status)
 
-        self.health = HealthServer(HealthSection(listen="127.0.0.1:0"), max_body=MAX_BODY)
+        self.health = HttpServer(HealthSection(listen="127.0.0.1:0"), max_body=MAX_BODY)
         self.health.add_route("POST", "/webhooks/shop/shop", route, public=True, max_body=MAX_BODY)
         self.health.start()
         self.url = f"{self.health.url}/webhooks/shop/shop"

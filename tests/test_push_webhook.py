@@ -17,7 +17,7 @@ from replicator.push.erp_webhook import erp_webhook_secret, make_erp_webhook_han
 from replicator.push.invoices import InvoicePushService
 from replicator.push.stock import StockPushService
 from replicator.staging import StagingStore
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 from tests.emulators import WooCommerceEmulator, generate_orders
 
 SECRET = "s3cret-erp-hook"
@@ -62,7 +62,7 @@ def setup(erp_db: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         secret = erp_webhook_secret(cfg)
         assert secret == SECRET
         handler = make_erp_webhook_handler(secret, stock=stock, invoices=invoices)
-        health = HealthServer(cfg.health)
+        health = HttpServer(cfg.health)
         health.add_route("GET", "/webhooks/erp", handler, public=True)
         health.add_route("POST", "/webhooks/erp", handler, public=True)
         health.start()

@@ -27,7 +27,7 @@ from replicator.staging.lag import lag_history, lag_history_t, purge_lag_history
 from replicator.state import DaemonState
 from replicator.web.app import WebContext, mount
 from replicator.web.csrf import COOKIE, CsrfGuard
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 
 SECRET = "s3cret-Pw0rd"
 
@@ -85,7 +85,7 @@ def _order(
 
 @dataclass
 class Site:
-    server: HealthServer
+    server: HttpServer
     store: StagingStore
     engine: sa.Engine
     cfg: Config
@@ -163,7 +163,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     push = state.service("stock_push")
     push.progress, push.breaker_open = "1200/4800 items", True
     state.service("reconcile")  # a daemon that pushes stock runs the reconcile too
-    server = HealthServer(cfg.health)
+    server = HttpServer(cfg.health)
     mount(
         server,
         WebContext(
@@ -329,7 +329,7 @@ def test_static_files_and_security_headers(site: Site) -> None:
 def test_token_required_when_bound_elsewhere(tmp_path: Path) -> None:
     cfg = _config(tmp_path, listen="0.0.0.0:0", token="tok-123")
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'staging.db'}")
-    server = HealthServer(cfg.health)
+    server = HttpServer(cfg.health)
     mount(server, WebContext(config=cfg, staging_engine=engine))
     server.start()
     base = f"http://127.0.0.1:{server.port}"

@@ -29,7 +29,7 @@ from replicator.staging import StagingStore
 from replicator.staging.lag import record_lag_sample
 from replicator.state import DaemonState
 from replicator.web.app import WebContext, mount
-from replicator.web.server import HealthServer
+from replicator.web.server import HttpServer
 from tests import test_orders_support as support
 from tests.test_orders_support import erp_rows
 
@@ -141,7 +141,7 @@ def manage(tmp_path: Path, pg_erp_url: str, service_factory: Any) -> Iterator[Sh
     orders.last_result = "total 5, new 3, skipped 0, errored 1"
     push = state.service("stock_push")
     push.progress = "3200/8000 items"
-    server = HealthServer(HealthSection(listen="127.0.0.1:0"))
+    server = HttpServer(HealthSection(listen="127.0.0.1:0"))
     mount(
         server,
         WebContext(

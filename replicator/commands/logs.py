@@ -4,8 +4,10 @@
                      [--limit N] [--json]
 
 Records print oldest first, the newest ``--limit`` of those matching; ``--level`` means that level
-and above; ``--json`` prints one JSON object per line (for ``jq``). The command only reads: it
-does not create the table, so pointing it at the wrong store changes nothing.
+and above; ``--json`` prints one JSON object per line (for ``jq``). The records come from the
+read model (:func:`replicator.ops.readmodel.read_logs`); this module parses the options and
+formats. The command only reads: it does not create the table, so pointing it at the wrong store
+changes nothing.
 """
 
 from __future__ import annotations
@@ -60,20 +62,15 @@ def _format_value(v: Any) -> str:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from replicator.db import null_pool_engine  # noqa: PLC0415 - fast CLI start
-    from replicator.logstore import has_table, query_records  # noqa: PLC0415 - fast CLI start
+    from replicator.ops.readmodel import read_logs  # noqa: PLC0415 - fast CLI start
 
     cfg = load(args)
-    engine = null_pool_engine(cfg.staging_url, "logs")
-    try:
-        if not has_table(engine):
-            print("no log records yet (the daemon creates log_records on its first start)")
-            return 0
-        records = query_records(
-            engine, service=args.service, level=args.level, since=args.since, limit=args.limit
-        )
-    finally:
-        engine.dispose()
+    records = read_logs(
+        cfg.staging_url, service=args.service, level=args.level, since=args.since, limit=args.limit
+    )
+    if records is None:
+        print("no log records yet (the daemon creates log_records on its first start)")
+        return 0
     for r in records:
         if args.json:
             print(json.dumps(r.as_dict(), default=str))

@@ -1,10 +1,18 @@
-"""The read model: the queries behind ``sync-daemon status``, the Manage page and ``/metrics``.
+"""The read model: the queries behind ``sync-daemon status``, ``lag`` and ``logs``, the Manage
+page and ``/metrics``.
 
-Every function here only reads (the staging store, the order ledger, the ERP's
+Every function here only reads (the staging store, the order ledger, the log records, the ERP's
 ``pg_replication_slots``); none creates a table. ``status`` prints what :func:`collect_status`
 returns, the Manage page (:mod:`replicator.web.views`) renders the same order columns and
 service rows, and the metrics collector (:mod:`replicator.ops.gauges`) asks the same ledger and
-slot queries. One query, one place: the terminal, the page and the scrape cannot disagree.
+slot queries. One query, one place: the terminal, the page and the scrape cannot disagree, and
+the modules that show the figures (``status``, ``web/views``, ``commands/logs``) only format.
+Tables that have an owning API are read through it (the log records through
+:mod:`replicator.logstore`, the checkpoints' view and lag history through
+:mod:`replicator.staging`); the order ledger is read here with SQLAlchemy Core on its tables,
+because paging, counts per state and a search are not what :class:`~replicator.orders.ledger.
+Ledger` offers, and constructing a ``Ledger`` would create its tables.
+``tests/test_ops_readonly.py`` proves that none of this writes.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import datetime as dt
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -22,13 +30,16 @@ import psycopg
 import sqlalchemy as sa
 import structlog
 
+from replicator import logstore
 from replicator.config import Config
-from replicator.db import connect_error, pg_connect
+from replicator.db import connect_error, null_pool_engine, pg_connect
 from replicator.ha import describe
 from replicator.log import redact
+from replicator.logstore import LogRecord
 from replicator.ops.format import human_bytes
-from replicator.orders.ledger import events_t, ledger_t
+from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
 from replicator.staging import StagingStore
+from replicator.staging.state import has_replication_status, replication_status
 from replicator.stream.sink import cursor_name
 
 log = structlog.get_logger(__name__)
@@ -176,6 +187,102 @@ def order_counts(engine: sa.Engine) -> dict[str, int]:
         return {str(s): int(n) for s, n in conn.execute(stmt)}
 
 
+def pending_updates(engine: sa.Engine, limit: int = 100) -> list[dict[str, Any]] | None:
+    """Orders changed in the shop after import (``update-pending``), newest first; None when
+    the ledger does not exist yet. ``last_error`` is redacted."""
+    if not has_table(engine, ledger_t.name):
+        return None
+    stmt = (
+        sa.select(*ORDER_LIST_COLUMNS)
+        .where(ledger_t.c.state == "update-pending")
+        .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:
+        if r["last_error"]:
+            r["last_error"] = redact(r["last_error"])
+    return rows
+
+
+def order_with_events(
+    engine: sa.Engine, shop: str, e_number: str
+) -> tuple[Entry, list[Event]] | None:
+    """One order's ledger entry and its timeline, oldest event first (the rows
+    :meth:`Ledger.get` and :meth:`Ledger.events` read); errors and details redacted."""
+    if not has_table(engine, ledger_t.name):
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(ledger_t).where(ledger_t.c.shop == shop, ledger_t.c.e_number == e_number)
+        ).first()
+        if row is None:
+            return None
+        entry = entry_from_row(row)
+        if entry.last_error:
+            entry = replace(entry, last_error=redact(entry.last_error))
+        events = [
+            Event(r.at, r.event, redact(r.detail) if r.detail else r.detail)
+            for r in conn.execute(
+                sa.select(events_t.c.at, events_t.c.event, events_t.c.detail)
+                .where(events_t.c.shop == shop, events_t.c.e_number == e_number)
+                .order_by(events_t.c.id)
+            )
+        ]
+    return entry, events
+
+
+def replication_rows(engine: sa.Engine) -> list[dict[str, Any]]:
+    """The ``replication_status`` view (empty before the first checkpoint created it)."""
+    if not has_replication_status(engine):
+        return []
+    return replication_status(engine)
+
+
+# -------------------------------------------------------------------------------- log records
+
+
+def has_log_records(engine: sa.Engine) -> bool:
+    """Whether the daemon created ``log_records`` here (nothing that only reads creates it)."""
+    return logstore.has_table(engine)
+
+
+def recent_logs(
+    engine: sa.Engine,
+    service: str | None = None,
+    level: str | None = None,
+    since: datetime | None = None,
+    limit: int = 200,
+) -> list[LogRecord]:
+    """The newest ``limit`` matching log records, oldest first (the table must exist: see
+    :func:`has_log_records`). ``level`` means that level and above."""
+    return logstore.query_records(engine, service=service, level=level, since=since, limit=limit)
+
+
+def log_services(engine: sa.Engine) -> list[str]:
+    """The services that have log records, sorted (the table must exist)."""
+    return logstore.services(engine)
+
+
+def read_logs(
+    staging_url: str,
+    service: str | None = None,
+    level: str | None = None,
+    since: datetime | None = None,
+    limit: int = 200,
+) -> list[LogRecord] | None:
+    """:func:`recent_logs` of the store at ``staging_url`` (``sync-daemon logs``), on an
+    engine of its own that is closed before returning; None when there is no ``log_records``."""
+    engine = null_pool_engine(staging_url, "logs")
+    try:
+        if not has_log_records(engine):
+            return None
+        return recent_logs(engine, service=service, level=level, since=since, limit=limit)
+    finally:
+        engine.dispose()
+
+
 _PROGRESS = re.compile(r"(\d[\d,]*)\s*(?:/|of)\s*(\d[\d,]*)")
 
 
@@ -311,13 +418,19 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     store = StagingStore(cfg.staging_url, role="status")
     now = dt.datetime.now(dt.UTC)
     try:
-        rows = store.replication_status()
+        # Opened, never set up: a store the daemon has not made yet shows "never started"
+        # and stays empty (``status`` pointed at the wrong store creates nothing there).
+        store.check_open()
+        tables = set(sa.inspect(store.engine).get_table_names())
+        rows = replication_rows(store.engine)
         copying = {}
         for r in rows:
-            cp = store.load_checkpoint(r["source"])
+            cp = store.state.load_checkpoint(r["source"])
             copying[r["source"]] = (cp.extra if cp else {}).get("copying", [])
-        daemon = daemon_liveness(store.load_liveness(), now)
-        services = _services(cfg, store, running=daemon["running"])
+        liveness = store.state.load_liveness() if "sync_daemon" in tables else None
+        daemon = daemon_liveness(liveness, now)
+        saved = store.state.load_services() if "sync_services" in tables else []
+        services = _services(cfg, saved, running=daemon["running"])
         orders = _orders(store, per_state)
     finally:
         store.dispose()
@@ -356,10 +469,10 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
     }
 
 
-def _services(cfg: Config, store: StagingStore, *, running: bool) -> list[dict[str, Any]]:
+def _services(cfg: Config, stored: list[dict[str, Any]], *, running: bool) -> list[dict[str, Any]]:
     """Each service: schedule in words, last run and result, next run (none while the daemon
     is down: nothing will run), breaker, progress."""
-    saved = {d["name"]: SimpleNamespace(**d) for d in store.load_services()}
+    saved = {d["name"]: SimpleNamespace(**d) for d in stored}
     schedules = cfg.schedules.all()
     for name in unconfigured_services(cfg):
         schedules.pop(name, None)
@@ -461,7 +574,9 @@ def scale_out_lines(cfg: Config) -> list[str]:
     if cfg.stream is not None:
         store = StagingStore(cfg.staging_url)
         try:
-            n, oldest = store.journal_backlog(cursor_name(cfg.stream))
+            n, oldest = 0, None
+            if has_table(store.engine, "sync_journal"):  # the daemon creates it, not a reader
+                n, oldest = store.journal.backlog(cursor_name(cfg.stream))
         finally:
             store.dispose()
         lines.append(

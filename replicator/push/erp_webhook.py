@@ -125,7 +125,7 @@ def make_erp_webhook_handler(
     stock: StockPushService | None = None,
     invoices: InvoicePushService | None = None,
 ) -> RouteHandler:
-    """A ``HealthServer`` route handler for ``/webhooks/erp``."""
+    """An ``HttpServer`` route handler for ``/webhooks/erp``."""
     if not secret:
         raise ValueError("the ERP webhook needs a non-empty shared secret")
     expected = secret.encode()

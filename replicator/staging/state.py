@@ -218,9 +218,7 @@ class SourceState:
             return out
 
     def replication_status(self) -> list[dict[str, Any]]:
-        with self.db.engine.connect() as conn:
-            res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
-            return [dict(r._mapping) for r in res]
+        return replication_status(self.db.engine)
 
     # -- online re-copy requests ---------------------------------------------------------------
     def request_recopy(self, source: str, table: str) -> None:
@@ -257,3 +255,17 @@ class SourceState:
             f"DELETE FROM sync_recopy_requests WHERE source = {p} AND source_table = {p}",
             (source, table),
         )
+
+
+def replication_status(engine: sa.Engine) -> list[dict[str, Any]]:
+    """The ``replication_status`` view, one row per source (it must exist: see
+    :func:`has_replication_status`). A function of the engine, so the read model can read it
+    without a :class:`~replicator.staging.StagingStore`."""
+    with engine.connect() as conn:
+        res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
+        return [dict(r._mapping) for r in res]
+
+
+def has_replication_status(engine: sa.Engine) -> bool:
+    """Whether the ``replication_status`` view exists yet (nothing that only reads creates it)."""
+    return "replication_status" in sa.inspect(engine).get_view_names()

@@ -69,17 +69,22 @@ class StagingStore:
         """Create the system tables and the ``replication_status`` view (idempotent)."""
         if self._ready:
             return
-        self._private_sqlite_file()
-        try:  # opening first: its error names the store; the DDL's would not
-            self.engine.connect().close()
-        except sa.exc.DBAPIError as exc:
-            raise self._open_error(exc) from None
+        self.check_open()  # opening first: its error names the store; the DDL's would not
         with self.engine.begin() as conn:
             for stmt in schema.system_ddl(self.dialect):
                 conn.exec_driver_sql(stmt)
             conn.exec_driver_sql(schema.replication_status_view(self.dialect))
         self.catalog.load()
         self._ready = True
+
+    def check_open(self) -> None:
+        """Open the store once, creating nothing in it (the read model's :meth:`setup`): a
+        store that cannot be opened raises the error that names where it is."""
+        self._private_sqlite_file()
+        try:
+            self.engine.connect().close()
+        except sa.exc.DBAPIError as exc:
+            raise self._open_error(exc) from None
 
     def _private_sqlite_file(self) -> None:
         """The staging file holds customer payloads: owner-only (0600), whatever the umask.

@@ -1,6 +1,6 @@
-"""The Manage page: orders, updates, logs, services and replication, served by the health server.
+"""The Manage page: orders, updates, logs, services and replication, served by the HTTP server.
 
-:func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HealthServer` (at ``/``),
+:func:`mount` puts the page on the daemon's :class:`~replicator.web.server.HttpServer` (at ``/``),
 so it shares the server's protection: bound to a loopback address by default, and with
 ``health.token`` required (bearer or basic auth — a browser asks for it) on every route mounted
 here when the server listens elsewhere. Write actions (accept / ignore / cancel an order update)
@@ -30,7 +30,7 @@ Wiring (see ``replicator/runtime.py``; after the server is built, before ``start
     mount(health, WebContext(
         config=cfg,
         staging_engine=store.engine,
-        store=store,                          # replication_status()
+        store=store,                          # replication_status, via the read model
         daemon_state=lambda: self.state,      # DaemonState, read only
         logstore=logstore,                    # or None: the page reads log_records itself
         importer=order_service.actions,       # OrderActions, or None: updates read-only
@@ -58,13 +58,13 @@ from replicator.log import redact
 from replicator.logstore import LEVELS, LogStore
 from replicator.mappers.orders import OrderRejected
 from replicator.ops.format import NO_VALUE
-from replicator.ops.readmodel import scale_out_lines
+from replicator.ops.readmodel import order_counts, replication_rows, scale_out_lines
 from replicator.orders.writer import NotInErp, OrderPosted
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
-from replicator.web.server import HealthServer, Request, Response
+from replicator.web.server import HttpServer, Request, Response
 
 log = structlog.get_logger(__name__, service="manage")
 
@@ -111,10 +111,11 @@ class WebContext:
                         ``replication_status``.
     ``daemon_state``    returns the live :class:`~replicator.state.DaemonState` (or None when
                         no loop runs); called on every request, never mutated.
-    ``store``           the :class:`~replicator.staging.StagingStore`; when None the page reads
-                        the ``replication_status`` view from ``staging_engine``.
+    ``store``           the :class:`~replicator.staging.StagingStore`, whose engine the
+                        ``replication_status`` view is read from (``staging_engine`` when None);
+                        the page reads through the read model and never sets a store up.
     ``logstore``        the :class:`~replicator.logstore.LogStore`; when None ``log_records``
-                        is read directly.
+                        is read through the read model.
     ``importer``        the order import service (accept / ignore / cancel, as the CLI does, and
                         the dry-run mapping on the order page); None makes updates read-only.
     """
@@ -198,14 +199,8 @@ class ManageApp:
             return None
 
     def _replication_rows(self) -> list[dict[str, Any]]:
-        if self.ctx.store is not None:
-            return list(self.ctx.store.replication_status())
-        engine = self.ctx.staging_engine
-        if "replication_status" not in sa.inspect(engine).get_view_names():
-            return []
-        with engine.connect() as conn:
-            res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
-            return [dict(r._mapping) for r in res]
+        store = self.ctx.store
+        return replication_rows(store.engine if store is not None else self.ctx.staging_engine)
 
     # -- panels ---------------------------------------------------------------------------------
 
@@ -292,8 +287,7 @@ class ManageApp:
 
     def _summary(self) -> dict[str, Any]:
         state = self._state()
-        engine = self.ctx.staging_engine
-        counts = views.order_counts(engine)
+        counts = order_counts(self.ctx.staging_engine)
         rows = self._replication_rows()
         lags = [float(r["lag_seconds"]) for r in rows if r.get("lag_seconds") is not None]
         breakers = [
@@ -494,7 +488,7 @@ class ManageApp:
         return "cancelled"
 
 
-def mount(server: HealthServer, ctx: WebContext) -> ManageApp:
+def mount(server: HttpServer, ctx: WebContext) -> ManageApp:
     """Serve the Manage page from ``server`` (non-public routes: the token applies)."""
     app = ManageApp(ctx)
     # Exact routes (the server matches whole paths): anything else is the server's 404.

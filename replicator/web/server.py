@@ -6,13 +6,13 @@ Responsibilities (the Patroni split, see ``patroni/api.py``):
 * ``GET /healthz`` — **liveness**: 200 while the main loop is not overdue, i.e. the last loop
   tick is younger than ``health.loop_overdue`` seconds; 503 otherwise. A supervisor restarts the
   daemon on 503; it says nothing about the ERP or the shops.
-* ``GET /readyz`` — **readiness**: runs every check registered with :meth:`HealthServer.add_check`
+* ``GET /readyz`` — **readiness**: runs every check registered with :meth:`HttpServer.add_check`
   (each in its own worker thread with a timeout, so a stuck database cannot hang the probe; see
   :class:`replicator.ops.checks.Check`) and answers 503 when a *critical* check fails.
   Non-critical failures are listed but keep 200. The checks themselves live in
   :mod:`replicator.ops.checks`; this module only serves them.
 * ``GET /metrics`` — Prometheus text exposition of :data:`replicator.metrics.REGISTRY`.
-* Routes mounted by other features with :meth:`HealthServer.add_route` (webhook receivers, the
+* Routes mounted by other features with :meth:`HttpServer.add_route` (webhook receivers, the
   Manage page).
 
 Routing is exact: a path matches one resource (a literal path, or a pattern such as
@@ -34,9 +34,9 @@ an exception becomes a 500 whose body names the exception type only, redacted.
 Wiring (see ``replicator/runtime.py``)::
 
     from replicator.ops.checks import engine_check, threshold_check
-    from replicator.web.server import HealthServer, Response
+    from replicator.web.server import HttpServer, Response
 
-    health = HealthServer(cfg.health)            # or HealthServer(cfg.health, last_tick=fn)
+    health = HttpServer(cfg.health)            # or HttpServer(cfg.health, last_tick=fn)
     health.add_check("staging", engine_check(staging_engine))    # fn() -> (ok, detail)
     health.add_check("erp", engine_check(erp_engine), critical=True, timeout=2.0)
     health.add_check("lag", threshold_check(lambda: capture.lag_seconds,
@@ -56,7 +56,7 @@ Wiring (see ``replicator/runtime.py``)::
     ...
     health.stop()                 # in the daemon's ``finally``
 
-``last_tick`` (alternative to :meth:`HealthServer.tick`) is a callable returning the time of the
+``last_tick`` (alternative to :meth:`HttpServer.tick`) is a callable returning the time of the
 last loop tick on the ``clock`` given to the server (default :func:`time.monotonic`), or ``None``
 before the first tick. Before the first tick the server's start time counts as a tick, so a loop
 that never gets going turns liveness red after ``loop_overdue`` seconds.
@@ -90,7 +90,7 @@ from replicator.ops.checks import Check, CheckFn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["HealthServer", "Request", "Response", "RouteHandler", "is_loopback"]
+__all__ = ["HttpServer", "Request", "Response", "RouteHandler", "is_loopback"]
 
 RouteHandler = Callable[["Request"], "Response"]
 
@@ -183,7 +183,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], app: HealthServer, max_connections: int) -> None:
+    def __init__(self, addr: tuple[str, int], app: HttpServer, max_connections: int) -> None:
         host = addr[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -293,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             # client reads our answer instead of a connection reset.
             raw = self.headers.get("Content-Length", "").strip()
             if raw.isdigit() and "chunked" not in self.headers.get("Transfer-Encoding", ""):
-                HealthServer._discard(self, int(raw))
+                HttpServer._discard(self, int(raw))
         self._send(resp, head=head)
 
     def _send(self, resp: Response, head: bool = False) -> None:
@@ -317,7 +317,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class HealthServer:
+class HttpServer:
     """Liveness, readiness and metrics over HTTP, served from a daemon thread."""
 
     def __init__(

@@ -4,19 +4,17 @@ The order columns and the service rows ``status`` prints too come from the read 
 (:mod:`replicator.ops.readmodel`); this module adds what only the page shows (the updates queue,
 one order's detail, logs, the replication charts) and the formatting helpers of its templates.
 
-Every function here only reads. The order ledger is read with SQLAlchemy Core on its tables
-(:mod:`replicator.orders.ledger`) because the page needs paging, counts per state and a search by
-ERP order number, which :class:`~replicator.orders.ledger.Ledger` does not offer; the order page
-reads the same rows as :meth:`Ledger.get` and :meth:`Ledger.events` (without constructing a
-``Ledger``, which would create the tables). Nothing creates the ledger tables: a daemon
-whose order import never ran shows "no orders yet".
+This module runs no query of its own: every read (orders, updates, one order and its timeline,
+log records, lag history) is a function of the read model or of the table's owner, and this
+module shapes the result for the templates. Nothing creates the ledger tables: a daemon whose
+order import never ran shows "no orders yet".
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,25 +23,28 @@ import structlog
 from markupsafe import Markup
 
 from replicator.log import redact
-from replicator.logstore import LEVELS, LogRecord, log_records, query_records, utc
+from replicator.logstore import LEVELS, LogRecord, utc
 from replicator.mappers.orders import OrderRejected
 from replicator.ops.format import NO_VALUE, human_bytes, human_seconds
 from replicator.ops.readmodel import (
-    ORDER_LIST_COLUMNS,
     ORDER_STATES,
     OrderColumn,
     OrdersView,
     ServiceRow,
-    has_table,
+    has_log_records,
+    log_services,
     order_counts,
+    order_with_events,
     orders_view,
+    pending_updates,
     progress_pct,
+    recent_logs,
     services_view,
     unconfigured_services,
     utcnow,
 )
 from replicator.orders.inbox import PayloadError, parse_payload
-from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
+from replicator.orders.ledger import Entry, Event
 from replicator.orders.plan_writer import PlanWriter
 from replicator.staging.lag import LagSample, lag_history
 from replicator.web.lag import sparkline_svg
@@ -109,20 +110,11 @@ def ago(t: Any, now: datetime | None = None) -> str:
 
 def updates_view(engine: sa.Engine, limit: int = 100) -> tuple[bool, list[dict[str, Any]]]:
     """Orders changed in the shop after import (``update-pending``), newest first, with diffs."""
-    if not has_table(engine, ledger_t.name):
+    rows = pending_updates(engine, limit)
+    if rows is None:
         return False, []
-    stmt = (
-        sa.select(*ORDER_LIST_COLUMNS)
-        .where(ledger_t.c.state == "update-pending")
-        .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
-        .limit(limit)
-    )
-    with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(stmt)]
     for r in rows:
         r["changes"] = parse_diff(r.get("diff"))
-        if r["last_error"]:
-            r["last_error"] = redact(r["last_error"])
     return True, rows
 
 
@@ -162,25 +154,10 @@ MAX_PAYLOAD_SHOWN = 512 * 1024
 
 
 def order_detail(engine: sa.Engine, shop: str, e_number: str) -> OrderDetail | None:
-    if not has_table(engine, ledger_t.name):
+    found = order_with_events(engine, shop, e_number)
+    if found is None:
         return None
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(ledger_t).where(ledger_t.c.shop == shop, ledger_t.c.e_number == e_number)
-        ).first()
-        if row is None:
-            return None
-        entry = entry_from_row(row)
-        if entry.last_error:
-            entry = replace(entry, last_error=redact(entry.last_error))
-        events = [
-            Event(r.at, r.event, redact(r.detail) if r.detail else r.detail)
-            for r in conn.execute(
-                sa.select(events_t.c.at, events_t.c.event, events_t.c.detail)
-                .where(events_t.c.shop == shop, events_t.c.e_number == e_number)
-                .order_by(events_t.c.id)
-            )
-        ]
+    entry, events = found
     payload = _pretty(entry.payload[:MAX_PAYLOAD_SHOWN])
     if len(entry.payload) > MAX_PAYLOAD_SHOWN:
         payload += f"\n… ({len(entry.payload)} bytes in all; first {MAX_PAYLOAD_SHOWN} shown)"
@@ -265,22 +242,14 @@ def logs_view(
         level = ""
     if since not in SINCE_CHOICES:
         since = "24h"
-    if not has_table(engine, log_records.name):
+    if not has_log_records(engine):
         return LogsView(False, [], [], service, level, since, limit)
     delta = SINCE_CHOICES[since][1]
     start = utcnow() - delta if delta is not None else None
-    run = query or (lambda **kw: query_records(engine, **kw))
+    run = query or (lambda **kw: recent_logs(engine, **kw))
     records = run(service=service or None, level=level or None, since=start, limit=limit)
     records = list(reversed(records))
-    with engine.connect() as conn:
-        services = sorted(
-            str(s)
-            for (s,) in conn.execute(
-                sa.select(log_records.c.service)
-                .where(log_records.c.service.is_not(None))
-                .distinct()
-            )
-        )
+    services = log_services(engine)
     return LogsView(True, records, services, service, level, since, limit)
 
 
