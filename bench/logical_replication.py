@@ -38,6 +38,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from replicator.cdc import pgoutput  # noqa: E402
 from replicator.localpg import LocalCluster, find_bindir  # noqa: E402
 
 SCHEMA = """
@@ -340,7 +341,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sync-bench-"))
     cluster = LocalCluster(settings={"max_wal_size": "8GB", "checkpoint_timeout": "30min"}).init()
     cluster.start()
-    results: dict[str, Any] = {"scale": args.scale, "workloads": {}}
+    # The daemons started below inherit this environment, so they run the same decoder.
+    print(f"pgoutput decoder: {pgoutput.DECODER}", flush=True)
+    results: dict[str, Any] = {"scale": args.scale, "decoder": pgoutput.DECODER, "workloads": {}}
     try:
         erp = cluster.createdb("erp")
         staging_pg = cluster.createdb("staging")

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from replicator.cdc import pgoutput
 from replicator.config import Config
 from replicator.ops.format import human_bytes as pretty_bytes
 from replicator.ops.readmodel import (
@@ -103,8 +104,9 @@ def print_status(
         if not daemon["running"]:
             lag = "unknown (daemon not running)"
         lag_b = "" if s["lag_bytes"] is None else f", {human_bytes(s['lag_bytes'])} behind"
+        decoder = f", {pgoutput.DECODER} decoder" if st["capture_mode"] == "logical" else ""
         print(
-            f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}): {s['state']}",
+            f"capture {s['source']} ({st['capture_mode']}, slot {s['slot']}{decoder}): {s['state']}",
             file=out,
         )
         print(

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from replicator.cdc import pgoutput
 from replicator.staging import StagingStore
 from tests.helpers import (
     ROOT,
@@ -412,7 +413,7 @@ def test_status_of_a_stopped_or_killed_daemon(erp: str, tmp_path: Path) -> None:
         running = _status(cfg)
         assert running.returncode == 0, running.stderr
         assert f"daemon running (pid {d.pid}" in running.stdout
-        assert ": streaming" in running.stdout
+        assert f"{pgoutput.DECODER} decoder): streaming" in running.stdout
         assert d.terminate() == 0
     stopped = _status(cfg)
     assert stopped.returncode == 5, stopped.stderr

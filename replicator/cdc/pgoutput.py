@@ -13,7 +13,9 @@ Reference: PostgreSQL docs, "Logical Streaming Replication Protocol" / "Message 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,10 @@ _Q = struct.Struct("!Q")
 _qqq = struct.Struct("!QQQ")
 _I = struct.Struct("!I")
 _H = struct.Struct("!H")
+_QQ = struct.Struct("!QQ")
+_QqI = struct.Struct("!QqI")
+_QQq = struct.Struct("!QQq")
+_Ii = struct.Struct("!Ii")
 
 UNCHANGED = object()  # an unchanged TOAST value ('u'): keep what staging has
 
@@ -67,15 +73,35 @@ class Keepalive:
     reply_requested: bool
 
 
-def parse_copy_message(buf: memoryview | bytes) -> XLogData | Keepalive:
+class ProtocolError(ValueError):
+    """A replication frame or pgoutput message that is truncated or malformed.
+
+    Both decoders (pure Python and compiled) raise it, with the same message, for the same input:
+    the message names the offset in the frame where decoding stopped. Being a ``ValueError``,
+    callers that caught the older ``ValueError`` keep catching it.
+    """
+
+
+def _truncated(pos: int, need: int, size: int) -> ProtocolError:
+    return ProtocolError(f"truncated message: {need} bytes needed at offset {pos}, {size} in all")
+
+
+def _py_parse_copy_message(buf: memoryview | bytes) -> XLogData | Keepalive:
+    size = len(buf)
+    if size == 0:
+        raise ProtocolError("empty replication message")
     kind = buf[0]
     if kind == 0x77:  # 'w'
+        if size < 25:
+            raise _truncated(1, 24, size)
         start, end, sent = _qqq.unpack_from(buf, 1)
         return XLogData(start, end, sent, memoryview(buf)[25:])
     if kind == 0x6B:  # 'k'
-        end, sent = struct.unpack_from("!QQ", buf, 1)
+        if size < 18:
+            raise _truncated(1, 17, size)
+        end, sent = _QQ.unpack_from(buf, 1)
         return Keepalive(end, sent, bool(buf[17]))
-    raise ValueError(f"unexpected replication message type {chr(kind)!r}")
+    raise ProtocolError(f"unexpected replication message type {chr(kind)!r}")
 
 
 # ---------------------------------------------------------------------------- pgoutput messages
@@ -157,47 +183,66 @@ class Origin:
 Message = Begin | Commit | Relation | TypeMsg | RowChange | Truncate | LogicalMessage | Origin
 
 
-def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
-    end = buf.index(0, pos)
-    return buf[pos:end].decode("utf-8"), end + 1
+def _py_cstring(buf: bytes, pos: int) -> tuple[str, int]:
+    end = buf.find(0, pos)
+    if end < 0:
+        raise ProtocolError(f"unterminated string at offset {pos}")
+    try:
+        return buf[pos:end].decode("utf-8"), end + 1
+    except UnicodeDecodeError:
+        raise ProtocolError(f"invalid UTF-8 in the string at offset {pos}") from None
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[list[Any], int]:
+def _py_tuple(buf: bytes, pos: int) -> tuple[list[Any], int]:
+    """TupleData at ``pos``: (raw values, offset after it)."""
+    size = len(buf)
+    if pos + 2 > size:
+        raise _truncated(pos, 2, size)
     (n,) = _H.unpack_from(buf, pos)
     pos += 2
     out: list[Any] = []
     append = out.append
     for _ in range(n):
+        if pos >= size:
+            raise _truncated(pos, 1, size)
         kind = buf[pos]
         pos += 1
-        if kind == 0x74:  # 't' text
+        # 't' text; 'b' binary (protocol 2+ with the binary option, not requested): same layout.
+        if kind == 0x74 or kind == 0x62:
+            if pos + 4 > size:
+                raise _truncated(pos, 4, size)
             (ln,) = _I.unpack_from(buf, pos)
             pos += 4
-            append(buf[pos : pos + ln])
-            pos += ln
+            end = pos + ln
+            if end > size:
+                raise _truncated(pos, ln, size)
+            append(buf[pos:end])
+            pos = end
         elif kind == 0x6E:  # 'n' null
             append(None)
         elif kind == 0x75:  # 'u' unchanged toast
             append(UNCHANGED)
-        elif kind == 0x62:  # 'b' binary (protocol 2+ with binary option; not requested)
-            (ln,) = _I.unpack_from(buf, pos)
-            pos += 4
-            append(buf[pos : pos + ln])
-            pos += ln
         else:
-            raise ValueError(f"unknown tuple data kind {chr(kind)!r}")
+            raise ProtocolError(f"unknown tuple data kind {chr(kind)!r} at offset {pos - 1}")
     return out, pos
 
 
-def decode_message(data: memoryview | bytes) -> Message:
+def _py_decode_message(data: memoryview | bytes) -> Message:
     """Decode one pgoutput message (the payload of an XLogData frame)."""
     buf = bytes(data)
+    size = len(buf)
+    if size == 0:
+        raise ProtocolError("empty pgoutput message")
     kind = buf[0]
     if kind == 0x49:  # 'I'
+        if size < 5:
+            raise _truncated(1, 4, size)
         (rel,) = _I.unpack_from(buf, 1)
-        new, _ = _tuple(buf, 6)  # 5 is 'N'
+        new, _ = _py_tuple(buf, 6)  # 5 is 'N'
         return RowChange("I", rel, new, None, False)
     if kind == 0x55:  # 'U'
+        if size < 6:
+            raise _truncated(1, 5, size)
         (rel,) = _I.unpack_from(buf, 1)
         pos = 5
         old = None
@@ -205,61 +250,91 @@ def decode_message(data: memoryview | bytes) -> Message:
         marker = buf[pos]
         if marker in (0x4B, 0x4F):  # 'K' | 'O'
             old_is_key = marker == 0x4B
-            old, pos = _tuple(buf, pos + 1)
+            old, pos = _py_tuple(buf, pos + 1)
+            if pos >= size:
+                raise _truncated(pos, 1, size)
             marker = buf[pos]
         if marker != 0x4E:
-            raise ValueError("update message without new tuple")
-        new, _ = _tuple(buf, pos + 1)
+            raise ProtocolError(f"update message without new tuple (offset {pos})")
+        new, _ = _py_tuple(buf, pos + 1)
         return RowChange("U", rel, new, old, old_is_key)
     if kind == 0x44:  # 'D'
+        if size < 6:
+            raise _truncated(1, 5, size)
         (rel,) = _I.unpack_from(buf, 1)
         old_is_key = buf[5] == 0x4B
-        old, _ = _tuple(buf, 6)
+        old, _ = _py_tuple(buf, 6)
         return RowChange("D", rel, None, old, old_is_key)
     if kind == 0x42:  # 'B'
-        final_lsn, ts = struct.unpack_from("!Qq", buf, 1)
-        (xid,) = _I.unpack_from(buf, 17)
+        if size < 21:
+            raise _truncated(1, 20, size)
+        final_lsn, ts, xid = _QqI.unpack_from(buf, 1)
         return Begin(final_lsn, ts, xid)
     if kind == 0x43:  # 'C'
+        if size < 26:
+            raise _truncated(1, 25, size)
         flags = buf[1]
-        commit_lsn, end_lsn, ts = struct.unpack_from("!QQq", buf, 2)
+        commit_lsn, end_lsn, ts = _QQq.unpack_from(buf, 2)
         return Commit(flags, commit_lsn, end_lsn, ts)
     if kind == 0x52:  # 'R'
+        if size < 5:
+            raise _truncated(1, 4, size)
         (oid,) = _I.unpack_from(buf, 1)
-        ns, pos = _cstring(buf, 5)
-        name, pos = _cstring(buf, pos)
+        ns, pos = _py_cstring(buf, 5)
+        name, pos = _py_cstring(buf, pos)
+        if pos + 3 > size:
+            raise _truncated(pos, 3, size)
         ident = chr(buf[pos])
         (ncols,) = _H.unpack_from(buf, pos + 1)
         pos += 3
         cols = []
         for _ in range(ncols):
+            if pos >= size:
+                raise _truncated(pos, 1, size)
             flags = buf[pos]
-            cname, pos = _cstring(buf, pos + 1)
-            toid, tmod = struct.unpack_from("!Ii", buf, pos)
+            cname, pos = _py_cstring(buf, pos + 1)
+            if pos + 8 > size:
+                raise _truncated(pos, 8, size)
+            toid, tmod = _Ii.unpack_from(buf, pos)
             pos += 8
             cols.append(RelationColumn(cname, toid, tmod, bool(flags & 1)))
         return Relation(oid, ns or "public", name, ident, cols)
     if kind == 0x54:  # 'T'
+        if size < 6:
+            raise _truncated(1, 5, size)
         (n,) = _I.unpack_from(buf, 1)
         opts = buf[5]
-        oids = list(struct.unpack_from(f"!{n}I", buf, 6))
+        if 6 + 4 * n > size:
+            raise _truncated(6, 4 * n, size)
+        oids = [_I.unpack_from(buf, 6 + 4 * i)[0] for i in range(n)]
         return Truncate(oids, bool(opts & 1), bool(opts & 2))
     if kind == 0x59:  # 'Y'
+        if size < 5:
+            raise _truncated(1, 4, size)
         (oid,) = _I.unpack_from(buf, 1)
-        ns, pos = _cstring(buf, 5)
-        name, _ = _cstring(buf, pos)
+        ns, pos = _py_cstring(buf, 5)
+        name, _ = _py_cstring(buf, pos)
         return TypeMsg(oid, ns, name)
     if kind == 0x4D:  # 'M'
+        if size < 10:
+            raise _truncated(1, 9, size)
         flags = buf[1]
         (lsn,) = _Q.unpack_from(buf, 2)
-        prefix, pos = _cstring(buf, 10)
+        prefix, pos = _py_cstring(buf, 10)
+        if pos + 4 > size:
+            raise _truncated(pos, 4, size)
         (ln,) = _I.unpack_from(buf, pos)
-        return LogicalMessage(bool(flags & 1), lsn, prefix, buf[pos + 4 : pos + 4 + ln])
+        pos += 4
+        if pos + ln > size:
+            raise _truncated(pos, ln, size)
+        return LogicalMessage(bool(flags & 1), lsn, prefix, buf[pos : pos + ln])
     if kind == 0x4F:  # 'O'
+        if size < 9:
+            raise _truncated(1, 8, size)
         (lsn,) = _Q.unpack_from(buf, 1)
-        name, _ = _cstring(buf, 9)
+        name, _ = _py_cstring(buf, 9)
         return Origin(lsn, name)
-    raise ValueError(f"unknown pgoutput message type {chr(kind)!r}")
+    raise ProtocolError(f"unknown pgoutput message type {chr(kind)!r}")
 
 
 class ValueDecoder:
@@ -289,3 +364,54 @@ class ValueDecoder:
             elif v is not UNCHANGED:
                 out[name] = load(v)
         return out
+
+
+# ---------------------------------------------------------------------------- decoder choice
+# The pure-Python decoder above is the reference; ``_pgoutput`` (replicator/cdc/_pgoutput.c) is
+# its compiled twin, built by ``pip install`` when a C compiler is there (optional: the install
+# succeeds without). Both give the same values and raise the same ProtocolError for the same
+# input (tests/test_pgoutput_compiled.py). SYNC_DAEMON_PURE_DECODER=1 forces the pure one.
+pure_parse_copy_message = _py_parse_copy_message
+pure_decode_message = _py_decode_message
+pure_tuple = _py_tuple
+pure_cstring = _py_cstring
+
+compiled: Any = None
+if os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0"):
+    try:
+        from replicator.cdc import _pgoutput as compiled  # type: ignore[attr-defined,no-redef]
+    except ImportError:
+        compiled = None
+    else:
+        compiled.configure(
+            ProtocolError,
+            UNCHANGED,
+            XLogData,
+            Keepalive,
+            Begin,
+            Commit,
+            Relation,
+            RelationColumn,
+            TypeMsg,
+            RowChange,
+            Truncate,
+            LogicalMessage,
+            Origin,
+        )
+
+DECODER: str
+"""Which decoder runs: ``"compiled"`` or ``"pure"`` (printed by ``status`` and the benchmarks)."""
+if compiled is not None:
+    DECODER = "compiled"
+    parse_copy_message: Callable[[memoryview | bytes], XLogData | Keepalive] = (
+        compiled.parse_copy_message
+    )
+    decode_message: Callable[[memoryview | bytes], Message] = compiled.decode_message
+    _tuple: Callable[[bytes, int], tuple[list[Any], int]] = compiled.tuple_data
+    _cstring: Callable[[bytes, int], tuple[str, int]] = compiled.cstring
+else:
+    DECODER = "pure"
+    parse_copy_message = _py_parse_copy_message
+    decode_message = _py_decode_message
+    _tuple = _py_tuple
+    _cstring = _py_cstring
