@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--staging", default="sqlite,postgresql")
     ap.add_argument("--journal", default="off,old,current")
     ap.add_argument("--baseline", type=Path, help="a checkout of older code to compare with")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the fastest is shown")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,20 +187,24 @@ def main() -> None:
         _pg_cluster("postgresql" in stagings) as cluster,
     ):
         n = 0
-        for staging in stagings:
-            for journal in args.journal.split(","):
-                for label, code in codes:  # baseline and now back to back: same machine load
-                    n += 1
-                    if staging == "sqlite":
-                        url = f"sqlite:///{Path(d) / f'{n}.db'}"
-                    else:
-                        url = cluster.createdb(f"bench{n}")
-                    common = ["--changes", str(args.changes), "--batch", str(args.batch)]
-                    common += ["--keys", str(args.keys), "--journal", journal, "--url", url]
-                    results[(staging, journal, label)] = _child(code, common)
+        for _ in range(args.repeat):  # interleaved: a burst of load elsewhere hits all alike
+            for staging in stagings:
+                for journal in args.journal.split(","):
+                    for label, code in codes:  # baseline and now back to back
+                        n += 1
+                        if staging == "sqlite":
+                            url = f"sqlite:///{Path(d) / f'{n}.db'}"
+                        else:
+                            url = cluster.createdb(f"bench{n}")
+                        common = ["--changes", str(args.changes), "--batch", str(args.batch)]
+                        common += ["--keys", str(args.keys), "--journal", journal, "--url", url]
+                        r = _child(code, common)
+                        best = results.get((staging, journal, label))
+                        if best is None or r["rate"] > best["rate"]:
+                            results[(staging, journal, label)] = r
     print(
         f"{args.changes:,} changes (40% insert, 25% update, 20% partial update, 15% delete) over "
-        f"{args.keys:,} keys, one commit per {args.batch} changes"
+        f"{args.keys:,} keys, one commit per {args.batch} changes; fastest of {args.repeat} runs"
     )
     header = f"{'staging':11}{'journal':9}"
     for label, _ in codes:
