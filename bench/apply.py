@@ -139,6 +139,26 @@ def run_one(url: str, journal: str, changes: int, batch: int, keys: int) -> dict
     }
 
 
+def journal_only(url: str, journal: str, changes: int, batch: int) -> dict[str, Any]:
+    """Only the journal: ``changes`` entries appended in transactions of ``batch``, through
+    :meth:`Journal.append`, into a journal of the given shape."""
+    from replicator.staging import StagingStore
+
+    store = StagingStore(url)
+    store.setup()
+    _journal_shape(store, journal)
+    entries = [("public.big", "U", (i,), f"0/{i:X}") for i in range(changes)]
+    started = time.perf_counter()
+    cpu = time.process_time()
+    for lo in range(0, changes, batch):
+        with store.engine.begin() as conn:
+            store.journal.append(conn, "bench", entries[lo : lo + batch])
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    store.dispose()
+    return {"rate": changes / seconds, "cpu_us": cpu / changes * 1e6}
+
+
 @contextlib.contextmanager
 def _pg_cluster(needed: bool) -> Iterator[Any]:
     if not needed:
@@ -173,7 +193,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; the fastest is shown")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--journal-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.journal_only:
+        print(json.dumps(journal_only(args.url, args.journal, args.changes, args.batch)))
+        return
     if args.child:
         print(json.dumps(run_one(args.url, args.journal, args.changes, args.batch, args.keys)))
         return
@@ -182,6 +206,7 @@ def main() -> None:
     if args.baseline:
         codes.insert(0, ("baseline", args.baseline.resolve()))
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
+    journal_alone: dict[tuple[str, str], dict[str, Any]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="sync-bench-apply-") as d,
         _pg_cluster("postgresql" in stagings) as cluster,
@@ -202,6 +227,19 @@ def main() -> None:
                         best = results.get((staging, journal, label))
                         if best is None or r["rate"] > best["rate"]:
                             results[(staging, journal, label)] = r
+                if journal_shapes := [j for j in args.journal.split(",") if j != "off"]:
+                    for journal in journal_shapes:  # the journal alone, in this code's shapes
+                        n += 1
+                        if staging == "sqlite":
+                            url = f"sqlite:///{Path(d) / f'{n}.db'}"
+                        else:
+                            url = cluster.createdb(f"bench{n}")
+                        common = ["--changes", str(args.changes), "--batch", str(args.batch)]
+                        common += ["--journal", journal, "--url", url, "--journal-only"]
+                        r = _child(codes[-1][1], common)
+                        best = journal_alone.get((staging, journal))
+                        if best is None or r["cpu_us"] < best["cpu_us"]:
+                            journal_alone[(staging, journal)] = r
     print(
         f"{args.changes:,} changes (40% insert, 25% update, 20% partial update, 15% delete) over "
         f"{args.keys:,} keys, one commit per {args.batch} changes; fastest of {args.repeat} runs"
@@ -218,6 +256,10 @@ def main() -> None:
                 split = f"{r['apply_us']:.1f}/{r['write_us']:.1f}"
                 line += f"{r['rate']:>20,.0f}{split:>16}{r['cpu_us']:>8.1f}"
             print(line)
+    if journal_alone:
+        print(f"the journal alone ({args.changes:,} entries appended, {args.batch} a commit):")
+        for (staging, journal), r in journal_alone.items():
+            print(f"{staging:11}{journal:9}{r['rate']:>20,.0f} entries/s{r['cpu_us']:>8.2f} cpu µs")
     print(f"cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
 
 
