@@ -15,8 +15,9 @@ Why the journal is shaped the way it is
 Every journaled change pays for the journal, so it is one append-only table read by position
 (the entry id) and nothing else: no secondary index (readers of some tables scan forward from
 their position with the primary key, and remember how far they scanned, see :meth:`Journal.scan`),
-and on SQLite no AUTOINCREMENT (its ``sqlite_sequence`` row is rewritten by every insert). Together
-those halved the apply rate (``bench/apply.py`` measures both shapes).
+and on SQLite no AUTOINCREMENT (its ``sqlite_sequence`` row is rewritten by every insert). An
+entry then costs less than half the CPU it cost with both (``bench/apply.py`` measures the
+two shapes).
 
 Without AUTOINCREMENT SQLite gives a new row the largest rowid in the table plus one, so ids
 would repeat if the newest entries were ever deleted — and a consumer whose cursor stands past
