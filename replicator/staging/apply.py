@@ -17,12 +17,21 @@ and capture resumes right after it.
 key (the last image wins; a partial image — unchanged TOAST columns left out — is merged onto the
 one before it) and written with ``executemany`` per (table, column set). Changes to different
 keys commute, so the coalesced writes reach the same final state as applying one by one.
+
+*Sorted by key.* Each flush writes a table's deletes and each group of upserts in key order:
+the B-tree of the mirror is then walked once, front to back, instead of at random (SQLite
+upserts ran about three times faster sorted). On PostgreSQL staging a large group travels by
+COPY into a temporary table and is applied with one statement — ``INSERT … ON CONFLICT`` for
+upserts, ``DELETE … USING`` for deletes — since ``executemany`` costs ~20 µs of client time a
+row and COPY ~1 µs (``MERGE`` was not used: it scans the target per batch).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -38,6 +47,18 @@ if TYPE_CHECKING:  # the store creates transactions; a transaction only calls ba
 log = structlog.get_logger(__name__)
 
 _COPY_THRESHOLD = 500  # rows in one group from which PostgreSQL staging uses COPY
+
+_T = TypeVar("_T", bound=tuple[Any, ...])
+
+
+def _by_key(rows: Iterable[_T], at: int = 0) -> list[_T]:
+    """``rows`` in the order of their key (item ``at``); in arrival order when keys of one
+    table do not compare (values of mixed types): the order is for speed only, each key is
+    there once."""
+    out = list(rows)
+    with contextlib.suppress(TypeError):
+        out.sort(key=itemgetter(at))
+    return out
 
 
 class _Pending:
@@ -62,7 +83,12 @@ def _upsert_groups(
     groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]] = {}
     for k, (values, _partial, pos) in pend.upserts.items():
         groups.setdefault(tuple(values.keys()), []).append((values, k, pos))
-    return groups
+    return {cols: _by_key(rows, 1) for cols, rows in groups.items()}
+
+
+def _deletes(pend: _Pending) -> list[tuple[tuple[Any, ...], str]]:
+    """Pending deletes ``(key, position)``, in key order."""
+    return _by_key(pend.deletes.items())
 
 
 class _Spill:
@@ -141,7 +167,7 @@ class _Spill:
                             info,
                             "D",
                             info.schema.key,
-                            [(pos, key_json(k), *k) for k, pos in pend.deletes.items()],
+                            [(pos, key_json(k), *k) for k, pos in _deletes(pend)],
                         )
                     for cols, rows in _upsert_groups(pend).items():
                         conv = store.catalog.converter(info, cols)
@@ -235,50 +261,79 @@ class ApplyTxn:
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
-        table, op = ch.table, ch.op
-        info = self.store.catalog.get(table)
-        if info is None:
-            raise KeyError(f"no mirror for {table}: ensure_mirror first")
-        self.applied += 1
-        ck = (table, op)
-        self.counts[ck] = self.counts.get(ck, 0) + 1
-        if op == "T":
-            self._truncate(info, ch.position)
-            return
-        pend = self._pending.get(table)
-        if pend is None:
-            pend = self._pending[table] = _Pending()
-        keycols = info.schema.key
-        # pending_count counts changes since the last flush (an upper bound of what is held).
-        self.pending_count += 1
-        if op == "D":
-            src = ch.key or ch.values or {}
-            k = tuple([src[c] for c in keycols])
-            pend.upserts.pop(k, None)
-            pend.deletes[k] = ch.position
-            return
-        values = ch.values or {}
-        k = tuple([values[c] for c in keycols])
-        upserts = pend.upserts
-        if op == "U":
-            if ch.key is not None:
-                old = tuple([ch.key[c] for c in keycols])
-                if old != k:
-                    upserts.pop(old, None)
-                    pend.deletes[old] = ch.position
-            if len(values) < len(info.schema.columns):  # unchanged TOAST columns left out
-                prev = upserts.get(k)
-                upserts[k] = (
-                    ({**prev[0], **values}, prev[1], ch.position)
-                    if prev
-                    else (values, True, ch.position)
-                )
+        """Buffer one change (see :meth:`apply_many`)."""
+        self.apply_many((ch,))
+
+    def apply_many(self, changes: Iterable[Change]) -> None:
+        """Buffer ``changes`` in order, coalesced per row key; a truncate is written at once.
+
+        The same as :meth:`apply` for each, with the per-table look-ups made once per run of
+        changes to one table. Nothing is flushed here: the caller flushes (or commits) when
+        :attr:`pending_count` reaches its batch size, which bounds memory.
+        """
+        get_info = self.store.catalog.get
+        pending = self._pending
+        counts = self.counts
+        current = ""
+        info: MirrorInfo | None = None
+        pend: _Pending | None = None
+        keycols: tuple[str, ...] = ()
+        ncols = 0
+        applied = staged = 0
+        try:
+            for ch in changes:
+                table, op = ch.table, ch.op
+                if table != current or info is None:
+                    info = get_info(table)
+                    if info is None:
+                        raise KeyError(f"no mirror for {table}: ensure_mirror first")
+                    current, pend = table, None
+                    keycols, ncols = info.schema.key, len(info.schema.columns)
+                applied += 1
+                ck = (table, op)
+                counts[ck] = counts.get(ck, 0) + 1
+                if op == "T":
+                    self._truncate(info, ch.position)
+                    pend = None
+                    continue
+                if pend is None:
+                    pend = pending.get(table)
+                    if pend is None:
+                        pend = pending[table] = _Pending()
+                # pending_count counts changes since the last flush (an upper bound of what
+                # is held).
+                staged += 1
+                if op == "D":
+                    src = ch.key or ch.values or {}
+                    k = tuple([src[c] for c in keycols])
+                    pend.upserts.pop(k, None)
+                    pend.deletes[k] = ch.position
+                    continue
+                values = ch.values or {}
+                k = tuple([values[c] for c in keycols])
+                upserts = pend.upserts
+                if op == "U":
+                    if ch.key is not None:
+                        old = tuple([ch.key[c] for c in keycols])
+                        if old != k:
+                            upserts.pop(old, None)
+                            pend.deletes[old] = ch.position
+                    if len(values) < ncols:  # unchanged TOAST columns left out
+                        prev = upserts.get(k)
+                        upserts[k] = (
+                            ({**prev[0], **values}, prev[1], ch.position)
+                            if prev
+                            else (values, True, ch.position)
+                        )
+                        if pend.deletes:
+                            pend.deletes.pop(k, None)
+                        continue
+                upserts[k] = (values, False, ch.position)
                 if pend.deletes:
                     pend.deletes.pop(k, None)
-                return
-        upserts[k] = (values, False, ch.position)
-        if pend.deletes:
-            pend.deletes.pop(k, None)
+        finally:
+            self.applied += applied
+            self.pending_count += staged
 
     def _truncate(self, info: MirrorInfo, position: str) -> None:
         self._pending.pop(info.source_table, None)
@@ -311,9 +366,13 @@ class ApplyTxn:
                 info = store.catalog[table]
                 journaled = store.journal_enabled and info.journaled
                 if pend.deletes:
-                    cur.executemany(store.catalog.delete_sql(info), list(pend.deletes.keys()))
+                    deletes = _deletes(pend)
+                    if store.dialect == "postgresql" and len(deletes) >= _COPY_THRESHOLD:
+                        self._copy_delete(cur, info, [k for k, _ in deletes])
+                    else:
+                        cur.executemany(store.catalog.delete_sql(info), [k for k, _ in deletes])
                     if journaled:
-                        journal.extend((table, "D", k, pos) for k, pos in pend.deletes.items())
+                        journal.extend((table, "D", k, pos) for k, pos in deletes)
                 for cols, rows in _upsert_groups(pend).items():
                     conv = store.catalog.converter(info, cols)
                     if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
@@ -329,6 +388,23 @@ class ApplyTxn:
         if journal:
             self._journal(journal)
 
+    def _stage(self, cur: Any, info: MirrorInfo, cols: tuple[str, ...], rows: Any) -> str:
+        """PostgreSQL staging: COPY ``rows`` (of ``cols``) into the mirror's temporary table,
+        emptied first (made once a transaction, dropped with its commit); its quoted name."""
+        q = self.store.q
+        tmp = q(f"_sync_stage_{info.name}"[:63])
+        if info.name not in self._temp_tables:
+            cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {q(info.name)}) ON COMMIT DROP"
+            )
+            self._temp_tables.add(info.name)
+        else:
+            cur.execute(f"TRUNCATE {tmp}")
+        with cur.copy(f"COPY {tmp} ({', '.join(q(c) for c in cols)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return tmp
+
     def _copy_upsert(self, cur: Any, info: MirrorInfo, cols: tuple[str, ...], rows: Any) -> None:
         """PostgreSQL staging, large groups: COPY into a temporary table, then one upsert.
 
@@ -338,22 +414,30 @@ class ApplyTxn:
         """
         store = self.store
         q = store.q
-        tmp = q(f"_sync_stage_{info.name}"[:63])
+        tmp = self._stage(cur, info, cols, rows)
         collist = ", ".join(q(c) for c in cols)
-        if info.name not in self._temp_tables:
-            cur.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {q(info.name)}) ON COMMIT DROP"
-            )
-            self._temp_tables.add(info.name)
-        else:
-            cur.execute(f"TRUNCATE {tmp}")
-        with cur.copy(f"COPY {tmp} ({collist}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
         cur.execute(
             f"INSERT INTO {q(info.name)} ({collist}) SELECT {collist} FROM {tmp} "
             f"{store.catalog.conflict_sql(info, cols)}"
         )
+
+    def _copy_delete(self, cur: Any, info: MirrorInfo, keys: list[tuple[Any, ...]]) -> None:
+        """PostgreSQL staging, many deletes: the keys COPYed into a temporary table, then one
+        ``DELETE … USING`` (the key values pass the key columns' converter, as upserts do).
+
+        The join is held to index probes of the mirror: with statistics on the temporary table
+        the planner took a hash join, reading the whole mirror for a few hundred keys (0.1 s
+        against 3 ms on 200,000 rows)."""
+        q = self.store.q
+        keycols = info.schema.key
+        conv = self.store.catalog.converter(info, keycols)
+        tmp = self._stage(
+            cur, info, keycols, (conv(dict(zip(keycols, k, strict=True))) for k in keys)
+        )
+        on = " AND ".join(f"m.{q(c)} = s.{q(c)}" for c in keycols)
+        cur.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+        cur.execute(f"DELETE FROM {q(info.name)} AS m USING {tmp} AS s WHERE {on}")
+        cur.execute("RESET enable_hashjoin; RESET enable_mergejoin")
 
     def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
         self.store.journal.append(self.conn, self.source, entries)

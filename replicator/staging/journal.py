@@ -9,6 +9,22 @@ done. A table-level entry has no key: "anything in this table may have changed".
 read position, so entries that wait for a slow consumer are not re-read every cycle. After a
 restart the read position starts again at the durable cursor, so at worst entries are looked at
 twice; every consumer is idempotent.
+
+Why the journal is shaped the way it is
+---------------------------------------
+Every journaled change pays for the journal, so it is one append-only table read by position
+(the entry id) and nothing else: no secondary index (readers of some tables scan forward from
+their position with the primary key, and remember how far they scanned, see :meth:`Journal.scan`),
+and on SQLite no AUTOINCREMENT (its ``sqlite_sequence`` row is rewritten by every insert). An
+entry then costs less than half the CPU it cost with both (``bench/apply.py`` measures the
+two shapes).
+
+Without AUTOINCREMENT SQLite gives a new row the largest rowid in the table plus one, so ids
+would repeat if the newest entries were ever deleted — and a consumer whose cursor stands past
+the largest surviving id would skip the entries that reuse its ids. :meth:`Journal.prune`
+therefore never deletes the newest entry: the largest id survives, and ids only grow. A staging
+store made by an earlier version is upgraded once by :func:`upgrade` (in setup): the index is
+dropped and the SQLite table rebuilt with the same ids.
 """
 
 from __future__ import annotations
@@ -19,12 +35,50 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 
 from replicator.staging.engine import StagingDb
+from replicator.staging.schema import OLD_JOURNAL_INDEX, journal_ddl
 from replicator.staging.values import key_json
+
+log = structlog.get_logger(__name__)
 
 _COPY_THRESHOLD = 500  # entries from which PostgreSQL staging uses COPY
 _COLUMNS = "source, table_name, op, row_key, position, at"
+
+
+def upgrade(conn: sa.Connection, dialect: str) -> None:
+    """Bring a journal of an earlier version to today's shape, in ``conn``'s transaction (setup,
+    after the system tables' DDL). Idempotent and cheap when there is nothing to do.
+
+    On SQLite an AUTOINCREMENT table is rebuilt with the same ids, unless its newest entries
+    were pruned by an earlier version (``sqlite_sequence`` ahead of the largest id): only
+    AUTOINCREMENT remembers that high-water mark, so the table keeps its shape (read the same
+    way) until an entry past the mark is journaled — pruning never deletes the newest entry —
+    and a later setup rebuilds it.
+    """
+    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {OLD_JOURNAL_INDEX}")
+    if dialect != "sqlite":
+        return
+    sql = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'sync_journal'"
+    ).scalar()
+    if not sql or "AUTOINCREMENT" not in str(sql).upper():
+        return
+    seq = conn.exec_driver_sql(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'sync_journal'"
+    ).scalar()
+    top = conn.exec_driver_sql("SELECT MAX(id) FROM sync_journal").scalar()
+    if seq is not None and int(seq) > int(top or 0):
+        log.info("journal_upgrade_deferred", high_water=int(seq), largest_id=top)
+        return
+    conn.exec_driver_sql("ALTER TABLE sync_journal RENAME TO _sync_journal_old")
+    conn.exec_driver_sql(journal_ddl(dialect))
+    conn.exec_driver_sql(
+        f"INSERT INTO sync_journal (id, {_COLUMNS}) SELECT id, {_COLUMNS} FROM _sync_journal_old"
+    )
+    conn.exec_driver_sql("DROP TABLE _sync_journal_old")
+    log.info("journal_upgraded", largest_id=top)
 
 
 class Journal:
@@ -33,6 +87,10 @@ class Journal:
     def __init__(self, db: StagingDb, *, enabled: bool = True) -> None:
         self.db = db
         self.enabled = enabled
+
+    def upgrade(self, conn: sa.Connection) -> None:
+        """See :func:`upgrade` (store setup, in its transaction)."""
+        upgrade(conn, self.db.dialect)
 
     # -- writing (inside an apply transaction) --------------------------------------------------
     def append(
@@ -76,19 +134,42 @@ class Journal:
         self, after: int, *, tables: Sequence[str] | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
         """Entries after journal id ``after`` (of ``tables``, or all), oldest first."""
+        return self.scan(after, tables=tables, limit=limit)[0]
+
+    def scan(
+        self, after: int, *, tables: Sequence[str] | None = None, limit: int = 1000
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Entries after journal id ``after`` (of ``tables``, or all), oldest first, and the id
+        up to which the journal was looked at: a reader of some tables moves past entries of
+        other tables once, instead of scanning them again at every read (there is no index by
+        table).
+
+        On SQLite the scan reaches the newest committed entry: one writer at a time, so an
+        entry not yet committed always gets a larger id than every committed one. On
+        PostgreSQL a sequence hands out ids before their transactions commit, in any order,
+        so the scan reaches only the last entry returned, as reading always did.
+        """
         p = self.db.ph
         sql = (
             "SELECT id, source, table_name, op, row_key, position, at FROM sync_journal "
             f"WHERE id > {p}"
         )
         params: list[Any] = [after]
-        if tables:
-            sql += f" AND table_name IN ({self.db.phs(len(tables))})"
-            params.extend(tables)
-        sql += f" ORDER BY id LIMIT {int(limit)}"
+        bounded = self.db.dialect == "sqlite"
         with self.db.engine.connect() as conn:
+            top = None
+            if bounded:
+                top = conn.exec_driver_sql("SELECT MAX(id) FROM sync_journal").scalar()
+                if top is None or int(top) <= after:
+                    return [], after
+                sql += f" AND id <= {p}"
+                params.append(int(top))
+            if tables:
+                sql += f" AND table_name IN ({self.db.phs(len(tables))})"
+                params.extend(tables)
+            sql += f" ORDER BY id LIMIT {int(limit)}"
             rows = conn.exec_driver_sql(sql, tuple(params)).fetchall()
-        return [
+        entries = [
             {
                 "id": int(r[0]),
                 "source": r[1],
@@ -101,16 +182,19 @@ class Journal:
             }
             for r in rows
         ]
+        if len(entries) == limit or top is None:
+            return entries, entries[-1]["id"] if entries else after
+        return entries, int(top)
 
-    def last_id(self, tables: Sequence[str]) -> int | None:
-        """The newest entry's id among ``tables`` (None when they have none)."""
+    def any_after(self, after: int, tables: Sequence[str] = ()) -> bool:
+        """Whether an entry (of ``tables``, or any) lies past journal id ``after``."""
+        p = self.db.ph
+        sql = f"SELECT id FROM sync_journal WHERE id > {p}"
+        if tables:
+            sql += f" AND table_name IN ({self.db.phs(len(tables))})"
         with self.db.engine.connect() as conn:
-            row = conn.exec_driver_sql(
-                f"SELECT MAX(id) FROM sync_journal WHERE table_name IN "
-                f"({self.db.phs(len(tables))})",
-                tuple(tables),
-            ).fetchone()
-        return None if row is None or row[0] is None else int(row[0])
+            row = conn.exec_driver_sql(f"{sql} LIMIT 1", (after, *tables)).fetchone()
+        return row is not None
 
     def backlog(self, consumer: str) -> tuple[int, Any]:
         """How many entries wait for ``consumer``, and when the oldest was committed."""
@@ -122,12 +206,16 @@ class Journal:
         return int(n), oldest
 
     def prune(self, keep_seconds: float) -> int:
-        """Delete entries every consumer has read and that are older than ``keep_seconds``."""
+        """Delete entries every consumer has read and that are older than ``keep_seconds`` —
+        never the newest entry, whose id keeps SQLite from handing out used ids again."""
         p = self.db.ph
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=keep_seconds)
         with self.db.engine.begin() as conn:
             low = conn.exec_driver_sql("SELECT MIN(journal_id) FROM sync_cursors").scalar()
-            sql = f"DELETE FROM sync_journal WHERE at < {p}"
+            sql = (
+                f"DELETE FROM sync_journal WHERE at < {p} "
+                "AND id < (SELECT MAX(id) FROM sync_journal)"
+            )
             params: list[Any] = [self.db.to_storage(cutoff)]
             if low is not None:
                 sql += f" AND id <= {p}"
@@ -179,10 +267,11 @@ class JournalReader:
         self.read_upto = self.committed
 
     def read(self, limit: int) -> list[dict[str, Any]]:
-        """The next entries after the read position (which then moves past them)."""
-        out = self.journal.read(self.read_upto, tables=self.tables or None, limit=limit)
-        if out:
-            self.read_upto = out[-1]["id"]
+        """The next entries after the read position (which then moves past them, and past the
+        entries of other tables looked at on the way)."""
+        out, self.read_upto = self.journal.scan(
+            self.read_upto, tables=self.tables or None, limit=limit
+        )
         return out
 
     def commit(self, journal_id: int) -> bool:
@@ -195,5 +284,4 @@ class JournalReader:
 
     def caught_up(self) -> bool:
         """Whether nothing of the reader's tables lies past the durable cursor."""
-        last = self.journal.last_id(self.tables)
-        return last is None or last <= self.committed
+        return not self.journal.any_after(self.committed, self.tables)

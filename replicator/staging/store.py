@@ -73,6 +73,7 @@ class StagingStore:
         with self.engine.begin() as conn:
             for stmt in schema.system_ddl(self.dialect):
                 conn.exec_driver_sql(stmt)
+            self.journal.upgrade(conn)
             conn.exec_driver_sql(schema.replication_status_view(self.dialect))
         self.catalog.load()
         self._ready = True
