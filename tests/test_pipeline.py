@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,30 @@ def test_kill_before_commit_leaves_nothing(store: StagingStore) -> None:
     res = run_worker(url, 20, 30, "plain")
     assert res.returncode == 0, res.stderr
     assert store.rows(TABLE) == expected(0, 50)
+
+
+def test_prefetched_rounds_errors_and_early_stop() -> None:
+    """The PostgreSQL trigger reader's read-ahead thread: rows in order, a fetch error raised
+    in the caller's thread, and an early stop that ends the thread before the caller goes on."""
+    from replicator.cdc.triggers.source import _prefetched
+
+    rounds = [[1, 2], [3], [4, 5, 6], []]
+    assert list(_prefetched(lambda: rounds.pop(0))) == [1, 2, 3, 4, 5, 6]
+
+    def failing() -> list[Any]:
+        raise ConnectionError("server gone")
+
+    with pytest.raises(ConnectionError):
+        list(_prefetched(failing))
+
+    fetched: list[int] = []
+
+    def endless() -> list[Any]:
+        fetched.append(1)
+        return [len(fetched)]
+
+    gen = _prefetched(endless)
+    assert next(gen) == 1
+    gen.close()
+    assert not any(t.name == "changelog-prefetch" for t in threading.enumerate())
+    assert len(fetched) <= 3  # one round ahead, never a runaway reader

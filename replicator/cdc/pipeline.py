@@ -149,10 +149,14 @@ class ApplyPipeline:
         if self.txn is not None:
             raise RuntimeError("deliver() needs no staging transaction open")
         txn = self.open()
+        stream = changes(txn)
         try:
-            n = self.apply_all(changes(txn))
+            n = self.apply_all(stream)
             end = reached()
         except BaseException:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # a generator's cleanup (its source cursor) runs now, not at GC time
             self.rollback()
             raise
         self.commit(end.checkpoint, confirm=end.confirm, **end.commit_kw)

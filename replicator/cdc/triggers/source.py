@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -643,6 +644,7 @@ class _PgReader(_Reader):
                 if not first:
                     self.prev = cur_snap  # nothing committed in between: nothing to persist
                     return 0
+                rest = _prefetched(lambda: cur.fetchmany(cur.itersize))
                 seen = _Seen()
 
                 def reached() -> Reached:
@@ -653,7 +655,10 @@ class _PgReader(_Reader):
                     self.last_id = max(self.last_id, seen.last)
                     self.prev = self.committed = cur_snap
 
-                n = src.pipeline.deliver(src.batch_changes(_chain(first, cur), seen), reached)
+                try:
+                    n = src.pipeline.deliver(src.batch_changes(_chain(first, rest), seen), reached)
+                finally:
+                    rest.close()  # the prefetching thread has ended: the rollback below is ours
             log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
             return n
         finally:
@@ -716,6 +721,47 @@ class _PgReader(_Reader):
 def _chain(first: list[Any], rest: Iterable[Any]) -> Iterator[Entry]:
     yield from first
     yield from rest
+
+
+def _prefetched(fetch: Callable[[], list[Any]]) -> Generator[Any, None, None]:
+    """The rows of ``fetch()`` (called until it returns none), fetched one round ahead by a
+    thread while the caller applies the round before.
+
+    The server takes a while to produce each round of a large batch (snapshot visibility
+    checks, JSON text); waiting for it with the staging writes stopped left both sides idle in
+    turn. At most two rounds wait in memory. If the caller stops early (an error while
+    applying), the thread finishes its round and ends before this generator closes, so the
+    connection is free again for the caller's rollback.
+    """
+    rounds: queue.Queue[list[Any] | BaseException] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            while not done.is_set():
+                rows = fetch()
+                rounds.put(rows)
+                if not rows:
+                    return
+        except BaseException as exc:  # handed to the caller's thread
+            rounds.put(exc)
+
+    worker = threading.Thread(target=work, name="changelog-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            got = rounds.get()
+            if isinstance(got, BaseException):
+                raise got
+            if not got:
+                return
+            yield from got
+    finally:
+        done.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                rounds.get(timeout=0.05)  # unblock a worker waiting to hand over a round
+        worker.join()
 
 
 # ---------------------------------------------------------------------------------------------
