@@ -884,17 +884,18 @@ class LogicalSource(CaptureSource):
             self._open_txn()
         pos = self._txn_pos
         dec = self._decoder
+        # Positional arguments: this runs once per streamed row.
         if msg.op == "I":
             assert msg.new is not None
-            change = Change(table, "I", dec.row(rel, msg.new), position=pos)
+            change = Change(table, "I", dec.row(rel, msg.new), None, pos)
         elif msg.op == "U":
             assert msg.new is not None
             values = dec.row(rel, msg.new)
             old = dec.row(rel, msg.old) if msg.old is not None else None
-            change = Change(table, "U", values, key=old, position=pos)
+            change = Change(table, "U", values, old, pos)
         else:
             assert msg.old is not None
-            change = Change(table, "D", key=dec.row(rel, msg.old), position=pos)
+            change = Change(table, "D", None, dec.row(rel, msg.old), pos)
         if table not in self._frozen:
             # Flushed every batch_size changes (bounded memory inside a large source
             # transaction); the commit comes with the source's Commit.
