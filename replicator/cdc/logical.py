@@ -59,6 +59,7 @@ from replicator.cdc.pgoutput import (
     pg_time_to_datetime,
     standby_status,
 )
+from replicator.cdc.pipeline import ApplyPipeline
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import Config
@@ -220,7 +221,8 @@ class LogicalSource(CaptureSource):
         self._relations: dict[int, Relation] = {}
         self._rel_tables: dict[int, str] = {}
         self._schemas: dict[str, TableSchema] = {}
-        self._txn: ApplyTxn | None = None
+        # begin → apply (bounded flushes, spilled on SQLite) → commit with the LSN → feedback
+        self._pipe = ApplyPipeline(store, name, batch_size=cfg.capture.batch_size, spill=True)
         self._in_source_txn = False
         self._skip_txn = False
         self._txn_commit_time: dt.datetime | None = None
@@ -604,7 +606,7 @@ class LogicalSource(CaptureSource):
                 if n == 0:
                     # Nothing buffered: commit a batch that is old enough, then wait on the socket.
                     if (
-                        self._txn is not None
+                        self._pipe.txn is not None
                         and not self._in_source_txn
                         and (time.monotonic() - self._batch_started >= batch_ms)
                     ):
@@ -615,7 +617,7 @@ class LogicalSource(CaptureSource):
                         break
                     wait = min(
                         remaining,
-                        max(0.01, batch_ms) if self._txn is not None else remaining,
+                        max(0.01, batch_ms) if self._pipe.txn is not None else remaining,
                         self.cfg.capture.status_interval,
                     )
                     select.select([pgconn.socket], [], [], wait)
@@ -630,7 +632,7 @@ class LogicalSource(CaptureSource):
                 self._handle_frame(data)
                 if time.monotonic() > deadline and not self._in_source_txn:
                     break
-            if self._txn is not None and not self._in_source_txn:
+            if self._pipe.txn is not None and not self._in_source_txn:
                 self._commit_batch()
             self._maybe_send_status()
         except psycopg.OperationalError as exc:
@@ -653,11 +655,10 @@ class LogicalSource(CaptureSource):
         self._handle_message(decode_message(frame.payload))
 
     def _open_txn(self) -> ApplyTxn:
-        if self._txn is None:
-            self._txn = self.store.begin(self.name, spill=True)
+        if self._pipe.txn is None:
             self._batch_started = time.monotonic()
             self._batch_txns = 0
-        return self._txn
+        return self._pipe.open()
 
     def _handle_message(self, msg: Any) -> None:
         if isinstance(msg, RowChange):
@@ -665,10 +666,8 @@ class LogicalSource(CaptureSource):
                 return
             self._apply_row(msg)
         elif isinstance(msg, Begin):
-            if (
-                self._txn is not None
-                and self._txn.pending_count >= self.cfg.capture.batch_size // 2
-            ):
+            txn = self._pipe.txn
+            if txn is not None and txn.pending_count >= self.cfg.capture.batch_size // 2:
                 # Commit whole transactions at their boundary before a new one can push the batch
                 # over its size: then only a source transaction that is large by itself is
                 # flushed (and, on SQLite, spilled) in chunks, never a backlog of small ones.
@@ -690,7 +689,7 @@ class LogicalSource(CaptureSource):
             self._batch_end_lsn = msg.end_lsn
             self._batch_latest_event = pg_time_to_datetime(msg.commit_time)
             self.progress.last_commit_at = self._batch_latest_event
-            txn = self._txn
+            txn = self._pipe.txn
             if txn is not None and (
                 txn.pending_count >= self.cfg.capture.batch_size
                 or time.monotonic() - self._batch_started >= self.cfg.capture.batch_ms / 1000
@@ -701,15 +700,16 @@ class LogicalSource(CaptureSource):
         elif isinstance(msg, Truncate):
             if self._skip_txn:
                 return
-            txn = self._open_txn()
+            self._open_txn()
+            pipe = self._pipe
             for oid in msg.relation_oids:
                 table = self._rel_tables.get(oid)
                 if table is not None:
                     pos = int_to_lsn(self.progress.received_lsn)
                     if table not in self._frozen:
-                        txn.apply(Change(table, "T", position=pos))
+                        pipe.apply(Change(table, "T", position=pos))
                     if self.store.mirror(self.store.shadow_of(table)) is not None:
-                        txn.apply(Change(self.store.shadow_of(table), "T", position=pos))
+                        pipe.apply(Change(self.store.shadow_of(table), "T", position=pos))
                     self._snaps.on_truncate(table)
                     self.progress.changes += 1
         elif isinstance(msg, LogicalMessage):
@@ -880,27 +880,29 @@ class LogicalSource(CaptureSource):
         table = self._rel_tables[msg.relation_oid]
         if table not in self._schemas:
             return
-        txn = self._txn or self._open_txn()
+        if self._pipe.txn is None:
+            self._open_txn()
         pos = self._txn_pos
         dec = self._decoder
+        # Positional arguments: this runs once per streamed row.
         if msg.op == "I":
             assert msg.new is not None
-            change = Change(table, "I", dec.row(rel, msg.new), position=pos)
+            change = Change(table, "I", dec.row(rel, msg.new), None, pos)
         elif msg.op == "U":
             assert msg.new is not None
             values = dec.row(rel, msg.new)
             old = dec.row(rel, msg.old) if msg.old is not None else None
-            change = Change(table, "U", values, key=old, position=pos)
+            change = Change(table, "U", values, old, pos)
         else:
             assert msg.old is not None
-            change = Change(table, "D", key=dec.row(rel, msg.old), position=pos)
+            change = Change(table, "D", None, dec.row(rel, msg.old), pos)
         if table not in self._frozen:
-            txn.apply(change)
+            # Flushed every batch_size changes (bounded memory inside a large source
+            # transaction); the commit comes with the source's Commit.
+            self._pipe.apply(change)
         if self._snaps.active:
-            self._snapshot_sees(txn, change)
+            self._snapshot_sees(change)
         self.progress.changes += 1
-        if txn.pending_count >= self.cfg.capture.batch_size:
-            txn.flush()  # bounded memory inside a large source transaction; commit comes later
 
     # ------------------------------------------------------------------ incremental snapshots
     def _start_chunk(self) -> None:
@@ -930,12 +932,12 @@ class LogicalSource(CaptureSource):
             self.store.take_recopy_request(conn, self.name, table)
             self._show_snapshot_progress()
 
-    def _snapshot_sees(self, txn: ApplyTxn, change: Change) -> None:
+    def _snapshot_sees(self, change: Change) -> None:
         """A streamed change of a table being copied: feed its shadow, keep the chunk honest."""
         table = change.table
         shadow = self.store.shadow_of(table)
         if self.store.mirror(shadow) is not None:
-            txn.apply(Change(shadow, change.op, change.values, change.key, change.position))
+            self._pipe.apply(Change(shadow, change.op, change.values, change.key, change.position))
         schema = self._schemas[table]
         key = schema.key
         if change.key is not None:
@@ -951,8 +953,9 @@ class LogicalSource(CaptureSource):
         txn = self._open_txn()
         copy = chunk.copy
         target = self.store.shadow_of(copy.table) if copy.shadow else copy.table
-        for values in chunk.rows.values():
-            txn.apply(Change(target, "I", values, position="snapshot"))
+        self._pipe.apply_all(
+            Change(target, "I", values, position="snapshot") for values in chunk.rows.values()
+        )
         self.snapshot_rows += len(chunk.rows)
         done = self._snaps.chunk_applied(chunk)
         if done is not None:
@@ -994,43 +997,45 @@ class LogicalSource(CaptureSource):
             self._batch_end_lsn = max(self._batch_end_lsn, msg.lsn)
 
     def _commit_batch(self) -> None:
-        txn = self._txn
-        if txn is None:
+        """Commit the open batch with the end LSN of its last whole source transaction; only
+        once staging holds it, report that LSN to the server as flushed."""
+        if self._pipe.txn is None:
             return
-        self._txn = None
         end = max(self._batch_end_lsn, self._checkpoint_lsn)
         now = dt.datetime.now(dt.UTC)
         lag = (now - self._batch_latest_event).total_seconds() if self._batch_latest_event else None
-        try:
-            if self._batch_heartbeat is not None:
-                sent, _ = self._batch_heartbeat
+        heartbeat = self._batch_heartbeat
+
+        def record_heartbeat(txn: ApplyTxn) -> None:
+            if heartbeat is not None:
                 self.store.record_heartbeat(
                     self.name,
-                    sent_at=sent,
+                    sent_at=heartbeat[0],
                     lag_seconds=max(0.0, lag or 0.0),
                     lag_bytes=max(0, self.progress.server_wal_end - end),
                     server_position=int_to_lsn(self.progress.server_wal_end),
                     conn=txn.conn,
                 )
-            txn.commit(
-                Checkpoint(self.name, int_to_lsn(end), extra=self._snaps.to_extra()),
-                slot=self.slot,
-                source_commit_at=self.progress.last_commit_at,
-            )
-        except BaseException:
-            txn.rollback()
-            raise
-        if lag is not None:
-            self.progress.lag_seconds = max(0.0, lag)
-        self.progress.last_applied_at = now
-        if self._batch_heartbeat is not None:
-            self.progress.last_heartbeat_at = now
-        self._batch_heartbeat = None
-        self._batch_latest_event = None
-        self._checkpoint_lsn = end
-        self.progress.confirmed_lsn = end
-        # Staging holds everything up to `end`: now, and only now, tell the server.
-        self._send_status(force=True)
+
+        def confirm() -> None:
+            if lag is not None:
+                self.progress.lag_seconds = max(0.0, lag)
+            self.progress.last_applied_at = now
+            if heartbeat is not None:
+                self.progress.last_heartbeat_at = now
+            self._batch_heartbeat = None
+            self._batch_latest_event = None
+            self._checkpoint_lsn = end
+            self.progress.confirmed_lsn = end
+            self._send_status(force=True)  # slot feedback: the server may now recycle its WAL
+
+        self._pipe.commit(
+            Checkpoint(self.name, int_to_lsn(end), extra=self._snaps.to_extra()),
+            prepare=record_heartbeat,
+            confirm=confirm,
+            slot=self.slot,
+            source_commit_at=self.progress.last_commit_at,
+        )
 
     def _maybe_send_status(self) -> None:
         if time.monotonic() - self._last_status >= self.cfg.capture.status_interval:
@@ -1068,11 +1073,10 @@ class LogicalSource(CaptureSource):
             raise RetryableError(f"heartbeat failed: {exc}") from exc
 
     def close(self) -> None:
-        if self._txn is not None:
+        if self._pipe.txn is not None:
             if self._in_source_txn:
                 # Half a source transaction: roll it back; the server sends it again.
-                self._txn.rollback()
-                self._txn = None
+                self._pipe.rollback()
             else:
                 try:
                     self._commit_batch()  # whole transactions received: keep them

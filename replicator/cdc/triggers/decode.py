@@ -171,6 +171,8 @@ class RowDecoder:
 
     def new_shape(self, image: dict[str, Any]) -> bool:
         """Whether ``image`` has a column set not seen before (the table may have changed)."""
+        if image.keys() == self.names:
+            return False  # the usual image, every column: no set built per row
         shape = frozenset(image)
         if shape in self.shapes:
             return False

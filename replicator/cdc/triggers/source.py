@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -65,6 +66,7 @@ import pymysql.cursors
 import structlog
 
 from replicator.cdc.base import CaptureSource, Progress
+from replicator.cdc.pipeline import ApplyPipeline, Reached
 from replicator.cdc.triggers.decode import RowDecoder, loads
 from replicator.cdc.triggers.dialects import (
     Dialect,
@@ -141,6 +143,7 @@ class TriggerSource(CaptureSource):
         self.dialect: Dialect = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
         self.tables = list(cfg.capture.tables)
         self.decoders: dict[str, RowDecoder] = {}
+        self.pipeline = ApplyPipeline(store, name, batch_size=cfg.capture.batch_size)
         self.reader: _Reader
         if isinstance(self.dialect, PostgresDialect):
             self.reader = _PgReader(self, self.dialect)
@@ -371,54 +374,69 @@ class TriggerSource(CaptureSource):
         if dec is None:
             return None  # a table no longer watched: its entries are dropped with cleanup
         pos = str(cid)
+        # Positional arguments: this runs once per change of every trigger batch.
         if op == "T":
-            return Change(table, "T", position=pos)
+            return Change(table, "T", None, None, pos)
         key = dec.decode(loads(old)) if old else None
         if op == "D":
-            return Change(table, "D", key=key, position=pos)
+            return Change(table, "D", None, key, pos)
         image = loads(row)
         if dec.new_shape(image):  # a row image with other columns: the table may have changed
             dec = self.refresh_schema(table, txn)
             dec.new_shape(image)
             if not dec.knows(image):  # dropped again meanwhile: keep what the mirror knows
                 image = {k: v for k, v in image.items() if k in dec.decoders}
-        return Change(
-            table, "U" if op == "U" else "I", values=dec.decode(image), key=key, position=pos
+        return Change(table, "U" if op == "U" else "I", dec.decode(image), key, pos)
+
+    def batch_changes(
+        self, entries: Iterable[Entry], seen: _Seen
+    ) -> Callable[[ApplyTxn], Iterator[Change]]:
+        """Entries in the order given as changes for :meth:`ApplyPipeline.deliver`; ``seen``
+        notes the last id and change time as they stream past."""
+
+        def changes(txn: ApplyTxn) -> Iterator[Change]:
+            to_change = self.to_change
+            e: Entry | None = None
+            for e in entries:
+                ch = to_change(e, txn)
+                if ch is not None:
+                    yield ch
+            if e is not None:  # the pipeline asks where the batch ends once it is exhausted
+                seen.last = e[0]
+                seen.latest = e[5]
+
+        return changes
+
+    def copy_changes(
+        self, rows_of: Callable[[str], Iterable[str]], seen: _Seen
+    ) -> Callable[[ApplyTxn], Iterator[Change]]:
+        """The initial copy of every watched table as changes (``rows_of(table)`` yields JSON
+        texts); ``seen.copied`` counts the rows."""
+
+        def changes(txn: ApplyTxn) -> Iterator[Change]:
+            for table in self.tables:
+                dec = self.decoders[table]
+                yield Change(table, "T", position="0")  # start from empty mirrors
+                for text in rows_of(table):
+                    if self.stop_event.is_set():
+                        raise FatalError(
+                            "stopped during the initial copy; it restarts on next start"
+                        )
+                    yield Change(table, "I", values=dec.decode(loads(text)), position="0")
+                    seen.copied += 1
+
+        return changes
+
+    def reached(
+        self, position: int | str, extra: dict[str, Any], latest: Any, confirm: Callable[[], None]
+    ) -> Reached:
+        """Where a batch ends: its checkpoint, the commit's arguments, and the reader's confirm
+        (the position becomes the committed one; the changelog entries it covers are deleted)."""
+        return Reached(
+            self.checkpoint(position, extra),
+            {"slot": self.capture.changelog_table, "source_commit_at": _as_utc(latest)},
+            confirm,
         )
-
-    def apply_entries(self, txn: ApplyTxn, entries: Iterator[Entry]) -> tuple[int, int, Any]:
-        """Apply entries in the order given; returns (count, last id, latest change time)."""
-        n = 0
-        last = 0
-        latest: Any = None
-        limit = self.capture.batch_size
-        for e in entries:
-            ch = self.to_change(e, txn)
-            last = e[0]
-            latest = e[5]
-            if ch is None:
-                continue
-            txn.apply(ch)
-            n += 1
-            if txn.pending_count >= limit:
-                txn.flush()
-        return n, last, latest
-
-    def copy_tables(self, txn: ApplyTxn, rows_of: Any) -> int:
-        """The initial copy of every watched table (``rows_of(table)`` yields JSON texts)."""
-        n = 0
-        limit = self.capture.batch_size
-        for table in self.tables:
-            dec = self.decoders[table]
-            txn.apply(Change(table, "T", position="0"))  # start from empty mirrors
-            for text in rows_of(table):
-                if self.stop_event.is_set():
-                    raise FatalError("stopped during the initial copy; it restarts on next start")
-                txn.apply(Change(table, "I", values=dec.decode(loads(text)), position="0"))
-                n += 1
-                if txn.pending_count >= limit:
-                    txn.flush()
-        return n
 
     def checkpoint(self, position: int | str, extra: dict[str, Any]) -> Checkpoint:
         return Checkpoint(
@@ -433,9 +451,16 @@ class TriggerSource(CaptureSource):
             },
         )
 
-    def commit(self, txn: ApplyTxn, cp: Checkpoint, latest: Any) -> None:
-        commit_at = _as_utc(latest)
-        txn.commit(cp, slot=self.capture.changelog_table, source_commit_at=commit_at)
+
+class _Seen:
+    """What a batch's entries showed while they streamed into staging."""
+
+    __slots__ = ("copied", "last", "latest")
+
+    def __init__(self) -> None:
+        self.last = 0  # the last changelog id
+        self.latest: Any = None  # the time of the last change
+        self.copied = 0  # rows of the initial copy
 
 
 def _as_utc(v: Any) -> dt.datetime | None:
@@ -559,34 +584,37 @@ class _PgReader(_Reader):
         snap = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
         assert snap is not None
         t0 = time.monotonic()
-        txn = src.store.begin(src.name)
-        try:
+        seen = _Seen()
 
-            def rows_of(table: str) -> Iterator[str]:
-                schema = src.decoders[table].schema
-                with conn.cursor(name="sync_initial_copy") as cur:
-                    cur.itersize = self.cap.batch_size
-                    cur.execute(self.d.copy_sql(schema, table))
-                    for (text,) in cur:
-                        yield text
+        def rows_of(table: str) -> Iterator[str]:
+            schema = src.decoders[table].schema
+            with conn.cursor(name="sync_initial_copy") as cur:
+                cur.itersize = self.cap.batch_size
+                cur.execute(self.d.copy_sql(schema, table))
+                for (text,) in cur:
+                    yield text
 
-            n = src.copy_tables(txn, rows_of)
+        def reached() -> Reached:
             row = conn.execute(
                 f"SELECT coalesce(max(id), 0) FROM {self.d.cl} "
                 "WHERE pg_visible_in_snapshot(txid, %s::pg_snapshot)",
                 (snap[0],),
             ).fetchone()
-            last = int(row[0]) if row else 0
-            src.commit(txn, src.checkpoint(last, {"snapshot": snap[0]}), None)
+            seen.last = int(row[0]) if row else 0
+            return src.reached(seen.last, {"snapshot": snap[0]}, None, confirm)
+
+        def confirm() -> None:
+            self.prev = self.committed = snap[0]
+            self.last_id = seen.last
+
+        try:
+            src.pipeline.deliver(src.copy_changes(rows_of, seen), reached)
         finally:
-            txn.close()
             conn.rollback()
-        self.prev = self.committed = snap[0]
-        self.last_id = last
         log.info(
             "initial_copy_done",
             source=src.name,
-            rows=n,
+            rows=seen.copied,
             snapshot=snap[0],
             seconds=round(time.monotonic() - t0, 2),
         )
@@ -616,16 +644,22 @@ class _PgReader(_Reader):
                 if not first:
                     self.prev = cur_snap  # nothing committed in between: nothing to persist
                     return 0
-                txn = src.store.begin(src.name)
+                rest = _prefetched(lambda: cur.fetchmany(cur.itersize))
+                seen = _Seen()
+
+                def reached() -> Reached:
+                    last_id = max(self.last_id, seen.last)
+                    return src.reached(last_id, {"snapshot": cur_snap}, seen.latest, confirm)
+
+                def confirm() -> None:
+                    self.last_id = max(self.last_id, seen.last)
+                    self.prev = self.committed = cur_snap
+
                 try:
-                    entries = _chain(first, cur)
-                    n, last, latest = src.apply_entries(txn, entries)
-                    self.last_id = max(self.last_id, last)
-                    src.commit(txn, src.checkpoint(self.last_id, {"snapshot": cur_snap}), latest)
+                    n = src.pipeline.deliver(src.batch_changes(_chain(first, rest), seen), reached)
                 finally:
-                    txn.close()
-            self.prev = self.committed = cur_snap
-            log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+                    rest.close()  # the prefetching thread has ended: the rollback below is ours
+            log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
             return n
         finally:
             if not conn.closed:
@@ -689,6 +723,47 @@ def _chain(first: list[Any], rest: Iterable[Any]) -> Iterator[Entry]:
     yield from rest
 
 
+def _prefetched(fetch: Callable[[], list[Any]]) -> Generator[Any, None, None]:
+    """The rows of ``fetch()`` (called until it returns none), fetched one round ahead by a
+    thread while the caller applies the round before.
+
+    The server takes a while to produce each round of a large batch (snapshot visibility
+    checks, JSON text); waiting for it with the staging writes stopped left both sides idle in
+    turn. At most two rounds wait in memory. If the caller stops early (an error while
+    applying), the thread finishes its round and ends before this generator closes, so the
+    connection is free again for the caller's rollback.
+    """
+    rounds: queue.Queue[list[Any] | BaseException] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            while not done.is_set():
+                rows = fetch()
+                rounds.put(rows)
+                if not rows:
+                    return
+        except BaseException as exc:  # handed to the caller's thread
+            rounds.put(exc)
+
+    worker = threading.Thread(target=work, name="changelog-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            got = rounds.get()
+            if isinstance(got, BaseException):
+                raise got
+            if not got:
+                return
+            yield from got
+    finally:
+        done.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                rounds.get(timeout=0.05)  # unblock a worker waiting to hand over a round
+        worker.join()
+
+
 # ---------------------------------------------------------------------------------------------
 class _MysqlReader(_Reader):
     """Read everything committed, apply, commit with the id set, then delete exactly that set."""
@@ -726,29 +801,33 @@ class _MysqlReader(_Reader):
             with conn.cursor() as c:
                 c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 c.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            seen = _RangeBuilder()
+            ids = _RangeBuilder()
             for (i,) in self._stream(f"SELECT id FROM {self.d.cl} ORDER BY id", conn):
-                seen.add(int(i))
-            txn = src.store.begin(src.name)
-            try:
+                ids.add(int(i))
+            last = ids.ranges[-1][1] if ids.ranges else 0
+            seen = _Seen()
 
-                def rows_of(table: str) -> Iterator[str]:
-                    schema = src.decoders[table].schema
-                    for (text,) in self._stream(self.d.copy_sql(schema, table), conn):
-                        yield text
+            def rows_of(table: str) -> Iterator[str]:
+                schema = src.decoders[table].schema
+                for (text,) in self._stream(self.d.copy_sql(schema, table), conn):
+                    yield text
 
-                n = src.copy_tables(txn, rows_of)
-                last = seen.ranges[-1][1] if seen.ranges else 0
-                src.commit(txn, src.checkpoint(last, {"applied": seen.ranges}), None)
-            finally:
-                txn.close()
+            def confirm() -> None:
+                self.pending_delete = ids.ranges
+                self.last_id = last
+
+            src.pipeline.deliver(
+                src.copy_changes(rows_of, seen),
+                lambda: src.reached(last, {"applied": ids.ranges}, None, confirm),
+            )
             conn.rollback()
         finally:
             conn.close()
-        self.pending_delete = seen.ranges
-        self.last_id = last
         log.info(
-            "initial_copy_done", source=src.name, rows=n, seconds=round(time.monotonic() - t0, 2)
+            "initial_copy_done",
+            source=src.name,
+            rows=seen.copied,
+            seconds=round(time.monotonic() - t0, 2),
         )
         self.cleanup()
 
@@ -768,21 +847,23 @@ class _MysqlReader(_Reader):
         if first is None:
             return 0
         applied = _RangeBuilder()
+        seen = _Seen()
 
         def entries() -> Iterator[Entry]:
             for e in _chain([first], rows):
                 applied.add(int(e[0]))
                 yield (int(e[0]), e[1], e[2], e[3], e[4], e[5])
 
-        txn = src.store.begin(src.name)
-        try:
-            n, last, latest = src.apply_entries(txn, entries())
-            self.last_id = max(self.last_id, last)
-            src.commit(txn, src.checkpoint(self.last_id, {"applied": applied.ranges}), latest)
-        finally:
-            txn.close()
-        self.pending_delete = applied.ranges
-        log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+        def reached() -> Reached:
+            last_id = max(self.last_id, seen.last)
+            return src.reached(last_id, {"applied": applied.ranges}, seen.latest, confirm)
+
+        def confirm() -> None:
+            self.last_id = max(self.last_id, seen.last)
+            self.pending_delete = applied.ranges
+
+        n = src.pipeline.deliver(src.batch_changes(entries(), seen), reached)
+        log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
         return n
 
     def cleanup(self) -> int:
@@ -871,26 +952,29 @@ class _SqliteReader(_Reader):
         conn = self.conn()
         t0 = time.monotonic()
         conn.execute("BEGIN")
+        seen = _Seen()
         try:
             row = conn.execute(f"SELECT coalesce(max(id), 0) FROM {self.d.cl}").fetchone()
             last = int(row[0]) if row else 0
-            txn = src.store.begin(src.name)
-            try:
 
-                def rows_of(table: str) -> Iterator[str]:
-                    schema = src.decoders[table].schema
-                    for (text,) in conn.execute(self.d.copy_sql(schema, table)):
-                        yield text
+            def rows_of(table: str) -> Iterator[str]:
+                schema = src.decoders[table].schema
+                for (text,) in conn.execute(self.d.copy_sql(schema, table)):
+                    yield text
 
-                n = src.copy_tables(txn, rows_of)
-                src.commit(txn, src.checkpoint(last, {}), None)
-            finally:
-                txn.close()
+            def confirm() -> None:
+                self.last_id = self.committed_id = last
+
+            src.pipeline.deliver(
+                src.copy_changes(rows_of, seen), lambda: src.reached(last, {}, None, confirm)
+            )
         finally:
             conn.execute("ROLLBACK")
-        self.last_id = self.committed_id = last
         log.info(
-            "initial_copy_done", source=src.name, rows=n, seconds=round(time.monotonic() - t0, 2)
+            "initial_copy_done",
+            source=src.name,
+            rows=seen.copied,
+            seconds=round(time.monotonic() - t0, 2),
         )
 
     def resume(self, cp: Checkpoint) -> None:
@@ -909,16 +993,18 @@ class _SqliteReader(_Reader):
             first = cur.fetchmany(1)
             if not first:
                 return 0
-            txn = src.store.begin(src.name)
-            try:
-                n, last, latest = src.apply_entries(txn, _chain(first, cur))
-                src.commit(txn, src.checkpoint(last, {}), latest)
-            finally:
-                txn.close()
+            seen = _Seen()
+
+            def confirm() -> None:
+                self.last_id = self.committed_id = seen.last
+
+            n = src.pipeline.deliver(
+                src.batch_changes(_chain(first, cur), seen),
+                lambda: src.reached(seen.last, {}, seen.latest, confirm),
+            )
         finally:
             conn.execute("ROLLBACK")
-        self.last_id = self.committed_id = last
-        log.debug("trigger_batch", source=src.name, changes=n, last_id=last)
+        log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
         return n
 
     def cleanup(self) -> int:
