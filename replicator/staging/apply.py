@@ -270,6 +270,11 @@ class ApplyTxn:
         The same as :meth:`apply` for each, with the per-table look-ups made once per run of
         changes to one table. Nothing is flushed here: the caller flushes (or commits) when
         :attr:`pending_count` reaches its batch size, which bounds memory.
+
+        ``changes`` must not touch this transaction while it is consumed: a flush or a mirror
+        change made by a generator in between would leave this run's look-ups stale. A source
+        that may follow a schema change in the middle of a batch (the capture pipeline) feeds
+        :meth:`apply` one change at a time.
         """
         get_info = self.store.catalog.get
         pending = self._pending
