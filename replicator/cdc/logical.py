@@ -60,6 +60,8 @@ from replicator.cdc.pgoutput import (
     standby_status,
 )
 from replicator.cdc.pipeline import ApplyPipeline
+from replicator.cdc.publication import changed_specs, ensure_publication, table_spec
+from replicator.cdc.schema_follow import catalog_columns, declared_types, match_relation, same_shape
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import Config
@@ -373,94 +375,15 @@ class LogicalSource(CaptureSource):
         assert self._conn is not None
         self._conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
 
-    def _spec(self, table: str) -> dict[str, Any]:
-        """What of a table the publication sends: column list and row filter (None: all)."""
-        cols = self.cfg.capture.column_list(table)
-        return {
-            "columns": list(cols) if cols else None,
-            "filter": self.cfg.capture.row_filter(table),
-        }
-
-    def _published(self, table: str, spec: dict[str, Any]) -> sql.Composable:
-        """A table as a publication lists it: ``t (a, b) WHERE (cond)``."""
-        out: sql.Composable = sql.Identifier(*table.split(".", 1))
-        if spec.get("columns"):
-            out = sql.SQL("{} ({})").format(
-                out, sql.SQL(", ").join(sql.Identifier(c) for c in spec["columns"])
-            )
-        if spec.get("filter"):
-            # Validated as one plain condition when the config was read (and by PostgreSQL).
-            out = sql.SQL("{} WHERE ({})").format(out, sql.SQL(spec["filter"]))
-        return out
-
     def _ensure_publication(self, schemas: list[TableSchema]) -> set[str]:
         """Create the publication or bring it up to date; the tables whose column list or row
         filter changed since the last run (their mirrors must be copied again)."""
         assert self._conn is not None
-        conn = self._conn
-        wanted = {s.qualified: self._spec(s.qualified) for s in schemas}
+        wanted = {s.qualified: table_spec(self.cfg.capture, s.qualified) for s in schemas}
         cp = self.store.load_checkpoint(self.name)
-        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
-        plain = {"columns": None, "filter": None}
-        changed = {t for t, spec in wanted.items() if recorded.get(t, plain) != spec}
+        changed = changed_specs(wanted, (cp.extra if cp else {}).get("specs", {}))
         self._snaps.specs = wanted
-        exists = conn.execute(
-            "SELECT puballtables FROM pg_publication WHERE pubname = %s", (self.publication,)
-        ).fetchone()
-        pub = sql.Identifier(self.publication)
-        try:
-            if exists is None:
-                conn.execute(
-                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                        pub,
-                        sql.SQL(", ").join(self._published(t, sp) for t, sp in wanted.items()),
-                    )
-                )
-                log.info("publication_created", publication=self.publication, tables=sorted(wanted))
-                return changed
-            if exists[0]:
-                return changed
-            have = {
-                f"{r[0]}.{r[1]}": {"columns": r[2], "filter": r[3]}
-                for r in conn.execute(
-                    "SELECT schemaname, tablename, attnames::text[], rowfilter "
-                    "FROM pg_publication_tables WHERE pubname = %s",
-                    (self.publication,),
-                )
-            }
-            missing = set(wanted) - set(have)
-            respec = {t for t in changed if t in have}
-            if respec:
-                # One statement for the whole list, so no table stops being published meanwhile;
-                # tables that are not ours keep what they had.
-                tables = [self._published(t, wanted.get(t) or have[t]) for t in sorted(have)]
-                tables += [self._published(t, wanted[t]) for t in sorted(missing)]
-                conn.execute(
-                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
-                        pub, sql.SQL(", ").join(tables)
-                    )
-                )
-                log.info(
-                    "publication_tables_changed",
-                    publication=self.publication,
-                    tables=sorted(respec),
-                )
-            elif missing:
-                conn.execute(
-                    sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        pub,
-                        sql.SQL(", ").join(self._published(t, wanted[t]) for t in sorted(missing)),
-                    )
-                )
-                log.info(
-                    "publication_tables_added", publication=self.publication, tables=sorted(missing)
-                )
-        except psycopg.errors.InsufficientPrivilege:
-            raise FatalError(
-                f"publication {self.publication!r} is missing or lacks tables and this role may not "
-                f"change it. Ask the DBA to run: CREATE PUBLICATION {self.publication} FOR TABLE "
-                f"{', '.join(sorted(wanted))}"
-            ) from None
+        ensure_publication(self._conn, self.publication, wanted, changed)
         return changed
 
     # ------------------------------------------------------------------ snapshot
@@ -724,29 +647,10 @@ class LogicalSource(CaptureSource):
         known = self._schemas.get(table)
         if known is None:
             return
-        names = [c.name for c in rel.columns]
-        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
-        type_names = self._type_names(rel)
-        if (
-            names == [c.name for c in known.columns]
-            and all(known.columns[i].type_oid == rc.type_oid for i, rc in enumerate(rel.columns))
-            and (rel.replica_identity != "d" or not rel_key or rel_key == known.key)
-            and type_names == [c.type_name for c in known.columns]
-        ):
-            return  # (a typmod change, numeric(12,2) to numeric(12,3), keeps the type's oid)
-        self._follow_schema_change(rel, known, type_names)
-
-    def _type_names(self, rel: Relation) -> list[str]:
-        """The declared types of a Relation message's columns, as ``format_type`` spells them."""
         assert self._conn is not None
-        return [
-            r[0]
-            for r in self._conn.execute(
-                "SELECT format_type(t.oid, t.mod) FROM unnest(%s::oid[], %s::int[]) "
-                "WITH ORDINALITY AS t(oid, mod, n) ORDER BY t.n",
-                ([rc.type_oid for rc in rel.columns], [rc.type_mod for rc in rel.columns]),
-            ).fetchall()
-        ]
+        type_names = declared_types(self._conn, rel)
+        if not same_shape(rel, known, type_names):
+            self._follow_schema_change(rel, known, type_names)
 
     def _follow_schema_change(
         self, rel: Relation, known: TableSchema, type_names: list[str]
@@ -754,62 +658,25 @@ class LogicalSource(CaptureSource):
         """The table changed shape in the ERP: make the mirror follow, in the open staging
         transaction, so the changes before and after the DDL stay in order.
 
-        Columns are matched by their number in the catalog (``attnum``), not by name: a renamed
-        column keeps its number, a dropped one is marked dropped under its number. The stream
-        can be behind the catalog (the column renamed again, or dropped, since): what cannot be
-        matched for certain, a type change and a changed key are followed by re-copying the
-        table online through a shadow mirror (see :mod:`replicator.cdc.snapshot`), so staging
-        ends equal to the source either way.
+        How the columns map is decided by catalog number (:mod:`replicator.cdc.schema_follow`).
+        What cannot be matched for certain, a type change and a changed key are followed by
+        re-copying the table online through a shadow mirror (see :mod:`replicator.cdc.snapshot`),
+        so staging ends equal to the source either way.
         """
         assert self._conn is not None
         table = known.qualified
-        catalog = {
-            num: (name, dropped)
-            for num, name, dropped in self._conn.execute(
-                "SELECT attnum, attname, attisdropped FROM pg_attribute "
-                "WHERE attrelid = %s AND attnum > 0",
-                (rel.oid,),
-            ).fetchall()
-        }
-        by_name = {name: num for num, (name, dropped) in catalog.items() if not dropped}
-        rel_names = {rc.name for rc in rel.columns}
-        known_names = {c.name for c in known.columns}
-        renamed: dict[str, str] = {}
-        dropped: list[str] = []
-        unsure = False
-        for col in known.columns:
-            if col.name in rel_names:
-                continue
-            entry = catalog.get(col.attnum) if col.attnum else None
-            if entry is not None and entry[1]:
-                dropped.append(col.name)
-            elif entry is not None and entry[0] in rel_names and entry[0] not in known_names:
-                renamed[col.name] = entry[0]
-            elif entry is None and col.attnum == 0 and len(rel.columns) < len(known.columns):
-                dropped.append(col.name)  # no number recorded: only a pure drop is certain
-            else:
-                unsure = True
-        before = {renamed.get(c.name, c.name): c for c in known.columns}
-        columns: list[Column] = []
-        retyped: list[str] = []
-        for rc, tname in zip(rel.columns, type_names, strict=True):
-            old = before.get(rc.name)
-            num = by_name.get(rc.name, old.attnum if old else 0)
-            columns.append(Column(rc.name, tname, rc.type_oid, True, num))
-            if old is not None and (old.type_oid != rc.type_oid or old.type_name != tname):
-                retyped.append(rc.name)
-        added = [c for c in columns if c.name not in before]
-        rel_key = tuple(rc.name for rc in rel.columns if rc.is_key)
-        key_changed = rel.replica_identity == "d" and bool(rel_key) and rel_key != known.key
-        key = rel_key if key_changed else known.key
-        if any(k not in {c.name for c in columns} for k in key):
-            key_changed, unsure = True, True
-        schema = TableSchema(known.schema, known.name, tuple(columns), key)
+        change = match_relation(rel, known, type_names, catalog_columns(self._conn, rel.oid))
+        schema, renamed, dropped, retyped = (
+            change.schema,
+            change.renamed,
+            change.dropped,
+            change.retyped,
+        )
+        added, key_changed, recopy = change.added, change.key_changed, change.recopy
         txn = self._open_txn()
         conn = txn.conn
         txn.flush()
         position = int_to_lsn(self.progress.received_lsn)
-        recopy = unsure or key_changed or bool(retyped)
         if key_changed:
             # The live mirror is keyed by the old key: it keeps its rows, unfed, until the
             # re-copy with the new key takes its place.
@@ -825,7 +692,7 @@ class LogicalSource(CaptureSource):
             dropped=dropped or None,
             added=[c.name for c in added] or None,
             retyped=retyped or None,
-            key=list(key) if key_changed else None,
+            key=list(schema.key) if key_changed else None,
             recopy=recopy,
             hint="the table is copied again online; staging equals the source when it is done"
             if recopy
