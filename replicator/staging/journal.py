@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 
 _COPY_THRESHOLD = 500  # entries from which PostgreSQL staging uses COPY
 _COLUMNS = "source, table_name, op, row_key, position, at"
+# The advisory lock that keeps journal ids in commit order on PostgreSQL staging (see
+# Journal._in_commit_order); any constant works as long as nothing else takes it.
+_JOURNAL_LOCK = 0x73796E636A726E6C  # "syncjrnl"
 
 
 def upgrade(conn: sa.Connection, dialect: str) -> None:
@@ -93,11 +96,28 @@ class Journal:
         upgrade(conn, self.db.dialect)
 
     # -- writing (inside an apply transaction) --------------------------------------------------
+    def _in_commit_order(self, conn: sa.Connection) -> None:
+        """On PostgreSQL, hold the journal's transaction-level advisory lock until ``conn``'s
+        transaction ends, before it takes journal ids.
+
+        Readers go by id and a consumer's cursor is an id, so an entry must never become
+        visible after an entry with a larger id: the consumer would already have moved past it.
+        A sequence hands out ids when rows are inserted, not when they commit, so two
+        transactions appending at once (two capture sources on one staging database, or an
+        apply transaction and a schema event) could commit in the other order. With the lock
+        the second waits for the first's commit before it draws ids. On SQLite one writer at a
+        time already gives that order. Taking the lock again in the same transaction is cheap
+        and harmless (it stacks and is released at commit or rollback).
+        """
+        if self.db.dialect == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_JOURNAL_LOCK,))
+
     def append(
         self, conn: sa.Connection, source: str, entries: Sequence[tuple[str, str, Any, str]]
     ) -> None:
         """Row entries ``(table, op, key tuple, position)``, in ``conn``'s transaction."""
         db = self.db
+        self._in_commit_order(conn)
         now = db.now()
         rows = [(source, t, op, key_json(k), pos, now) for t, op, k, pos in entries]
         if db.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
@@ -117,12 +137,14 @@ class Journal:
 
     def append_select(self, conn: sa.Connection, select_sql: str, params: Sequence[Any]) -> None:
         """Entries from a query returning the journal's columns in order (the spill's replay)."""
+        self._in_commit_order(conn)
         conn.exec_driver_sql(f"INSERT INTO sync_journal ({_COLUMNS}) {select_sql}", tuple(params))
 
     def event(self, conn: sa.Connection, source: str, table: str, op: str, position: str) -> None:
         """A table-level entry (no row key): a truncate, a re-copy or a schema change."""
         if not self.enabled:
             return
+        self._in_commit_order(conn)
         p = self.db.ph
         conn.exec_driver_sql(
             f"INSERT INTO sync_journal ({_COLUMNS}) VALUES ({p}, {p}, {p}, NULL, {p}, {p})",
@@ -146,8 +168,8 @@ class Journal:
 
         On SQLite the scan reaches the newest committed entry: one writer at a time, so an
         entry not yet committed always gets a larger id than every committed one. On
-        PostgreSQL a sequence hands out ids before their transactions commit, in any order,
-        so the scan reaches only the last entry returned, as reading always did.
+        PostgreSQL writers take ids in commit order too (:meth:`_in_commit_order`), but the
+        scan still reaches only the last entry returned, as reading always did.
         """
         p = self.db.ph
         sql = (
