@@ -6,6 +6,8 @@ through here so it always carries ``application_name`` (``sync-daemon/<role>``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -98,9 +100,34 @@ def make_engine(url: str, role: str, **kwargs: Any) -> sa.Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A writer takes the write lock at BEGIN: a deferred transaction that read first
+            # could not take it later (SQLITE_BUSY without waiting) once another writer had
+            # committed. A reader (see `reading`) takes no lock at all.
+            if conn.get_execution_options().get(_READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+_READ_ONLY = "sync_read_only"
+
+
+@contextmanager
+def reading(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A connection for reads only (``with reading(engine) as conn``).
+
+    On SQLite its transaction starts with a plain (deferred) BEGIN instead of the writers'
+    BEGIN IMMEDIATE: in WAL mode it reads the last commit without taking the write lock, so
+    ``status``, the Manage page, ``/metrics``, readiness checks and journal readers neither
+    wait behind a capture transaction nor hold one up. Elsewhere it is ``engine.connect()``.
+    Writing through it is a mistake (on SQLite the write could fail at once with "database is
+    locked" instead of waiting).
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        yield conn
 
 
 def null_pool_engine(url: str, role: str) -> sa.Engine:

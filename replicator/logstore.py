@@ -46,6 +46,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from replicator.db import reading
 from replicator.staging.schema import create_tables, log_records
 from replicator.staging.values import utc
 
@@ -295,7 +296,7 @@ def query_records(
         stmt = stmt.where(t.c.level.in_(levels_at_or_above(level)))
     if since is not None:
         stmt = stmt.where(t.c.at >= utc(since))
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(stmt).mappings().all()
     records = [
         LogRecord(
@@ -316,9 +317,10 @@ def query_records(
 def services(engine: sa.Engine) -> list[str]:
     """The services that have records, sorted (the Manage page's filter choices)."""
     stmt = sa.select(log_records.c.service).where(log_records.c.service.is_not(None)).distinct()
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return sorted(str(s) for (s,) in conn.execute(stmt))
 
 
 def has_table(engine: sa.Engine) -> bool:
-    return sa.inspect(engine).has_table(log_records.name)
+    with reading(engine) as conn:
+        return sa.inspect(conn).has_table(log_records.name)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from replicator.config import Config
-from replicator.db import make_engine, pg_connect
+from replicator.db import make_engine, pg_connect, reading
 from replicator.log import redact
 from replicator.state import DaemonState
 
@@ -106,7 +106,7 @@ def engine_check(engine: sa.Engine) -> CheckFn:
 
     def check() -> tuple[bool, str]:
         started = time.monotonic()
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             conn.execute(sa.text("SELECT 1"))
         return True, f"SELECT 1 in {(time.monotonic() - started) * 1000:.0f} ms"
 

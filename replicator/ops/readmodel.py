@@ -32,7 +32,7 @@ import structlog
 
 from replicator import logstore
 from replicator.config import Config
-from replicator.db import connect_error, null_pool_engine, pg_connect
+from replicator.db import connect_error, null_pool_engine, pg_connect, reading
 from replicator.ha import describe
 from replicator.log import redact
 from replicator.logstore import LogRecord
@@ -72,7 +72,8 @@ ORDER_LIST_COLUMNS = (
 
 def has_table(engine: sa.Engine, name: str) -> bool:
     """Whether the staging store has table ``name`` yet (nothing here creates one)."""
-    return sa.inspect(engine).has_table(name)
+    with reading(engine) as conn:
+        return sa.inspect(conn).has_table(name)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def orders_view(
         return OrdersView(available=False, query=query)
     q = query.strip()
     view = OrdersView(available=True, query=q)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         counts = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
         if q:
             counts = counts.where(_search(q))
@@ -183,7 +184,7 @@ def order_counts(engine: sa.Engine) -> dict[str, int]:
     if not has_table(engine, ledger_t.name):
         return {}
     stmt = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return {str(s): int(n) for s, n in conn.execute(stmt)}
 
 
@@ -198,7 +199,7 @@ def pending_updates(engine: sa.Engine, limit: int = 100) -> list[dict[str, Any]]
         .order_by(ledger_t.c.last_seen.desc(), ledger_t.c.id.desc())
         .limit(limit)
     )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = [dict(r._mapping) for r in conn.execute(stmt)]
     for r in rows:
         if r["last_error"]:
@@ -213,7 +214,7 @@ def order_with_events(
     :meth:`Ledger.get` and :meth:`Ledger.events` read); errors and details redacted."""
     if not has_table(engine, ledger_t.name):
         return None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(ledger_t).where(ledger_t.c.shop == shop, ledger_t.c.e_number == e_number)
         ).first()
@@ -421,7 +422,8 @@ def collect_status(cfg: Config, *, per_state: int | None = 20) -> dict[str, Any]
         # Opened, never set up: a store the daemon has not made yet shows "never started"
         # and stays empty (``status`` pointed at the wrong store creates nothing there).
         store.check_open()
-        tables = set(sa.inspect(store.engine).get_table_names())
+        with reading(store.engine) as conn:
+            tables = set(sa.inspect(conn).get_table_names())
         rows = replication_rows(store.engine)
         copying = {}
         for r in rows:
@@ -593,5 +595,5 @@ def orders_by_shop_and_state(engine: sa.Engine) -> list[tuple[str, str, int]]:
     stmt = sa.select(ledger_t.c.shop, ledger_t.c.state, sa.func.count()).group_by(
         ledger_t.c.shop, ledger_t.c.state
     )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [(str(shop), str(state), int(n)) for shop, state, n in conn.execute(stmt)]

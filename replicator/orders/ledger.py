@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from replicator.db import reading
 from replicator.staging import StagingStore, schema, shared_engine
 
 STATES = ("awaiting", "delivered", "failed", "skipped", "update-pending")
@@ -122,7 +123,7 @@ class Ledger:
         if conn is not None:
             row = conn.execute(q).first()
         else:
-            with self.engine.connect() as c:
+            with reading(self.engine) as c:
                 row = c.execute(q).first()
         return None if row is None else entry_from_row(row)
 
@@ -136,7 +137,7 @@ class Ledger:
         if conn is not None:
             rows = conn.execute(q).all()
         else:
-            with self.engine.connect() as c:
+            with reading(self.engine) as c:
                 rows = c.execute(q).all()
         found = {r.e_number: entry_from_row(r) for r in rows}
         return [found[e] for e in e_numbers if e in found]
@@ -145,7 +146,7 @@ class Ledger:
         q = sa.select(*_ENTRY_COLS).where(ledger_t.c.e_number == e_number)
         if shop:
             q = q.where(ledger_t.c.shop == shop)
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [entry_from_row(r) for r in c.execute(q)]
 
     def list_orders(
@@ -165,14 +166,14 @@ class Ledger:
             q = q.where(ledger_t.c.update_queued == update_pending_queued)
         if limit:
             q = q.limit(limit)
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [entry_from_row(r) for r in c.execute(q)]
 
     def counts(self, shop: str | None = None) -> dict[str, int]:
         q = sa.select(ledger_t.c.state, sa.func.count()).group_by(ledger_t.c.state)
         if shop:
             q = q.where(ledger_t.c.shop == shop)
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return {str(s): int(n) for s, n in c.execute(q)}
 
     def due(self, shop: str, now: datetime, limit: int = 1000) -> list[tuple[str, str]]:
@@ -197,7 +198,7 @@ class Ledger:
             .order_by(ledger_t.c.id)
             .limit(limit)
         )
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [(str(e), str(s)) for e, s in c.execute(q)]
 
     def mapping_failures(self, shop: str, mapping_hash: str) -> list[str]:
@@ -208,7 +209,7 @@ class Ledger:
             ledger_t.c.error_kind == "mapping",
             sa.or_(ledger_t.c.mapping_hash.is_(None), ledger_t.c.mapping_hash != mapping_hash),
         )
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [str(r[0]) for r in c.execute(q)]
 
     def insert(self, conn: sa.Connection, **values: Any) -> None:
@@ -281,7 +282,7 @@ class Ledger:
             .where(events_t.c.shop == shop, events_t.c.e_number == e_number)
             .order_by(events_t.c.id)
         )
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [Event(r.at, r.event, r.detail) for r in c.execute(q)]
 
     def e_numbers(
@@ -293,13 +294,13 @@ class Ledger:
         )
         if since is not None:
             q = q.where(ledger_t.c.first_seen >= since)
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             return [(str(e), str(s), o) for e, s, o in c.execute(q)]
 
     # -- shops ----------------------------------------------------------------------------------
 
     def shop_state(self, shop: str) -> ShopState:
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             row = c.execute(sa.select(shops_t).where(shops_t.c.shop == shop)).first()
         if row is None:
             return ShopState(shop)
@@ -308,7 +309,7 @@ class Ledger:
         return ShopState(**m)
 
     def shop_states(self) -> list[ShopState]:
-        with self.engine.connect() as c:
+        with reading(self.engine) as c:
             rows = c.execute(sa.select(shops_t).order_by(shops_t.c.shop)).all()
         return [
             ShopState(**{**r._mapping, "cancelled": bool(r._mapping["cancelled"])}) for r in rows
@@ -340,10 +341,12 @@ class Ledger:
 def payloads_in_states(engine: sa.Engine, states: Sequence[str]) -> list[bytes]:
     """The payloads (the pending update where there is one) of orders in ``states``; none when
     the order import never ran on this staging store (no ledger table)."""
-    if not sa.inspect(engine).has_table(ledger_t.name):
+    with reading(engine) as conn:
+        exists = sa.inspect(conn).has_table(ledger_t.name)
+    if not exists:
         return []
     q = sa.select(sa.func.coalesce(ledger_t.c.pending_payload, ledger_t.c.payload)).where(
         ledger_t.c.state.in_(list(states))
     )
-    with engine.connect() as c:
+    with reading(engine) as c:
         return [bytes(r[0]) for r in c.execute(q)]

@@ -37,6 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from replicator.db import reading
 from replicator.staging.engine import StagingDb
 from replicator.staging.schema import OLD_JOURNAL_INDEX, journal_ddl
 from replicator.staging.values import key_json
@@ -178,7 +179,7 @@ class Journal:
         )
         params: list[Any] = [after]
         bounded = self.db.dialect == "sqlite"
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             top = None
             if bounded:
                 top = conn.exec_driver_sql("SELECT MAX(id) FROM sync_journal").scalar()
@@ -214,13 +215,13 @@ class Journal:
         sql = f"SELECT id FROM sync_journal WHERE id > {p}"
         if tables:
             sql += f" AND table_name IN ({self.db.phs(len(tables))})"
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             row = conn.exec_driver_sql(f"{sql} LIMIT 1", (after, *tables)).fetchone()
         return row is not None
 
     def backlog(self, consumer: str) -> tuple[int, Any]:
         """How many entries wait for ``consumer``, and when the oldest was committed."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             after = self._cursor(conn, consumer)
             n, oldest = conn.exec_driver_sql(
                 f"SELECT COUNT(*), MIN(at) FROM sync_journal WHERE id > {self.db.ph}", (after,)
@@ -247,7 +248,7 @@ class Journal:
     # -- cursors ----------------------------------------------------------------------------------
     def cursor(self, consumer: str) -> int:
         """``consumer``'s durable cursor (0 when it never committed one)."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             return self._cursor(conn, consumer)
 
     def _cursor(self, conn: sa.Connection, consumer: str) -> int:
@@ -273,7 +274,7 @@ class Journal:
 
     def consumers(self) -> list[str]:
         """The names of the journal's consumers (pushers, the stream sink)."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             return [r[0] for r in conn.exec_driver_sql("SELECT consumer FROM sync_cursors")]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from replicator.db import reading
 from replicator.staging import schema
 from replicator.staging.values import utc
 
@@ -115,7 +116,9 @@ def lag_history(
     engine: sa.Engine, since: datetime, sources: Sequence[str] | None = None
 ) -> dict[str, list[LagSample]]:
     """Samples since ``since`` per source, oldest first (empty when the table does not exist)."""
-    if not sa.inspect(engine).has_table(lag_history_t.name):
+    with reading(engine) as conn:
+        exists = sa.inspect(conn).has_table(lag_history_t.name)
+    if not exists:
         return {}
     t = lag_history_t
     stmt = (
@@ -126,7 +129,7 @@ def lag_history(
     if sources is not None:
         stmt = stmt.where(t.c.source.in_(list(sources)))
     out: dict[str, list[LagSample]] = {}
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         for source, at, secs, nbytes in conn.execute(stmt):
             out.setdefault(str(source), []).append(
                 LagSample(utc(at), _num(secs), None if nbytes is None else int(nbytes))

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 import structlog
 
 from replicator.changes import Column, TableSchema
+from replicator.db import reading
 from replicator.staging.engine import StagingDb
 from replicator.staging.values import (
     BUILTIN_OID_LIMIT,
@@ -83,7 +84,7 @@ class Mirrors:
                 conn.exec_driver_sql(f"DELETE FROM {self.db.q(info.name)}")
 
     def load(self) -> None:
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             rows = conn.exec_driver_sql(
                 "SELECT source_table, mirror_name, definition FROM sync_tables"
             ).fetchall()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from replicator.db import reading
 from replicator.staging import schema
 from replicator.staging.engine import StagingDb
 
@@ -28,7 +29,7 @@ class PushedStock:
         p = self.db.ph
         sql = f"SELECT sku, quantity FROM push_stock_pushed WHERE shop = {p}"
         out: dict[str, int] = {}
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             if skus is None:
                 rows = conn.exec_driver_sql(sql, (shop,)).fetchall()
                 return {str(s): int(q) for s, q in rows}
@@ -78,7 +79,7 @@ class InvoiceQueue:
 
     def all(self) -> list[dict[str, Any]]:
         """Every invoice, oldest first."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             res = conn.exec_driver_sql(
                 "SELECT invoice_key, number, shop, e_number, state, attempts, last_error, "
                 "filename, queued_at, attached_at FROM push_invoices ORDER BY queued_at"
@@ -88,7 +89,7 @@ class InvoiceQueue:
     def known(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are queued already."""
         out: set[str] = set()
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i : i + _CHUNK]
                 rows = conn.exec_driver_sql(
@@ -123,7 +124,7 @@ class InvoiceQueue:
             )
 
     def get(self, key: str) -> dict[str, Any] | None:
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             row = conn.exec_driver_sql(
                 f"SELECT * FROM push_invoices WHERE invoice_key = {self.db.ph}", (key,)
             ).fetchone()
@@ -131,7 +132,7 @@ class InvoiceQueue:
 
     def due(self, now: str, limit: int) -> list[tuple[str, str | None, int]]:
         """(key, number, attempts) of pending invoices and failed ones whose retry time came."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             rows = conn.exec_driver_sql(
                 "SELECT invoice_key, number, attempts FROM push_invoices WHERE state = 'pending' "
                 "OR (state = 'failed' AND next_attempt_at IS NOT NULL "
@@ -142,7 +143,7 @@ class InvoiceQueue:
 
     def oldest_pending(self) -> Any:
         """When the oldest pending invoice was queued (None when none is)."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             return conn.exec_driver_sql(
                 "SELECT MIN(queued_at) FROM push_invoices WHERE state = 'pending'"
             ).scalar()

@@ -9,6 +9,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from replicator.db import reading
 from replicator.staging.mirrors import MirrorInfo, Mirrors
 from replicator.staging.values import key_json, scalar_text, to_json
 
@@ -31,7 +32,7 @@ class MirrorRows:
         keycols = info.schema.key
         cols = ", ".join(q(c) for c in names)
         out: dict[str, dict[str, Any]] = {}
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             for i in range(0, len(keys), 500):
                 chunk = keys[i : i + 500]
                 row_ph = "(" + ", ".join([p] * len(keycols)) + ")"
@@ -55,7 +56,7 @@ class MirrorRows:
             info = self.catalog[table]
         cols = ", ".join(self.db.q(c.name) for c in info.schema.columns)
         order = ", ".join(self.db.q(k) for k in info.schema.key)
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             return [
                 tuple(r)
                 for r in conn.exec_driver_sql(
@@ -79,7 +80,7 @@ class MirrorRows:
         q, p = self.db.q, self.db.ph
         cond = " AND ".join(f"{q(k)} = {p}" for k in where)
         names = [c.name for c in info.schema.columns]
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             row = conn.exec_driver_sql(
                 f"SELECT {', '.join(q(c) for c in names)} FROM {q(info.name)} WHERE {cond}",
                 tuple(self.db.to_storage(v) for v in where.values()),
@@ -98,7 +99,7 @@ class MirrorRows:
         is one of ``where_in[1]`` (asked ``chunk`` values at a time)."""
         q, p = self.db.q, self.db.ph
         base = f"SELECT {', '.join(q(c) for c in columns)} FROM {q(info.name)}"
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             if where_in is None:
                 yield from conn.exec_driver_sql(base)
                 return
@@ -117,7 +118,7 @@ class MirrorRows:
         where = " AND ".join(f"{q(k)} = {p}" for k in info.schema.key)
         sql = f"SELECT {q(column)} FROM {q(info.name)} WHERE {where}"
         out: list[tuple[bool, Any]] = []
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             for k in keys:
                 row = conn.exec_driver_sql(sql, tuple(k)).fetchone()
                 out.append((False, None) if row is None else (True, row[0]))

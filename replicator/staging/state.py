@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from replicator.changes import Checkpoint
+from replicator.db import reading
 from replicator.staging.engine import StagingDb
 from replicator.staging.values import to_json
 
@@ -32,7 +33,7 @@ class SourceState:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def load_checkpoint(self, source: str) -> Checkpoint | None:
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             row = conn.exec_driver_sql(
                 f"SELECT position, state, extra FROM sync_checkpoints WHERE source = {self.db.ph}",
                 (source,),
@@ -191,7 +192,7 @@ class SourceState:
 
     def load_liveness(self) -> dict[str, Any] | None:
         """The daemon's liveness row (timestamps as aware datetimes), or None if it never ran."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             row = conn.exec_driver_sql("SELECT * FROM sync_daemon WHERE name = 'daemon'").first()
         if row is None:
             return None
@@ -204,7 +205,7 @@ class SourceState:
         return d
 
     def load_services(self) -> list[dict[str, Any]]:
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             rows = conn.exec_driver_sql("SELECT * FROM sync_services ORDER BY name")
             out = []
             for r in rows:
@@ -238,7 +239,7 @@ class SourceState:
 
     def recopy_requests(self, source: str) -> list[str]:
         """Tables whose re-copy was asked for and not yet taken up."""
-        with self.db.engine.connect() as conn:
+        with reading(self.db.engine) as conn:
             return [
                 r[0]
                 for r in conn.exec_driver_sql(
@@ -261,11 +262,12 @@ def replication_status(engine: sa.Engine) -> list[dict[str, Any]]:
     """The ``replication_status`` view, one row per source (it must exist: see
     :func:`has_replication_status`). A function of the engine, so the read model can read it
     without a :class:`~replicator.staging.StagingStore`."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         res = conn.exec_driver_sql("SELECT * FROM replication_status ORDER BY source")
         return [dict(r._mapping) for r in res]
 
 
 def has_replication_status(engine: sa.Engine) -> bool:
     """Whether the ``replication_status`` view exists yet (nothing that only reads creates it)."""
-    return "replication_status" in sa.inspect(engine).get_view_names()
+    with reading(engine) as conn:
+        return "replication_status" in sa.inspect(conn).get_view_names()
