@@ -102,12 +102,13 @@ class Schedule:
     def parse(cls, expr: str, key: str = "schedule") -> Schedule:
         """Parse ``expr``; a bad one raises ConfigError naming ``key`` (e.g. schedules.orders)."""
         try:
-            return cls._parse(expr)
+            return cls.from_text(expr)
         except ValueError as exc:
             raise ConfigError(f"{key} = {expr!r}: {exc}") from None
 
     @classmethod
-    def _parse(cls, expr: str) -> Schedule:
+    def from_text(cls, expr: str) -> Schedule:
+        """Parse ``expr``; a bad one raises ValueError saying what is wrong (no key named)."""
         text = " ".join(str(expr).split()).lower()
         if not text:
             raise ValueError('empty; use a crontab expression, "every 5m" or "continuous"')

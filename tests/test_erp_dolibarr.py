@@ -5,6 +5,7 @@ entity, orders keyed in by an ERP user between imports, a taken key retried."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -265,6 +266,38 @@ def test_two_orders_of_one_new_customer_at_once_create_one_customer(dolibarr, wr
     ) == [(1,)]
     assert erp_rows(dolibarr, "SELECT count(DISTINCT fk_soc), count(*) FROM llx_commande") == [
         (1, 4)
+    ]
+
+
+def test_dry_run_and_replace_leave_no_customer_lock_behind(dolibarr, writer):
+    """A dry run (the Manage page's preview) or a replace that meets a new customer takes
+    MariaDB's named lock for that customer; it must be released with the transaction. Held on
+    the idle pooled connection, it made the import of that customer's order on any other
+    connection wait 30 s and fail as "ERP unavailable"."""
+    with writer.engine.connect() as conn:
+        rows = writer.dry_run(conn, "woo", "720", taxed_order(720, email="new@example.com"), False)
+    assert rows  # the preview wrote (and rolled back) the customer and the order
+    writer.write("woo", "721", taxed_order(721, lines=1))
+    writer.replace("woo", "721", taxed_order(721, lines=1, email="other@example.com"))
+
+    engine = make_engine(dolibarr, "second-worker")  # another import worker's connection
+    try:
+        with engine.connect() as conn:
+            for email in ("new@example.com", "other@example.com"):
+                name = hashlib.sha1(f"sync-customer:{email}".encode()).hexdigest()
+                held_by = conn.exec_driver_sql("SELECT IS_USED_LOCK(%s)", (name,)).scalar()
+                assert held_by is None, f"the lock of customer {email} is still held"
+        other = make_writer(
+            engine, load_checked(DOLIBARR_MAPPING, "mysql", engine), create_index=False
+        )
+        other.write("woo", "720", taxed_order(720, email="new@example.com"))
+    finally:
+        engine.dispose()
+    assert erp_rows(
+        dolibarr, "SELECT count(*) FROM llx_societe WHERE email = 'new@example.com'"
+    ) == [(1,)]
+    assert erp_rows(dolibarr, "SELECT count(*) FROM llx_commande WHERE ref_client = '720'") == [
+        (1,)
     ]
 
 

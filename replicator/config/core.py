@@ -26,7 +26,7 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _read_secret(password_env: str | None, password_file: str | None) -> str | None:
+def read_secret(password_env: str | None, password_file: str | None) -> str | None:
     """Resolve a secret from an environment variable or a file (systemd ``LoadCredential``).
 
     A relative ``password_file`` is looked up in ``$CREDENTIALS_DIRECTORY`` when systemd set it.
@@ -78,7 +78,7 @@ class DatabaseSection(Section):
 
     @model_validator(mode="after")
     def _resolve_password(self) -> DatabaseSection:
-        secret = _read_secret(self.password_env, self.password_file)
+        secret = read_secret(self.password_env, self.password_file)
         if secret is not None:
             object.__setattr__(
                 self, "dsn", SecretStr(_with_password(self.dsn.get_secret_value(), secret))
@@ -124,7 +124,7 @@ class ErpSection(DatabaseSection):
     def _resolve_writer_password(self) -> ErpSection:
         if self.writer_dsn is None:
             return self
-        secret = _read_secret(self.writer_password_env, self.writer_password_file)
+        secret = read_secret(self.writer_password_env, self.writer_password_file)
         if secret is not None:
             object.__setattr__(
                 self,
@@ -282,7 +282,7 @@ class StagingSection(Section):
 
     @model_validator(mode="after")
     def _resolve_password(self) -> StagingSection:
-        secret = _read_secret(self.password_env, self.password_file)
+        secret = read_secret(self.password_env, self.password_file)
         if secret is not None and self.url is not None:
             object.__setattr__(
                 self, "url", SecretStr(_with_password(self.url.get_secret_value(), secret))

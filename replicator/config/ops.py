@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from replicator.config.core import Section, _read_secret
+from replicator.config.core import Section, read_secret
 from replicator.schedules import Schedule
 
 
@@ -95,18 +95,18 @@ class SmtpSection(Section):
     @field_validator("password_env")
     @classmethod
     def _env_set(cls, v: str | None) -> str | None:
-        _read_secret(v, None)
+        read_secret(v, None)
         return v
 
     @field_validator("password_file")
     @classmethod
     def _file_readable(cls, v: str | None) -> str | None:
-        _read_secret(None, v)
+        read_secret(None, v)
         return v
 
     @model_validator(mode="after")
     def _resolve(self) -> SmtpSection:
-        secret = _read_secret(self.password_env, self.password_file)
+        secret = read_secret(self.password_env, self.password_file)
         if secret is not None:
             object.__setattr__(self, "password", SecretStr(secret))
         return self
@@ -149,7 +149,7 @@ class SchedulesSection(Section):
     @classmethod
     def _valid(cls, v: str) -> str:
         try:
-            Schedule._parse(v)
+            Schedule.from_text(v)
         except ValueError as exc:  # the loader prefixes file and key: schedules.orders = '...'
             raise ValueError(str(exc)) from None
         return v

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from replicator.config.core import Section, _read_secret
+from replicator.config.core import Section, read_secret
 from replicator.schedules import Schedule
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -54,7 +54,7 @@ class _WebhookSecret(Section):
         ):
             raise ValueError("webhook_secret: written in the file and also named by _env/_file")
         try:
-            secret = _read_secret(self.webhook_secret_env, self.webhook_secret_file)
+            secret = read_secret(self.webhook_secret_env, self.webhook_secret_file)
         except ValueError as exc:
             raise ValueError(f"webhook_secret: {exc}") from None
         if secret is not None:
@@ -115,7 +115,7 @@ class StockPushSection(_WebhookSecret):
     @classmethod
     def _schedule(cls, v: str) -> str:
         try:
-            sched = Schedule._parse(v)
+            sched = Schedule.from_text(v)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         if sched.kind == "continuous":

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from replicator.config.core import Section, _read_secret
+from replicator.config.core import Section, read_secret
 
 _SECRETS = (
     "consumer_key",
@@ -40,7 +40,7 @@ def _resolve_secrets(data: dict[str, Any]) -> dict[str, str]:
         if (env or file) and data.get(key) is not None:
             raise ValueError(f"{key}: written in the file and also named by {key}_env/_file")
         try:
-            secret = _read_secret(env, file)
+            secret = read_secret(env, file)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
         if secret is not None:

@@ -42,9 +42,9 @@ def to_decimal(v: Any) -> Decimal | None:
     try:
         d = Decimal(str(v).strip())
     except InvalidOperation:
-        raise ExprError(f"{_short(v)} is not a number") from None
+        raise ExprError(f"{short_repr(v)} is not a number") from None
     if not d.is_finite():
-        raise ExprError(f"{_short(v)} is not a finite number")
+        raise ExprError(f"{short_repr(v)} is not a finite number")
     return d
 
 
@@ -53,7 +53,7 @@ def to_int(v: Any) -> int | None:
     if d is None:
         return None
     if d != d.to_integral_value():
-        raise ExprError(f"{_short(v)} is not a whole number")
+        raise ExprError(f"{short_repr(v)} is not a whole number")
     return int(d)
 
 
@@ -74,14 +74,14 @@ def to_date(v: Any) -> datetime | None:
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ExprError(f"{_short(v)} is not an ISO date/time") from None
+        raise ExprError(f"{short_repr(v)} is not an ISO date/time") from None
     # ERP timestamp columns are naive UTC by convention.
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC).replace(tzinfo=None)
     return dt
 
 
-def _short(v: Any) -> str:
+def short_repr(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 

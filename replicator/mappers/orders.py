@@ -171,7 +171,10 @@ class MappedOrder:
 # --------------------------------------------------------------------------------------- loading
 
 
-class _Loader:
+class MappingLoader:
+    """Reads a mapping file's TOML into typed rules, collecting every error (with its key) so
+    one run names them all; the plan loader (:mod:`replicator.mappers.plan`) extends it."""
+
     def __init__(self, path: str, data: dict[str, Any]) -> None:
         self.path = path
         self.data = data
@@ -213,7 +216,9 @@ class _Loader:
             or len(parts) > 2
             or not all(isinstance(p, str) and _IDENT.match(p) for p in parts)
         ):
-            self.err(f"{key}.{name}", f"{_short(v)} is not a plain name (letters, digits, _)")
+            self.err(
+                f"{key}.{name}", f"{ex.short_repr(v)} is not a plain name (letters, digits, _)"
+            )
             return None
         return v
 
@@ -248,7 +253,7 @@ class _Loader:
                 const = Decimal(str(value)) if isinstance(value, float) else value
                 out.append(ColumnRule(k, col, None, const))
             else:
-                self.err(k, f"{_short(value)} must be an expression string or a constant")
+                self.err(k, f"{ex.short_repr(value)} must be an expression string or a constant")
         return tuple(out)
 
     def series(self, key: str, sec: dict[str, Any]) -> SeriesSpec | None:
@@ -281,11 +286,6 @@ class _Loader:
         )
 
 
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_mapping_file(path: str | Path) -> tuple[dict[str, Any], str]:
     """A mapping file's TOML and the hash of its bytes (ConfigError naming the file)."""
     p = Path(path)
@@ -309,7 +309,7 @@ def load_mapping(path: str | Path, dialect: str) -> OrderMapping:
 def parse_mapping(data: dict[str, Any], path: str, dialect: str, digest: str = "") -> OrderMapping:
     if dialect not in SQLGLOT_DIALECT:
         raise ConfigError(f"{path}: unsupported ERP dialect {dialect!r}")
-    ld = _Loader(path, data)
+    ld = MappingLoader(path, data)
     known = {"required", "header", "lines", "customer", "items", "maps"}
     for k in data:
         if k not in known:
@@ -660,7 +660,7 @@ def validate_mapping(mapping: OrderMapping, engine: sa.Engine) -> None:
 # --------------------------------------------------------------------------------------- mapping
 
 
-def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
+def coerce_to_column(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
     """Convert an evaluated value to what the ERP column holds; reject what does not fit."""
     if isinstance(value, str):
         if "\x00" in value:
@@ -687,7 +687,7 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
                 return True
             if str(value).lower() in ("0", "false", "no", ""):
                 return False
-            raise ex.ExprError(f"{_short(value)} is not true/false")
+            raise ex.ExprError(f"{ex.short_repr(value)} is not true/false")
         if info.kind == "datetime":
             return ex.to_date(value)
         if info.kind == "date":
@@ -699,7 +699,7 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
             text = ex.to_str(value) or ""
             if info.length and len(text) > info.length:
                 raise OrderRejected(
-                    f"{key}: value {_short(text)} is {len(text)} characters, "
+                    f"{key}: value {ex.short_repr(text)} is {len(text)} characters, "
                     f"column {column!r} holds {info.length}"
                 )
             return text
@@ -708,7 +708,7 @@ def _coerce(value: Any, info: ColumnInfo | None, key: str, column: str) -> Any:
     return value
 
 
-def _present(payload: Mapping[str, Any], path: str) -> bool:
+def present_in(payload: Mapping[str, Any], path: str) -> bool:
     v = ex.get_path(payload, path)
     return v is not None and v != "" and v != []
 
@@ -779,7 +779,7 @@ def map_order(
     """Evaluate the mapping on one order. Raises :class:`OrderRejected` with the reason."""
     if not isinstance(payload, dict):
         raise OrderRejected("order payload is not a JSON object")
-    missing = [p for p in mapping.required if not _present(payload, p)]
+    missing = [p for p in mapping.required if not present_in(payload, p)]
     if missing:
         raise OrderRejected(f"missing required field(s): {', '.join(missing)}")
     ctx: dict[str, Any] = {
@@ -798,10 +798,10 @@ def map_order(
             raise OrderRejected(str(e), "mapping") from None
         except ex.ExprError as e:
             raise OrderRejected(f"{rule.key}: {e}") from None
-        return _coerce(v, cols.get(rule.column), rule.key, rule.column)
+        return coerce_to_column(v, cols.get(rule.column), rule.key, rule.column)
 
     header = {r.column: run(r, ctx, hcols) for r in mapping.header_rules}
-    header[mapping.e_number_column] = _coerce(
+    header[mapping.e_number_column] = coerce_to_column(
         mapping.e_number_prefix + e_number,
         hcols.get(mapping.e_number_column),
         "e-number",
@@ -832,9 +832,11 @@ def map_order(
             try:
                 qd = ex.to_decimal(q)
             except ex.ExprError:
-                raise OrderRejected(f"line {i}: quantity {_short(q)} is not a number") from None
+                raise OrderRejected(
+                    f"line {i}: quantity {ex.short_repr(q)} is not a number"
+                ) from None
             if qd is None or qd <= 0:
-                shown = _short(q) if qd is None else str(qd)
+                shown = ex.short_repr(q) if qd is None else str(qd)
                 raise OrderRejected(f"line {i}: quantity {shown} must be greater than 0")
             if qd > mapping.max_quantity:
                 raise OrderRejected(
@@ -857,7 +859,7 @@ def map_order(
         except ex.ExprError as e:
             raise OrderRejected(f"customer: {e}") from None
         if email is not None and ("@" not in email or len(email) > 254):
-            raise OrderRejected(f"customer e-mail {_short(email)} is not an e-mail address")
+            raise OrderRejected(f"customer e-mail {ex.short_repr(email)} is not an e-mail address")
         guest = email is None and number is None
         if guest and not c.guest:
             raise OrderRejected(
@@ -868,6 +870,8 @@ def map_order(
             {r.column: run(r, ctx, ccols) for r in c.rules} if (c.create and not guest) else {}
         )
         if email is not None and c.email_column:
-            email = _coerce(email, ccols.get(c.email_column), "customer.email", c.email_column)
+            email = coerce_to_column(
+                email, ccols.get(c.email_column), "customer.email", c.email_column
+            )
         customer = CustomerRef(email=email, number=number, guest=guest, columns=columns)
     return MappedOrder(header=header, lines=lines, customer=customer)

@@ -35,15 +35,15 @@ import sqlalchemy as sa
 
 from replicator.errors import ConfigError
 from replicator.mappers import expr as ex
+from replicator.mappers.expr import short_repr
 from replicator.mappers.orders import (
     HEADER_NAMES,
     SQLGLOT_DIALECT,
     ColumnInfo,
     ColumnRule,
+    MappingLoader,
     OrderMapping,
     SchemaCheck,
-    _Loader,
-    _short,
     parse_mapping,
     qident,
     qtable,
@@ -173,7 +173,7 @@ def is_plan(data: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------- loading
 
 
-class _PlanLoader(_Loader):
+class _PlanLoader(MappingLoader):
     def __init__(self, path: str, data: dict[str, Any], names: frozenset[str]) -> None:
         super().__init__(path, data)
         self.names = names
@@ -197,7 +197,7 @@ class _PlanLoader(_Loader):
                 self.err(f"{key}.{k}", f"unknown key (known: {', '.join(sorted(known))})")
         name = sec.get("name", default_name)
         if not isinstance(name, str) or not ex_ident(name):
-            self.err(f"{key}.name", f"{_short(name)} is not a plain name")
+            self.err(f"{key}.name", f"{short_repr(name)} is not a plain name")
             name = default_name
         match = sec.get("match", [])
         if not isinstance(match, list) or not all(
@@ -209,7 +209,7 @@ class _PlanLoader(_Loader):
         source = sec.get("source") if iterate else None
         alias = sec.get("as", "line") if iterate else "line"
         if not isinstance(alias, str) or not ex_ident(alias):
-            self.err(f"{key}.as", f"{_short(alias)} is not a plain name")
+            self.err(f"{key}.as", f"{short_repr(alias)} is not a plain name")
             alias = "line"
         kids: list[RowStep] = []
         if children:
@@ -272,7 +272,7 @@ class _PlanLoader(_Loader):
         if "sequence_prefix" in sec:
             sp = sec.get("sequence_prefix")
             if not isinstance(sp, str) or not ex_ident(sp + "x"):
-                self.err(f"{key}.sequence_prefix", f"{_short(sp)} is not a plain name prefix")
+                self.err(f"{key}.sequence_prefix", f"{short_repr(sp)} is not a plain name prefix")
                 sp = ""
             return NumberSpec(
                 key=key,
@@ -518,7 +518,7 @@ def _exprs(plan: PlanMapping) -> list[tuple[str, ex.Expr]]:
     return out
 
 
-def _check_calls(plan: PlanMapping, ld: _Loader) -> list[LookupUse]:
+def _check_calls(plan: PlanMapping, ld: MappingLoader) -> list[LookupUse]:
     """``lookup`` takes constant table/column names (checked like any name); ``next_number``
     names a ``[numbers.*]`` section; ``item`` belongs to the first mapping format."""
     uses: list[LookupUse] = []

@@ -196,6 +196,7 @@ class PlanWriter:
             self._header_and_lines(conn, ctx, fns, rows)
         finally:
             trans.rollback()
+            self.customers.release_session_lock(conn)
         return rows
 
     # -- after the import -----------------------------------------------------------------------
@@ -215,13 +216,17 @@ class PlanWriter:
     ) -> WriteResult:
         """Re-import a changed order over its ERP order: header updated (the ERP's number kept),
         lines and their child rows deleted and written again, in one transaction."""
-        with self.engine.begin() as conn:
-            key, number = self.existing.lock_for_replace(conn, shop, e_number, force)
-            ctx, fns = self._start_order(conn, shop, e_number, payload, auto_invoice, None)
-            self.existing.update_header(conn, key, ctx, fns)
-            self.existing.delete_lines(conn, key)
-            lines = self.rows.lines(conn, ctx, fns, None)
-            return WriteResult(number, created=False, lines=lines)
+        with self.engine.connect() as conn:
+            try:
+                with conn.begin():
+                    key, number = self.existing.lock_for_replace(conn, shop, e_number, force)
+                    ctx, fns = self._start_order(conn, shop, e_number, payload, auto_invoice, None)
+                    self.existing.update_header(conn, key, ctx, fns)
+                    self.existing.delete_lines(conn, key)
+                    lines = self.rows.lines(conn, ctx, fns, None)
+            finally:
+                self.customers.release_session_lock(conn)
+        return WriteResult(number, created=False, lines=lines)
 
     def cancel(self, e_number: str, shop: str | None = None) -> str:
         """Cancel the ERP order with this e-number (the plan's ``order.cancel``); its number."""

@@ -66,7 +66,7 @@ _PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 @functools.lru_cache(maxsize=1024)
-def _pyformat(sql: str) -> str:
+def pyformat(sql: str) -> str:
     # Identifiers are plain names (checked at load) and values never appear in the text, so a
     # literal % can only come from here; escape it anyway for the driver.
     return _PLACEHOLDER.sub(r"%(\1)s", sql.replace("%", "%%"))
@@ -110,7 +110,7 @@ class ErpWriter:
         """
         if self.d == "sqlite":
             return conn.execute(sa.text(sql), params or {})
-        return conn.exec_driver_sql(_pyformat(sql), params or {})
+        return conn.exec_driver_sql(pyformat(sql), params or {})
 
     # -- lookups --------------------------------------------------------------------------------
 

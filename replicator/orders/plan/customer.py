@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
 from typing import Any
 
 import sqlalchemy as sa
 
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import OrderRejected, _short
+from replicator.mappers.expr import short_repr
+from replicator.mappers.orders import OrderRejected
 from replicator.mappers.plan import PlanMapping
 from replicator.orders.plan.erp_sql import ErpSql
 from replicator.orders.plan.expressions import Context, Functions, column_value, evaluate
 from replicator.orders.plan.rows import RowLog, RowWriter
 from replicator.orders.writer import ErpUnavailable
+
+# conn.info mark: this MariaDB session holds a customer's named lock (see release_session_lock)
+_SESSION_LOCK = "sync_customer_lock"
 
 
 class Customers:
@@ -33,7 +36,6 @@ class Customers:
         self.sql = sql
         self.m = plan
         self.rows = rows
-        self._session_locks = threading.local()  # MariaDB: a named lock to release after commit
 
     def resolve(
         self, conn: sa.Connection, ctx: Context, fns: Functions, log_rows: RowLog | None
@@ -50,7 +52,7 @@ class Customers:
         if c.number is not None:
             number = ex.to_str(evaluate("customer.number", c.number, ctx, fns)) or None
         if email is not None and ("@" not in email or len(email) > 254):
-            raise OrderRejected(f"customer e-mail {_short(email)} is not an e-mail address")
+            raise OrderRejected(f"customer e-mail {short_repr(email)} is not an e-mail address")
         guest = email is None and number is None
         ctx["customer"] = {"email": email, "number": number, "id": None, "new": False}
         ctx["customer"]["guest"] = guest
@@ -77,7 +79,7 @@ class Customers:
             got = self.sql.run(
                 conn, "SELECT GET_LOCK(:k, 30)", {"k": hashlib.sha1(lock_name.encode()).hexdigest()}
             ).scalar()
-            self._session_locks.held = True
+            conn.info[_SESSION_LOCK] = True
             if got != 1:
                 raise ErpUnavailable(f"waited 30 s for another import of customer {who!r}")
         found = self.find(conn, email, number, ctx, fns)
@@ -130,10 +132,12 @@ class Customers:
         return None
 
     def release_session_lock(self, conn: sa.Connection) -> None:
-        """MariaDB: release the customer's named lock this thread took on ``conn``, after the
-        order's transaction ended (a session lock outlives the transaction)."""
-        if getattr(self._session_locks, "held", False):
-            self._session_locks.held = False
+        """MariaDB: release the customer's named lock taken on ``conn``, after the order's
+        transaction ended (a session lock outlives the transaction). Every way of writing an
+        order calls it (write, replace, dry run): a lock left on a pooled connection would make
+        the next import of that customer on another connection wait 30 s and fail. The mark is
+        kept with the database connection (``conn.info``), like the lock itself."""
+        if conn.info.pop(_SESSION_LOCK, False):
             with contextlib.suppress(sa.exc.DBAPIError):
                 conn.exec_driver_sql("DO RELEASE_ALL_LOCKS()")
                 conn.rollback()

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from replicator.mappers.orders import qident, qtable
-from replicator.orders.writer import _pyformat
+from replicator.orders.writer import pyformat
 
 
 class ErpSql:
@@ -32,4 +32,4 @@ class ErpSql:
         """Run ``sql`` with its values bound."""
         if self.d == "sqlite":
             return conn.execute(sa.text(sql), params or {})
-        return conn.exec_driver_sql(_pyformat(sql), params or {})
+        return conn.exec_driver_sql(pyformat(sql), params or {})

@@ -15,7 +15,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import ColumnRule, OrderRejected, _coerce, _present, map_value
+from replicator.mappers.orders import (
+    ColumnRule,
+    OrderRejected,
+    coerce_to_column,
+    map_value,
+    present_in,
+)
 from replicator.mappers.plan import PlanMapping
 from replicator.orders.plan.lookups import ErpLookups
 from replicator.orders.plan.numbering import Numbering
@@ -34,7 +40,7 @@ def order_context(
     required field."""
     if not isinstance(payload, dict):
         raise OrderRejected("order payload is not a JSON object")
-    missing = [p for p in plan.required if not _present(payload, p)]
+    missing = [p for p in plan.required if not present_in(payload, p)]
     if missing:
         raise OrderRejected(f"missing required field(s): {', '.join(missing)}")
     return {
@@ -79,4 +85,4 @@ def column_value(
 ) -> Any:
     """The value ``rule`` gives its column of ``table``, coerced to the column's type."""
     v = rule.const if rule.expr is None else evaluate(rule.key, rule.expr, ctx, fns)
-    return _coerce(v, plan.schema.get(table, {}).get(rule.column), rule.key, rule.column)
+    return coerce_to_column(v, plan.schema.get(table, {}).get(rule.column), rule.key, rule.column)

@@ -15,7 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from replicator.mappers import expr as ex
-from replicator.mappers.orders import _coerce, _short
+from replicator.mappers.expr import short_repr
+from replicator.mappers.orders import coerce_to_column
 from replicator.mappers.plan import PlanMapping
 from replicator.orders.plan.erp_sql import ErpSql
 
@@ -54,11 +55,11 @@ class ErpLookups:
         cols = pairs[0::2]
         info = self.m.schema.get(table, {})
         values = tuple(
-            _coerce(v, info.get(str(c)), f"lookup({table})", str(c))
+            coerce_to_column(v, info.get(str(c)), f"lookup({table})", str(c))
             for c, v in zip(cols, pairs[1::2], strict=True)
         )
         where = " AND ".join(f"{q(str(c))} = :v{i}" for i, c in enumerate(cols))
-        shown = " and ".join(f"{c} = {_short(v)}" for c, v in zip(cols, values, strict=True))
+        shown = " and ".join(f"{c} = {short_repr(v)}" for c, v in zip(cols, values, strict=True))
 
         def load() -> Any:
             rows = self.sql.run(
