@@ -1,4 +1,12 @@
-"""Capture by PostgreSQL logical replication: publication, slot, snapshot, pgoutput stream.
+"""Capture by PostgreSQL logical replication: the pgoutput stream and the decisions about it.
+
+Owned here: the life of the source (below), the stream loop, following relations and schema
+changes, incremental-snapshot chunks, batch commits with their position, status feedback and
+heartbeats. Owned elsewhere, each with its SQL: the slot, its lock and the stream's start
+(:mod:`replicator.cdc.slot`), the initial copy from the slot's exported snapshot
+(:mod:`replicator.cdc.initial_copy`), the publication (:mod:`replicator.cdc.publication`),
+matching a Relation message to the mirror (:mod:`replicator.cdc.schema_follow`) and online
+table copies (:mod:`replicator.cdc.snapshot`).
 
 Life of a source
 ----------------
@@ -39,9 +47,9 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import pq, sql
 
 from replicator.cdc.base import CaptureSource, Progress
+from replicator.cdc.initial_copy import copy_initial
 from replicator.cdc.pgoutput import (
     Begin,
     Commit,
@@ -62,19 +70,13 @@ from replicator.cdc.pgoutput import (
 from replicator.cdc.pipeline import ApplyPipeline
 from replicator.cdc.publication import changed_specs, ensure_publication, table_spec
 from replicator.cdc.schema_follow import catalog_columns, declared_types, match_relation, same_shape
+from replicator.cdc.slot import ReplicationSlot
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.config import Config
 from replicator.config.core import filter_columns
-from replicator.db import PG_KEEPALIVES, app_name, pg_connect
-from replicator.errors import (
-    DaemonAlreadyRunning,
-    FatalError,
-    RetryableError,
-    SchemaError,
-    SlotMissingError,
-)
-from replicator.errors_map import STORE_UNAVAILABLE, replication_start_error
+from replicator.errors import RetryableError, SchemaError
+from replicator.errors_map import STORE_UNAVAILABLE
 from replicator.staging import ApplyTxn, StagingStore
 
 log = structlog.get_logger(__name__, service="capture")
@@ -190,11 +192,6 @@ def describe_tables(conn: psycopg.Connection[Any], cfg: Config) -> list[TableSch
     return out
 
 
-def _where(condition: str | None) -> sql.Composable:
-    """`` WHERE (cond)`` for a table's row filter (validated when the config was read)."""
-    return sql.SQL(" WHERE ({})").format(sql.SQL(condition)) if condition else sql.SQL("")
-
-
 def _with_attnums(mirror: TableSchema, source: TableSchema) -> TableSchema:
     """The mirror's shape with the catalog numbers of the columns the source still has under the
     same name and type (definitions written before numbers were recorded have none)."""
@@ -241,45 +238,14 @@ class LogicalSource(CaptureSource):
         self._had_mirror: set[str] = set()
         self._frozen: set[str] = set()  # mirrors whose key changed: unfed until re-copied
         self._requests_checked = 0.0
+        self._slot = ReplicationSlot(cfg.erp, self.slot)
 
     # ------------------------------------------------------------------ start
     def _connect(self) -> psycopg.Connection[Any]:
-        """Connect, check the server, take the per-slot advisory lock."""
+        """Connect and lock the slot, bring the publication up to date and decide, table by
+        table, which mirror the stream feeds."""
         self.store.setup()
-        self._conn = pg_connect(
-            self.cfg.erp.url,
-            "capture",
-            autocommit=True,
-            connect_timeout=self.cfg.erp.connect_timeout,
-        )
-        conn = self._conn
-        (wal_level,) = conn.execute("SHOW wal_level").fetchone() or ("",)
-        if wal_level != "logical":
-            raise FatalError(
-                f"the ERP server has wal_level={wal_level}; logical replication needs "
-                "wal_level=logical (ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL), "
-                'or use capture.mode = "triggers"'
-            )
-        locked = conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext(%s))", (f"sync-daemon:{self.slot}",)
-        ).fetchone()
-        if not locked or not locked[0]:
-            holder = conn.execute(
-                "SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l "
-                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                "AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid AND l.granted "
-                "AND l.pid <> pg_backend_pid() LIMIT 1",
-                (f"sync-daemon:{self.slot}",),
-            ).fetchone()
-            who = (
-                f" (pid {holder[0]}, {holder[1]}, from {holder[2] or 'local socket'})"
-                if holder
-                else ""
-            )
-            raise DaemonAlreadyRunning(
-                f"another sync-daemon already captures slot {self.slot!r} on this ERP{who}; "
-                "only one may capture a slot"
-            )
+        self._conn = conn = self._slot.connect()
         schemas = describe_tables(conn, self.cfg)
         respec = self._ensure_publication(schemas)
         self._had_mirror = {s.qualified for s in schemas if self.store.mirror(s.qualified)}
@@ -301,49 +267,16 @@ class LogicalSource(CaptureSource):
 
     def resync(self) -> None:
         """On purpose: drop the slot (if any), forget staging's copy, take a new snapshot."""
-        self._connect()
-        if self._slot_row() is not None:
-            self._drop_slot()
+        conn = self._connect()
+        if self._slot.row(conn) is not None:
+            self._slot.drop(conn)
             log.warning("slot_dropped_for_resync", slot=self.slot)
-        self._snapshot()
+        self._initial_copy()
 
     def start(self) -> None:
-        self._connect()
-        cp = self.store.load_checkpoint(self.name)
-        slot = self._slot_row()
-        if cp is None and slot is None:
-            self._snapshot()
-        elif cp is not None and cp.state == "snapshot":
-            log.warning(
-                "snapshot_restarting",
-                slot=self.slot,
-                reason="the previous initial copy did not finish",
-            )
-            if slot is not None:
-                self._drop_slot()
-            self._snapshot()
-        elif cp is None:
-            raise FatalError(
-                f"replication slot {self.slot!r} exists but the staging store has no checkpoint for "
-                f"it (a new or emptied staging store?). Run `sync-daemon resync` to take a new "
-                "snapshot, or point staging.url at the store that belongs to this slot."
-            )
-        elif slot is None:
-            raise SlotMissingError(
-                f"replication slot {self.slot!r} is gone (dropped by someone, or lost in a failover). "
-                f"Changes made since {cp.position} may be lost, so it is not recreated silently. "
-                "Run `sync-daemon resync` to take a new snapshot on purpose."
-            )
-        elif slot["active_pid"] is not None:
-            raise DaemonAlreadyRunning(
-                f"replication slot {self.slot!r} is in use by pid {slot['active_pid']}; "
-                "only one consumer may stream a slot"
-            )
-        elif slot["wal_status"] == "lost":
-            raise SlotMissingError(
-                f"replication slot {self.slot!r} was invalidated (wal_status=lost, "
-                "max_slot_wal_keep_size exceeded). Run `sync-daemon resync`."
-            )
+        conn = self._connect()
+        if self._slot.take_over(conn, self.store.load_checkpoint(self.name)):
+            self._initial_copy()
         cp = self.store.load_checkpoint(self.name)
         assert cp is not None
         self._snaps.load(cp.extra, self._schemas, self._had_mirror)
@@ -358,23 +291,6 @@ class LogicalSource(CaptureSource):
         self.progress.confirmed_lsn = self._checkpoint_lsn
         self._start_stream(self._checkpoint_lsn)
 
-    def _slot_row(self) -> dict[str, Any] | None:
-        assert self._conn is not None
-        with self._conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            cur.execute(
-                "SELECT slot_name, plugin, active_pid, confirmed_flush_lsn::text AS confirmed, "
-                "wal_status, database FROM pg_replication_slots WHERE slot_name = %s",
-                (self.slot,),
-            )
-            row = cur.fetchone()
-        if row is not None and row["plugin"] != "pgoutput":
-            raise FatalError(f"slot {self.slot!r} uses plugin {row['plugin']!r}, not pgoutput")
-        return row
-
-    def _drop_slot(self) -> None:
-        assert self._conn is not None
-        self._conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
-
     def _ensure_publication(self, schemas: list[TableSchema]) -> set[str]:
         """Create the publication or bring it up to date; the tables whose column list or row
         filter changed since the last run (their mirrors must be copied again)."""
@@ -386,128 +302,24 @@ class LogicalSource(CaptureSource):
         ensure_publication(self._conn, self.publication, wanted, changed)
         return changed
 
-    # ------------------------------------------------------------------ snapshot
-    def _snapshot(self) -> None:
-        """Create the slot with an exported snapshot and copy the tables inside it."""
-        assert self._conn is not None
+    def _initial_copy(self) -> None:
+        """Copy every watched table inside the snapshot of a new slot; the checkpoint that
+        ends the copy records them all as copied, none queued for an incremental copy."""
         tables = list(self._schemas)
-        self.store.reset_source(self.name, tables)
-        with self.store.transaction(self.name) as txn:
-            txn.commit(
-                Checkpoint(self.name, "0/0", state="snapshot"), slot=self.slot, replicated=False
-            )
-        repl = psycopg.connect(
-            self.cfg.erp.url,
-            replication="database",
-            autocommit=True,
-            application_name=app_name("snapshot"),
-            connect_timeout=int(self.cfg.erp.connect_timeout),
-            **PG_KEEPALIVES,
+        self._snaps.copied = set(tables)
+        self._snaps.queue = []
+        self.snapshot_rows += copy_initial(
+            self._slot,
+            self.store,
+            self.name,
+            [self._schemas[t] for t in tables],
+            self.cfg.capture,
+            extra=self._snaps.to_extra(),
         )
-        try:
-            row = repl.execute(
-                sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(
-                    sql.Identifier(self.slot)
-                )
-            ).fetchone()
-            assert row is not None
-            consistent_point, snapshot_name = row[1], row[2]
-            log.info("slot_created", slot=self.slot, consistent_point=consistent_point)
-            snap = pg_connect(
-                self.cfg.erp.url, "snapshot", connect_timeout=self.cfg.erp.connect_timeout
-            )
-            try:
-                snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                snap.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
-                )
-                # The snapshot is imported; the walsender may now be released.
-                repl.close()
-                for t in tables:
-                    self._copy_table(snap, self._schemas[t])
-                snap.execute("COMMIT")
-            finally:
-                snap.close()
-        finally:
-            repl.close()
-        with self.store.transaction(self.name) as txn:
-            self._snaps.copied = set(tables)
-            self._snaps.queue = []
-            txn.commit(
-                Checkpoint(
-                    self.name, consistent_point, state="streaming", extra=self._snaps.to_extra()
-                ),
-                slot=self.slot,
-            )
-        log.info(
-            "snapshot_done", slot=self.slot, rows=self.snapshot_rows, position=consistent_point
-        )
-
-    def _copy_table(self, snap: psycopg.Connection[Any], schema: TableSchema) -> None:
-        cols = [c.name for c in schema.columns]
-        query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-            sql.Identifier(schema.schema, schema.name),
-            _where(self.cfg.capture.row_filter(schema.qualified)),
-        )
-        batch = self.cfg.capture.batch_size
-        n = 0
-        txn = self.store.begin(self.name)
-        try:
-            with snap.cursor() as cur, cur.copy(query) as copy:
-                copy.set_types([c.type_oid for c in schema.columns])
-                for row in copy.rows():
-                    txn.apply(
-                        Change(
-                            schema.qualified,
-                            "I",
-                            dict(zip(cols, row, strict=True)),
-                            position="snapshot",
-                        )
-                    )
-                    n += 1
-                    if txn.pending_count >= batch:
-                        txn.commit(None)
-                        txn = self.store.begin(self.name)
-            txn.commit(None)
-        finally:
-            txn.close()
-        self.snapshot_rows += n
-        log.info("table_copied", table=schema.qualified, rows=n)
 
     # ------------------------------------------------------------------ stream
     def _start_stream(self, lsn: int) -> None:
-        repl = psycopg.connect(
-            self.cfg.erp.url,
-            replication="database",
-            autocommit=True,
-            application_name=app_name("capture"),
-            connect_timeout=int(self.cfg.erp.connect_timeout),
-            options="-c timezone=UTC -c datestyle=ISO",
-            **PG_KEEPALIVES,
-        )
-        self._repl = repl
-        pgconn = repl.pgconn
-        command = (
-            f"START_REPLICATION SLOT {sql.Identifier(self.slot).as_string(repl)} LOGICAL "
-            f"{int_to_lsn(lsn)} (proto_version '1', publication_names "
-            f"{sql.Literal(self.publication).as_string(repl)}, messages 'true')"
-        )
-        pgconn.send_query(command.encode())
-        deadline = time.monotonic() + self.cfg.erp.connect_timeout
-        while True:
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                break
-            if time.monotonic() > deadline:
-                raise RetryableError("START_REPLICATION did not answer in time")
-            select.select([pgconn.socket], [], [], 0.2)
-        res = pgconn.get_result()
-        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
-            msg = res.error_message.decode(errors="replace") if res is not None else "no result"
-            code = res.error_field(pq.DiagnosticField.SQLSTATE) if res is not None else None
-            raise replication_start_error(self.slot, code.decode() if code else None, msg)
-        pgconn.nonblocking = 1
+        self._repl = self._slot.start_stream(int_to_lsn(lsn), self.publication)
         self._last_status = 0.0
         log.info("streaming_started", slot=self.slot, position=int_to_lsn(lsn))
 
@@ -950,12 +762,7 @@ class LogicalSource(CaptureSource):
                 except Exception as exc:  # never raise from close; _commit_batch rolled back
                     log.warning("close_commit_failed", error=str(exc))
         if self._conn is not None:
-            # Released explicitly: a closed socket returns before the server's session ends, and
-            # a capture started right after would still find the slot's lock held.
-            with contextlib.suppress(Exception):
-                self._conn.execute(
-                    "SELECT pg_advisory_unlock(hashtext(%s))", (f"sync-daemon:{self.slot}",)
-                )
+            self._slot.unlock(self._conn)
         for c in (self._repl, self._conn):
             if c is not None:
                 with contextlib.suppress(Exception):

@@ -90,46 +90,35 @@ class OrderActions:
         entry = self.find_one(e, shop)
         if entry.state != "update-pending":
             raise FatalError(f"order {e} has no pending update (state {entry.state})")
-        with self.ledger.begin() as conn:
-            # pending_hash stays: the same version arriving again is then recognised as known.
-            self.ledger.update(
-                conn,
-                entry.shop,
-                e,
-                state="delivered",
-                pending_payload=None,
-                update_queued=False,
-                diff=None,
-                last_error=None,
-            )
-            self.ledger.event(
-                conn,
-                entry.shop,
-                e,
-                utcnow(),
-                "update ignored",
-                "the ERP order keeps the imported version",
-            )
+        # pending_hash stays: the same version arriving again is then recognised as known.
+        self._settle(
+            entry, "update ignored", "the ERP order keeps the imported version", last_error=None
+        )
 
     def cancel(self, e: str, shop: str | None = None) -> str:
         entry = self.find_one(e, shop)
         if entry.erp_order_no is None:
             raise FatalError(f"order {e} is not in the ERP (state {entry.state})")
         order_no = self.writer_for(entry.shop).cancel(e)
+        self._settle(entry, "cancelled", f"ERP order {order_no} marked cancelled")
+        return order_no
+
+    def _settle(self, entry: Entry, what: str, detail: str, **fields: object) -> None:
+        """Close an operator action on an order the ERP holds: ``delivered``, no pending update
+        left, and the event on its timeline, in one ledger transaction (``fields``: more
+        columns to set)."""
         with self.ledger.begin() as conn:
             self.ledger.update(
                 conn,
                 entry.shop,
-                e,
+                entry.e_number,
                 state="delivered",
                 pending_payload=None,
                 update_queued=False,
                 diff=None,
+                **fields,
             )
-            self.ledger.event(
-                conn, entry.shop, e, utcnow(), "cancelled", f"ERP order {order_no} marked cancelled"
-            )
-        return order_no
+            self.ledger.event(conn, entry.shop, entry.e_number, utcnow(), what, detail)
 
     def retry(self, e: str, shop: str | None = None) -> Entry | None:
         entry = self.find_one(e, shop)
