@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from replicator.cdc.logical import describe_tables
+from replicator.cdc.tables import describe_tables
 from replicator.config import Config
 from replicator.config.shops import ShopSection
 from replicator.connectors import make_connector
