@@ -28,11 +28,12 @@ import structlog
 
 from replicator.cdc.triggers import TriggerSource
 from replicator.cdc.triggers.dialects import dialect_for
-from replicator.commands.capture import request_recopy
+from replicator.cli import main as cli_main
 from replicator.config import Config
+from replicator.ops.readmodel import collect_status
 from replicator.staging import StagingStore
 from tests.capture_worker import Erp, make_config, new_mysql_db, new_sqlite_db
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, wait_until, write_config
 
 ROWS = 300
 
@@ -193,7 +194,17 @@ def test_resync_table_races_updates_and_deletes(erp: Erp, tmp_path: Path) -> Non
     with store.engine.begin() as conn:  # staging drifted (say, an operator's mistake)
         conn.exec_driver_sql(f"INSERT INTO {store.q(info.name)} VALUES (100000, 1)")
         conn.exec_driver_sql(f"UPDATE {store.q(info.name)} SET v = 7 WHERE id = 3")
-    assert "copied again online" in request_recopy(cfg, "public.items")
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "erp": {"dsn": erp.url},
+            "capture": {"mode": "triggers", "tables": ["items", "other"]},
+            "staging": {"url": staging},
+            "daemon": {"state_dir": str(tmp_path)},
+        },
+    )
+    assert cli_main(["resync", "--table", "public.items", "--config", str(config)]) == 0
+    assert store.recopy_requests("erp") == ["public.items"]
     copied = False
     with Writer(erp, ["items", "other"], 2) as w:
         while not (copied and not src.copies):
@@ -262,6 +273,11 @@ def test_kill_9_in_the_middle_of_a_copy_resumes_after_the_last_chunk(
         assert cp is not None
         (copy,) = cp.extra["copying"]
         assert copy["table"] == "public.items" and copy["done"] == 90 and copy["after"]
+        # `sync-daemon status` (and the Manage page) read it from there
+        status = collect_status(make_config(erp.url, staging, ["a", "items"]))
+        assert status["sources"][0]["snapshots"] == [
+            {"table": "public.items", "done": 90, "total": ROWS}
+        ]
     finally:
         second.kill()
         second.wait(30)
@@ -316,8 +332,12 @@ def test_retyped_column_ends_in_the_new_form(erp: Erp, tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         wait_until(lambda: (_cycle(src), bool(src.copies))[1], 30, 0, "the re-copy")
         _drain(src)
+        # Later catalog checks find the mirror in step: no copy again.
+        checks = src._schema_checked
+        wait_until(lambda: (_cycle(src), src._schema_checked > checks + 0.5)[1], 30, 0, "checks")
+        assert not src.copies
     src.close()
-    assert any(e["event"] == "table_recopy_after_schema_change" for e in logs)
+    assert sum(e["event"] == "table_recopy_after_schema_change" for e in logs) == 1
     info = store.mirror("public.items")
     assert info is not None and info.schema.column("v").type_name.startswith(("text", "char"))  # type: ignore[union-attr]
     _equal(store, erp, "items")
