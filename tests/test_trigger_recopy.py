@@ -33,7 +33,14 @@ from replicator.config import Config
 from replicator.ops.readmodel import collect_status
 from replicator.staging import StagingStore
 from tests.capture_worker import Erp, make_config, new_mysql_db, new_sqlite_db
-from tests.helpers import ROOT, wait_until, write_config
+from tests.helpers import (
+    ROOT,
+    DaemonProcess,
+    assert_staging_equals_source,
+    base_config,
+    wait_until,
+    write_config,
+)
 
 ROWS = 300
 
@@ -178,6 +185,27 @@ def test_table_added_is_copied_online_while_the_others_stream(erp: Erp, tmp_path
     assert src.progress.snapshot_table is None
 
 
+def test_table_readded_loses_the_rows_deleted_while_it_was_out(erp: Erp, tmp_path: Path) -> None:
+    """A table captured before, then out of capture.tables for a while, then back: its old
+    mirror is replaced by a shadow copy, so rows deleted meanwhile do not linger."""
+    _tables(erp, "a", "items")
+    staging = f"sqlite:///{tmp_path / 's.db'}"
+    store = StagingStore(staging)
+    for tables, writes in (
+        (["a", "items"], ["UPDATE items SET v = 1 WHERE id = 1"]),
+        (["a"], ["DELETE FROM items WHERE id <= 100", "UPDATE items SET v = 2 WHERE id = 200"]),
+        (["a", "items"], ["INSERT INTO items VALUES (5000, 5)"]),
+    ):
+        src = TriggerSource(_install(erp, staging, tables, batch_size=64), store)
+        src.start()
+        erp.execute(*writes)
+        _drain(src)
+        src.close()
+    _equal(store, erp, "items")
+    _equal(store, erp, "a")
+    assert len(store.rows("public.items")) == ROWS - 100 + 1
+
+
 # ------------------------------------------------------------------------------ resync --table
 def test_resync_table_races_updates_and_deletes(erp: Erp, tmp_path: Path) -> None:
     """`resync --table` in trigger mode: copied again through a shadow, chunk by chunk, while
@@ -219,6 +247,38 @@ def test_resync_table_races_updates_and_deletes(erp: Erp, tmp_path: Path) -> Non
     _equal(store, erp, "items")
     _equal(store, erp, "other")
     assert [e for e in _table_events(store) if e[1] == "S"] == [("public.items", "S")]
+
+
+def test_daemon_takes_a_resync_table_request_in_trigger_mode(erp_db: str, tmp_path: Path) -> None:
+    """The daemon process (PostgreSQL ERP, trigger mode) takes `resync --table` while it runs."""
+    erp = Erp("postgresql", erp_db)
+    _tables(erp, "items")
+    staging = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = base_config(
+        tmp_path,
+        erp_db,
+        staging,
+        ["public.items"],
+        mode="triggers",
+        poll_interval=0.05,
+        batch_size=40,
+    )
+    assert cli_main(["triggers", "install", "--config", str(cfg)]) == 0
+    with DaemonProcess(cfg) as d:
+        assert_staging_equals_source(erp_db, staging, ["public.items"], timeout=60)
+        store = StagingStore(staging)
+        store.setup()
+        info = store.mirror("public.items")
+        assert info is not None
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM {store.q(info.name)} WHERE id <= 10")
+        assert cli_main(["resync", "--table", "public.items", "--config", str(cfg)]) == 0
+        erp.execute("UPDATE items SET v = 0 WHERE id % 10 = 0")
+        wait_until(lambda: store.recopy_requests("erp") == [], 30, what="the request taken")
+        assert_staging_equals_source(erp_db, staging, ["public.items"], timeout=60)
+        wait_until(lambda: "table_copy_done" in d.output(), 30, what="the copy's end")
+        store.dispose()
+        assert d.terminate() == 0
 
 
 # --------------------------------------------------------------------------------- kill -9

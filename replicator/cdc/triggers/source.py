@@ -98,7 +98,7 @@ from replicator.cdc.triggers.dialects import (
     SqliteDialect,
     dialect_for,
 )
-from replicator.changes import Change, Checkpoint, TableSchema
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError, SchemaError
 from replicator.errors_map import DRIVER_UNAVAILABLE
 from replicator.failpoints import failpoint
@@ -190,7 +190,8 @@ class TriggerSource(CaptureSource):
         # A column retyped in the ERP leaves the row images' keys as they were, so it is found
         # by reading the catalog now and then (every heartbeat_interval), in a batch.
         self._schema_checked = time.monotonic()
-        self._schema_due = False
+        # Columns found retyped (table -> the catalog's columns), followed by the next batch.
+        self._retyped: dict[str, dict[str, Column]] = {}
         self._chunked = False  # the batch being delivered holds a chunk (failpoint after it)
 
     # ------------------------------------------------------------------ contract
@@ -278,6 +279,16 @@ class TriggerSource(CaptureSource):
             if gone:
                 log.info("capture_tables_removed", source=self.name, tables=gone)
             self._open_shadows(copies)
+            if before != set(self.tables) or respecified:
+                # On record now, not with the next batch: a table removed, and added back before
+                # any batch committed, would otherwise not be seen as added (nor copied).
+                fresh = self.checkpoint(cp.position, {})
+                with self.store.engine.begin() as sconn:
+                    self.store.write_checkpoint(
+                        sconn,
+                        Checkpoint(self.name, cp.position, cp.state, {**cp.extra, **fresh.extra}),
+                        replicated=False,
+                    )
         self.reader.open_doorbell()
         self._started = True
         log.info(
@@ -303,7 +314,7 @@ class TriggerSource(CaptureSource):
                 self.reader.open_doorbell()
                 self._need_resume = False
             if time.monotonic() - self._schema_checked >= self.capture.heartbeat_interval:
-                self._schema_due = True
+                self._retyped = self._find_retyped()
             if time.monotonic() - self._requests_checked >= 1.0:
                 self._requests_checked = time.monotonic()
                 self._requests = self.store.recopy_requests(self.name)
@@ -460,15 +471,16 @@ class TriggerSource(CaptureSource):
     @property
     def copying(self) -> bool:
         """A batch is due even without changelog entries: a table copy is under way or asked
-        for (every batch reads a chunk), or the catalog check for retyped columns is due."""
-        return bool(self.copies or self._requests or self._schema_due)
+        for (every batch reads a chunk), or a retyped column is to be followed."""
+        return bool(self.copies or self._requests or self._retyped)
 
-    def _check_types(self, txn: ApplyTxn) -> None:
-        """Follow columns the ERP retyped (``ALTER COLUMN ... TYPE``, ``MODIFY``): the rows it
-        converted fired no trigger, so the table is copied again (see :meth:`_follow`). Only
-        the types of columns the mirror has are compared; added, dropped and renamed columns
-        are followed from the row images, in order with the rows."""
-        self._schema_due = False
+    def _find_retyped(self) -> dict[str, dict[str, Column]]:
+        """Columns the ERP retyped (``ALTER COLUMN ... TYPE``, ``MODIFY``): the rows it
+        converted fired no trigger, and the row images keep their keys, so only the catalog
+        tells. Per table, the retyped columns as the catalog has them (the next batch follows
+        them and copies the table again, see :meth:`_follow`). Only the types of columns the
+        mirror has are compared; added, dropped and renamed columns are followed from the row
+        images, in order with the rows."""
         self._schema_checked = time.monotonic()
         now: dict[str, TableSchema] = {}
         with self.dialect.connection("capture-setup") as conn:
@@ -477,21 +489,39 @@ class TriggerSource(CaptureSource):
                     now[t] = self.dialect.table_schema(conn, t)
                 except SchemaError as exc:  # gone or keyless now: its row images will tell
                     log.warning("catalog_check_failed", table=t, error=str(exc))
+        found: dict[str, dict[str, Column]] = {}
         for table, schema in now.items():
             info = self.store.mirror(table)
             if info is None or table not in self.decoders:
                 continue
+            changed = {
+                c.name: new
+                for c in info.schema.columns
+                if (new := schema.column(c.name)) is not None and new.type_name != c.type_name
+            }
+            if changed:
+                found[table] = changed
+        return found
+
+    def _follow_retyped(self, txn: ApplyTxn) -> None:
+        """The retyped columns :meth:`_find_retyped` found, applied to the mirror as it is now
+        (the batch before may have changed it)."""
+        retyped, self._retyped = self._retyped, {}
+        for table, changed in retyped.items():
+            info = self.store.mirror(table)
+            if info is None or table not in self.decoders:
+                continue
             mirror = info.schema
-            cols = []
-            for c in mirror.columns:
-                new = schema.column(c.name)
-                if new is not None and new.type_name != c.type_name:
-                    c = dataclasses.replace(c, type_name=new.type_name, type_oid=new.type_oid)
-                cols.append(c)
-            retyped = TableSchema(mirror.schema, mirror.name, tuple(cols), mirror.key)
-            if retyped != mirror:
-                self.decoders[table] = RowDecoder(retyped)
-                self._follow(table, mirror, retyped, txn)
+            cols = tuple(
+                dataclasses.replace(c, type_name=new.type_name, type_oid=new.type_oid)
+                if (new := changed.get(c.name)) is not None and new.type_name != c.type_name
+                else c
+                for c in mirror.columns
+            )
+            if cols != mirror.columns:
+                schema = TableSchema(mirror.schema, mirror.name, cols, mirror.key)
+                self.decoders[table] = RowDecoder(schema)
+                self._follow(table, mirror, schema, txn)
 
     def _take_requests(self, txn: ApplyTxn) -> None:
         """``sync-daemon resync --table``: queue the copy; the request row is deleted in the
@@ -581,8 +611,8 @@ class TriggerSource(CaptureSource):
 
         def changes(txn: ApplyTxn) -> Iterator[Change]:
             self._chunked = False
-            if self._schema_due:
-                self._check_types(txn)
+            if self._retyped:
+                self._follow_retyped(txn)
             if self._requests:
                 self._take_requests(txn)
             to_change = self.to_change
