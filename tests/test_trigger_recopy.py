@@ -428,6 +428,34 @@ def test_rename_without_column_numbers_is_recopied(erp: Erp, tmp_path: Path) -> 
     assert info is not None and [c.name for c in info.schema.columns] == ["id", "w"]
 
 
+def test_added_column_the_erp_filled_is_recopied(erp: Erp, tmp_path: Path) -> None:
+    """A column added with a default: the ERP gives every existing row the value without a
+    trigger firing, so the table is copied again; a column added without one is just followed."""
+    _tables(erp, "items")
+    staging = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = _install(erp, staging, ["items"], batch_size=70)
+    store = StagingStore(staging)
+    src = TriggerSource(cfg, store)
+    src.start()
+    with structlog.testing.capture_logs() as logs:
+        erp.execute("ALTER TABLE items ADD COLUMN note VARCHAR(10)")
+        _install(erp, staging, ["items"])  # MariaDB/SQLite triggers list their columns
+        erp.execute("UPDATE items SET note = 'n' WHERE id = 1")
+        _drain(src)
+        assert not any(e["event"] == "table_recopy_after_schema_change" for e in logs)
+        erp.execute("ALTER TABLE items ADD COLUMN w INTEGER DEFAULT 7")
+        _install(erp, staging, ["items"])
+        erp.execute("UPDATE items SET w = 0 WHERE id = 2")
+        _cycle(src)
+        assert [c.table for c in src.copies] == ["public.items"]
+        _drain(src)
+    src.close()
+    recopies = [e for e in logs if e["event"] == "table_recopy_after_schema_change"]
+    assert [e["filled"] for e in recopies] == [["w"]]
+    assert store.rows("public.items") == erp.query("SELECT id, v, note, w FROM items ORDER BY id")
+    assert store.rows("public.items")[2] == (3, 3, None, 7)
+
+
 def main(argv: list[str]) -> int:
     erp_url, staging_url, chunk, *tables = argv
     cfg = make_config(erp_url, staging_url, tables, batch_size=int(chunk))

@@ -250,6 +250,11 @@ class Dialect(ABC):
     @abstractmethod
     def table_schema(self, conn: Any, table: str) -> TableSchema: ...
 
+    @abstractmethod
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        """Those of ``columns`` (just added to ``table``) whose existing rows may hold a value:
+        a default or a generated column. The ERP filled them without firing a trigger."""
+
     def key_for(self, table: str, catalog_key: list[str]) -> tuple[str, ...]:
         key = self.capture.key_columns(table) or tuple(catalog_key)
         if not key:
@@ -615,6 +620,18 @@ class PostgresDialect(Dialect):
         ]
         columns = tuple(Column(c[0], c[1], c[2], c[3], int(c[4])) for c in cols)
         return self.project(table, TableSchema(s, n, columns, self.key_for(table, pk)))
+
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        # atthasmissing: ADD COLUMN ... DEFAULT stored once for the old rows; a default in
+        # pg_attrdef also covers a volatile default or a generated column (the table was
+        # rewritten).
+        rows = conn.execute(
+            "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass "
+            "AND a.attname = ANY(%s) AND NOT a.attisdropped AND (a.atthasmissing OR EXISTS "
+            "(SELECT 1 FROM pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum))",
+            (self.qtable(table), columns),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
 
     def image(self, table: str, row: str) -> str:
         """The JSON row image of ``row`` (a row value such as ``NEW`` or ``t.*``).
@@ -1062,6 +1079,20 @@ class MysqlDialect(_ListedColumnsDialect):
             table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
         )
 
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        # MariaDB reports DEFAULT NULL as the text 'NULL' (and no default as SQL NULL).
+        cur = self._exec(
+            conn,
+            "SELECT COLUMN_NAME, COLUMN_DEFAULT, GENERATION_EXPRESSION "
+            "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (self.db_of(table), self.split(table)[1]),
+        )
+        return sorted(
+            r[0]
+            for r in cur.fetchall()
+            if r[0] in columns and ((r[1] is not None and str(r[1]).upper() != "NULL") or r[2])
+        )
+
     def string_literal(self, value: str) -> str:
         # A backslash means different things with and without NO_BACKSLASH_ESCAPES (and the
         # trigger keeps the sql_mode of its creation): such a value goes in as hex, which reads
@@ -1275,6 +1306,15 @@ class SqliteDialect(_ListedColumnsDialect):
         columns = tuple(Column(r[1], sqlite_pg_type(r[2] or ""), 0, not r[3]) for r in rows)
         return self.project(
             table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
+        )
+
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        rows = conn.execute(f"PRAGMA table_xinfo({self.q(self.check_schema(table))})").fetchall()
+        # dflt_value (the default's SQL text), or hidden > 0: a generated column
+        return sorted(
+            r[1]
+            for r in rows
+            if r[1] in columns and ((r[4] is not None and str(r[4]).upper() != "NULL") or r[6])
         )
 
     def _value(self, col: Column, alias: str) -> str:

@@ -53,7 +53,8 @@ Copying one table online
 ------------------------
 A table added to ``capture.tables``, one whose column list or row filter changed, one asked for
 with ``sync-daemon resync --table``, and one the mirror cannot follow exactly (a retyped column;
-a rename where the ERP has no stable column numbers) is copied again while the others stream —
+a rename where the ERP has no stable column numbers; a column added with a default, which the
+ERP fills without firing a trigger) is copied again while the others stream —
 no watermarks needed, because every batch above is read in *one consistent snapshot* of the ERP
 (PostgreSQL: the REPEATABLE READ transaction whose snapshot is ``cur``; SQLite: one read
 transaction; MariaDB: while a copy is active, ``START TRANSACTION WITH CONSISTENT SNAPSHOT``
@@ -414,15 +415,21 @@ class TriggerSource(CaptureSource):
             retyped=retyped or None,
         )
         unmatched = bool(dropped and added and not any(c.attnum for c in mirror.columns))
-        if unmatched or retyped or any(c.table == table for c in self.copies):
+        filled: list[str] = []
+        if added and not unmatched:
+            with self.dialect.connection("capture-setup") as erp:
+                filled = self.dialect.filled_columns(erp, table, added)
+        if unmatched or retyped or filled or any(c.table == table for c in self.copies):
             # Rows not written since hold the old type's form, or (no stable column numbers: a
-            # rename reads as a drop and an add) no value under the new name; a copy under way
-            # holds the old shape. Copy the table again, online, in the new shape.
+            # rename reads as a drop and an add) no value under the new name, or NULL in an
+            # added column the ERP filled (a default); a copy under way holds the old shape.
+            # Copy the table again, online, in the new shape.
             log.warning(
                 "table_recopy_after_schema_change",
                 table=table,
                 retyped=retyped or None,
                 rename_not_recognised=unmatched or None,
+                filled=filled or None,
                 hint="the table is copied again online; staging equals the source when done",
             )
             self.recopy(table, txn)
