@@ -340,6 +340,10 @@ def test_trigger_column_list_and_row_filter(
     src = TriggerSource(cfg, store)
     src.start()
     try:
+        # The changed filter re-copies the table online, a chunk per batch.
+        assert [c.table for c in src.copies] == ["public.customers"]
+        while src.copies:
+            src.run_cycle(0.05, threading.Event())
         assert store.rows("public.customers") == _filtered_source(erp, TRIGGER_FILTER_2)
         _stream_while_writing(src, erp)
         assert store.rows("public.customers") == _filtered_source(erp, TRIGGER_FILTER_2)

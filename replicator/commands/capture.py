@@ -42,8 +42,8 @@ def request_recopy(cfg: Config, table: str) -> str:
     from replicator.errors import ConfigError  # noqa: PLC0415 - fast CLI start
     from replicator.staging import StagingStore  # noqa: PLC0415 - fast CLI start
 
-    if cfg.capture.mode != "logical":
-        raise ConfigError("resync --table applies to capture.mode = 'logical'")
+    # Both capture modes take the request: logical capture with watermarked chunks, trigger
+    # capture with a chunk per changelog batch (its read transaction is the chunk's snapshot).
     if table not in cfg.capture.tables:
         raise ConfigError(
             f"resync --table: {table!r} is not in capture.tables ({', '.join(cfg.capture.tables)})"

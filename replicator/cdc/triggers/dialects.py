@@ -33,6 +33,7 @@ expressions. Tables with neither keep exactly the DDL (and hash) they had before
 from __future__ import annotations
 
 import contextlib
+import decimal
 import fcntl
 import hashlib
 import sqlite3
@@ -249,6 +250,11 @@ class Dialect(ABC):
     @abstractmethod
     def table_schema(self, conn: Any, table: str) -> TableSchema: ...
 
+    @abstractmethod
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        """Those of ``columns`` (just added to ``table``) whose existing rows may hold a value:
+        a default or a generated column. The ERP filled them without firing a trigger."""
+
     def key_for(self, table: str, catalog_key: list[str]) -> tuple[str, ...]:
         key = self.capture.key_columns(table) or tuple(catalog_key)
         if not key:
@@ -306,6 +312,58 @@ class Dialect(ABC):
     @abstractmethod
     def copy_sql(self, schema: TableSchema, table: str) -> str:
         """SELECT returning one JSON text per row, built like the trigger's row image."""
+
+    # -- online copy of one table, chunk by chunk (see source.py) -----------------------------
+    @abstractmethod
+    def chunk_sql(
+        self, schema: TableSchema, table: str, after: list[str] | None, limit: int
+    ) -> str:
+        """The next chunk of an online table copy: like :meth:`copy_sql` (same row image, same
+        row filter), only rows whose key is after ``after`` (as :meth:`key_after` wrote it), in
+        key order, at most ``limit``; each row is the JSON text followed by the key columns."""
+
+    @abstractmethod
+    def key_after(self, values: tuple[Any, ...]) -> list[str]:
+        """The key columns of a chunk's last row (as the driver returned them) in the form
+        :meth:`chunk_sql` takes back: they are persisted with the checkpoint."""
+
+    def copy_from(self, schema: TableSchema, table: str) -> str:
+        """``table`` as the copy's FROM names it."""
+        return self.q(schema.name)
+
+    def count_sql(self, schema: TableSchema, table: str) -> str:
+        """How many rows of ``table`` the copy will take (its row filter applies)."""
+        where = self.filter_sql(table, "t")
+        return f"SELECT count(*) FROM {self.copy_from(schema, table)} AS t" + (
+            f" WHERE {self._filter_true(where)}" if where else ""
+        )
+
+    @staticmethod
+    def _filter_true(where: str) -> str:
+        return f"COALESCE({where}, 0)"
+
+    def _chunk_sql(
+        self, image: str, keys: list[str], after: list[str] | None, from_: str, table: str, n: int
+    ) -> str:
+        """The chunk SELECT around the dialect's row ``image``; ``after`` holds SQL literals.
+
+        A row-value comparison ``(a, b) > (x, y)`` (PostgreSQL, MariaDB, SQLite 3.15+) walks a
+        composite key in the same order as ``ORDER BY a, b``."""
+        where: list[str] = []
+        cond = self.filter_sql(table, "t")
+        if cond:
+            where.append(self._filter_true(cond))
+        cols = [f"t.{self.q(k)}" for k in keys]
+        if after is not None:
+            where.append(f"({', '.join(cols)}) > ({', '.join(after)})")
+        return (
+            f"SELECT {image}, {', '.join(self._key_select(c) for c in cols)} FROM {from_} AS t"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY {', '.join(cols)} LIMIT {int(n)}"
+        )
+
+    def _key_select(self, col: str) -> str:
+        return col
 
     # helpers shared by the DB-API based implementations
     def _exec(self, conn: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
@@ -563,6 +621,18 @@ class PostgresDialect(Dialect):
         columns = tuple(Column(c[0], c[1], c[2], c[3], int(c[4])) for c in cols)
         return self.project(table, TableSchema(s, n, columns, self.key_for(table, pk)))
 
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        # atthasmissing: ADD COLUMN ... DEFAULT stored once for the old rows; a default in
+        # pg_attrdef also covers a volatile default or a generated column (the table was
+        # rewritten).
+        rows = conn.execute(
+            "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass "
+            "AND a.attname = ANY(%s) AND NOT a.attisdropped AND (a.atthasmissing OR EXISTS "
+            "(SELECT 1 FROM pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum))",
+            (self.qtable(table), columns),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
     def image(self, table: str, row: str) -> str:
         """The JSON row image of ``row`` (a row value such as ``NEW`` or ``t.*``).
 
@@ -685,6 +755,49 @@ class PostgresDialect(Dialect):
         where = self.filter_sql(table, "t")
         return f"SELECT {self.image(table, 't.*')}::text FROM {self.qtable(table)} AS t" + (
             f" WHERE coalesce({where}, false)" if where else ""
+        )
+
+    @staticmethod
+    def _filter_true(where: str) -> str:
+        return f"coalesce({where}, false)"
+
+    def _key_select(self, col: str) -> str:
+        return f"{col}::text"  # the key's text form: CAST back to its type (chunk_sql)
+
+    def key_after(self, values: tuple[Any, ...]) -> list[str]:
+        return [str(v) for v in values]
+
+    def chunk_sql(
+        self, schema: TableSchema, table: str, after: list[str] | None, limit: int
+    ) -> str:
+        lits = None
+        if after is not None:
+            types = {c.name: c.type_name for c in schema.columns}
+            lits = [
+                f"CAST({self.lit(v)} AS {types[k]})" for k, v in zip(schema.key, after, strict=True)
+            ]
+        return self._chunk_sql(
+            f"{self.image(table, 't.*')}::text",
+            list(schema.key),
+            lits,
+            self.copy_from(schema, table),
+            table,
+            limit,
+        )
+
+    def copy_from(self, schema: TableSchema, table: str) -> str:
+        return self.qtable(table)
+
+    def rewritten_sql(self, table: str) -> str:
+        """True when ``table`` was rewritten (``ALTER TABLE ... TYPE``, ``TRUNCATE``) after the
+        reading transaction's snapshot was taken. Such DDL is not MVCC-safe: the new file's rows
+        all carry the DDL's transaction id, so the old snapshot sees the table *empty*. The
+        catalog row read under the snapshot still names the old file; ``pg_relation_filenode``
+        reads the current catalog. Asked after the chunk's SELECT, which holds the table's
+        ACCESS SHARE lock, so no rewrite can commit in between."""
+        return (
+            "SELECT c.relfilenode <> pg_relation_filenode(c.oid) FROM pg_class c "
+            f"WHERE c.oid = {self.lit(self.qtable(table))}::regclass"
         )
 
 
@@ -824,6 +937,30 @@ class _ListedColumnsDialect(Dialect):
             f" WHERE COALESCE({where}, 0)" if where else ""
         )
 
+    def key_after(self, values: tuple[Any, ...]) -> list[str]:
+        # SQL literals of the values as the driver gave them: the value's own kind decides
+        # (an SQLite column without a declared type holds integers that must compare as such).
+        out: list[str] = []
+        for v in values:
+            if v is None:
+                raise SchemaError("a key column holds NULL: the table cannot be copied by key")
+            if isinstance(v, bool):
+                out.append(str(int(v)))
+            elif isinstance(v, int | float | decimal.Decimal):
+                out.append(str(v))
+            elif isinstance(v, bytes | bytearray):
+                out.append(f"X'{bytes(v).hex()}'")
+            else:
+                out.append(self.string_literal(str(v)))
+        return out
+
+    def listed_chunk_sql(
+        self, schema: TableSchema, table: str, t: str, after: list[str] | None, limit: int
+    ) -> str:
+        return self._chunk_sql(
+            self.image(schema.columns, "t"), list(schema.key), after, t, table, limit
+        )
+
 
 def mysql_pg_type(data_type: str, column_type: str) -> str:
     """A MariaDB column type described with the PostgreSQL name staging mirrors use."""
@@ -942,6 +1079,20 @@ class MysqlDialect(_ListedColumnsDialect):
             table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
         )
 
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        # MariaDB reports DEFAULT NULL as the text 'NULL' (and no default as SQL NULL).
+        cur = self._exec(
+            conn,
+            "SELECT COLUMN_NAME, COLUMN_DEFAULT, GENERATION_EXPRESSION "
+            "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (self.db_of(table), self.split(table)[1]),
+        )
+        return sorted(
+            r[0]
+            for r in cur.fetchall()
+            if r[0] in columns and ((r[1] is not None and str(r[1]).upper() != "NULL") or r[2])
+        )
+
     def string_literal(self, value: str) -> str:
         # A backslash means different things with and without NO_BACKSLASH_ESCAPES (and the
         # trigger keeps the sql_mode of its creation): such a value goes in as hex, which reads
@@ -1014,6 +1165,14 @@ class MysqlDialect(_ListedColumnsDialect):
 
     def copy_sql(self, schema: TableSchema, table: str) -> str:
         return self.listed_copy_sql(schema, table, self.qtable(table))
+
+    def chunk_sql(
+        self, schema: TableSchema, table: str, after: list[str] | None, limit: int
+    ) -> str:
+        return self.listed_chunk_sql(schema, table, self.qtable(table), after, limit)
+
+    def copy_from(self, schema: TableSchema, table: str) -> str:
+        return self.qtable(table)
 
     def cascade_children(self, conn: Any, tables: list[str]) -> list[str]:
         """Watched tables whose rows a foreign-key action changes (no trigger fires for those)."""
@@ -1149,6 +1308,15 @@ class SqliteDialect(_ListedColumnsDialect):
             table, TableSchema(self.split(table)[0], n, columns, self.key_for(table, pk))
         )
 
+    def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
+        rows = conn.execute(f"PRAGMA table_xinfo({self.q(self.check_schema(table))})").fetchall()
+        # dflt_value (the default's SQL text), or hidden > 0: a generated column
+        return sorted(
+            r[1]
+            for r in rows
+            if r[1] in columns and ((r[4] is not None and str(r[4]).upper() != "NULL") or r[6])
+        )
+
     def _value(self, col: Column, alias: str) -> str:
         ref = f"{alias}.{self.q(col.name)}"
         # hex(NULL) is '' in SQLite: keep NULL apart from an empty blob.
@@ -1219,6 +1387,11 @@ class SqliteDialect(_ListedColumnsDialect):
 
     def copy_sql(self, schema: TableSchema, table: str) -> str:
         return self.listed_copy_sql(schema, table, self.q(schema.name))
+
+    def chunk_sql(
+        self, schema: TableSchema, table: str, after: list[str] | None, limit: int
+    ) -> str:
+        return self.listed_chunk_sql(schema, table, self.q(schema.name), after, limit)
 
 
 def dialect_for(url: str, capture: CaptureSection, name: str) -> Dialect:

@@ -48,11 +48,34 @@ prefix of them. An id cursor (``id > last_id``, the position) is therefore safe;
 A batch is always *all* committed, unapplied entries (streamed, flushed to staging every
 ``capture.batch_size`` changes so memory stays bounded) and commits in one staging transaction, so
 a source transaction is never split across two positions.
+
+Copying one table online
+------------------------
+A table added to ``capture.tables``, one whose column list or row filter changed, one asked for
+with ``sync-daemon resync --table``, and one the mirror cannot follow exactly (a retyped column;
+a rename where the ERP has no stable column numbers; a column added with a default, which the
+ERP fills without firing a trigger) is copied again while the others stream —
+no watermarks needed, because every batch above is read in *one consistent snapshot* of the ERP
+(PostgreSQL: the REPEATABLE READ transaction whose snapshot is ``cur``; SQLite: one read
+transaction; MariaDB: while a copy is active, ``START TRANSACTION WITH CONSISTENT SNAPSHOT``
+instead of one READ COMMITTED statement — the trigger writes its changelog row in the ERP's own
+transaction, so data and changelog are seen together). A chunk ``SELECT image, key FROM t WHERE
+key > after ORDER BY key LIMIT capture.batch_size`` run in that transaction *after* the batch's
+entries shows exactly the state those entries lead to: the batch is applied, then the chunk's
+rows are upserted, then the checkpoint (with the copy's progress, :class:`TableCopy` in
+``extra["copying"]``) commits with both. A chunk row therefore never overwrites a newer change
+and no change is missed; rows past the chunk are kept current by the stream until their chunk.
+A table whose mirror has rows is copied into a shadow mirror that every batch feeds like the
+live one; the last chunk swaps it in (same commit), so rows the source no longer has disappear
+and readers keep the old mirror until then. A batch is read while a copy is active even when the
+changelog has nothing new (the batch is just the chunk). After a kill -9 the copy goes on after
+the last committed chunk, into the persisted shadow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import queue
 import sqlite3
@@ -67,6 +90,7 @@ import structlog
 
 from replicator.cdc.base import CaptureSource, Progress
 from replicator.cdc.pipeline import ApplyPipeline, Reached
+from replicator.cdc.snapshot import TableCopy
 from replicator.cdc.triggers.decode import RowDecoder, loads
 from replicator.cdc.triggers.dialects import (
     Dialect,
@@ -75,9 +99,10 @@ from replicator.cdc.triggers.dialects import (
     SqliteDialect,
     dialect_for,
 )
-from replicator.changes import Change, Checkpoint, TableSchema
-from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
+from replicator.changes import Change, Checkpoint, Column, TableSchema
+from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError, SchemaError
 from replicator.errors_map import DRIVER_UNAVAILABLE
+from replicator.failpoints import failpoint
 from replicator.staging import ApplyTxn, StagingStore
 
 if TYPE_CHECKING:
@@ -156,6 +181,19 @@ class TriggerSource(CaptureSource):
         self._lock: Any = None
         self._need_resume = False
         self.last_batch_at: float = 0.0
+        # Online table copies (see "Copying one table online" above): the queue, the first one
+        # being copied; persisted in the checkpoint's extra with every batch.
+        self.copies: list[TableCopy] = []
+        self.chunk_rows = cfg.capture.batch_size
+        self._shadows: dict[str, str] = {}  # table -> its shadow mirror, fed by every batch
+        self._requests: list[str] = []  # `resync --table` requests, taken by the next batch
+        self._requests_checked = 0.0
+        # A column retyped in the ERP leaves the row images' keys as they were, so it is found
+        # by reading the catalog now and then (every heartbeat_interval), in a batch.
+        self._schema_checked = time.monotonic()
+        # Columns found retyped (table -> the catalog's columns), followed by the next batch.
+        self._retyped: dict[str, dict[str, Column]] = {}
+        self._chunked = False  # the batch being delivered holds a chunk (failpoint after it)
 
     # ------------------------------------------------------------------ contract
     def start(self) -> None:
@@ -183,9 +221,10 @@ class TriggerSource(CaptureSource):
                         "cascade_changes_not_captured",
                         tables=children,
                         hint="MariaDB fires no triggers for rows changed by foreign-key actions; "
-                        "these changes reach staging only with a resync",
+                        "these changes reach staging only with `sync-daemon resync --table T`",
                     )
         cp = self.store.load_checkpoint(self.name)
+        had_mirror = {t for t in self.tables if self.store.mirror(t) is not None}
         recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
         plain = {"columns": None, "filter": None}
         respecified = sorted(
@@ -210,30 +249,47 @@ class TriggerSource(CaptureSource):
                     hint="taking a new initial copy",
                 )
             self.reader.initial_copy()
-        elif sorted(cp.extra.get("tables", [])) != sorted(self.tables):
-            # A table joined (or left) capture.tables: its mirror has no copy yet. A new copy
-            # of all tables with a new boundary is correct for every dialect (see above).
-            log.warning(
-                "capture_tables_changed",
-                source=self.name,
-                before=cp.extra.get("tables"),
-                now=self.tables,
-                hint="taking a new initial copy",
-            )
-            self.reader.initial_copy()
-        elif respecified:
-            # A column list or row filter changed: rows that now match (or columns now listed)
-            # are in no mirror. The triggers already log the new way (`triggers install`, else
-            # the status check above stops us), so a new copy with a new boundary is exact.
-            log.warning(
-                "capture_spec_changed",
-                source=self.name,
-                tables=respecified,
-                hint="taking a new initial copy",
-            )
-            self.reader.initial_copy()
+            self._set_copies([])
         else:
             self.reader.resume(cp)
+            copies = self._copies_of(cp)
+            before = set(cp.extra.get("tables", []))
+            for table in self.tables:
+                if table not in before:
+                    # A table joined capture.tables: copy just it, online; the others stream on.
+                    # A mirror left from an earlier time it was captured is replaced at the end.
+                    log.warning(
+                        "capture_table_added",
+                        source=self.name,
+                        table=table,
+                        hint="copying it online while the other tables stream",
+                    )
+                    copies = _requeued(copies, TableCopy(table, shadow=table in had_mirror))
+                elif table in respecified:
+                    # A column list or row filter changed: rows that now match (or columns now
+                    # listed) are in no mirror. The triggers already log the new way (`triggers
+                    # install`, else the status check above stops us).
+                    log.warning(
+                        "capture_spec_changed",
+                        source=self.name,
+                        table=table,
+                        hint="copying it again online",
+                    )
+                    copies = _requeued(copies, TableCopy(table, shadow=True))
+            gone = sorted(before - set(self.tables))
+            if gone:
+                log.info("capture_tables_removed", source=self.name, tables=gone)
+            self._open_shadows(copies)
+            if before != set(self.tables) or respecified:
+                # On record now, not with the next batch: a table removed, and added back before
+                # any batch committed, would otherwise not be seen as added (nor copied).
+                fresh = self.checkpoint(cp.position, {})
+                with self.store.engine.begin() as sconn:
+                    self.store.write_checkpoint(
+                        sconn,
+                        Checkpoint(self.name, cp.position, cp.state, {**cp.extra, **fresh.extra}),
+                        replicated=False,
+                    )
         self.reader.open_doorbell()
         self._started = True
         log.info(
@@ -252,8 +308,17 @@ class TriggerSource(CaptureSource):
                     raise FatalError(f"checkpoint of {self.name} vanished from staging; resync")
                 self.reader.close()
                 self.reader.resume(cp)
+                if self.copies or cp.extra.get("copying"):
+                    # A batch that failed may have created or swapped a shadow in memory only.
+                    self.store.refresh_mirrors()
+                    self._open_shadows(self._copies_of(cp))
                 self.reader.open_doorbell()
                 self._need_resume = False
+            if time.monotonic() - self._schema_checked >= self.capture.heartbeat_interval:
+                self._retyped = self._find_retyped()
+            if time.monotonic() - self._requests_checked >= 1.0:
+                self._requests_checked = time.monotonic()
+                self._requests = self.store.recopy_requests(self.name)
             while True:
                 n = self.reader.read_batch_and_cleanup()
                 if n:
@@ -310,11 +375,11 @@ class TriggerSource(CaptureSource):
         finally:
             conn.close()
         info = self.store.mirror(table)
+        dec = self.decoders[table] = RowDecoder(schema)  # a re-copy's shadow takes this shape
         if info is None or info.schema.key != schema.key:
             self.store.ensure_mirror(schema, txn.conn)
         else:
             self._follow(table, info.schema, schema, txn)
-        dec = self.decoders[table] = RowDecoder(schema)
         return dec
 
     def _follow(self, table: str, mirror: TableSchema, schema: TableSchema, txn: ApplyTxn) -> None:
@@ -349,24 +414,176 @@ class TriggerSource(CaptureSource):
             added=added or None,
             retyped=retyped or None,
         )
-        if dropped and added and not any(c.attnum for c in mirror.columns):
-            log.error(
-                "column_rename_not_recognised",
-                table=table,
-                dropped=dropped,
-                added=added,
-                hint="this ERP has no stable column numbers: if a column was renamed, the rows "
-                "not written since have no value under the new name in staging; copy the "
-                "table again (triggers uninstall and install, then restart the daemon)",
-            )
-        if retyped:
+        unmatched = bool(dropped and added and not any(c.attnum for c in mirror.columns))
+        filled: list[str] = []
+        if added and not unmatched:
+            with self.dialect.connection("capture-setup") as erp:
+                filled = self.dialect.filled_columns(erp, table, added)
+        if unmatched or retyped or filled or any(c.table == table for c in self.copies):
+            # Rows not written since hold the old type's form, or (no stable column numbers: a
+            # rename reads as a drop and an add) no value under the new name, or NULL in an
+            # added column the ERP filled (a default); a copy under way holds the old shape.
+            # Copy the table again, online, in the new shape.
             log.warning(
-                "column_retyped",
+                "table_recopy_after_schema_change",
                 table=table,
-                columns=retyped,
-                hint="rows not written since keep the old type's form in staging until the "
-                "table is copied again",
+                retyped=retyped or None,
+                rename_not_recognised=unmatched or None,
+                filled=filled or None,
+                hint="the table is copied again online; staging equals the source when done",
             )
+            self.recopy(table, txn)
+
+    # ------------------------------------------------------------------ online table copies
+    def recopy(self, table: str, txn: ApplyTxn) -> None:
+        """Copy ``table`` again from the start, through a fresh shadow mirror, in ``txn`` (the
+        batch that records it in the checkpoint)."""
+        txn.flush()  # pending changes of the old shadow go before it is dropped
+        copy = TableCopy(table, shadow=True)
+        self.store.ensure_shadow(self.decoders[table].schema, fresh=True, conn=txn.conn)
+        self._set_copies(_requeued(self.copies, copy))
+
+    def _copies_of(self, cp: Checkpoint) -> list[TableCopy]:
+        return [
+            TableCopy.from_json(d)
+            for d in cp.extra.get("copying", [])
+            if d.get("table") in self.decoders
+        ]
+
+    def _open_shadows(self, copies: list[TableCopy]) -> None:
+        """Make the shadows of ``copies`` ready: a fresh one for a copy that has no chunk yet,
+        the persisted one (fed and filled in step with the checkpoint) for one under way."""
+        for c in copies:
+            if c.shadow:
+                self.store.ensure_shadow(self.decoders[c.table].schema, fresh=c.after is None)
+            if c.after is not None:
+                log.info(
+                    "table_copy_resumed",
+                    source=self.name,
+                    table=c.table,
+                    after=c.after,
+                    done=c.done,
+                    total=c.total,
+                )
+        self._set_copies(copies)
+
+    def _set_copies(self, copies: list[TableCopy]) -> None:
+        self.copies = copies
+        self._shadows = {c.table: self.store.shadow_of(c.table) for c in copies if c.shadow}
+        copy = copies[0] if copies else None
+        self.progress.snapshot_table = copy.table if copy else None
+        self.progress.snapshot_done = copy.done if copy else 0
+        self.progress.snapshot_total = copy.total if copy else 0
+
+    @property
+    def copying(self) -> bool:
+        """A batch is due even without changelog entries: a table copy is under way or asked
+        for (every batch reads a chunk), or a retyped column is to be followed."""
+        return bool(self.copies or self._requests or self._retyped)
+
+    def _find_retyped(self) -> dict[str, dict[str, Column]]:
+        """Columns the ERP retyped (``ALTER COLUMN ... TYPE``, ``MODIFY``): the rows it
+        converted fired no trigger, and the row images keep their keys, so only the catalog
+        tells. Per table, the retyped columns as the catalog has them (the next batch follows
+        them and copies the table again, see :meth:`_follow`). Only the types of columns the
+        mirror has are compared; added, dropped and renamed columns are followed from the row
+        images, in order with the rows."""
+        self._schema_checked = time.monotonic()
+        now: dict[str, TableSchema] = {}
+        with self.dialect.connection("capture-setup") as conn:
+            for t in self.tables:
+                try:
+                    now[t] = self.dialect.table_schema(conn, t)
+                except SchemaError as exc:  # gone or keyless now: its row images will tell
+                    log.warning("catalog_check_failed", table=t, error=str(exc))
+        found: dict[str, dict[str, Column]] = {}
+        for table, schema in now.items():
+            info = self.store.mirror(table)
+            if info is None or table not in self.decoders:
+                continue
+            changed = {
+                c.name: new
+                for c in info.schema.columns
+                if (new := schema.column(c.name)) is not None and new.type_name != c.type_name
+            }
+            if changed:
+                found[table] = changed
+        return found
+
+    def _follow_retyped(self, txn: ApplyTxn) -> None:
+        """The retyped columns :meth:`_find_retyped` found, applied to the mirror as it is now
+        (the batch before may have changed it)."""
+        retyped, self._retyped = self._retyped, {}
+        for table, changed in retyped.items():
+            info = self.store.mirror(table)
+            if info is None or table not in self.decoders:
+                continue
+            mirror = info.schema
+            cols = tuple(
+                dataclasses.replace(c, type_name=new.type_name, type_oid=new.type_oid)
+                if (new := changed.get(c.name)) is not None and new.type_name != c.type_name
+                else c
+                for c in mirror.columns
+            )
+            if cols != mirror.columns:
+                schema = TableSchema(mirror.schema, mirror.name, cols, mirror.key)
+                self.decoders[table] = RowDecoder(schema)
+                self._follow(table, mirror, schema, txn)
+
+    def _take_requests(self, txn: ApplyTxn) -> None:
+        """``sync-daemon resync --table``: queue the copy; the request row is deleted in the
+        batch that records the copy in the checkpoint (a crash before it leaves the request)."""
+        requests, self._requests = self._requests, []
+        for table in requests:
+            if table in self.decoders:
+                log.info("recopy_requested", source=self.name, table=table)
+                self.recopy(table, txn)
+            else:
+                log.warning("recopy_request_ignored", table=table, reason="not in capture.tables")
+            self.store.take_recopy_request(txn.conn, self.name, table)
+
+    def chunk_changes(
+        self, txn: ApplyTxn, run: Callable[[str], list[Any]], position: Callable[[], str]
+    ) -> Iterator[Change]:
+        """The next chunk of the table being copied, as changes after the batch's own.
+
+        ``run(sql)`` answers in the reader's read transaction, *after* the batch's changelog
+        rows were read in it: the chunk shows exactly the state those rows lead to, so its rows
+        overwrite nothing newer and miss nothing (no watermarks needed). The copy's progress
+        goes into the checkpoint of the same staging commit. The last chunk swaps the shadow in
+        (same commit) and journals the table as re-read (``S``)."""
+        copy = self.copies[0]
+        table = copy.table
+        dec = self.decoders[table]
+        schema = dec.schema
+        d = self.dialect
+        if copy.after is None and copy.done == 0:
+            copy.total = int(run(d.count_sql(schema, table))[0][0])
+            log.info("table_copy_started", table=table, rows=copy.total, shadow=copy.shadow)
+        rows = run(d.chunk_sql(schema, table, copy.after, self.chunk_rows))
+        self._chunked = True
+        if isinstance(d, PostgresDialect) and run(d.rewritten_sql(table))[0][0]:
+            log.warning("table_copy_chunk_deferred", table=table, reason="table rewritten")
+            return  # the next batch's snapshot sees the rewritten table
+        target = self._shadows.get(table, table)
+        decode = dec.decode
+        pos = position()
+        for r in rows:
+            yield Change(target, "I", decode(loads(r[0])), None, pos)
+        if rows:
+            copy.after = d.key_after(tuple(rows[-1][1:]))
+        copy.done += len(rows)
+        copy.total = max(copy.total, copy.done)
+        if len(rows) >= self.chunk_rows:
+            self._set_copies(self.copies)
+            return
+        conn = txn.conn
+        if copy.shadow:
+            txn.flush()  # the shadow's last rows, before it takes the mirror's place
+            self.store.swap_shadow(conn, table)
+        self.store.journal_event(conn, self.name, table, "S", pos)
+        log.info("table_copy_done", source=self.name, table=table, rows=copy.done)
+        self._set_copies(self.copies[1:])
 
     def to_change(self, e: Entry, txn: ApplyTxn) -> Change | None:
         cid, table, op, row, old, _at = e
@@ -389,21 +606,37 @@ class TriggerSource(CaptureSource):
         return Change(table, "U" if op == "U" else "I", dec.decode(image), key, pos)
 
     def batch_changes(
-        self, entries: Iterable[Entry], seen: _Seen
+        self,
+        entries: Iterable[Entry],
+        seen: _Seen,
+        chunk: Callable[[ApplyTxn], Iterator[Change]] | None = None,
     ) -> Callable[[ApplyTxn], Iterator[Change]]:
         """Entries in the order given as changes for :meth:`ApplyPipeline.deliver`; ``seen``
-        notes the last id and change time as they stream past."""
+        notes the last id and change time as they stream past. While tables are copied, a
+        change of one also goes to its shadow, and ``chunk(txn)`` (the copy's next chunk, read
+        after the entries) follows them."""
 
         def changes(txn: ApplyTxn) -> Iterator[Change]:
+            self._chunked = False
+            if self._retyped:
+                self._follow_retyped(txn)
+            if self._requests:
+                self._take_requests(txn)
             to_change = self.to_change
             e: Entry | None = None
             for e in entries:
                 ch = to_change(e, txn)
                 if ch is not None:
                     yield ch
+                    if self._shadows:
+                        shadow = self._shadows.get(ch.table)
+                        if shadow is not None:
+                            yield Change(shadow, ch.op, ch.values, ch.key, ch.position)
             if e is not None:  # the pipeline asks where the batch ends once it is exhausted
                 seen.last = e[0]
                 seen.latest = e[5]
+            if chunk is not None and self.copies:
+                yield from chunk(txn)
 
         return changes
 
@@ -432,10 +665,19 @@ class TriggerSource(CaptureSource):
     ) -> Reached:
         """Where a batch ends: its checkpoint, the commit's arguments, and the reader's confirm
         (the position becomes the committed one; the changelog entries it covers are deleted)."""
+        chunked = self._chunked
+
+        def confirmed() -> None:
+            confirm()
+            if chunked:
+                # The fault suite stops the process here: a chunk and the copy's progress are
+                # committed; a restart must go on after this chunk.
+                failpoint("triggers.copy_chunk")
+
         return Reached(
             self.checkpoint(position, extra),
             {"slot": self.capture.changelog_table, "source_commit_at": _as_utc(latest)},
-            confirm,
+            confirmed,
         )
 
     def checkpoint(self, position: int | str, extra: dict[str, Any]) -> Checkpoint:
@@ -447,6 +689,7 @@ class TriggerSource(CaptureSource):
                 "mode": "triggers",
                 "tables": sorted(self.tables),
                 "specs": {t: self.dialect.spec(t) for t in self.tables},
+                "copying": [c.to_json() for c in self.copies],
                 **extra,
             },
         )
@@ -461,6 +704,12 @@ class _Seen:
         self.last = 0  # the last changelog id
         self.latest: Any = None  # the time of the last change
         self.copied = 0  # rows of the initial copy
+
+
+def _requeued(copies: list[TableCopy], copy: TableCopy) -> list[TableCopy]:
+    """``copies`` with ``copy`` in place of any copy of the same table (at the end of the queue;
+    the one under way restarts from the start)."""
+    return [c for c in copies if c.table != copy.table] + [copy]
 
 
 def _as_utc(v: Any) -> dt.datetime | None:
@@ -629,11 +878,12 @@ class _PgReader(_Reader):
     def read_batch(self) -> int:
         conn = self._reader()
         src = self.src
+        copying = src.copying
         try:
             row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
             assert row is not None
             cur_snap: str = row[0]
-            if cur_snap == self.prev:
+            if cur_snap == self.prev and not copying:
                 return 0
             with conn.cursor(name="sync_changelog_batch") as cur:
                 cur.itersize = max(1000, min(self.cap.batch_size, 20000))
@@ -641,10 +891,10 @@ class _PgReader(_Reader):
                     self.BATCH_SQL.format(cl=self.d.cl), {"prev": self.prev, "cur": cur_snap}
                 )
                 first = cur.fetchmany(1)
-                if not first:
+                if not first and not copying:
                     self.prev = cur_snap  # nothing committed in between: nothing to persist
                     return 0
-                rest = _prefetched(lambda: cur.fetchmany(cur.itersize))
+                rest = _prefetched(lambda: cur.fetchmany(cur.itersize)) if first else None
                 seen = _Seen()
 
                 def reached() -> Reached:
@@ -655,10 +905,21 @@ class _PgReader(_Reader):
                     self.last_id = max(self.last_id, seen.last)
                     self.prev = self.committed = cur_snap
 
+                def chunk(txn: ApplyTxn) -> Iterator[Change]:
+                    # Same REPEATABLE READ transaction: the snapshot the batch was read in.
+                    return src.chunk_changes(
+                        txn,
+                        lambda q: conn.execute(q).fetchall(),
+                        lambda: str(max(self.last_id, seen.last)),
+                    )
+
                 try:
-                    n = src.pipeline.deliver(src.batch_changes(_chain(first, rest), seen), reached)
+                    n = src.pipeline.deliver(
+                        src.batch_changes(_chain(first, rest or ()), seen, chunk), reached
+                    )
                 finally:
-                    rest.close()  # the prefetching thread has ended: the rollback below is ours
+                    if rest is not None:
+                        rest.close()  # the prefetching thread has ended: the rollback is ours
             log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
             return n
         finally:
@@ -839,17 +1100,37 @@ class _MysqlReader(_Reader):
         if self.pending_delete:
             self.cleanup()  # a crash (or error) after the last staging commit left them
         src = self.src
+        if not src.copying:
+            return self._read(None)
+        # A table copy reads its chunk after the changelog in one consistent snapshot (the
+        # trigger writes its changelog row in the ERP's own transaction: both are seen together).
+        conn = self.conn()
+        with conn.cursor() as c:
+            c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            c.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        try:
+            return self._read(conn)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+
+    def _read(self, snapshot: Any) -> int:
+        """One batch; ``snapshot``: the connection whose consistent-snapshot transaction also
+        reads the copy's chunk (``None``: no copy, one READ COMMITTED statement)."""
+        src = self.src
         rows = self._stream(
             f"SELECT id, tbl, op, row_data, old_key, UNIX_TIMESTAMP(at) FROM {self.d.cl} "
             "ORDER BY id"
         )
         first = next(rows, None)
-        if first is None:
+        if first is None and snapshot is None:
             return 0
         applied = _RangeBuilder()
         seen = _Seen()
 
         def entries() -> Iterator[Entry]:
+            if first is None:
+                return
             for e in _chain([first], rows):
                 applied.add(int(e[0]))
                 yield (int(e[0]), e[1], e[2], e[3], e[4], e[5])
@@ -862,7 +1143,17 @@ class _MysqlReader(_Reader):
             self.last_id = max(self.last_id, seen.last)
             self.pending_delete = applied.ranges
 
-        n = src.pipeline.deliver(src.batch_changes(entries(), seen), reached)
+        def run(q: str) -> list[Any]:
+            with snapshot.cursor() as c:
+                c.execute(q)
+                return list(c.fetchall())
+
+        def chunk(txn: ApplyTxn) -> Iterator[Change]:
+            return src.chunk_changes(txn, run, lambda: str(max(self.last_id, seen.last)))
+
+        n = src.pipeline.deliver(
+            src.batch_changes(entries(), seen, chunk if snapshot is not None else None), reached
+        )
         log.debug("trigger_batch", source=src.name, changes=n, last_id=seen.last)
         return n
 
@@ -983,6 +1274,7 @@ class _SqliteReader(_Reader):
     def read_batch(self) -> int:
         src = self.src
         conn = self.conn()
+        copying = src.copying
         conn.execute("BEGIN")
         try:
             cur = conn.execute(
@@ -991,16 +1283,24 @@ class _SqliteReader(_Reader):
                 (self.last_id,),
             )
             first = cur.fetchmany(1)
-            if not first:
+            if not first and not copying:
                 return 0
             seen = _Seen()
 
             def confirm() -> None:
-                self.last_id = self.committed_id = seen.last
+                self.last_id = self.committed_id = max(self.last_id, seen.last)
+
+            def chunk(txn: ApplyTxn) -> Iterator[Change]:
+                # The same read transaction: the chunk sees what the entries lead to.
+                return src.chunk_changes(
+                    txn,
+                    lambda q: conn.execute(q).fetchall(),
+                    lambda: str(max(self.last_id, seen.last)),
+                )
 
             n = src.pipeline.deliver(
-                src.batch_changes(_chain(first, cur), seen),
-                lambda: src.reached(seen.last, {}, seen.latest, confirm),
+                src.batch_changes(_chain(first, cur), seen, chunk),
+                lambda: src.reached(max(self.last_id, seen.last), {}, seen.latest, confirm),
             )
         finally:
             conn.execute("ROLLBACK")
