@@ -12,7 +12,10 @@ The points (each is an acknowledgement point of design invariant 6):
 ``orders.acknowledge``  orders are committed to the order inbox; the source is not yet told
                         (inbox file still in the folder, webhook not yet answered);
 ``orders.watermark``    a poll cycle's orders are committed; the shop's watermark not yet saved;
-``invoices.attach``     the shop accepted an invoice; our push ledger does not know it yet.
+``invoices.attach``     the shop accepted an invoice; our push ledger does not know it yet;
+``triggers.copy_chunk`` trigger capture committed a chunk of an online table copy and the copy's
+                        progress; the reader has confirmed the batch (a restart must go on
+                        after this chunk, not begin the table again).
 """
 
 from __future__ import annotations

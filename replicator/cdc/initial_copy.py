@@ -22,6 +22,7 @@ from replicator.cdc.slot import ReplicationSlot
 from replicator.changes import Change, Checkpoint, TableSchema
 from replicator.config.core import CaptureSection
 from replicator.db import pg_connect
+from replicator.errors import RetryableError
 from replicator.staging import StagingStore
 
 log = structlog.get_logger(__name__, service="capture")
@@ -95,6 +96,20 @@ def copy_table(
                 if txn.pending_count >= batch:
                     txn.commit(None)
                     txn = store.begin(source)
+        # ALTER TABLE ... TYPE (a rewrite) is not MVCC-safe: committed after the exported
+        # snapshot, it leaves the table looking empty to it, and the stream never sends those
+        # rows. The checkpoint is still "snapshot", so the next start copies everything again.
+        # COPY holds the table's ACCESS SHARE lock: no rewrite can commit after this check.
+        rewritten = snap.execute(
+            "SELECT c.relfilenode <> pg_relation_filenode(c.oid) FROM pg_class c "
+            "WHERE c.oid = %s::regclass",
+            (sql.Identifier(schema.schema, schema.name).as_string(snap),),
+        ).fetchone()
+        if rewritten is not None and rewritten[0]:
+            raise RetryableError(
+                f"{schema.qualified} was rewritten (ALTER TABLE ... TYPE, TRUNCATE) after the "
+                "initial copy's snapshot was taken; the copy starts again"
+            )
         txn.commit(None)
     finally:
         txn.close()

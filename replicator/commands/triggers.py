@@ -43,7 +43,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
     )
     if d.name == "mysql":
         print(
-            "note: MariaDB fires no trigger for TRUNCATE; use DELETE or run `sync-daemon resync`",
+            "note: MariaDB fires no trigger for TRUNCATE; use DELETE, or copy the table "
+            "again online with `sync-daemon resync --table T`",
             file=sys.stderr,
         )
     for w in warn:

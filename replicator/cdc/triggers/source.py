@@ -842,6 +842,14 @@ class _PgReader(_Reader):
                 cur.execute(self.d.copy_sql(schema, table))
                 for (text,) in cur:
                     yield text
+            # A rewrite fires no row triggers: rows the snapshot could not see would be missing
+            # for good, so nothing of this copy is committed (see PostgresDialect.rewritten_sql).
+            row = conn.execute(self.d.rewritten_sql(table)).fetchone()
+            if row is not None and row[0]:
+                raise RetryableError(
+                    f"{table} was rewritten (ALTER TABLE ... TYPE, TRUNCATE) after the initial "
+                    "copy's snapshot was taken; the copy starts again"
+                )
 
         def reached() -> Reached:
             row = conn.execute(
