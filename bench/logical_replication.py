@@ -12,16 +12,26 @@ run one after the other on the 2 cores (no competition):
   3. pg_recvlogical to /dev/null (the server's decoding limit).
 
 Throughput = row changes / time to catch up from the slot's start to the WAL end of the workload.
+CPU per change, side by side: the daemon process's own user+system time (its threads included)
+and the native subscription's apply worker backend's (pg_stat_subscription.pid, /proc/PID/stat),
+each counted from the moment the consumer is connected to its slot until it has caught up,
+divided by the row changes; on PostgreSQL staging the staging server's backends are shown
+apart ("+x in the staging server"). The walsender decodes the same WAL for both, not counted.
+The run says which pgoutput decoder and which value path (text: non-key values straight from
+the source's text to the stored form; objects: psycopg loaders, SYNC_DAEMON_OBJECT_VALUES=1) the
+daemons ran; ``--value-paths text,objects`` runs a daemon per path and staging side by side.
 Lag at the steady rate: probe rows committed every 100 ms, timed until they appear downstream.
 Peak RSS of the daemon is sampled during workload A. Nothing is asserted: figures are printed.
 
 Usage: python bench/logical_replication.py [--scale 0.1] [--steady-seconds 60] [--json FILE]
+                                          [--value-paths text,objects]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -127,6 +137,24 @@ class Consumer:
     def run_until(self, target: str) -> float: ...
     def stop(self) -> None: ...
 
+    def cpu_seconds(self) -> float | None:
+        """User+system CPU seconds the consumer has used so far (None: not measured)."""
+        return None
+
+    def server_cpu(self) -> dict[int, float]:
+        """CPU seconds so far of the database backends that write for the consumer elsewhere
+        (PostgreSQL staging), by pid; empty when there are none."""
+        return {}
+
+
+def process_cpu(pid: int) -> float | None:
+    """User+system CPU seconds of process ``pid`` (/proc/PID/stat through psutil)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
 
 def daemon_config(tmp: Path, erp: str, staging: str, slot: str) -> Path:
     p = tmp / f"{slot}.toml"
@@ -154,16 +182,22 @@ level = "warning"
 
 
 class DaemonConsumer(Consumer):
-    def __init__(self, tmp: Path, erp: str, staging: str, slot: str, label: str) -> None:
+    def __init__(
+        self, tmp: Path, erp: str, staging: str, slot: str, label: str, value_path: str = "text"
+    ) -> None:
         self.cfg = daemon_config(tmp, erp, staging, slot)
         self.slot, self.name, self.staging = slot, label, staging
+        self.value_path = value_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.peak_rss = 0
         self._sampling = threading.Event()
 
     def _start(self) -> None:
+        env = dict(os.environ)
+        env[pgoutput.OBJECT_VALUES_ENV] = "1" if self.value_path == "objects" else "0"
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "sync_daemon.py"), "run", "--config", str(self.cfg)],
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -197,6 +231,29 @@ class DaemonConsumer(Consumer):
     def start(self) -> None:
         self._start()
 
+    def cpu_seconds(self) -> float | None:
+        return process_cpu(self.proc.pid) if self.proc is not None else None
+
+    def server_cpu(self) -> dict[int, float]:
+        # On PostgreSQL staging part of the apply runs in the staging server's backends (COPY,
+        # INSERT … ON CONFLICT), as the native apply worker's does in its own backend.
+        if not self.staging.startswith("postgresql"):
+            return {}
+        with psycopg.connect(self.staging, autocommit=True) as s:
+            pids = [
+                r[0]
+                for r in s.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+            ]
+        out = {}
+        for pid in pids:
+            cpu = process_cpu(pid)
+            if cpu is not None:
+                out[pid] = cpu
+        return out
+
     def stop(self) -> None:
         self._sampling.set()
         if self.proc and self.proc.poll() is None:
@@ -224,6 +281,15 @@ class NativeConsumer(Consumer):
     def start(self) -> None:
         with psycopg.connect(self.sub_dsn, autocommit=True) as s:
             s.execute("ALTER SUBSCRIPTION native_sub ENABLE")
+
+    def cpu_seconds(self) -> float | None:
+        # The apply worker: the subscription's backend without a table (relid) of its own.
+        with psycopg.connect(self.sub_dsn, autocommit=True) as s:
+            row = s.execute(
+                "SELECT pid FROM pg_stat_subscription WHERE subname = 'native_sub' "
+                "AND relid IS NULL AND pid IS NOT NULL"
+            ).fetchone()
+        return process_cpu(row[0]) if row else None
 
     def stop(self) -> None:
         with psycopg.connect(self.sub_dsn, autocommit=True) as s:
@@ -333,7 +399,15 @@ def main() -> int:
     ap.add_argument("--steady-seconds", type=int, default=60)
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument(
+        "--value-paths",
+        default="text",
+        help="comma-separated value paths of the daemons: text (default), objects, or both",
+    )
     args = ap.parse_args()
+    paths = [p.strip() for p in args.value_paths.split(",") if p.strip()]
+    if not paths or any(p not in ("text", "objects") for p in paths):
+        ap.error("--value-paths takes text, objects or text,objects")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up the cluster on SIGTERM too
     n_large = int(1_000_000 * args.scale)
     n_small = int(100_000 * args.scale)
@@ -342,8 +416,13 @@ def main() -> int:
     cluster = LocalCluster(settings={"max_wal_size": "8GB", "checkpoint_timeout": "30min"}).init()
     cluster.start()
     # The daemons started below inherit this environment, so they run the same decoder.
-    print(f"pgoutput decoder: {pgoutput.DECODER}", flush=True)
-    results: dict[str, Any] = {"scale": args.scale, "decoder": pgoutput.DECODER, "workloads": {}}
+    print(f"pgoutput decoder: {pgoutput.DECODER}; value paths: {', '.join(paths)}", flush=True)
+    results: dict[str, Any] = {
+        "scale": args.scale,
+        "decoder": pgoutput.DECODER,
+        "value_paths": paths,
+        "workloads": {},
+    }
     try:
         erp = cluster.createdb("erp")
         staging_pg = cluster.createdb("staging")
@@ -351,17 +430,32 @@ def main() -> int:
             c.execute(SCHEMA)
             c.execute("CREATE PUBLICATION bench_pub FOR TABLE bench, probe")
         admin = psycopg.connect(erp, autocommit=True)
-        consumers: list[Any] = [
-            DaemonConsumer(
-                tmp, erp, f"sqlite:///{tmp / 'staging.db'}", "sd_sqlite", "sync-daemon -> SQLite"
-            ),
-            DaemonConsumer(
-                tmp,
-                erp,
-                staging_pg.replace("postgresql://", "postgresql://"),
-                "sd_pg",
-                "sync-daemon -> PostgreSQL",
-            ),
+        consumers: list[Any] = []
+        for path in paths:
+            suffix = "" if path == "text" else "_objects"
+            consumers.append(
+                DaemonConsumer(
+                    tmp,
+                    erp,
+                    f"sqlite:///{tmp / f'staging{suffix}.db'}",
+                    f"sd_sqlite{suffix}",
+                    f"sync-daemon -> SQLite ({path})",
+                    path,
+                )
+            )
+        for path in paths:
+            suffix = "" if path == "text" else "_objects"
+            consumers.append(
+                DaemonConsumer(
+                    tmp,
+                    erp,
+                    staging_pg if path == "text" else cluster.createdb("staging_objects"),
+                    f"sd_pg{suffix}",
+                    f"sync-daemon -> PostgreSQL ({path})",
+                    path,
+                )
+            )
+        consumers += [
             NativeConsumer(cluster, "erp"),
             RecvlogicalConsumer(cluster, "erp"),
         ]
@@ -378,6 +472,9 @@ def main() -> int:
             print(f"\n== {wl_name}: {changes:,} row changes, WAL end {target}", flush=True)
             figures = {}
             for cons in consumers:
+                cpu0 = cpu1 = None
+                srv0: dict[int, float] = {}
+                srv1: dict[int, float] = {}
                 if isinstance(cons, RecvlogicalConsumer):
                     secs = cons.run_to(target)
                 else:
@@ -385,27 +482,50 @@ def main() -> int:
                     # The clock starts when the consumer is connected to its slot, so process
                     # start-up (Python imports, worker launch) is not counted for anyone.
                     t0 = wait_active(admin, cons.slot)
+                    cpu0, srv0 = cons.cpu_seconds(), cons.server_cpu()
                     wait_flushed(admin, cons.slot, target)
                     secs = time.monotonic() - t0
+                    cpu1, srv1 = cons.cpu_seconds(), cons.server_cpu()
                     cons.stop()
                 rate = changes / secs
                 figures[cons.name] = {"seconds": round(secs, 2), "changes_per_s": round(rate)}
                 extra = ""
+                if not isinstance(cons, RecvlogicalConsumer):
+                    if cpu0 is not None and cpu1 is not None:
+                        us = (cpu1 - cpu0) / changes * 1e6
+                        figures[cons.name]["cpu_us_per_change"] = round(us, 2)
+                        extra += f"  CPU {us:6.2f} us/change"
+                    else:
+                        extra += "  CPU      n/a"
+                    if srv1:
+                        # Backends opened after the first reading count from zero.
+                        srv = sum(c - srv0.get(pid, 0.0) for pid, c in srv1.items())
+                        sus = srv / changes * 1e6
+                        figures[cons.name]["staging_backend_cpu_us_per_change"] = round(sus, 2)
+                        extra += f" (+{sus:.2f} in the staging server)"
                 if isinstance(cons, DaemonConsumer):
                     figures[cons.name]["peak_rss_mb"] = round(cons.peak_rss / 2**20, 1)
-                    extra = f"  peak RSS {cons.peak_rss / 2**20:.0f} MiB"
+                    extra += f"  peak RSS {cons.peak_rss / 2**20:.0f} MiB"
                 print(
                     f"  {cons.name:36s} {secs:8.2f} s  {rate:>10,.0f} changes/s{extra}", flush=True
                 )
             native = figures["native logical replication"]["changes_per_s"]
+            native_cpu = figures["native logical replication"].get("cpu_us_per_change")
             limit = figures["pg_recvlogical (decoding limit)"]["changes_per_s"]
             for k, v in figures.items():
                 if k.startswith("sync-daemon"):
                     v["ratio_vs_native"] = round(v["changes_per_s"] / native, 2)
                     v["ratio_vs_recvlogical"] = round(v["changes_per_s"] / limit, 2)
+                    cpu = ""
+                    if native_cpu and v.get("cpu_us_per_change") is not None:
+                        v["cpu_ratio_vs_native"] = round(v["cpu_us_per_change"] / native_cpu, 2)
+                        cpu = (
+                            f"; CPU {v['cpu_us_per_change']:.2f} vs {native_cpu:.2f} us/change "
+                            f"(native apply worker): {v['cpu_ratio_vs_native']:.1f}x"
+                        )
                     print(
                         f"  {k}: {v['ratio_vs_native']:.2f}x native, "
-                        f"{v['ratio_vs_recvlogical']:.0%} of the pg_recvlogical limit"
+                        f"{v['ratio_vs_recvlogical']:.0%} of the pg_recvlogical limit{cpu}"
                     )
             results["workloads"][wl_name] = figures
             with psycopg.connect(erp, autocommit=True) as c:

@@ -109,7 +109,9 @@ class LogicalSource(CaptureSource):
         self.progress = Progress()
         self._conn: psycopg.Connection[Any] | None = None  # regular: lock, heartbeat, queries
         self._repl: psycopg.Connection[Any] | None = None
-        self._decoder = ValueDecoder()
+        self._decoder = ValueDecoder(
+            dialect=store.dialect, schema_of=lambda rel: self._schemas.get(rel.qualified)
+        )
         self._relations: dict[int, Relation] = {}
         self._rel_tables: dict[int, str] = {}
         self._schemas: dict[str, TableSchema] = {}

@@ -5,7 +5,9 @@ messages of the ``pgoutput`` plugin: Begin, Commit, Origin, Relation, Type, Inse
 Delete, Truncate and Message (``pg_logical_emit_message``). Column values arrive in text form and
 are turned into Python values by psycopg's own text loaders, so every type psycopg knows
 (numeric, timestamps, uuid, json, bytea, arrays…) decodes as psycopg would decode a query result;
-unknown types (enums, domains of unknown base) stay ``str``.
+unknown types (enums, domains of unknown base) stay ``str``. Given the staging dialect,
+:class:`ValueDecoder` hands non-key values of some types over in the form staging stores instead
+(the text path, see there).
 
 Reference: PostgreSQL docs, "Logical Streaming Replication Protocol" / "Message Formats".
 """
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import adapt, pq
+
+from replicator.changes import TableSchema
+from replicator.staging.values import text_adapter
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _UNIX_TO_PG_US = 946_684_800_000_000
@@ -337,13 +342,50 @@ def _py_decode_message(data: memoryview | bytes) -> Message:
     raise ProtocolError(f"unknown pgoutput message type {chr(kind)!r}")
 
 
-class ValueDecoder:
-    """Turns raw text column values into Python values with psycopg's text loaders."""
+OBJECT_VALUES_ENV = "SYNC_DAEMON_OBJECT_VALUES"
+"""Set to 1 to decode every value with psycopg's loaders (the path before text values): for the
+equivalence tests and the benchmark."""
 
-    def __init__(self, context: Any = None) -> None:
+
+class ValueDecoder:
+    """Turns raw text column values into the values capture hands to staging.
+
+    Without a staging dialect (or with ``text_values=False``, or ``SYNC_DAEMON_OBJECT_VALUES=1``)
+    every value goes through psycopg's text loaders: Python objects, as a query result would
+    give them. With one, the non-key columns of the types listed in
+    :func:`replicator.staging.values.text_adapter` take the *text path*: the source's text goes
+    straight to the form staging stores (a decimal or a timestamp is not built only to be
+    written back as text), the same form the loader and the staging converter would give.
+
+    Key columns always keep the loader's Python values: the apply path coalesces changes by key
+    tuple, and the snapshot copy and incremental-snapshot chunks produce keys in that form. So
+    does a column whose type in the mirror is not the type the stream sends (a type change being
+    followed), since the converter is chosen by the mirror's type. ``schema_of`` gives the
+    mirror's shape for a Relation; it is asked when a Relation's first row arrives, and a
+    table's key or column types change only with a new Relation message.
+    """
+
+    def __init__(
+        self,
+        context: Any = None,
+        *,
+        dialect: str | None = None,
+        schema_of: Callable[[Relation], TableSchema | None] | None = None,
+        text_values: bool | None = None,
+    ) -> None:
         self._tx = adapt.Transformer(context)
         self._loaders: dict[int, Any] = {}
         self._plans: dict[int, tuple[Relation, list[tuple[str, Any]]]] = {}
+        if text_values is None:
+            text_values = os.environ.get(OBJECT_VALUES_ENV, "") in ("", "0")
+        self.dialect = dialect
+        self._schema_of = schema_of
+        self.text_values = bool(text_values and dialect and schema_of)
+
+    @property
+    def value_path(self) -> str:
+        """``"text"`` or ``"objects"``: which path values take (printed by the benchmark)."""
+        return "text" if self.text_values else "objects"
 
     def loader(self, oid: int) -> Any:
         ld = self._loaders.get(oid)
@@ -351,11 +393,24 @@ class ValueDecoder:
             ld = self._loaders[oid] = self._tx.get_loader(oid, pq.Format.TEXT).load
         return ld
 
+    def _plan(self, rel: Relation) -> list[tuple[str, Any]]:
+        """(column name, function of the raw text) for each column of ``rel``."""
+        schema = self._schema_of(rel) if self.text_values and self._schema_of else None
+        plan = []
+        for c in rel.columns:
+            fn = load = self.loader(c.type_oid)
+            if schema is not None and self.dialect is not None and c.name not in schema.key:
+                mirror = schema.column(c.name)
+                if mirror is not None and mirror.type_oid == c.type_oid:
+                    fn = text_adapter(c.type_oid, self.dialect, load) or load
+            plan.append((c.name, fn))
+        return plan
+
     def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
         """Column name -> value, leaving out unchanged TOAST columns."""
         plan = self._plans.get(id(rel))
         if plan is None or plan[0] is not rel:
-            plan = (rel, [(c.name, self.loader(c.type_oid)) for c in rel.columns])
+            plan = (rel, self._plan(rel))
             self._plans[id(rel)] = plan
         out: dict[str, Any] = {}
         for (name, load), v in zip(plan[1], raw, strict=False):

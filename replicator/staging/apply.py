@@ -243,7 +243,13 @@ class ApplyTxn:
         self._spill: _Spill | None = None
         self.pending_count = 0
         self.applied = 0  # changes applied (before coalescing) in this transaction
+        # Changes per (table, op) for the sync_changes_applied metric, added to it once per
+        # commit. Counted by runs: the current run of one (table, op) is a plain integer,
+        # folded into ``counts`` when another (table, op) comes and at the commit, so a change
+        # costs a comparison, not a tuple and a dict update.
         self.counts: dict[tuple[str, str], int] = {}
+        self._run: tuple[str, str] = ("", "")
+        self._run_n = 0
         self._temp_tables: set[str] = set()  # PostgreSQL COPY staging tables made in this txn
         self.closed = False
 
@@ -285,6 +291,8 @@ class ApplyTxn:
         keycols: tuple[str, ...] = ()
         ncols = 0
         applied = staged = 0
+        run_table, run_op = self._run
+        run_n = self._run_n
         try:
             for ch in changes:
                 table, op = ch.table, ch.op
@@ -295,8 +303,12 @@ class ApplyTxn:
                     current, pend = table, None
                     keycols, ncols = info.schema.key, len(info.schema.columns)
                 applied += 1
-                ck = (table, op)
-                counts[ck] = counts.get(ck, 0) + 1
+                if op != run_op or table != run_table:
+                    if run_n:
+                        ck = (run_table, run_op)
+                        counts[ck] = counts.get(ck, 0) + run_n
+                    run_table, run_op, run_n = table, op, 0
+                run_n += 1
                 if op == "T":
                     self._truncate(info, ch.position)
                     pend = None
@@ -339,6 +351,8 @@ class ApplyTxn:
         finally:
             self.applied += applied
             self.pending_count += staged
+            self._run = (run_table, run_op)
+            self._run_n = run_n
 
     def _truncate(self, info: MirrorInfo, position: str) -> None:
         self._pending.pop(info.source_table, None)
@@ -456,6 +470,10 @@ class ApplyTxn:
         assert self._tx is not None
         self._tx.commit()
         self.close()
+        if self._run_n:
+            ck = self._run
+            self.counts[ck] = self.counts.get(ck, 0) + self._run_n
+            self._run_n = 0
         if checkpoint is not None and self.counts:
             for (table, op), n in self.counts.items():
                 CHANGES_APPLIED.labels(self.source, table, op).inc(n)

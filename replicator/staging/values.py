@@ -5,6 +5,13 @@ bytes). On PostgreSQL staging they keep their types; on SQLite, numerics and tem
 stored as text in ISO/decimal form (never as REAL, which would round) and JSON and arrays as
 JSON text. Every writer of mirror rows (the apply path, the spill, the stream consumer) goes
 through these functions, so a value is stored the same way whichever path wrote it.
+
+Text values (:func:`text_adapter`): logical capture receives every value as PostgreSQL's text
+output. For the types below the stored form can be had from that text directly — cheaply and
+exactly — instead of building a Python object that a converter then turns back into text. An
+adapter returns either the stored form itself (a ``str``, which every converter passes through)
+or, for a text of an unexpected shape, the psycopg loader's object (the converter then stores it
+as it always did): the stored form is the same either way (tests/test_value_adapters.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import datetime as dt
 import decimal
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from psycopg.types.json import Json, Jsonb
@@ -99,15 +107,22 @@ def scalar_text(v: Any) -> Any:
     return str(v)
 
 
+# The text path hands these converters the stored form already: a str goes through first.
 def _iso_space(v: Any) -> Any:
+    if type(v) is str:
+        return v
     return v.isoformat(sep=" ") if isinstance(v, dt.datetime) else scalar_text(v)
 
 
 def _iso(v: Any) -> Any:
+    if type(v) is str:
+        return v
     return v.isoformat() if isinstance(v, (dt.date, dt.time)) else scalar_text(v)
 
 
 def _decimal_text(v: Any) -> Any:
+    if type(v) is str:
+        return v
     return str(v) if isinstance(v, decimal.Decimal) else scalar_text(v)
 
 
@@ -161,3 +176,149 @@ def pg_param(col: Column | None, v: Any) -> Any:
 def utc(t: dt.datetime) -> dt.datetime:
     """A time as aware UTC: SQLite hands DateTime back naive, and everything stored is UTC."""
     return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+# ---------------------------------------------------------------------------- text values
+TextAdapter = Callable[[bytes], Any]
+
+_OID_DATE, _OID_TIME, _OID_TIMESTAMP, _OID_TIMESTAMPTZ = 1082, 1083, 1114, 1184
+_OID_NUMERIC, _OID_UUID = 1700, 2950
+# Zeros to append to a fraction of ``n`` digits: isoformat always writes six, PostgreSQL
+# drops the trailing zeros.
+_FRACTION_PAD = ("", "00000", "0000", "000", "00", "0", "")
+
+
+def _iso_shape(v: bytes, n: int) -> bool:
+    """``v`` (``n`` bytes) starts like an ISO date with a four-digit year ("2024-01-31") and ends
+    with a digit: not 'infinity', not a BC date (" BC"), not another DateStyle, not a year past
+    9999 — the texts the psycopg loaders either refuse or that need their parsing."""
+    return n >= 10 and v[4] == 45 and 48 <= v[n - 1] <= 57 and (n == 10 or v[10] == 32)
+
+
+def _sqlite_numeric(load: Callable[[bytes], Any]) -> TextAdapter:
+    def numeric(v: bytes) -> Any:
+        # str(Decimal) equals the text except NaN/Infinity (not ending in a digit: the loader
+        # maps them) and values whose adjusted exponent is below -6, which str(Decimal) writes
+        # in scientific form ("1E-7", "0E-8"); those all contain "0.000000".
+        if 48 <= v[-1] <= 57 and b"0.000000" not in v:
+            return v.decode()
+        return load(v)
+
+    return numeric
+
+
+def _sqlite_timestamp(load: Callable[[bytes], Any]) -> TextAdapter:
+    def timestamp(v: bytes) -> Any:
+        # _iso_shape written out: this runs once a value.
+        n = len(v)
+        if n >= 19 and v[4] == 45 and v[10] == 32 and 48 <= v[n - 1] <= 57:
+            if n == 19:
+                return v.decode()
+            if 21 <= n <= 26 and v[19] == 46:
+                return v.decode() + _FRACTION_PAD[n - 20]
+        return load(v)
+
+    return timestamp
+
+
+def _sqlite_timestamptz(load: Callable[[bytes], Any]) -> TextAdapter:
+    # The loader returns the time in UTC (it has no connection, so no session time zone) and
+    # isoformat writes "+00:00": a text already at offset +00 only needs the fraction padded
+    # and the offset written out; any other offset is converted by the loader.
+    def timestamptz(v: bytes) -> Any:
+        n = len(v)
+        # _iso_shape written out
+        if n >= 22 and v[n - 3 :] == b"+00" and v[4] == 45 and v[10] == 32:
+            if n == 22:
+                return v[:19].decode() + "+00:00"
+            if 24 <= n <= 29 and v[19] == 46:
+                return v[: n - 3].decode() + _FRACTION_PAD[n - 23] + "+00:00"
+        return load(v)
+
+    return timestamptz
+
+
+def _sqlite_date(load: Callable[[bytes], Any]) -> TextAdapter:
+    def date(v: bytes) -> Any:
+        return v.decode() if len(v) == 10 and _iso_shape(v, 10) else load(v)
+
+    return date
+
+
+def _sqlite_time(load: Callable[[bytes], Any]) -> TextAdapter:
+    def time(v: bytes) -> Any:
+        # "24:00:00" is a valid PostgreSQL time that Python's time cannot hold: the loader's
+        # error stays the behaviour.
+        n = len(v)
+        if n >= 8 and v[2] == 58 and v[:2] < b"24":
+            if n == 8:
+                return v.decode()
+            if 10 <= n <= 15 and v[8] == 46:
+                return v.decode() + _FRACTION_PAD[n - 9]
+        return load(v)
+
+    return time
+
+
+def _uuid(load: Callable[[bytes], Any]) -> TextAdapter:
+    def uuid_text(v: bytes) -> Any:
+        # PostgreSQL writes a uuid lowercase with hyphens, as str(UUID) does.
+        return v.decode() if len(v) == 36 else load(v)
+
+    return uuid_text
+
+
+def _pg_text(load: Callable[[bytes], Any]) -> TextAdapter:
+    def numeric(v: bytes) -> Any:
+        return v.decode()  # numeric's input reads its own output, NaN and Infinity included
+
+    return numeric
+
+
+def _pg_temporal(load: Callable[[bytes], Any]) -> TextAdapter:
+    def temporal(v: bytes) -> Any:
+        # The server reads back the ISO text exactly (an offset too, so the same instant);
+        # infinity, BC and years past 9999 keep the loader (which refuses them today).
+        return v.decode() if _iso_shape(v, len(v)) else load(v)
+
+    return temporal
+
+
+def _pg_time(load: Callable[[bytes], Any]) -> TextAdapter:
+    def time(v: bytes) -> Any:
+        return v.decode() if len(v) >= 8 and v[2] == 58 and v[:2] < b"24" else load(v)
+
+    return time
+
+
+_TEXT_ADAPTERS: dict[str, dict[int, Callable[[Callable[[bytes], Any]], TextAdapter]]] = {
+    "sqlite": {
+        _OID_NUMERIC: _sqlite_numeric,
+        _OID_TIMESTAMP: _sqlite_timestamp,
+        _OID_TIMESTAMPTZ: _sqlite_timestamptz,
+        _OID_DATE: _sqlite_date,
+        _OID_TIME: _sqlite_time,
+        _OID_UUID: _uuid,
+    },
+    "postgresql": {
+        _OID_NUMERIC: _pg_text,
+        _OID_TIMESTAMP: _pg_temporal,
+        _OID_TIMESTAMPTZ: _pg_temporal,
+        _OID_DATE: _pg_temporal,
+        _OID_TIME: _pg_time,
+        _OID_UUID: _uuid,
+    },
+}
+"""Per staging dialect, the types whose stored form comes straight from the text. The others
+keep the loader: ints, floats, text, bool, bytea and enums because the loader already yields the
+stored form at C speed; json/jsonb because the stored form is json.dumps of the parsed value
+(other spacing, floats rounded: "1.10" becomes 1.1), which the text is not; arrays, interval and
+timetz because their stored form needs the parse; and every type not listed."""
+
+
+def text_adapter(type_oid: int, dialect: str, load: Callable[[bytes], Any]) -> TextAdapter | None:
+    """An adapter from PostgreSQL's text output of ``type_oid`` to the value to store on
+    ``dialect`` staging, falling back to ``load`` (the psycopg loader) for texts it does not
+    take; None when the loader is the way for that type."""
+    make = _TEXT_ADAPTERS.get(dialect, {}).get(type_oid)
+    return make(load) if make is not None else None
