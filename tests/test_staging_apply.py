@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import random
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -262,4 +265,54 @@ def test_setup_defers_the_upgrade_while_only_autoincrement_knows_the_last_id(
     assert "AUTOINCREMENT" not in _shape(path)[0].upper()
     _journal(store, 1)
     assert [e["id"] for e in store.journal.read(4)] == [10, 11]
+    store.dispose()
+
+
+TYPED_KEYS = TableSchema(
+    "public",
+    "typed",
+    (
+        Column("price", "numeric(12,2)", 1700),
+        Column("ref", "uuid", 2950),
+        Column("day", "date", 1082),
+        Column("at", "timestamp with time zone", 1184),
+        Column("qty", "integer", 23),
+    ),
+    ("price", "ref", "day", "at"),
+)
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["direct", "spilled"])
+def test_rows_keyed_by_numeric_uuid_and_temporal_values_can_be_deleted(
+    staging_url: str, spill: bool
+) -> None:
+    """A key of Decimal, UUID, date or datetime values: the delete binds it through the same
+    converters as the row was stored with (SQLite stores them as text; its driver cannot bind a
+    Decimal or UUID at all)."""
+    store = StagingStore(staging_url)
+    store.setup()
+    store.ensure_mirror(TYPED_KEYS)
+    keys = [
+        {
+            "price": decimal.Decimal(f"{i}.50"),
+            "ref": uuid.UUID(int=i),
+            "day": dt.date(2026, 1, i),
+            "at": dt.datetime(2026, 1, i, 12, 30, 0, 250000, tzinfo=dt.UTC),
+        }
+        for i in range(1, 4)
+    ]
+    txn = store.begin("erp")
+    txn.apply_many(Change("public.typed", "I", {**k, "qty": 1}) for k in keys)
+    txn.commit(Checkpoint("erp", "1"))
+
+    txn = store.begin("erp", spill=True)
+    if not spill:
+        _ = txn.conn  # open now: the flush writes straight into the mirror
+    txn.apply(Change("public.typed", "D", None, keys[1]))
+    txn.apply(Change("public.typed", "U", {**keys[2], "qty": 5}))
+    txn.flush()  # with spill and no open transaction: parked in a spill table
+    txn.commit(Checkpoint("erp", "2"))
+    assert [r[-1] for r in store.rows("public.typed")] == [1, 5]
+    deleted = [e for e in store.journal.read(0) if e["op"] == "D"]
+    assert len(deleted) == 1
     store.dispose()

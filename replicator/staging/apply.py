@@ -161,13 +161,14 @@ class _Spill:
                 for table, pend in pending.items():
                     info = store.catalog[table]
                     if pend.deletes:
+                        params = store.catalog.key_params(info)
                         self._segment(
                             cur,
                             conn,
                             info,
                             "D",
                             info.schema.key,
-                            [(pos, key_json(k), *k) for k, pos in _deletes(pend)],
+                            [(pos, key_json(k), *params(k)) for k, pos in _deletes(pend)],
                         )
                     for cols, rows in _upsert_groups(pend).items():
                         conv = store.catalog.converter(info, cols)
@@ -389,7 +390,10 @@ class ApplyTxn:
                     if store.dialect == "postgresql" and len(deletes) >= _COPY_THRESHOLD:
                         self._copy_delete(cur, info, [k for k, _ in deletes])
                     else:
-                        cur.executemany(store.catalog.delete_sql(info), [k for k, _ in deletes])
+                        params = store.catalog.key_params(info)
+                        cur.executemany(
+                            store.catalog.delete_sql(info), [params(k) for k, _ in deletes]
+                        )
                     if journaled:
                         journal.extend((table, "D", k, pos) for k, pos in deletes)
                 for cols, rows in _upsert_groups(pend).items():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +312,19 @@ class Mirrors:
             return lambda values: tuple(values[c] for c in cols)
         pairs = list(zip(cols, typed, strict=True))
         return lambda values: tuple(pg_param(t, values[c]) for c, t in pairs)
+
+    def key_params(self, info: MirrorInfo) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+        """A function turning a row key (Python values in key order) into driver parameters,
+        through the same converters as the row's values, so a delete finds the stored row (on
+        SQLite a numeric, uuid or temporal key is stored as text; the driver cannot bind a
+        Decimal or UUID at all)."""
+        keycols = info.schema.key
+        conv = self.converter(info, keycols)
+        if self.db.dialect == "sqlite" and all(
+            sqlite_converter(info.schema.column(c)) is None for c in keycols
+        ):
+            return lambda k: tuple(k)
+        return lambda k: conv(dict(zip(keycols, k, strict=True)))
 
     def upsert_sql(self, info: MirrorInfo, cols: tuple[str, ...]) -> str:
         ck = ("upsert", info.name, cols)
