@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from replicator.errors import AccessError, RetryableError, SyncError
 from replicator.errors_map import is_access_refused
+from replicator.pgvalues import register as register_pg_values
 
 APP = "sync-daemon"
 
@@ -37,6 +38,10 @@ def connect_error(what: str, where: str, exc: BaseException) -> SyncError:
 # A silent network partition (no RST, no FIN) must not hang a query or the replication stream
 # for the kernel's default of hours: keepalives notice a dead peer after ~25 s idle, and
 # tcp_user_timeout bounds how long sent data may stay unacknowledged.
+# Dates and times Python cannot hold (infinity, BC, year 10000+) load as PostgreSQL's text instead
+# of raising, on every connection of the process (see replicator.pgvalues).
+register_pg_values(psycopg.adapters)
+
 PG_KEEPALIVES: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
