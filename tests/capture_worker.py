@@ -1,10 +1,11 @@
 """A capture process for the kill -9 tests, and the ERP helpers the capture tests share.
 
-Run as ``python tests/capture_worker.py MODE ERP_URL STAGING_URL TABLE...``: starts the capture
-source of ``MODE`` (``triggers``; the lead adds ``logical``) and runs cycles until SIGTERM/SIGKILL.
+Run as ``python tests/capture_worker.py [--batch-size N] MODE ERP_URL STAGING_URL TABLE...``:
+starts the capture source of ``MODE`` (``triggers`` or ``logical``) and runs cycles until
+SIGTERM/SIGKILL.
 Prints ``started`` once the source is started so the test knows the initial copy is done.
 
-Imported by the tests: :func:`make_config`, and :class:`Erp` — one ERP database of a dialect
+Imported by the tests: :func:`make_config`, :func:`install_triggers`, and :class:`Erp` — one ERP database of a dialect
 (PostgreSQL, MariaDB, SQLite) with plain DB-API writers that tests drive from threads.
 """
 
@@ -31,6 +32,21 @@ def make_config(erp_url: str, staging_url: str, tables: list[str], **capture: An
     cap: dict[str, Any] = {"mode": "triggers", "tables": tables, "poll_interval": 0.01}
     cap.update(capture)
     return parse_config({"erp": {"dsn": erp_url}, "capture": cap, "staging": {"url": staging_url}})
+
+
+def install_triggers(erp_url: str, staging_url: str, tables: list[str], **capture: Any) -> Config:
+    """Install (or bring up to date) the capture triggers of ``tables``; the config to capture
+    them with (see :func:`make_config`)."""
+    from replicator.cdc.triggers.dialects import dialect_for
+
+    cfg = make_config(erp_url, staging_url, tables, **capture)
+    d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
+    conn = d.connect("test-install")
+    try:
+        d.install(conn, list(cfg.capture.tables))
+    finally:
+        conn.close()
+    return cfg
 
 
 class Erp:
@@ -183,8 +199,12 @@ def build_source(mode: str, cfg: Config, store: StagingStore, stop: threading.Ev
 
 
 def main(argv: list[str]) -> int:
+    capture: dict[str, Any] = {}
+    if argv[:1] == ["--batch-size"]:
+        capture["batch_size"] = int(argv[1])
+        argv = argv[2:]
     mode, erp_url, staging_url, *tables = argv
-    cfg = make_config(erp_url, staging_url, tables)
+    cfg = make_config(erp_url, staging_url, tables, **capture)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     store = StagingStore(staging_url)

@@ -18,11 +18,10 @@ import pytest
 from replicator.cdc import initial_copy
 from replicator.cdc.logical import LogicalSource
 from replicator.cdc.triggers import TriggerSource
-from replicator.cdc.triggers.dialects import dialect_for
 from replicator.config import parse_config
 from replicator.errors import RetryableError
 from replicator.staging import StagingStore
-from tests.capture_worker import make_config
+from tests.capture_worker import install_triggers
 from tests.helpers import assert_staging_equals_source
 
 ROWS = 500
@@ -43,13 +42,7 @@ def _rewrite_items(url: str) -> None:
 def test_trigger_initial_copy_starts_again_after_a_rewrite(erp_db: str, tmp_path: Path) -> None:
     _tables(erp_db)
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = make_config(erp_db, staging, ["a", "items"])
-    d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
-    conn = d.connect("test-install")
-    try:
-        d.install(conn, list(cfg.capture.tables))
-    finally:
-        conn.close()
+    cfg = install_triggers(erp_db, staging, ["a", "items"])
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     copy_sql = src.dialect.copy_sql

@@ -4,8 +4,7 @@ rename that has no column number to follow. Each copies one chunk per changelog 
 the batch's own read transaction, while writers go on; staging ends equal to the source row by
 row and the other tables are never copied again.
 
-Run as ``python tests/test_trigger_recopy.py ERP_URL STAGING_URL CHUNK TABLE...`` it is the
-capture process of the kill -9 test (trigger capture with ``batch_size = CHUNK``).
+The kill -9 test runs ``tests/capture_worker.py`` as its capture process.
 """
 
 from __future__ import annotations
@@ -21,18 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import pytest
 import structlog
 
 from replicator.cdc.triggers import TriggerSource
-from replicator.cdc.triggers.dialects import dialect_for
 from replicator.cli import main as cli_main
-from replicator.config import Config
 from replicator.ops.readmodel import collect_status
 from replicator.staging import StagingStore
-from tests.capture_worker import Erp, make_config, new_mysql_db, new_sqlite_db
+from tests.capture_worker import Erp, install_triggers, make_config, new_mysql_db, new_sqlite_db
 from tests.helpers import (
     ROOT,
     DaemonProcess,
@@ -43,6 +38,7 @@ from tests.helpers import (
 )
 
 ROWS = 300
+WORKER = Path(__file__).with_name("capture_worker.py")
 
 
 @pytest.fixture(params=["postgresql", "mysql", "sqlite"])
@@ -57,17 +53,6 @@ def erp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Erp]:
             e.drop()
     else:
         yield new_sqlite_db(tmp_path / "erp.db")
-
-
-def _install(erp: Erp, staging_url: str, tables: list[str], **capture: Any) -> Config:
-    cfg = make_config(erp.url, staging_url, tables, **capture)
-    d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
-    conn = d.connect("test-install")
-    try:
-        d.install(conn, list(cfg.capture.tables))
-    finally:
-        conn.close()
-    return cfg
 
 
 def _tables(erp: Erp, *names: str) -> None:
@@ -149,7 +134,7 @@ def test_table_added_is_copied_online_while_the_others_stream(erp: Erp, tmp_path
     copied (in chunks, progress shown), the other one keeps streaming; both end equal."""
     _tables(erp, "a", "items")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["a"], batch_size=40)
+    cfg = install_triggers(erp.url, staging, ["a"], batch_size=40)
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
@@ -157,7 +142,7 @@ def test_table_added_is_copied_online_while_the_others_stream(erp: Erp, tmp_path
     with Writer(erp, ["a", "items"], 1) as w:
         wait_until(lambda: (_cycle(src), w.count > 50)[1], 30, 0, "writes")
         src.close()
-        cfg2 = _install(erp, staging, ["a", "items"], batch_size=40)
+        cfg2 = install_triggers(erp.url, staging, ["a", "items"], batch_size=40)
         src = TriggerSource(cfg2, store)
         with structlog.testing.capture_logs() as logs:
             src.start()
@@ -196,7 +181,7 @@ def test_table_readded_loses_the_rows_deleted_while_it_was_out(erp: Erp, tmp_pat
         (["a"], ["DELETE FROM items WHERE id <= 100", "UPDATE items SET v = 2 WHERE id = 200"]),
         (["a", "items"], ["INSERT INTO items VALUES (5000, 5)"]),
     ):
-        src = TriggerSource(_install(erp, staging, tables, batch_size=64), store)
+        src = TriggerSource(install_triggers(erp.url, staging, tables, batch_size=64), store)
         src.start()
         erp.execute(*writes)
         _drain(src)
@@ -213,7 +198,7 @@ def test_resync_table_races_updates_and_deletes(erp: Erp, tmp_path: Path) -> Non
     disappear with the swap."""
     _tables(erp, "items", "other")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["items", "other"], batch_size=25)
+    cfg = install_triggers(erp.url, staging, ["items", "other"], batch_size=25)
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
@@ -284,7 +269,16 @@ def test_daemon_takes_a_resync_table_request_in_trigger_mode(erp_db: str, tmp_pa
 # --------------------------------------------------------------------------------- kill -9
 def _worker(erp: Erp, staging: str, chunk: int, tables: list[str], **env: str) -> Any:
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), erp.url, staging, str(chunk), *tables],
+        [
+            sys.executable,
+            str(WORKER),
+            "--batch-size",
+            str(chunk),
+            "triggers",
+            erp.url,
+            staging,
+            *tables,
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -313,14 +307,14 @@ def test_kill_9_in_the_middle_of_a_copy_resumes_after_the_last_chunk(
 ) -> None:
     _tables(erp, "a", "items")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    _install(erp, staging, ["a"])
+    install_triggers(erp.url, staging, ["a"])
     first = _worker(erp, staging, 30, ["a"])
     try:
         wait_until(lambda: any("started" in x for x in first.lines), 60, what="first start")
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(30)
-    _install(erp, staging, ["a", "items"])
+    install_triggers(erp.url, staging, ["a", "items"])
     erp.execute("UPDATE items SET v = v + 1 WHERE id % 7 = 0")
     # Stopped (SIGSTOP) right after the third chunk's staging commit, then killed.
     second = _worker(
@@ -379,7 +373,9 @@ def test_retyped_column_ends_in_the_new_form(erp: Erp, tmp_path: Path) -> None:
     new type and the table is copied again: every row in the new form."""
     _tables(erp, "items", "other")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["items", "other"], batch_size=50, heartbeat_interval=0.2)
+    cfg = install_triggers(
+        erp.url, staging, ["items", "other"], batch_size=50, heartbeat_interval=0.2
+    )
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
@@ -414,7 +410,7 @@ def test_pg_chunk_of_a_table_rewritten_after_the_snapshot_is_put_off(
     erp = Erp("postgresql", erp_db)
     _tables(erp, "items")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["items"], batch_size=50, heartbeat_interval=3600)
+    cfg = install_triggers(erp.url, staging, ["items"], batch_size=50, heartbeat_interval=3600)
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
@@ -443,13 +439,13 @@ def test_rename_without_column_numbers_is_recopied(erp: Erp, tmp_path: Path) -> 
     the table is copied again, so rows not written since have their value under the new name."""
     _tables(erp, "items")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    _install(erp, staging, ["items"], batch_size=70)
+    install_triggers(erp.url, staging, ["items"], batch_size=70)
     store = StagingStore(staging)
     cfg = make_config(erp.url, staging, ["items"], batch_size=70)
     src = TriggerSource(cfg, store)
     src.start()
     erp.execute("ALTER TABLE items RENAME COLUMN v TO w")
-    _install(erp, staging, ["items"])  # the triggers name the new column
+    install_triggers(erp.url, staging, ["items"])  # the triggers name the new column
     erp.execute("UPDATE items SET w = 0 WHERE id = 1")
     _cycle(src)
     assert [c.table for c in src.copies] == ["public.items"]
@@ -465,18 +461,18 @@ def test_added_column_the_erp_filled_is_recopied(erp: Erp, tmp_path: Path) -> No
     trigger firing, so the table is copied again; a column added without one is just followed."""
     _tables(erp, "items")
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["items"], batch_size=70)
+    cfg = install_triggers(erp.url, staging, ["items"], batch_size=70)
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
     with structlog.testing.capture_logs() as logs:
         erp.execute("ALTER TABLE items ADD COLUMN note VARCHAR(10)")
-        _install(erp, staging, ["items"])  # MariaDB/SQLite triggers list their columns
+        install_triggers(erp.url, staging, ["items"])  # MariaDB/SQLite triggers list their columns
         erp.execute("UPDATE items SET note = 'n' WHERE id = 1")
         _drain(src)
         assert not any(e["event"] == "table_recopy_after_schema_change" for e in logs)
         erp.execute("ALTER TABLE items ADD COLUMN w INTEGER DEFAULT 7")
-        _install(erp, staging, ["items"])
+        install_triggers(erp.url, staging, ["items"])
         erp.execute("UPDATE items SET w = 0 WHERE id = 2")
         _cycle(src)
         assert [c.table for c in src.copies] == ["public.items"]
@@ -486,25 +482,3 @@ def test_added_column_the_erp_filled_is_recopied(erp: Erp, tmp_path: Path) -> No
     assert [e["filled"] for e in recopies] == [["w"]]
     assert store.rows("public.items") == erp.query("SELECT id, v, note, w FROM items ORDER BY id")
     assert store.rows("public.items")[2] == (3, 3, None, 7)
-
-
-def main(argv: list[str]) -> int:
-    erp_url, staging_url, chunk, *tables = argv
-    cfg = make_config(erp_url, staging_url, tables, batch_size=int(chunk))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    store = StagingStore(staging_url)
-    src = TriggerSource(cfg, store, stop)
-    try:
-        src.start()
-        print("started", flush=True)
-        while not stop.is_set():
-            src.run_cycle(0.2, stop)
-    finally:
-        src.close()
-        store.dispose()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -22,7 +22,7 @@ from replicator.cdc.triggers.dialects import VERSION, dialect_for
 from replicator.cli import main
 from replicator.errors import FatalError
 from replicator.staging import StagingStore
-from tests.capture_worker import Erp, make_config, new_mysql_db, new_sqlite_db
+from tests.capture_worker import Erp, install_triggers, make_config, new_mysql_db, new_sqlite_db
 
 
 def _write_config(tmp_path: Path, erp_url: str, tables: list[str], **capture: Any) -> str:
@@ -155,17 +155,6 @@ def test_start_without_triggers_is_fatal(any_erp: Erp, tmp_path: Path) -> None:
     src.close()
 
 
-def _install(erp: Erp, staging_url: str, tables: list[str], **capture: Any) -> Any:
-    cfg = make_config(erp.url, staging_url, tables, **capture)
-    d = dialect_for(cfg.erp.url, cfg.capture, cfg.erp.dialect)
-    conn = d.connect("test-install")
-    try:
-        d.install(conn, list(cfg.capture.tables))
-    finally:
-        conn.close()
-    return cfg
-
-
 # ------------------------------------------------------------------------------------ values
 PG_TYPES = """CREATE TABLE typed (
     id bigint PRIMARY KEY, n numeric(14,4), i int, s smallint, f float8, r real, b boolean,
@@ -183,7 +172,7 @@ def test_pg_values_decode_like_the_source(erp_db: str, staging_url: str) -> None
             "'{\"k\": 1}', '\\x00ff10', 'tab\tquote''s ünïcode', '{1,2,3}', '1 day', "
             "123456789012345678901234567890.123456789)"
         )
-    cfg = _install(Erp("postgresql", erp_db), staging_url, ["typed"])
+    cfg = install_triggers(erp_db, staging_url, ["typed"])
     store = StagingStore(staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -246,7 +235,7 @@ def test_mariadb_values(my_erp: Erp, tmp_path: Path) -> None:
         "CREATE TABLE t (id INT PRIMARY KEY, amount DECIMAL(12,2), ts TIMESTAMP(3) NULL, "
         "dtm DATETIME(6), d DATE, bl BLOB, flag TINYINT(1), big BIGINT UNSIGNED, name VARCHAR(20))"
     )
-    cfg = _install(my_erp, f"sqlite:///{tmp_path / 's.db'}", ["t"])
+    cfg = install_triggers(my_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["t"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -273,7 +262,7 @@ def test_mariadb_values(my_erp: Erp, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- PostgreSQL behaviour
 def test_pg_replica_role_and_truncate_are_captured(pg_erp: Erp, tmp_path: Path) -> None:
     pg_erp.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -292,7 +281,7 @@ def test_pg_replica_role_and_truncate_are_captured(pg_erp: Erp, tmp_path: Path) 
 def test_pg_copy_boundary_no_gap_no_overlap(pg_erp: Erp, tmp_path: Path) -> None:
     """A transaction open during the initial copy arrives through the changelog, exactly once."""
     pg_erp.execute("CREATE TABLE items (id int PRIMARY KEY, v int)")
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     pg_erp.execute("INSERT INTO items VALUES (1, 1), (2, 2)")
     with pg_erp.session() as open_txn:
         pg_erp.run(open_txn, "UPDATE items SET v = v + 100 WHERE id = 1")
@@ -312,7 +301,7 @@ def test_pg_copy_boundary_no_gap_no_overlap(pg_erp: Erp, tmp_path: Path) -> None
 
 def test_pg_cleanup_only_after_staging_commit(pg_erp: Erp, tmp_path: Path) -> None:
     pg_erp.execute("CREATE TABLE items (id int PRIMARY KEY, v int)")
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"], cleanup_batch=7)
+    cfg = install_triggers(pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"], cleanup_batch=7)
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -333,7 +322,9 @@ def test_pg_cleanup_only_after_staging_commit(pg_erp: Erp, tmp_path: Path) -> No
 
 def test_pg_notify_doorbell_wakes_the_reader(pg_erp: Erp, tmp_path: Path) -> None:
     pg_erp.execute("CREATE TABLE items (id int PRIMARY KEY)")
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"], poll_interval=30.0)
+    cfg = install_triggers(
+        pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"], poll_interval=30.0
+    )
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -346,7 +337,7 @@ def test_pg_notify_doorbell_wakes_the_reader(pg_erp: Erp, tmp_path: Path) -> Non
 
 def test_pg_added_column_widens_the_mirror(pg_erp: Erp, tmp_path: Path) -> None:
     pg_erp.execute("CREATE TABLE items (id int PRIMARY KEY, v int)")
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -363,7 +354,7 @@ def test_pg_renamed_and_dropped_columns_are_followed(pg_erp: Erp, tmp_path: Path
         "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)",
         "INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 5) g",
     )
-    cfg = _install(pg_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(pg_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -401,7 +392,7 @@ def test_mariadb_cascade_children_are_named_at_start(my_erp: Erp, tmp_path: Path
         "CREATE TABLE order_lines (id INT PRIMARY KEY, order_id INT, "
         "FOREIGN KEY (order_id) REFERENCES orders(id) ON DELETE CASCADE) ENGINE=InnoDB"
     )
-    cfg = _install(my_erp, f"sqlite:///{tmp_path / 's.db'}", ["orders", "order_lines"])
+    cfg = install_triggers(my_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["orders", "order_lines"])
     src = TriggerSource(cfg, StagingStore(cfg.staging_url))
     with structlog.testing.capture_logs() as logs:
         src.start()
@@ -413,7 +404,7 @@ def test_mariadb_cascade_children_are_named_at_start(my_erp: Erp, tmp_path: Path
 def test_mariadb_crash_between_commit_and_delete_applies_once(my_erp: Erp, tmp_path: Path) -> None:
     """The checkpoint's id set is deleted again on restart; nothing is applied twice."""
     my_erp.execute("CREATE TABLE items (id INT PRIMARY KEY, v INT)")
-    cfg = _install(my_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(my_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -440,7 +431,7 @@ def test_sqlite_cursor_and_cleanup(tmp_path: Path) -> None:
         "CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT, amount NUMERIC(10,2), "
         "at DATETIME, raw BLOB)"
     )
-    cfg = _install(erp, f"sqlite:///{tmp_path / 's.db'}", ["items"], cleanup_batch=3)
+    cfg = install_triggers(erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"], cleanup_batch=3)
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
@@ -471,13 +462,13 @@ def test_table_added_to_config_gets_copied(tmp_path: Path) -> None:
         "INSERT INTO items VALUES (1, 'a')",
         "INSERT INTO other VALUES (5, 'x')",
     )
-    cfg = _install(erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     store = StagingStore(cfg.staging_url)
     src = TriggerSource(cfg, store)
     src.start()
     src.close()
     erp.execute("INSERT INTO items VALUES (2, 'b')")  # pending while the daemon is down
-    cfg2 = _install(erp, cfg.staging_url, ["items", "other"])
+    cfg2 = install_triggers(erp.url, cfg.staging_url, ["items", "other"])
     src2 = TriggerSource(cfg2, store)
     src2.start()
     _drain(src2)
@@ -491,7 +482,7 @@ def test_one_reader_per_changelog(any_erp: Erp, tmp_path: Path) -> None:
     from replicator.errors import DaemonAlreadyRunning
 
     any_erp.execute("CREATE TABLE items (id INTEGER PRIMARY KEY)")
-    cfg = _install(any_erp, f"sqlite:///{tmp_path / 's.db'}", ["items"])
+    cfg = install_triggers(any_erp.url, f"sqlite:///{tmp_path / 's.db'}", ["items"])
     first = TriggerSource(cfg, StagingStore(cfg.staging_url))
     first.start()
     second = TriggerSource(cfg, StagingStore(f"sqlite:///{tmp_path / 'other.db'}"))
@@ -541,7 +532,7 @@ def test_table_added_and_another_removed_while_writers_go_on(any_erp: Erp, tmp_p
             src.run_cycle(0.02, threading.Event())
 
     staging = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = _install(erp, staging, ["a", "b"])
+    cfg = install_triggers(erp.url, staging, ["a", "b"])
     store = StagingStore(staging)
     src = TriggerSource(cfg, store)
     src.start()
@@ -549,7 +540,7 @@ def test_table_added_and_another_removed_while_writers_go_on(any_erp: Erp, tmp_p
     writer.start()
     try:
         cycles(src, 150)
-        cfg2 = _install(erp, staging, ["a", "items"])  # b's triggers go, items' come
+        cfg2 = install_triggers(erp.url, staging, ["a", "items"])  # b's triggers go, items' come
         cycles(src, 150)  # the old reader meanwhile: items' entries are not its business
         src.close()
         src = TriggerSource(cfg2, store)
