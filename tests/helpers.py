@@ -160,11 +160,18 @@ def staging_rows(staging_url: str, table: str) -> tuple[list[str], list[str], tu
 def wait_until(
     pred: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = ""
 ) -> None:
+    """Poll ``pred`` until it holds; fail after ``timeout`` seconds.
+
+    The first polls come quickly and the pause doubles up to ``interval``: many conditions hold
+    within a few tenths of a second, and a test should not then sit out a whole interval, while
+    a long wait still polls (an expensive ``pred``: a table compared) only every ``interval``."""
     deadline = time.monotonic() + timeout
+    pause = min(interval, 0.05)
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(interval, pause * 2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
 
 

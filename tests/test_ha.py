@@ -50,7 +50,12 @@ from tests.test_orders_support import _pg_erp_template, pg_erp_url
 __all__ = ["_pg_erp_template", "nats_node", "pg_erp_url"]
 
 SKUS = [f"SKU-X{i}" for i in range(1, 21)]
-LEASE = 6.0
+# Short lease and shutdown budget: every takeover below waits for an expiry (lease_seconds) and
+# the partitioned node's exit (lease - renew, then shutdown_timeout + 2 s); the waits are on
+# conditions, so shorter values only make the test quicker, with a renewal budget of 3 s.
+LEASE = 4.0
+RENEW = 1.0
+SHUTDOWN_TIMEOUT = 4.0
 FINAL = {"delivered", "failed", "skipped"}
 
 
@@ -90,11 +95,12 @@ def _config(
     text = cfg.read_text()
     text = re.sub(r'\[staging\]\nurl = "[^"]*"', f'[staging]\nurl = "{staging}"', text)
     text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace("[daemon]\n", f"[daemon]\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n")
     text = text.replace(
         'tables = ["public.order_header"]', 'tables = ["public.order_header", "public.items"]'
     )
     text += (
-        f'[ha]\nenabled = true\nnode = "{node}"\nlease_seconds = {LEASE}\nrenew_seconds = 2\n\n'
+        f'[ha]\nenabled = true\nnode = "{node}"\nlease_seconds = {LEASE}\nrenew_seconds = {RENEW}\n\n'
         f'[stream]\nurl = "{nats}"\nstream = "SYNC"\nsubject_prefix = "sync"\n'
     )
     cfg.write_text(text)
@@ -121,11 +127,14 @@ def _ha_detail(base: str) -> tuple[int, str]:
 
 
 def _add_orders(emu: WooCommerceEmulator, n: int, first: int, seed: int) -> None:
+    # An order is modified up to 120 s after it was created and a shop lists nothing modified
+    # ahead of now: created from 150 s back, every order of a burst is listed at once (from 30 s
+    # back, the last ones trickled in over 90 s and the test waited for the clock, not the daemon).
     emu.add_orders(
         generate_orders(
             n,
             seed=seed,
-            start=datetime.now(UTC) - timedelta(seconds=30),
+            start=datetime.now(UTC) - timedelta(seconds=150),
             spacing=timedelta(milliseconds=200),
             first_number=first,
             skus=SKUS,

@@ -337,6 +337,7 @@ def wait_alive(
 ) -> None:
     """``wait_until`` that fails at once, with the log tail, when the daemon process has exited."""
     deadline = time.monotonic() + timeout
+    pause = min(interval, 0.05)  # quick first polls, as in wait_until
     while time.monotonic() < deadline:
         if pred():
             return
@@ -344,5 +345,6 @@ def wait_alive(
             raise AssertionError(
                 f"the daemon exited while waiting for {what}:\n" + d.output()[-3000:]
             )
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(interval, pause * 2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
