@@ -202,7 +202,8 @@ def test_kill9_at_several_points_then_restart(erp: str, staging_url: str, tmp_pa
     rnd = random.Random(42)
     d = DaemonProcess(cfg).start()
     try:
-        time.sleep(1.0)  # inside the snapshot
+        # Inside the snapshot: the slot exists and the 150,000-row copy has begun.
+        wait_until(lambda: "slot_created" in d.output(), 60, 0.05, "the slot created")
         d.kill9()
         for t in threads:
             t.start()
