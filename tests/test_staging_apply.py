@@ -316,3 +316,27 @@ def test_rows_keyed_by_numeric_uuid_and_temporal_values_can_be_deleted(
     deleted = [e for e in store.journal.read(0) if e["op"] == "D"]
     assert len(deleted) == 1
     store.dispose()
+
+
+def test_a_json_number_beyond_64_bits_is_stored_on_sqlite(tmp_path: Path) -> None:
+    """A jsonb scalar like 2**70 loads as a Python int SQLite cannot bind (OverflowError, and
+    capture retried the batch forever); it is stored as text, like a smaller one."""
+    schema = TableSchema(
+        "public", "docs", (Column("id", "integer", 23), Column("doc", "jsonb", 3802)), ("id",)
+    )
+    store = StagingStore(f"sqlite:///{tmp_path / 's.db'}")
+    store.setup()
+    store.ensure_mirror(schema)
+    txn = store.begin("erp")
+    txn.apply_many(
+        Change("public.docs", "I", {"id": i, "doc": v})
+        for i, v in enumerate([2**70, 5, {"n": 2**70}, "text"], 1)
+    )
+    txn.commit(Checkpoint("erp", "1"))
+    assert store.rows("public.docs") == [
+        (1, str(2**70)),
+        (2, "5"),
+        (3, '{"n":1180591620717411303424}'),
+        (4, "text"),
+    ]
+    store.dispose()

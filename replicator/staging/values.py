@@ -126,6 +126,14 @@ def _decimal_text(v: Any) -> Any:
     return str(v) if isinstance(v, decimal.Decimal) else scalar_text(v)
 
 
+def _json_value(v: Any) -> Any:
+    # A JSON number beyond 64 bits (a jsonb scalar): SQLite cannot bind it; stored as the text a
+    # smaller integer gets from the column's TEXT affinity.
+    if type(v) is int and not -(2**63) <= v < 2**63:
+        return str(v)
+    return scalar_text(v)
+
+
 def sqlite_converter(col: Column | None) -> Any:
     """The value converter for one column on SQLite staging; None when values go as they are.
 
@@ -137,6 +145,8 @@ def sqlite_converter(col: Column | None) -> Any:
     cat = column_category(col)
     if cat in ("int", "float", "bytes"):
         return None
+    if cat == "json":
+        return _json_value
     base = col.type_name.lower().split("(")[0].strip()
     if base in ("text", "character varying", "character", "varchar", "char", "bpchar", "name"):
         return None  # psycopg hands these over as str already
