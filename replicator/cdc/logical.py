@@ -7,7 +7,7 @@ catalog describes them (:mod:`replicator.cdc.tables`), the slot, its lock and th
 (:mod:`replicator.cdc.slot`), the initial copy from the slot's exported snapshot
 (:mod:`replicator.cdc.initial_copy`), the publication (:mod:`replicator.cdc.publication`),
 matching a Relation message to the mirror (:mod:`replicator.cdc.schema_follow`) and online
-table copies (:mod:`replicator.cdc.snapshot`).
+table copies (:mod:`replicator.cdc.copies`, chunks read by :mod:`replicator.cdc.snapshot`).
 
 Life of a source
 ----------------
@@ -50,6 +50,7 @@ import psycopg
 import structlog
 
 from replicator.cdc.base import CaptureSource, Progress
+from replicator.cdc.copies import OnlineCopies, TableCopy
 from replicator.cdc.initial_copy import copy_initial
 from replicator.cdc.pgoutput import (
     Begin,
@@ -129,7 +130,8 @@ class LogicalSource(CaptureSource):
         self._last_status = 0.0
         self._checkpoint_lsn = 0
         self.snapshot_rows = 0
-        self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size)
+        self._copies = OnlineCopies(store, name, self.progress, events="snapshot_table")
+        self._snaps = IncrementalSnapshots(self.slot, cfg.capture.batch_size, self._copies)
         self._had_mirror: set[str] = set()
         self._frozen: set[str] = set()  # mirrors whose key changed: unfed until re-copied
         self._requests_checked = 0.0
@@ -176,12 +178,10 @@ class LogicalSource(CaptureSource):
         assert cp is not None
         self._snaps.load(cp.extra, self._schemas, self._had_mirror)
         for table in sorted(self._frozen):
-            if all(c.table != table for c in self._snaps.queue):
-                self._snaps.restart(table)
-        for copy in self._snaps.queue:
-            if copy.shadow:  # an online re-copy: a fresh shadow, or the one a crash interrupted
-                self.store.ensure_shadow(self._schemas[copy.table], fresh=copy.after is None)
-        self._show_snapshot_progress()
+            if all(c.table != table for c in self._copies.queue):
+                self._copies.add(TableCopy(table, shadow=True))
+        # An online re-copy: a fresh shadow, or the one a crash interrupted.
+        self._copies.open_shadows(self._schemas)
         self._checkpoint_lsn = lsn_to_int(cp.position)
         self.progress.confirmed_lsn = self._checkpoint_lsn
         self._start_stream(self._checkpoint_lsn)
@@ -201,8 +201,8 @@ class LogicalSource(CaptureSource):
         """Copy every watched table inside the snapshot of a new slot; the checkpoint that
         ends the copy records them all as copied, none queued for an incremental copy."""
         tables = list(self._schemas)
-        self._snaps.copied = set(tables)
-        self._snaps.queue = []
+        self._copies.copied = set(tables)
+        self._copies.set([])
         self.snapshot_rows += copy_initial(
             self._slot,
             self.store,
@@ -338,8 +338,9 @@ class LogicalSource(CaptureSource):
                     pos = int_to_lsn(self.progress.received_lsn)
                     if table not in self._frozen:
                         pipe.apply(Change(table, "T", position=pos))
-                    if self.store.mirror(self.store.shadow_of(table)) is not None:
-                        pipe.apply(Change(self.store.shadow_of(table), "T", position=pos))
+                    shadow = self._copies.shadow_change(Change(table, "T", position=pos))
+                    if shadow is not None:
+                        pipe.apply(shadow)
                     self._snaps.on_truncate(table)
                     self.progress.changes += 1
         elif isinstance(msg, LogicalMessage):
@@ -406,17 +407,13 @@ class LogicalSource(CaptureSource):
             else None,
         )
         if recopy:
-            self.store.ensure_shadow(schema, fresh=True, conn=conn)
-            self._snaps.restart(table)
-            self._show_snapshot_progress()
+            self._recopy(table, schema, txn)
         elif not key_changed:
             for col in added:
                 if not self._backfill_added_column(txn, table, rel.oid, col):
                     # The ERP rewrote the table (a volatile default, or a later DDL did):
                     # the rows that existed before have their value only in the ERP.
-                    self.store.ensure_shadow(schema, fresh=True, conn=conn)
-                    self._snaps.restart(table)
-                    self._show_snapshot_progress()
+                    self._recopy(table, schema, txn)
                     break
 
     def _backfill_added_column(self, txn: ApplyTxn, table: str, relid: int, col: Column) -> bool:
@@ -480,7 +477,7 @@ class LogicalSource(CaptureSource):
 
     # ------------------------------------------------------------------ incremental snapshots
     def _start_chunk(self) -> None:
-        copy = self._snaps.current
+        copy = self._copies.current
         assert copy is not None and self._conn is not None
         try:
             self._snaps.start_chunk(
@@ -488,30 +485,26 @@ class LogicalSource(CaptureSource):
             )
         except psycopg.OperationalError as exc:
             raise RetryableError(f"snapshot of {copy.table} interrupted: {exc}") from exc
-        self._show_snapshot_progress()
+
+    def _recopy(self, table: str, schema: TableSchema, txn: ApplyTxn) -> None:
+        """Copy ``table`` again from the start, through a fresh shadow mirror, in ``txn``."""
+        self._copies.recopy(table, schema, txn)
+        self._snaps.drop_stale_chunk()
 
     def _take_recopy_requests(self) -> None:
         """``sync-daemon resync --table``: queue the copy; the request row goes with the commit
         that records the copy in the checkpoint (a crash before it leaves the request)."""
         self._requests_checked = time.monotonic()
-        for table in self.store.recopy_requests(self.name):
-            txn = self._open_txn()
-            conn = txn.conn
-            if table in self._schemas:
-                self.store.ensure_shadow(self._schemas[table], fresh=True, conn=conn)
-                self._snaps.restart(table)
-                log.info("recopy_requested", table=table)
-            else:
-                log.warning("recopy_request_ignored", table=table, reason="not in capture.tables")
-            self.store.take_recopy_request(conn, self.name, table)
-            self._show_snapshot_progress()
+        if self._copies.poll_requests():
+            self._copies.take_requests(self._open_txn(), self._schemas)
+            self._snaps.drop_stale_chunk()
 
     def _snapshot_sees(self, change: Change) -> None:
         """A streamed change of a table being copied: feed its shadow, keep the chunk honest."""
+        shadow = self._copies.shadow_change(change)
+        if shadow is not None:
+            self._pipe.apply(shadow)
         table = change.table
-        shadow = self.store.shadow_of(table)
-        if self.store.mirror(shadow) is not None:
-            self._pipe.apply(Change(shadow, change.op, change.values, change.key, change.position))
         schema = self._schemas[table]
         key = schema.key
         if change.key is not None:
@@ -526,27 +519,17 @@ class LogicalSource(CaptureSource):
     def _apply_chunk(self, chunk: Chunk) -> None:
         txn = self._open_txn()
         copy = chunk.copy
-        target = self.store.shadow_of(copy.table) if copy.shadow else copy.table
+        target = self._copies.target(copy)
         self._pipe.apply_all(
             Change(target, "I", values, position="snapshot") for values in chunk.rows.values()
         )
         self.snapshot_rows += len(chunk.rows)
-        done = self._snaps.chunk_applied(chunk)
-        if done is not None:
-            position = int_to_lsn(self.progress.received_lsn)
-            conn = txn.conn
-            if done.shadow:
-                txn.flush()  # the shadow's last rows, before it takes the mirror's place
-                self.store.swap_shadow(conn, done.table)
-                self._frozen.discard(done.table)
-            self.store.journal_event(conn, self.name, done.table, "S", position)
-        self._show_snapshot_progress()
-
-    def _show_snapshot_progress(self) -> None:
-        copy = self._snaps.current
-        self.progress.snapshot_table = copy.table if copy else None
-        self.progress.snapshot_done = copy.done if copy else 0
-        self.progress.snapshot_total = copy.total if copy else 0
+        position = int_to_lsn(self.progress.received_lsn)
+        done = self._copies.chunk_applied(
+            txn, copy, chunk.last_key, chunk.selected, chunk.complete, position
+        )
+        if done and copy.shadow:
+            self._frozen.discard(copy.table)  # the re-copy of the new shape took its place
 
     def _on_logical_message(self, msg: LogicalMessage) -> None:
         if msg.prefix == self._snaps.prefix and not self._in_source_txn:

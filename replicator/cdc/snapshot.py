@@ -29,7 +29,8 @@ are ignored.
 A re-copy of a table whose mirror has rows (``resync --table``, a table re-added) must also
 remove rows the source no longer has; it copies into a fresh *shadow* mirror that the stream
 feeds alongside the live one, and swaps it in when the copy is complete (readers keep the old
-mirror until then).
+mirror until then). The queue of tables, shadows, requests, the journal event and progress are
+kept by :mod:`replicator.cdc.copies`, as for trigger capture; this module reads the chunks.
 """
 
 from __future__ import annotations
@@ -40,44 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-import structlog
 from psycopg import sql
 
+from replicator.cdc.copies import OnlineCopies, TableCopy
 from replicator.changes import TableSchema
 
-log = structlog.get_logger(__name__, service="capture")
-
 SNAPSHOT_PREFIX = "sync-daemon-snapshot"
-
-
-@dataclass
-class TableCopy:
-    """One table being copied: where the copy stands (persisted with the checkpoint)."""
-
-    table: str
-    after: list[str] | None = None  # key of the last copied row, as the ERP's text
-    done: int = 0
-    total: int = 0
-    shadow: bool = False  # copy into a shadow mirror, swapped in at the end (a re-copy)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "after": self.after,
-            "done": self.done,
-            "total": self.total,
-            "shadow": self.shadow,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TableCopy:
-        return cls(
-            table=str(d["table"]),
-            after=None if d.get("after") is None else [str(v) for v in d["after"]],
-            done=int(d.get("done", 0)),
-            total=int(d.get("total", 0)),
-            shadow=bool(d.get("shadow", False)),
-        )
 
 
 @dataclass
@@ -95,13 +64,13 @@ class Chunk:
 
 
 class IncrementalSnapshots:
-    """The queue of tables to copy and the chunk in flight, for one logical capture source."""
+    """The chunk in flight and its watermarks, for one logical capture source; the queue of
+    tables to copy, their shadows and progress are :class:`OnlineCopies`'."""
 
-    def __init__(self, slot: str, chunk_rows: int) -> None:
+    def __init__(self, slot: str, chunk_rows: int, copies: OnlineCopies) -> None:
         self.prefix = f"{SNAPSHOT_PREFIX}:{slot}"
         self.chunk_rows = chunk_rows
-        self.copied: set[str] = set()  # tables whose copy is complete
-        self.queue: list[TableCopy] = []  # the first one is being copied
+        self.copies = copies
         self.chunk: Chunk | None = None
         # Per table, the column list and row filter the publication applies (persisted, so a
         # change of either is noticed at the next start and the table copied again).
@@ -119,47 +88,34 @@ class IncrementalSnapshots:
         A checkpoint written before incremental snapshots existed has no ``copied`` list: the
         tables that already had a mirror were copied by the initial snapshot.
         """
+        copies = self.copies
         copied = extra.get("copied")
-        self.copied = set(copied if copied is not None else had_mirror) & set(schemas)
-        queued = [TableCopy.from_json(d) for d in extra.get("copying", [])]
-        self.queue = [c for c in queued if c.table in schemas and c.table not in self.copied]
+        copies.copied = set(copied if copied is not None else had_mirror) & set(schemas)
+        queue = [c for c in copies.stored(extra, schemas) if c.table not in copies.copied]
         for table in schemas:
-            if table not in self.copied and all(c.table != table for c in self.queue):
+            if table not in copies.copied and all(c.table != table for c in queue):
                 # A mirror with rows (a table that was captured before) is re-copied through a
                 # shadow, so rows deleted meanwhile in the ERP disappear from staging too.
-                self.queue.append(TableCopy(table, shadow=table in had_mirror))
+                queue.append(TableCopy(table, shadow=table in had_mirror))
+        copies.set(queue)
         self.chunk = None
 
     def to_extra(self) -> dict[str, Any]:
         return {
-            "copied": sorted(self.copied),
-            "copying": [c.to_json() for c in self.queue],
+            "copied": sorted(self.copies.copied),
+            "copying": self.copies.to_json(),
             "specs": self.specs,
         }
 
-    def request(self, table: str) -> None:
-        """Copy ``table`` again (``resync --table``): through a shadow mirror, online."""
-        if any(c.table == table for c in self.queue):
-            return
-        self.copied.discard(table)
-        self.queue.append(TableCopy(table, shadow=True))
-
-    def restart(self, table: str) -> None:
-        """Copy ``table`` again from the start, through a fresh shadow mirror (its shape changed:
-        a chunk in flight and the copy so far hold the old shape)."""
-        if self.chunk is not None and self.chunk.copy.table == table:
+    def drop_stale_chunk(self) -> None:
+        """Forget the chunk in flight if its copy was started over (a re-copy of its table was
+        queued: the chunk holds the old shape, or the copy begins again from the first key)."""
+        if self.chunk is not None and all(c is not self.chunk.copy for c in self.copies.queue):
             self.chunk = None
-        self.queue = [c for c in self.queue if c.table != table]
-        self.copied.discard(table)
-        self.queue.append(TableCopy(table, shadow=True))
 
     @property
     def active(self) -> bool:
-        return bool(self.queue)
-
-    @property
-    def current(self) -> TableCopy | None:
-        return self.queue[0] if self.queue else None
+        return self.copies.active
 
     # ---------------------------------------------------------------- chunks
     def start_chunk(
@@ -167,7 +123,7 @@ class IncrementalSnapshots:
     ) -> None:
         """Low watermark, select the next chunk (rows the publication's row filter lets through),
         high watermark."""
-        copy = self.queue[0]
+        copy = self.copies.queue[0]
         cond = sql.SQL("({})").format(sql.SQL(row_filter)) if row_filter else None
         if copy.total == 0 and copy.after is None:
             row = conn.execute(
@@ -176,10 +132,7 @@ class IncrementalSnapshots:
                     sql.SQL(" WHERE {}").format(cond) if cond else sql.SQL(""),
                 )
             ).fetchone()
-            copy.total = int(row[0]) if row else 0
-            log.info(
-                "snapshot_table_started", table=copy.table, rows=copy.total, shadow=copy.shadow
-            )
+            self.copies.started(copy, int(row[0]) if row else 0)
         chunk_id = uuid.uuid4().hex
         cols = [c.name for c in schema.columns]
         key = schema.key
@@ -272,16 +225,3 @@ class IncrementalSnapshots:
         if chunk is not None and chunk.in_window and chunk.copy.table == table:
             chunk.taken_out.update(chunk.rows)
             chunk.rows.clear()
-
-    def chunk_applied(self, chunk: Chunk) -> TableCopy | None:
-        """Record a chunk as applied; the table whose copy it completed, if any."""
-        copy = chunk.copy
-        copy.after = chunk.last_key
-        copy.done += chunk.selected
-        copy.total = max(copy.total, copy.done)
-        if not chunk.complete:
-            return None
-        self.queue.remove(copy)
-        self.copied.add(copy.table)
-        log.info("snapshot_table_done", table=copy.table, rows=copy.done)
-        return copy

@@ -89,8 +89,8 @@ import pymysql.cursors
 import structlog
 
 from replicator.cdc.base import CaptureSource, Progress
+from replicator.cdc.copies import OnlineCopies, TableCopy, requeued
 from replicator.cdc.pipeline import ApplyPipeline, Reached
-from replicator.cdc.snapshot import TableCopy
 from replicator.cdc.triggers.decode import RowDecoder, loads
 from replicator.cdc.triggers.dialects import (
     Dialect,
@@ -182,11 +182,10 @@ class TriggerSource(CaptureSource):
         self._need_resume = False
         self.last_batch_at: float = 0.0
         # Online table copies (see "Copying one table online" above): the queue, the first one
-        # being copied; persisted in the checkpoint's extra with every batch.
-        self.copies: list[TableCopy] = []
+        # being copied, persisted in the checkpoint's extra with every batch; their shadows and
+        # `resync --table` requests (taken by the next batch).
+        self._copies = OnlineCopies(store, name, self.progress, events="table_copy")
         self.chunk_rows = cfg.capture.batch_size
-        self._shadows: dict[str, str] = {}  # table -> its shadow mirror, fed by every batch
-        self._requests: list[str] = []  # `resync --table` requests, taken by the next batch
         self._requests_checked = 0.0
         # A column retyped in the ERP leaves the row images' keys as they were, so it is found
         # by reading the catalog now and then (every heartbeat_interval), in a batch.
@@ -249,10 +248,10 @@ class TriggerSource(CaptureSource):
                     hint="taking a new initial copy",
                 )
             self.reader.initial_copy()
-            self._set_copies([])
+            self._copies.set([])
         else:
             self.reader.resume(cp)
-            copies = self._copies_of(cp)
+            copies = self._copies.stored(cp.extra, self.decoders)
             before = set(cp.extra.get("tables", []))
             for table in self.tables:
                 if table not in before:
@@ -264,7 +263,7 @@ class TriggerSource(CaptureSource):
                         table=table,
                         hint="copying it online while the other tables stream",
                     )
-                    copies = _requeued(copies, TableCopy(table, shadow=table in had_mirror))
+                    copies = requeued(copies, TableCopy(table, shadow=table in had_mirror))
                 elif table in respecified:
                     # A column list or row filter changed: rows that now match (or columns now
                     # listed) are in no mirror. The triggers already log the new way (`triggers
@@ -275,11 +274,11 @@ class TriggerSource(CaptureSource):
                         table=table,
                         hint="copying it again online",
                     )
-                    copies = _requeued(copies, TableCopy(table, shadow=True))
+                    copies = requeued(copies, TableCopy(table, shadow=True))
             gone = sorted(before - set(self.tables))
             if gone:
                 log.info("capture_tables_removed", source=self.name, tables=gone)
-            self._open_shadows(copies)
+            self._resume_copies(copies)
             if before != set(self.tables) or respecified:
                 # On record now, not with the next batch: a table removed, and added back before
                 # any batch committed, would otherwise not be seen as added (nor copied).
@@ -311,14 +310,14 @@ class TriggerSource(CaptureSource):
                 if self.copies or cp.extra.get("copying"):
                     # A batch that failed may have created or swapped a shadow in memory only.
                     self.store.refresh_mirrors()
-                    self._open_shadows(self._copies_of(cp))
+                    self._resume_copies(self._copies.stored(cp.extra, self.decoders))
                 self.reader.open_doorbell()
                 self._need_resume = False
             if time.monotonic() - self._schema_checked >= self.capture.heartbeat_interval:
                 self._retyped = self._find_retyped()
             if time.monotonic() - self._requests_checked >= 1.0:
                 self._requests_checked = time.monotonic()
-                self._requests = self.store.recopy_requests(self.name)
+                self._copies.poll_requests()
             while True:
                 n = self.reader.read_batch_and_cleanup()
                 if n:
@@ -435,27 +434,19 @@ class TriggerSource(CaptureSource):
             self.recopy(table, txn)
 
     # ------------------------------------------------------------------ online table copies
+    @property
+    def copies(self) -> list[TableCopy]:
+        """The tables being copied online, the first one under way."""
+        return self._copies.queue
+
     def recopy(self, table: str, txn: ApplyTxn) -> None:
         """Copy ``table`` again from the start, through a fresh shadow mirror, in ``txn`` (the
         batch that records it in the checkpoint)."""
-        txn.flush()  # pending changes of the old shadow go before it is dropped
-        copy = TableCopy(table, shadow=True)
-        self.store.ensure_shadow(self.decoders[table].schema, fresh=True, conn=txn.conn)
-        self._set_copies(_requeued(self.copies, copy))
+        self._copies.recopy(table, self.decoders[table].schema, txn)
 
-    def _copies_of(self, cp: Checkpoint) -> list[TableCopy]:
-        return [
-            TableCopy.from_json(d)
-            for d in cp.extra.get("copying", [])
-            if d.get("table") in self.decoders
-        ]
-
-    def _open_shadows(self, copies: list[TableCopy]) -> None:
-        """Make the shadows of ``copies`` ready: a fresh one for a copy that has no chunk yet,
-        the persisted one (fed and filled in step with the checkpoint) for one under way."""
+    def _resume_copies(self, copies: list[TableCopy]) -> None:
+        """Make ``copies`` the queue, as a checkpoint left them, with their shadows ready."""
         for c in copies:
-            if c.shadow:
-                self.store.ensure_shadow(self.decoders[c.table].schema, fresh=c.after is None)
             if c.after is not None:
                 log.info(
                     "table_copy_resumed",
@@ -465,21 +456,14 @@ class TriggerSource(CaptureSource):
                     done=c.done,
                     total=c.total,
                 )
-        self._set_copies(copies)
-
-    def _set_copies(self, copies: list[TableCopy]) -> None:
-        self.copies = copies
-        self._shadows = {c.table: self.store.shadow_of(c.table) for c in copies if c.shadow}
-        copy = copies[0] if copies else None
-        self.progress.snapshot_table = copy.table if copy else None
-        self.progress.snapshot_done = copy.done if copy else 0
-        self.progress.snapshot_total = copy.total if copy else 0
+        self._copies.set(copies)
+        self._copies.open_shadows({t: d.schema for t, d in self.decoders.items()})
 
     @property
     def copying(self) -> bool:
         """A batch is due even without changelog entries: a table copy is under way or asked
         for (every batch reads a chunk), or a retyped column is to be followed."""
-        return bool(self.copies or self._requests or self._retyped)
+        return bool(self._copies.queue or self._copies.requests or self._retyped)
 
     def _find_retyped(self) -> dict[str, dict[str, Column]]:
         """Columns the ERP retyped (``ALTER COLUMN ... TYPE``, ``MODIFY``): the rows it
@@ -530,18 +514,6 @@ class TriggerSource(CaptureSource):
                 self.decoders[table] = RowDecoder(schema)
                 self._follow(table, mirror, schema, txn)
 
-    def _take_requests(self, txn: ApplyTxn) -> None:
-        """``sync-daemon resync --table``: queue the copy; the request row is deleted in the
-        batch that records the copy in the checkpoint (a crash before it leaves the request)."""
-        requests, self._requests = self._requests, []
-        for table in requests:
-            if table in self.decoders:
-                log.info("recopy_requested", source=self.name, table=table)
-                self.recopy(table, txn)
-            else:
-                log.warning("recopy_request_ignored", table=table, reason="not in capture.tables")
-            self.store.take_recopy_request(txn.conn, self.name, table)
-
     def chunk_changes(
         self, txn: ApplyTxn, run: Callable[[str], list[Any]], position: Callable[[], str]
     ) -> Iterator[Change]:
@@ -552,38 +524,26 @@ class TriggerSource(CaptureSource):
         overwrite nothing newer and miss nothing (no watermarks needed). The copy's progress
         goes into the checkpoint of the same staging commit. The last chunk swaps the shadow in
         (same commit) and journals the table as re-read (``S``)."""
-        copy = self.copies[0]
+        copies = self._copies
+        copy = copies.queue[0]
         table = copy.table
         dec = self.decoders[table]
         schema = dec.schema
         d = self.dialect
         if copy.after is None and copy.done == 0:
-            copy.total = int(run(d.count_sql(schema, table))[0][0])
-            log.info("table_copy_started", table=table, rows=copy.total, shadow=copy.shadow)
+            copies.started(copy, int(run(d.count_sql(schema, table))[0][0]))
         rows = run(d.chunk_sql(schema, table, copy.after, self.chunk_rows))
         self._chunked = True
         if isinstance(d, PostgresDialect) and run(d.rewritten_sql(table))[0][0]:
             log.warning("table_copy_chunk_deferred", table=table, reason="table rewritten")
             return  # the next batch's snapshot sees the rewritten table
-        target = self._shadows.get(table, table)
+        target = copies.target(copy)
         decode = dec.decode
         pos = position()
         for r in rows:
             yield Change(target, "I", decode(loads(r[0])), None, pos)
-        if rows:
-            copy.after = d.key_after(tuple(rows[-1][1:]))
-        copy.done += len(rows)
-        copy.total = max(copy.total, copy.done)
-        if len(rows) >= self.chunk_rows:
-            self._set_copies(self.copies)
-            return
-        conn = txn.conn
-        if copy.shadow:
-            txn.flush()  # the shadow's last rows, before it takes the mirror's place
-            self.store.swap_shadow(conn, table)
-        self.store.journal_event(conn, self.name, table, "S", pos)
-        log.info("table_copy_done", source=self.name, table=table, rows=copy.done)
-        self._set_copies(self.copies[1:])
+        after = d.key_after(tuple(rows[-1][1:])) if rows else copy.after
+        copies.chunk_applied(txn, copy, after, len(rows), len(rows) < self.chunk_rows, pos)
 
     def to_change(self, e: Entry, txn: ApplyTxn) -> Change | None:
         cid, table, op, row, old, _at = e
@@ -620,22 +580,23 @@ class TriggerSource(CaptureSource):
             self._chunked = False
             if self._retyped:
                 self._follow_retyped(txn)
-            if self._requests:
-                self._take_requests(txn)
+            if self._copies.requests:
+                self._copies.take_requests(txn, {t: d.schema for t, d in self.decoders.items()})
             to_change = self.to_change
+            copies = self._copies
             e: Entry | None = None
             for e in entries:
                 ch = to_change(e, txn)
                 if ch is not None:
                     yield ch
-                    if self._shadows:
-                        shadow = self._shadows.get(ch.table)
+                    if copies.shadows:
+                        shadow = copies.shadow_change(ch)
                         if shadow is not None:
-                            yield Change(shadow, ch.op, ch.values, ch.key, ch.position)
+                            yield shadow
             if e is not None:  # the pipeline asks where the batch ends once it is exhausted
                 seen.last = e[0]
                 seen.latest = e[5]
-            if chunk is not None and self.copies:
+            if chunk is not None and copies.queue:
                 yield from chunk(txn)
 
         return changes
@@ -689,7 +650,7 @@ class TriggerSource(CaptureSource):
                 "mode": "triggers",
                 "tables": sorted(self.tables),
                 "specs": {t: self.dialect.spec(t) for t in self.tables},
-                "copying": [c.to_json() for c in self.copies],
+                "copying": self._copies.to_json(),
                 **extra,
             },
         )
@@ -704,12 +665,6 @@ class _Seen:
         self.last = 0  # the last changelog id
         self.latest: Any = None  # the time of the last change
         self.copied = 0  # rows of the initial copy
-
-
-def _requeued(copies: list[TableCopy], copy: TableCopy) -> list[TableCopy]:
-    """``copies`` with ``copy`` in place of any copy of the same table (at the end of the queue;
-    the one under way restarts from the start)."""
-    return [c for c in copies if c.table != copy.table] + [copy]
 
 
 def _as_utc(v: Any) -> dt.datetime | None:
