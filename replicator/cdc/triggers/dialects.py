@@ -220,9 +220,10 @@ class Dialect(ABC):
         """``schema`` reduced to ``capture.columns[table]`` (in the table's order).
 
         Refuses (a :class:`SchemaError`, which ``triggers status`` shows as the table's error) a
-        list that leaves out a key column or names a column the table does not have, and a row
-        filter reading a column the table does not have: a PostgreSQL trigger would only find
-        out when the ERP writes, and fail the ERP's write.
+        list that leaves out a key column or names a column the table does not have, a row
+        filter reading a column the table does not have, and a key (``capture.keys``) the table
+        does not have: triggers installed for them could not capture the table (MariaDB's and
+        SQLite's would fail the ERP's writes), so ``triggers install`` refuses them.
         """
         for k in schema.key:
             if schema.column(k) is None:
