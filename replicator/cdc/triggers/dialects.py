@@ -21,6 +21,14 @@ up added columns without reinstalling. MariaDB and SQLite have no row-to-JSON fu
 templates list the columns (``JSON_OBJECT('c', NEW.c, ...)``); a column added later makes the
 table *outdated* until ``triggers install`` is run again.
 
+DDL on a captured column (issue 14): the PostgreSQL function names no column of the table — key,
+row filter inputs and column list are read from ``to_jsonb(NEW)`` / ``to_jsonb(OLD)`` — so a
+renamed or dropped column never fails the ERP's own writes; the columns it looks up by name are
+listed in the function's "reads" line, and :meth:`Dialect.gone_columns` compares them with the
+table (``triggers status``: *outdated*, naming the column; the reader's :meth:`table_schema`
+raises it). MariaDB triggers must name every column: there the ERP's INSERT/UPDATE fail (1054)
+until ``triggers install`` runs, and ``status`` says so from the installed trigger bodies.
+
 Column lists and row filters (``capture.columns`` / ``capture.filters``): the row image holds only
 the listed columns (PostgreSQL: the listed keys of ``to_jsonb(NEW)``), and the filter, translated
 from the config's PostgreSQL syntax into the dialect (:meth:`Dialect.filter_sql`), decides what is
@@ -36,9 +44,11 @@ import contextlib
 import decimal
 import fcntl
 import hashlib
+import json
+import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,7 +62,7 @@ from replicator.config.core import CaptureSection, filter_columns
 from replicator.db import app_name, pg_connect
 from replicator.errors import ConfigError, SchemaError
 
-VERSION = 1
+VERSION = 2
 """Bump when a template changes: installed triggers then show as outdated until reinstalled."""
 
 DialectName = Literal["postgresql", "mysql", "sqlite"]
@@ -153,9 +163,13 @@ class Dialect(ABC):
         return self.lit(value)
 
     # -- column lists and row filters --------------------------------------------------------
-    def filter_sql(self, table: str, alias: str) -> str | None:
+    def filter_sql(
+        self, table: str, alias: str, column: Callable[[str], str] | None = None
+    ) -> str | None:
         """``capture.filters[table]`` as this dialect's SQL, its columns read from row ``alias``
-        (``NEW``, ``OLD``, or the copy's table alias); ``None`` without a filter.
+        (``NEW``, ``OLD``, or the copy's table alias); ``None`` without a filter. ``column``,
+        when given, writes a column's value instead (PostgreSQL triggers read it from the row's
+        JSON image, see :meth:`PostgresDialect.json_column`).
 
         The filter is parsed as PostgreSQL (as the config check does) and written again for the
         dialect from the tree, so identifiers are quoted and string values are literals built
@@ -184,6 +198,8 @@ class Dialect(ABC):
                 raise ConfigError(f"{where}: name columns without a table ({n.sql()!r})")
 
         def rewrite(n: exp.Expression) -> exp.Expression:
+            if isinstance(n, exp.Column) and column is not None:
+                return exp.Var(this=column(n.name))
             if isinstance(n, exp.Column):
                 return exp.Column(
                     this=exp.to_identifier(n.name, quoted=True),
@@ -204,10 +220,17 @@ class Dialect(ABC):
         """``schema`` reduced to ``capture.columns[table]`` (in the table's order).
 
         Refuses (a :class:`SchemaError`, which ``triggers status`` shows as the table's error) a
-        list that leaves out a key column or names a column the table does not have, and a row
-        filter reading a column the table does not have: a PostgreSQL trigger would only find
-        out when the ERP writes, and fail the ERP's write.
+        list that leaves out a key column or names a column the table does not have, a row
+        filter reading a column the table does not have, and a key (``capture.keys``) the table
+        does not have: triggers installed for them could not capture the table (MariaDB's and
+        SQLite's would fail the ERP's writes), so ``triggers install`` refuses them.
         """
+        for k in schema.key:
+            if schema.column(k) is None:
+                raise SchemaError(
+                    f"the key column {k!r} of {table} (capture.keys) is not in the table: "
+                    "renamed or dropped? Fix capture.keys, then run `sync-daemon triggers install`"
+                )
         cond = self.capture.row_filter(table)
         if cond is not None:
             for c in filter_columns(table, cond):
@@ -249,6 +272,26 @@ class Dialect(ABC):
 
     @abstractmethod
     def table_schema(self, conn: Any, table: str) -> TableSchema: ...
+
+    def install_schema(self, conn: Any, table: str) -> TableSchema:
+        """The table as ``triggers install`` (re)writes its triggers for: as
+        :meth:`table_schema`, less the check of what the installed triggers read."""
+        return self.table_schema(conn, table)
+
+    def gone_columns(self, conn: Any, table: str) -> list[str]:
+        """Columns the installed triggers of ``table`` read by name that the table no longer
+        has (renamed or dropped since ``triggers install``). MariaDB and SQLite triggers name
+        every column; their ERP writes fail then, see :meth:`gone_message`."""
+        return []
+
+    def gone_message(self, table: str, gone: list[str]) -> str:
+        cols = ", ".join(repr(c) for c in gone)
+        return (
+            f"the capture trigger of {table} reads column(s) {cols}, which {table} no longer "
+            "has (renamed or dropped): its changes cannot be captured as they are. Change "
+            "capture.keys/filters/columns if they name the column, run `sync-daemon triggers "
+            f"install`, then `sync-daemon resync --table {table}`"
+        )
 
     @abstractmethod
     def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
@@ -392,7 +435,7 @@ class Dialect(ABC):
     def install(self, conn: Any, tables: list[str]) -> list[TableSchema]:
         """Create the changelog and the triggers of ``tables``, and remove the triggers of
         tables that left ``capture.tables``; returns the schemas of ``tables``."""
-        schemas = [self.table_schema(conn, t) for t in tables]
+        schemas = [self.install_schema(conn, t) for t in tables]
         stale = sorted(set(self.meta_rows(conn)) - set(tables))
         # The changelog first, in a transaction of its own: the triggers' transaction must not
         # hold a lock on the changelog (CREATE INDEX IF NOT EXISTS takes one) while it waits for
@@ -429,9 +472,16 @@ class Dialect(ABC):
         out: list[TableStatus] = []
         for t in tables:
             try:
-                schema = self.table_schema(conn, t)
+                gone = self.gone_columns(conn, t)
+            except SchemaError:
+                gone = []  # the table is gone or keyless: said just below
+            try:
+                schema = self.install_schema(conn, t)
             except SchemaError as exc:
-                out.append(TableStatus(t, "error", str(exc)))
+                if gone:  # the config names the column too: it must follow the DDL
+                    out.append(TableStatus(t, "outdated", f"{self.gone_message(t, gone)} ({exc})"))
+                else:
+                    out.append(TableStatus(t, "error", str(exc)))
                 continue
             present = self.present_triggers(conn, t)
             want = self.trigger_names(t)
@@ -446,6 +496,8 @@ class Dialect(ABC):
                     + [f"not ENABLE ALWAYS: {n}" for n in disabled]
                 )
                 out.append(TableStatus(t, "outdated", detail))
+            elif gone:
+                out.append(TableStatus(t, "outdated", self.gone_message(t, gone)))
             elif meta is None:
                 out.append(TableStatus(t, "outdated", "triggers present but not recorded in meta"))
             elif meta[0] != VERSION:
@@ -490,21 +542,32 @@ BEGIN
 END
 $sync$"""
 
-# One function per table: key columns are compiled in, the row image is to_jsonb(NEW) (or its
-# listed columns, see PostgresDialect.image).
+# One function per table. It names no column of the table: the key, the row filter's inputs and
+# the row image are read from to_jsonb(NEW) / to_jsonb(OLD), so an
+# ALTER TABLE that renames or drops a column never makes the ERP's own INSERT/UPDATE/DELETE fail
+# (a PL/pgSQL NEW.col would: `record "new" has no field "col"`). What such DDL does to capture
+# (a key missing from the image) is found on our side: the "reads" line below lists the columns
+# the function looks up by name; `triggers status` and the reader's catalog check compare it with
+# the table (PostgresDialect.gone_columns). A missing key gives a NULL old key, never a wrong one.
 _PG_CAPTURE_FN = """\
 CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
+-- sync-daemon reads: {reads}
+DECLARE
+    sync_new jsonb;
+    sync_old jsonb;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
+        sync_new := to_jsonb(NEW);
+        sync_old := to_jsonb(OLD);
         INSERT INTO {cl} (tbl, op, row_data, old_key)
         VALUES ({tbl}, 'U', {new_image},
-                CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
-                     THEN jsonb_build_object({old_key_pairs}) END);
+                CASE WHEN {key_changed} THEN {old_key} END);
     ELSIF TG_OP = 'INSERT' THEN
+        sync_new := to_jsonb(NEW);
         INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image});
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {cl} (tbl, op, old_key)
-        VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
+        sync_old := to_jsonb(OLD);
+        INSERT INTO {cl} (tbl, op, old_key) VALUES ({tbl}, 'D', {old_key});
     ELSE
         INSERT INTO {cl} (tbl, op) VALUES ({tbl}, 'T');
     END IF;
@@ -516,35 +579,42 @@ $sync$"""
 # The same with a row filter, with PostgreSQL's publication semantics: INSERT and DELETE are
 # logged when the new (inserted) or old (deleted) row matches; an UPDATE whose old row matched
 # and new row does not becomes a DELETE of the old key, the reverse becomes an INSERT, and one
-# where neither matched is not logged. NULL counts as not matching.
+# where neither matched is not logged. NULL counts as not matching — also a filter column that
+# is gone from the table (renamed, dropped): nothing is logged for it then, and `triggers status`
+# and the reader's catalog check name the column (the config's filter must change with it).
 _PG_CAPTURE_FILTERED_FN = """\
 CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $sync$
+-- sync-daemon reads: {reads}
 DECLARE
+    sync_new jsonb;
+    sync_old jsonb;
     old_match boolean := false;
     new_match boolean := false;
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        sync_old := to_jsonb(OLD);
         old_match := coalesce({old_filter}, false);
     END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        sync_new := to_jsonb(NEW);
         new_match := coalesce({new_filter}, false);
     END IF;
     IF TG_OP = 'UPDATE' AND old_match AND new_match THEN
         INSERT INTO {cl} (tbl, op, row_data, old_key)
         VALUES ({tbl}, 'U', {new_image},
-                CASE WHEN ROW({old_key_cols}) IS DISTINCT FROM ROW({new_key_cols})
-                     THEN jsonb_build_object({old_key_pairs}) END);
+                CASE WHEN {key_changed} THEN {old_key} END);
     ELSIF TG_OP IN ('UPDATE', 'INSERT') AND new_match AND NOT old_match THEN
         INSERT INTO {cl} (tbl, op, row_data) VALUES ({tbl}, 'I', {new_image});
     ELSIF TG_OP IN ('UPDATE', 'DELETE') AND old_match AND NOT new_match THEN
-        INSERT INTO {cl} (tbl, op, old_key)
-        VALUES ({tbl}, 'D', jsonb_build_object({old_key_pairs}));
+        INSERT INTO {cl} (tbl, op, old_key) VALUES ({tbl}, 'D', {old_key});
     ELSIF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {cl} (tbl, op) VALUES ({tbl}, 'T');
     END IF;
     RETURN NULL;
 END
 $sync$"""
+
+_READS_MARK = "-- sync-daemon reads: "
 
 
 class PostgresDialect(Dialect):
@@ -594,6 +664,37 @@ class PostgresDialect(Dialect):
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.lock_name(),))
 
     def table_schema(self, conn: Any, table: str) -> TableSchema:
+        """The table as captured; a :class:`SchemaError` when the installed capture function
+        reads a column the table no longer has (the reader stops on it, naming the column,
+        instead of applying images without their key)."""
+        raw = self._catalog_schema(conn, table)
+        gone = self._gone(conn, table, raw)
+        if gone:
+            raise SchemaError(self.gone_message(table, gone))
+        return self.project(table, raw)
+
+    def install_schema(self, conn: Any, table: str) -> TableSchema:
+        return self.project(table, self._catalog_schema(conn, table))
+
+    def gone_columns(self, conn: Any, table: str) -> list[str]:
+        return self._gone(conn, table, self._catalog_schema(conn, table))
+
+    def _gone(self, conn: Any, table: str, raw: TableSchema) -> list[str]:
+        """The columns the installed capture function of ``table`` reads by name (its "reads"
+        line) that ``raw`` (the catalog's columns) has not."""
+        row = conn.execute(
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)",
+            (self.capture_fn(table) + "()",),
+        ).fetchone()
+        if row is None:
+            return []
+        for line in str(row[0]).splitlines():
+            if line.startswith(_READS_MARK):
+                reads = json.loads(line[len(_READS_MARK) :])
+                return [c for c in reads if raw.column(c) is None]
+        return []  # a function of an older version: `status` reports the version
+
+    def _catalog_schema(self, conn: Any, table: str) -> TableSchema:
         s, n = self.split(table)
         rel = conn.execute(
             "SELECT c.oid FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace "
@@ -619,7 +720,7 @@ class PostgresDialect(Dialect):
             ).fetchall()
         ]
         columns = tuple(Column(c[0], c[1], c[2], c[3], int(c[4])) for c in cols)
-        return self.project(table, TableSchema(s, n, columns, self.key_for(table, pk)))
+        return TableSchema(s, n, columns, self.key_for(table, pk))
 
     def filled_columns(self, conn: Any, table: str, columns: list[str]) -> list[str]:
         # atthasmissing: ADD COLUMN ... DEFAULT stored once for the old rows; a default in
@@ -641,14 +742,39 @@ class PostgresDialect(Dialect):
         fail once a listed column is renamed or dropped; this way the image just lacks the
         column and the daemon stops, saying so, while the ERP goes on.
         """
+        return self.json_image(table, f"to_jsonb({row})")
+
+    def json_image(self, table: str, image: str) -> str:
+        """:meth:`image` from the row's JSON ``image`` (the trigger's ``sync_new``)."""
         cols = self.capture.column_list(table)
         if cols is None:
-            return f"to_jsonb({row})"
+            return image
         names = ", ".join(self.lit(c) for c in cols)
         return (
-            f"(SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(to_jsonb({row})) AS e "
+            f"(SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each({image}) AS e "
             f"WHERE e.key = ANY (ARRAY[{names}]::text[]))"
         )
+
+    def json_column(self, schema: TableSchema, image: str) -> Callable[[str], str]:
+        """A row filter's column read from the row's JSON ``image``, typed as the column (the
+        filter compares typed values): ``NULL`` when the column is gone, never an error in the
+        ERP's transaction. The text form ``to_jsonb`` writes casts back to the type; a (one-
+        dimensional) array is rebuilt from its JSON elements."""
+
+        def column(name: str) -> str:
+            col = schema.column(name)
+            value = f"({image} ->> {self.lit(name)})"
+            if col is None:  # refused by project() before any DDL; typed as text regardless
+                return value
+            if col.type_name.endswith("[]"):
+                return (
+                    f"(CASE WHEN jsonb_typeof({image} -> {self.lit(name)}) = 'array' THEN "
+                    f"ARRAY(SELECT jsonb_array_elements_text({image} -> {self.lit(name)}))"
+                    f"::{col.type_name} END)"
+                )
+            return f"CAST({value} AS {col.type_name})"
+
+        return column
 
     def base_ddl(self) -> list[str]:
         ddl = [
@@ -665,22 +791,38 @@ class PostgresDialect(Dialect):
         fn = self.capture_fn(table)
         t = self.qtable(table)
         key = schema.key
+        keys = ", ".join(self.lit(k) for k in key)
+        cond = self.capture.row_filter(table)
+        listed = self.capture.column_list(table) or ()
+        reads = list(dict.fromkeys([*key, *(filter_columns(table, cond) if cond else []), *listed]))
         args = {
             "fn": fn,
             "cl": self.cl,
             "tbl": self.lit(table),
-            "old_key_cols": ", ".join(f"OLD.{self.q(k)}" for k in key),
-            "new_key_cols": ", ".join(f"NEW.{self.q(k)}" for k in key),
-            "old_key_pairs": ", ".join(f"{self.lit(k)}, OLD.{self.q(k)}" for k in key),
-            "new_image": self.image(table, "NEW"),
+            "reads": json.dumps(reads),
+            # JSON values compare as the typed values do for every type to_jsonb writes.
+            "key_changed": (
+                f"jsonb_build_array({', '.join(f'sync_old -> {self.lit(k)}' for k in key)}) "
+                f"IS DISTINCT FROM "
+                f"jsonb_build_array({', '.join(f'sync_new -> {self.lit(k)}' for k in key)})"
+            ),
+            # NULL, not {"id": null}, when a key column is gone: a delete without a key cannot
+            # be applied (the reader stops), one with a NULL key would silently match nothing.
+            "old_key": (
+                f"CASE WHEN sync_old ?& ARRAY[{keys}]::text[] THEN jsonb_build_object("
+                + ", ".join(f"{self.lit(k)}, sync_old -> {self.lit(k)}" for k in key)
+                + ") END"
+            ),
+            "new_image": self.json_image(table, "sync_new"),
         }
-        new_filter = self.filter_sql(table, "NEW")
+        new_filter = self.filter_sql(table, "NEW", self.json_column(schema, "sync_new"))
         if new_filter is None:
-            # Without list or filter the DDL (and definition hash) is what it always was.
             capture_fn = _PG_CAPTURE_FN.format(**args)
         else:
             capture_fn = _PG_CAPTURE_FILTERED_FN.format(
-                **args, new_filter=new_filter, old_filter=self.filter_sql(table, "OLD")
+                **args,
+                new_filter=new_filter,
+                old_filter=self.filter_sql(table, "OLD", self.json_column(schema, "sync_old")),
             )
         stmts = [
             capture_fn,
@@ -836,6 +978,9 @@ _MY_DELETE = (
     "CREATE OR REPLACE TRIGGER {name} AFTER DELETE ON {t} FOR EACH ROW\n"
     "INSERT INTO {cl} (tbl, op, old_key) VALUES ({tbl}, 'D', {old_key})"
 )
+
+# A column of the trigger's row as the MariaDB templates write it (NEW.`col`, OLD.`col`).
+_MY_ROW_COLUMN = re.compile(r"\b(?:NEW|OLD)\.`((?:[^`]|``)+)`")
 
 _MY_INT = {
     "tinyint": "smallint",
@@ -1147,6 +1292,41 @@ class MysqlDialect(_ListedColumnsDialect):
             (self.db_of(table), self.split(table)[1]),
         )
         return {r[0]: True for r in cur.fetchall()}
+
+    def gone_columns(self, conn: Any, table: str) -> list[str]:
+        db, n = self.db_of(table), self.split(table)[1]
+        names = self.trigger_names(table)
+        cur = self._exec(
+            conn,
+            "SELECT ACTION_STATEMENT FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s "
+            "AND EVENT_OBJECT_TABLE = %s AND TRIGGER_NAME IN (%s, %s, %s)",
+            (db, n, *names),
+        )
+        named: dict[str, None] = {}
+        for (body,) in cur.fetchall():
+            for m in _MY_ROW_COLUMN.finditer(str(body)):
+                named[m.group(1).replace("``", "`")] = None
+        if not named:
+            return []
+        cur = self._exec(
+            conn,
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+            "AND TABLE_NAME = %s",
+            (db, n),
+        )
+        have = {r[0].lower() for r in cur.fetchall()}  # MariaDB column names ignore case
+        return [c for c in named if c.lower() not in have]
+
+    def gone_message(self, table: str, gone: list[str]) -> str:
+        cols = ", ".join(repr(c) for c in gone)
+        return (
+            f"the capture triggers of {table} name column(s) {cols}, which {table} no longer "
+            f"has (renamed or dropped): the ERP's INSERT and UPDATE on {table} fail with MariaDB "
+            "error 1054 (Unknown column ... in 'NEW'; DELETE too for a key or filtered column) "
+            "until `sync-daemon triggers install` is run — right after such DDL (change "
+            "capture.keys/filters/columns first if they name the column), or `sync-daemon "
+            "triggers uninstall` before it"
+        )
 
     def upsert_meta_sql(self) -> str:
         return (
