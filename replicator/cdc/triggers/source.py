@@ -193,6 +193,9 @@ class TriggerSource(CaptureSource):
         # Columns found retyped (table -> the catalog's columns), followed by the next batch.
         self._retyped: dict[str, dict[str, Column]] = {}
         self._chunked = False  # the batch being delivered holds a chunk (failpoint after it)
+        # Mirrors keyed by an old key (a key column renamed, another primary key): unfed until
+        # the online copy with the new key replaces them.
+        self._frozen: set[str] = set()
 
     # ------------------------------------------------------------------ contract
     def start(self) -> None:
@@ -229,8 +232,23 @@ class TriggerSource(CaptureSource):
         respecified = sorted(
             t for t in self.tables if recorded.get(t, plain) != self.dialect.spec(t)
         )
+        keyed_anew: list[str] = []
         with self.store.engine.begin() as sconn:
             for table, schema in zip(self.tables, schemas, strict=True):
+                existing = self.store.mirror(table)
+                if existing is not None and existing.schema.key != schema.key:
+                    # Keyed differently now: the mirror cannot be altered into the new key (its
+                    # rows are keyed by the old one); a copy with the new key replaces it.
+                    keyed_anew.append(table)
+                    self.decoders[table] = RowDecoder(schema)
+                    log.warning(
+                        "mirror_key_changed",
+                        table=table,
+                        before=list(existing.schema.key),
+                        now=list(schema.key),
+                        hint="the table is copied again with the new key",
+                    )
+                    continue
                 info = self.store.ensure_mirror(schema, sconn)
                 if table in respecified or self.capture.column_list(table) is not None:
                     # Columns left out of the list leave the mirror (personal data must not
@@ -247,6 +265,13 @@ class TriggerSource(CaptureSource):
                     source=self.name,
                     hint="taking a new initial copy",
                 )
+            if keyed_anew:  # the initial copy fills mirrors of the new shape from empty
+                with self.store.engine.begin() as sconn:
+                    for table in keyed_anew:
+                        self.store.ensure_shadow(
+                            self.decoders[table].schema, fresh=True, conn=sconn
+                        )
+                        self.store.swap_shadow(sconn, table)
             self.reader.initial_copy()
             self._copies.set([])
         else:
@@ -274,6 +299,10 @@ class TriggerSource(CaptureSource):
                         table=table,
                         hint="copying it again online",
                     )
+                    copies = requeued(copies, TableCopy(table, shadow=True))
+            for table in keyed_anew:
+                self._frozen.add(table)
+                if all(c.table != table for c in copies):  # else: a copy under way goes on
                     copies = requeued(copies, TableCopy(table, shadow=True))
             gone = sorted(before - set(self.tables))
             if gone:
@@ -375,8 +404,20 @@ class TriggerSource(CaptureSource):
             conn.close()
         info = self.store.mirror(table)
         dec = self.decoders[table] = RowDecoder(schema)  # a re-copy's shadow takes this shape
-        if info is None or info.schema.key != schema.key:
+        if info is None:
             self.store.ensure_mirror(schema, txn.conn)
+        elif info.schema.key != schema.key:
+            # The key changed under a running reader: the mirror keeps its rows, unfed, until a
+            # copy with the new key replaces it (see start()).
+            log.warning(
+                "mirror_key_changed",
+                table=table,
+                before=list(info.schema.key),
+                now=list(schema.key),
+                hint="the table is copied again with the new key",
+            )
+            self._frozen.add(table)
+            self.recopy(table, txn)
         else:
             self._follow(table, info.schema, schema, txn)
         return dec
@@ -543,7 +584,26 @@ class TriggerSource(CaptureSource):
         for r in rows:
             yield Change(target, "I", decode(loads(r[0])), None, pos)
         after = d.key_after(tuple(rows[-1][1:])) if rows else copy.after
-        copies.chunk_applied(txn, copy, after, len(rows), len(rows) < self.chunk_rows, pos)
+        if copies.chunk_applied(txn, copy, after, len(rows), len(rows) < self.chunk_rows, pos):
+            self._frozen.discard(table)  # the copy with the new key took the mirror's place
+
+    def _keyless(
+        self, table: str, dec: RowDecoder, key: dict[str, Any] | None, txn: ApplyTxn
+    ) -> None:
+        """A change logged without (all of) its key, old or new: a key column was renamed or
+        dropped in the ERP, and the trigger (until `triggers install`) could not read it.
+        Which row went is unknown here, so the table is copied again online — from the start,
+        since a copy under way may already hold that row; a copy not begun yet covers it."""
+        copy = next((c for c in self._copies.queue if c.table == table), None)
+        if copy is not None and copy.after is None and not copy.done:
+            return
+        log.warning(
+            "change_without_key",
+            table=table,
+            missing=[k for k in dec.schema.key if key is None or k not in key],
+            hint="the table is copied again online; staging equals the source when it is done",
+        )
+        self.recopy(table, txn)
 
     def to_change(self, e: Entry, txn: ApplyTxn) -> Change | None:
         cid, table, op, row, old, _at = e
@@ -555,6 +615,9 @@ class TriggerSource(CaptureSource):
         if op == "T":
             return Change(table, "T", None, None, pos)
         key = dec.decode(loads(old)) if old else None
+        if (key is None and op == "D") or (key is not None and len(key) < len(dec.schema.key)):
+            self._keyless(table, dec, key, txn)
+            return None
         if op == "D":
             return Change(table, "D", None, key, pos)
         image = loads(row)
@@ -563,6 +626,10 @@ class TriggerSource(CaptureSource):
             dec.new_shape(image)
             if not dec.knows(image):  # dropped again meanwhile: keep what the mirror knows
                 image = {k: v for k, v in image.items() if k in dec.decoders}
+        for k in dec.schema.key:
+            if k not in image:  # logged while a key column was gone (see _keyless)
+                self._keyless(table, dec, key, txn)
+                return None
         return Change(table, "U" if op == "U" else "I", dec.decode(image), key, pos)
 
     def batch_changes(
@@ -585,10 +652,12 @@ class TriggerSource(CaptureSource):
             to_change = self.to_change
             copies = self._copies
             e: Entry | None = None
+            frozen = self._frozen
             for e in entries:
                 ch = to_change(e, txn)
                 if ch is not None:
-                    yield ch
+                    if not frozen or ch.table not in frozen:
+                        yield ch
                     if copies.shadows:
                         shadow = copies.shadow_change(ch)
                         if shadow is not None:
