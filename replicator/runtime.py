@@ -105,6 +105,7 @@ class ServiceSet:
             old.invoice_push,
             old.schedules,
             old.notify,
+            old.health.metrics_interval,
         ) != (
             new.erp,
             new.capture,
@@ -115,6 +116,7 @@ class ServiceSet:
             new.invoice_push,
             new.schedules,
             new.notify,
+            new.health.metrics_interval,
         )
 
     def build(self) -> None:
@@ -249,7 +251,11 @@ class ServiceSet:
 
         return [
             Service("housekeeping", Schedule.parse("every 1h"), housekeeping),
-            Service("metrics", Schedule.parse("every 15s"), collect_metrics),
+            Service(
+                "metrics",
+                Schedule.parse(f"every {self.cfg.health.metrics_interval}s"),
+                collect_metrics,
+            ),
             Service("lag_history", Schedule.parse("every 1m"), lag_sample),
         ]
 
