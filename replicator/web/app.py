@@ -55,10 +55,8 @@ from replicator.config import Config, redact_url
 from replicator.errors import FatalError
 from replicator.log import redact
 from replicator.logstore import LEVELS, LogStore
-from replicator.mappers.orders import OrderRejected
 from replicator.ops.format import NO_VALUE
 from replicator.ops.readmodel import order_counts, replication_rows, scale_out_lines
-from replicator.orders.writer import NotInErp, OrderPosted
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.web import views
@@ -453,6 +451,10 @@ class ManageApp:
                 "updates are read-only here: this daemon runs no order import",
             )
         force = form.get("force") in ("1", "on", "true", "yes")
+        # Only a daemon that imports orders gets here: the others do not load the order writer.
+        from replicator.mappers.orders import OrderRejected  # noqa: PLC0415 - order import only
+        from replicator.orders.writer import NotInErp, OrderPosted  # noqa: PLC0415 - order import only
+
         try:
             done = self._run_action(action, shop, e, force)
         except (FatalError, OrderRejected, OrderPosted, NotInErp) as exc:  # a person must act
