@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,9 +34,6 @@ from replicator import metrics
 from replicator.cdc.supervisor import CaptureSupervisor
 from replicator.config import Config
 from replicator.config.watch import ConfigWatcher
-from replicator.connectors import make_connectors, make_webhook_receiver
-from replicator.connectors.base import ShopConnector
-from replicator.connectors.webhook import WebhookReceiver
 from replicator.errors import ConfigError
 from replicator.log import add_sink, remove_sink
 from replicator.logstore import LogStore
@@ -49,17 +47,21 @@ from replicator.ops.checks import (
     orders_check,
     threshold_check,
 )
-from replicator.orders.coordinator import OrderImportService
-from replicator.push.erp_webhook import erp_webhook_secret, make_erp_webhook_handler
-from replicator.push.invoices import InvoicePushService
-from replicator.push.stock import StockPushService
 from replicator.schedules import Schedule
 from replicator.services import Service, ServiceRunner
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
-from replicator.stream.sink import stream_service
-from replicator.web.app import WebContext, mount
 from replicator.web.server import HttpServer, Request, Response
+
+# The parts a config may leave out (order import, push, the stream sink, shop connectors, the
+# Manage page) are imported where they are built: a daemon loads only what it runs, which keeps
+# its start (and every test that starts one) short.
+if TYPE_CHECKING:
+    from replicator.connectors.base import ShopConnector
+    from replicator.connectors.webhook import WebhookReceiver
+    from replicator.orders.coordinator import OrderImportService
+    from replicator.push.invoices import InvoicePushService
+    from replicator.push.stock import StockPushService
 
 log = structlog.get_logger(__name__, service="daemon")
 
@@ -105,6 +107,7 @@ class ServiceSet:
             old.invoice_push,
             old.schedules,
             old.notify,
+            old.health.metrics_interval,
         ) != (
             new.erp,
             new.capture,
@@ -115,6 +118,7 @@ class ServiceSet:
             new.invoice_push,
             new.schedules,
             new.notify,
+            new.health.metrics_interval,
         )
 
     def build(self) -> None:
@@ -128,6 +132,8 @@ class ServiceSet:
         if cfg.stock_push is not None:
             push.extend(self._stock_services(connectors))
         if cfg.invoice_push is not None:
+            from replicator.push.invoices import InvoicePushService  # noqa: PLC0415 - if configured
+
             invoices = InvoicePushService(cfg, self.store, connectors)
             self.invoices = invoices
             push.append(
@@ -142,6 +148,8 @@ class ServiceSet:
         if push:
             groups.append(push)
         if cfg.stream is not None:  # its own thread: publishing must not wait behind a shop
+            from replicator.stream.sink import stream_service  # noqa: PLC0415 - if configured
+
             groups.append([stream_service(cfg, self.store, self._stop)])
         groups.append(self._housekeeping_services())
         self.groups = groups
@@ -172,9 +180,15 @@ class ServiceSet:
 
     # -- the services ---------------------------------------------------------------------------
     def _connectors(self) -> dict[str, ShopConnector]:
+        if not self.cfg.shops:
+            return {}
+        from replicator.connectors import make_connectors  # noqa: PLC0415 - if configured
+
         return make_connectors(self.cfg)
 
     def _order_services(self, connectors: dict[str, ShopConnector]) -> list[Service]:
+        from replicator.orders.coordinator import OrderImportService  # noqa: PLC0415 - if configured
+
         orders = OrderImportService(self.cfg, connectors)
         self.orders = orders
         return [
@@ -211,6 +225,8 @@ class ServiceSet:
 
     def _stock_services(self, connectors: dict[str, ShopConnector]) -> list[Service]:
         assert self.cfg.stock_push is not None
+        from replicator.push.stock import StockPushService  # noqa: PLC0415 - if configured
+
         stock = StockPushService(self.cfg, self.store, connectors)
         self.stock = stock
         stop = self._daemon_stop
@@ -249,7 +265,11 @@ class ServiceSet:
 
         return [
             Service("housekeeping", Schedule.parse("every 1h"), housekeeping),
-            Service("metrics", Schedule.parse("every 15s"), collect_metrics),
+            Service(
+                "metrics",
+                Schedule.parse(f"every {self.cfg.health.metrics_interval}s"),
+                collect_metrics,
+            ),
             Service("lag_history", Schedule.parse("every 1m"), lag_sample),
         ]
 
@@ -310,6 +330,11 @@ class Runtime:
         cfg = self.cfg
         services = self.services
         if services.stock is not None or services.invoices is not None:
+            from replicator.push.erp_webhook import (  # noqa: PLC0415 - if configured
+                erp_webhook_secret,
+                make_erp_webhook_handler,
+            )
+
             secret = erp_webhook_secret(cfg)
             if secret:
                 handler = make_erp_webhook_handler(
@@ -321,6 +346,10 @@ class Runtime:
             for shop in cfg.shops:
                 if shop.kind != "webhook" and shop.webhook_secret is None:
                     continue
+                from replicator.connectors import (  # noqa: PLC0415 - if configured
+                    make_webhook_receiver,
+                )
+
                 receiver = make_webhook_receiver(shop, services.orders.store_webhook_delivery)
                 server.add_route(
                     "POST",
@@ -329,6 +358,8 @@ class Runtime:
                     public=True,
                     max_body=receiver.max_body,
                 )
+        from replicator.web.app import WebContext, mount  # noqa: PLC0415 - with the server only
+
         mount(
             server,
             WebContext(

@@ -63,6 +63,7 @@ heartbeat_interval = 1
 url = "sqlite:///{tmp_path / "staging.db"}"
 [health]
 listen = "127.0.0.1:0"
+metrics_interval = 1
 [daemon]
 state_dir = "{tmp_path}"
 [logging]

@@ -339,6 +339,7 @@ def test_daemon_health_metrics_and_systemd_notify(erp: str, tmp_path: Path) -> N
 
     staging_url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = base_config(tmp_path, erp, staging_url, TABLES)
+    cfg.write_text(cfg.read_text().replace("[health]\n", "[health]\nmetrics_interval = 1\n"))
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)

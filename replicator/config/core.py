@@ -299,6 +299,9 @@ class HealthSection(Section):
     loop_overdue: float = Field(default=60.0, gt=0)
     max_lag_seconds: float = Field(default=300.0, gt=0)
     max_heartbeat_age: float = Field(default=120.0, gt=0)
+    # Seconds between refreshes of the gauges /metrics reads from the databases (retained slot
+    # WAL, orders by state): each refresh queries the ERP and staging, so not on every scrape.
+    metrics_interval: int = Field(default=15, ge=1, le=3600)
     # Required when listen is not a loopback address (token or user:password for basic auth).
     token: SecretStr | None = None
 

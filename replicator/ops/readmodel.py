@@ -40,7 +40,6 @@ from replicator.ops.format import human_bytes
 from replicator.orders.ledger import Entry, Event, entry_from_row, events_t, ledger_t
 from replicator.staging import StagingStore
 from replicator.staging.state import has_replication_status, replication_status
-from replicator.stream.sink import cursor_name
 
 log = structlog.get_logger(__name__)
 
@@ -578,6 +577,10 @@ def scale_out_lines(cfg: Config) -> list[str]:
         try:
             n, oldest = 0, None
             if has_table(store.engine, "sync_journal"):  # the daemon creates it, not a reader
+                # Here only: the sink loads the NATS client (~40 ms) that a daemon or a status
+                # without [stream] never needs.
+                from replicator.stream.sink import cursor_name  # noqa: PLC0415 - NATS client
+
                 n, oldest = store.journal.backlog(cursor_name(cfg.stream))
         finally:
             store.dispose()

@@ -44,10 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
-import jinja2
 import sqlalchemy as sa
 import structlog
 
@@ -56,15 +55,16 @@ from replicator.config import Config, redact_url
 from replicator.errors import FatalError
 from replicator.log import redact
 from replicator.logstore import LEVELS, LogStore
-from replicator.mappers.orders import OrderRejected
 from replicator.ops.format import NO_VALUE
 from replicator.ops.readmodel import order_counts, replication_rows, scale_out_lines
-from replicator.orders.writer import NotInErp, OrderPosted
 from replicator.staging import StagingStore
 from replicator.state import DaemonState
 from replicator.web import views
 from replicator.web.csrf import FIELD, CsrfGuard
 from replicator.web.server import HttpServer, Request, Response
+
+if TYPE_CHECKING:  # typing only: Jinja2 itself loads with the first page (see ManageApp.env)
+    import jinja2
 
 log = structlog.get_logger(__name__, service="manage")
 
@@ -133,6 +133,8 @@ class WebContext:
 
 
 def _env() -> jinja2.Environment:
+    import jinja2  # noqa: PLC0415 - ~0.1 s at every daemon start; only a page render needs it
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("replicator.web", "templates"),
         autoescape=jinja2.select_autoescape(("html", "svg"), default=True),
@@ -167,8 +169,16 @@ class ManageApp:
     def __init__(self, ctx: WebContext, csrf: CsrfGuard | None = None) -> None:
         self.ctx = ctx
         self.csrf = csrf or CsrfGuard()
-        self.env = _env()
+        self._env: jinja2.Environment | None = None
         self._static = resources.files("replicator.web") / "static"
+
+    @property
+    def env(self) -> jinja2.Environment:
+        """The template environment, made for the first page rendered (most daemons never
+        render one: Jinja2 would only slow their start)."""
+        if self._env is None:
+            self._env = _env()
+        return self._env
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -441,6 +451,10 @@ class ManageApp:
                 "updates are read-only here: this daemon runs no order import",
             )
         force = form.get("force") in ("1", "on", "true", "yes")
+        # Only a daemon that imports orders gets here: the others do not load the order writer.
+        from replicator.mappers.orders import OrderRejected  # noqa: PLC0415 - order import only
+        from replicator.orders.writer import NotInErp, OrderPosted  # noqa: PLC0415 - order import only
+
         try:
             done = self._run_action(action, shop, e, force)
         except (FatalError, OrderRejected, OrderPosted, NotInErp) as exc:  # a person must act
