@@ -16,8 +16,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 
 from replicator.localpg import LocalCluster, find_bindir
+
+# The property tests check outcomes, not speed: on a loaded 2-core CI machine generating data or
+# running an example may take longer than hypothesis's defaults allow (a 200 ms deadline, the
+# "too slow" health check), which made them fail for timing alone. A test's own @settings still
+# apply on top of this profile.
+settings.register_profile(
+    "sync-daemon", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("sync-daemon")
 
 
 class PgServer:
