@@ -1000,9 +1000,18 @@ class _PgReader(_Reader):
             stop.wait(seconds)
             return
         # The doorbell only shortens the wait; polling stays the fallback (a lost notification
-        # costs at most poll_interval).
-        for _ in self._listen.notifies(timeout=seconds, stop_after=1):
-            pass
+        # costs at most poll_interval). Waited in slices, so a stop (SIGTERM) is noticed within
+        # a fifth of a second, not after a whole poll_interval.
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            rang = False
+            for _ in self._listen.notifies(timeout=min(left, 0.2), stop_after=1):
+                rang = True
+            if rang:
+                break
         for _ in self._listen.notifies(timeout=0.0):
             pass
 
