@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("SYNC_BENCH_CODE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 from replicator.cdc import pgoutput  # noqa: E402
