@@ -8,7 +8,8 @@ flushes and batch commits (with the checkpoint) into SQLite staging. Workloads, 
 large transactions of inserts and then of updates, and small transactions of 1-10 inserts.
 The figure is process CPU time (``time.process_time``) per row change, the best of
 ``--repeat`` runs, so other load on the machine disturbs it less than a wall clock; the slot
-feedback is not sent (no server). ``--profile`` prints a cProfile of one run instead.
+feedback is not sent (no server). ``--profile`` prints a cProfile of one run instead;
+``SYNC_BENCH_CODE=DIR`` runs the code of another checkout (before/after comparisons).
 Nothing is asserted.
 
 Usage: python bench/capture_path.py [--changes 100000] [--repeat 3] [--batch 5000] [--profile]
