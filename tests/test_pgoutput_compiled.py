@@ -146,3 +146,30 @@ def test_not_a_buffer() -> None:
         compiled.decode_message("text")
     with pytest.raises(TypeError):
         compiled.tuple_data(b"", 0, 1)
+
+
+raw_values = st.lists(
+    st.one_of(st.none(), st.just(pgoutput.UNCHANGED), st.binary(max_size=6)), max_size=6
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "d"]), max_size=6), raw_values)
+def test_row_twin(names: list[str], raw: list[Any]) -> None:
+    """``row`` builds the same dict, in the same order, as the pure loop (names repeated,
+    plan and row of different lengths), and passes a column function's error on."""
+    plan = tuple((n, bytes.hex) for n in names)
+    got = compiled.row(plan, raw)
+    want = pgoutput.pure_row(plan, raw)
+    assert list(got.items()) == list(want.items())
+    assert pgoutput._row is compiled.row
+
+    def boom(v: bytes) -> None:
+        raise ValueError(v)
+
+    bad = tuple((n, boom) for n in names)
+    if any(v is not None and v is not pgoutput.UNCHANGED for v in raw[: len(names)]):
+        with pytest.raises(ValueError):
+            compiled.row(bad, raw)
+    with pytest.raises(TypeError):
+        compiled.row(list(plan), raw)

@@ -5,6 +5,7 @@ before the commit leaves nothing of the batch visible; memory stays bounded by t
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -191,6 +192,30 @@ def test_memory_bounded_by_batch_size(store: StagingStore) -> None:
     src.deliver(0, 200)
     assert 0 < src.max_pending <= 6
     assert store.rows(TABLE) == expected(0, 200)
+
+
+def test_collector_paused_only_while_a_transaction_is_open(store: StagingStore) -> None:
+    """The cyclic collector is paused from open to commit or rollback (changes pushed one at
+    a time live until the next flush), and left alone when someone else had it disabled."""
+    assert gc.isenabled()
+    pipe = ApplyPipeline(store, "fake", batch_size=3)
+    for i in range(7):  # two flushes inside the transaction
+        pipe.apply(Change(TABLE, "I", {"id": i, "name": "x"}, position=str(i)))
+        assert not gc.isenabled()
+    pipe.commit(Checkpoint("fake", "7"))
+    assert gc.isenabled()
+    pipe.apply(Change(TABLE, "D", None, {"id": 1}, position="8"))
+    assert not gc.isenabled()
+    pipe.rollback()
+    assert gc.isenabled()
+    assert store.rows(TABLE) == [(i, "x") for i in range(7)]
+    gc.disable()
+    try:
+        pipe.apply(Change(TABLE, "D", None, {"id": 1}, position="8"))
+        pipe.commit(Checkpoint("fake", "8"))
+        assert not gc.isenabled()  # not ours to enable
+    finally:
+        gc.enable()
 
 
 def test_deliver_refuses_an_open_transaction(store: StagingStore) -> None:

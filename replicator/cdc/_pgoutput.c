@@ -524,6 +524,47 @@ static PyObject *cstring(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return res;
 }
 
+/* row(plan, raw) -> dict: the twin of pgoutput._py_row. ``plan`` is a tuple of (column name,
+ * function of the raw value) pairs, ``raw`` a row's values as tuple_data gives them: None stays
+ * None, UNCHANGED is left out, anything else goes through its column's function. Columns past
+ * the shorter of the two are left out, as zip() does. */
+static PyObject *row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!configured()) return NULL;
+    if (nargs != 2 || !PyTuple_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "row(plan: tuple, raw: list)");
+        return NULL;
+    }
+    PyObject *plan = args[0], *raw = args[1];
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    /* The list's size is read again each round: a column's function could change it. */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plan) && i < PyList_GET_SIZE(raw); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(plan, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "row(): plan items are (name, function) pairs");
+            goto fail;
+        }
+        PyObject *name = PyTuple_GET_ITEM(pair, 0);
+        PyObject *v = PyList_GET_ITEM(raw, i);
+        if (v == Unchanged) continue;
+        if (v == Py_None) {
+            if (PyDict_SetItem(out, name, Py_None) < 0) goto fail;
+            continue;
+        }
+        Py_INCREF(v); /* held across the call, which may run any Python code */
+        PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(pair, 1), v);
+        Py_DECREF(v);
+        if (r == NULL) goto fail;
+        int rc = PyDict_SetItem(out, name, r);
+        Py_DECREF(r);
+        if (rc < 0) goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 + NCLASSES) {
         PyErr_Format(PyExc_TypeError, "configure() takes %d arguments (%zd given)", 2 + NCLASSES,
@@ -564,6 +605,8 @@ static PyMethodDef methods[] = {
      "tuple_data(buf, pos) -> (values, pos after)."},
     {"cstring", (PyCFunction)(void (*)(void))cstring, METH_FASTCALL,
      "cstring(buf, pos) -> (str, pos after)."},
+    {"row", (PyCFunction)(void (*)(void))row, METH_FASTCALL,
+     "row(plan, raw) -> {column name: value}: a row's values through its columns' functions."},
     {NULL, NULL, 0, NULL},
 };
 

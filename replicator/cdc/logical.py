@@ -275,14 +275,23 @@ class LogicalSource(CaptureSource):
 
     def _handle_frame(self, data: memoryview) -> None:
         frame = parse_copy_message(data)
+        progress = self.progress
         if isinstance(frame, Keepalive):
-            self.progress.server_wal_end = max(self.progress.server_wal_end, frame.wal_end)
+            progress.server_wal_end = max(progress.server_wal_end, frame.wal_end)
             if frame.reply_requested:
                 self._send_status(force=True)
             return
-        self.progress.received_lsn = max(self.progress.received_lsn, frame.wal_start)
-        self.progress.server_wal_end = max(self.progress.server_wal_end, frame.wal_end)
-        self._handle_message(decode_message(frame.payload))
+        # Comparisons, not max(): this runs once per streamed row.
+        if frame.wal_start > progress.received_lsn:
+            progress.received_lsn = frame.wal_start
+        if frame.wal_end > progress.server_wal_end:
+            progress.server_wal_end = frame.wal_end
+        msg = decode_message(frame.payload)
+        if type(msg) is RowChange:  # the common case, straight to the row path
+            if not self._skip_txn:
+                self._apply_row(msg)
+            return
+        self._handle_message(msg)
 
     def _open_txn(self) -> ApplyTxn:
         if self._pipe.txn is None:
@@ -447,26 +456,28 @@ class LogicalSource(CaptureSource):
         return True
 
     def _apply_row(self, msg: RowChange) -> None:
-        rel = self._relations[msg.relation_oid]
-        table = self._rel_tables[msg.relation_oid]
+        oid = msg.relation_oid
+        table = self._rel_tables[oid]
         if table not in self._schemas:
             return
+        rel = self._relations[oid]
         if self._pipe.txn is None:
             self._open_txn()
         pos = self._txn_pos
-        dec = self._decoder
+        row = self._decoder.row
         # Positional arguments: this runs once per streamed row.
-        if msg.op == "I":
+        op = msg.op
+        if op == "I":
             assert msg.new is not None
-            change = Change(table, "I", dec.row(rel, msg.new), None, pos)
-        elif msg.op == "U":
+            change = Change(table, "I", row(rel, msg.new), None, pos)
+        elif op == "U":
             assert msg.new is not None
-            values = dec.row(rel, msg.new)
-            old = dec.row(rel, msg.old) if msg.old is not None else None
+            values = row(rel, msg.new)
+            old = row(rel, msg.old) if msg.old is not None else None
             change = Change(table, "U", values, old, pos)
         else:
             assert msg.old is not None
-            change = Change(table, "D", None, dec.row(rel, msg.old), pos)
+            change = Change(table, "D", None, row(rel, msg.old), pos)
         if table not in self._frozen:
             # Flushed every batch_size changes (bounded memory inside a large source
             # transaction); the commit comes with the source's Commit.

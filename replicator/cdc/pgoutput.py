@@ -375,7 +375,7 @@ class ValueDecoder:
     ) -> None:
         self._tx = adapt.Transformer(context)
         self._loaders: dict[int, Any] = {}
-        self._plans: dict[int, tuple[Relation, list[tuple[str, Any]]]] = {}
+        self._plans: dict[int, tuple[Relation, tuple[tuple[str, Any], ...]]] = {}
         if text_values is None:
             text_values = os.environ.get(OBJECT_VALUES_ENV, "") in ("", "0")
         self.dialect = dialect
@@ -393,7 +393,7 @@ class ValueDecoder:
             ld = self._loaders[oid] = self._tx.get_loader(oid, pq.Format.TEXT).load
         return ld
 
-    def _plan(self, rel: Relation) -> list[tuple[str, Any]]:
+    def _plan(self, rel: Relation) -> tuple[tuple[str, Any], ...]:
         """(column name, function of the raw text) for each column of ``rel``."""
         schema = self._schema_of(rel) if self.text_values and self._schema_of else None
         plan = []
@@ -404,7 +404,7 @@ class ValueDecoder:
                 if mirror is not None and mirror.type_oid == c.type_oid:
                     fn = text_adapter(c.type_oid, self.dialect, load) or load
             plan.append((c.name, fn))
-        return plan
+        return tuple(plan)
 
     def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
         """Column name -> value, leaving out unchanged TOAST columns."""
@@ -412,13 +412,20 @@ class ValueDecoder:
         if plan is None or plan[0] is not rel:
             plan = (rel, self._plan(rel))
             self._plans[id(rel)] = plan
-        out: dict[str, Any] = {}
-        for (name, load), v in zip(plan[1], raw, strict=False):
-            if v is None:
-                out[name] = None
-            elif v is not UNCHANGED:
-                out[name] = load(v)
-        return out
+        return _row(plan[1], raw)
+
+
+def _py_row(plan: tuple[tuple[str, Any], ...], raw: list[Any]) -> dict[str, Any]:
+    """Column name -> ``function(raw value)`` for each (name, function) of ``plan`` and value
+    of ``raw``: None stays None, UNCHANGED (a TOAST column not sent) is left out. The inner
+    loop of every streamed row; ``_pgoutput.row`` is its compiled twin."""
+    out: dict[str, Any] = {}
+    for (name, load), v in zip(plan, raw, strict=False):
+        if v is None:
+            out[name] = None
+        elif v is not UNCHANGED:
+            out[name] = load(v)
+    return out
 
 
 # ---------------------------------------------------------------------------- decoder choice
@@ -430,6 +437,7 @@ pure_parse_copy_message = _py_parse_copy_message
 pure_decode_message = _py_decode_message
 pure_tuple = _py_tuple
 pure_cstring = _py_cstring
+pure_row = _py_row
 
 compiled: Any = None
 if os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0"):
@@ -470,3 +478,9 @@ else:
     decode_message = _py_decode_message
     _tuple = _py_tuple
     _cstring = _py_cstring
+
+# A compiled module built before ``row`` existed (an install not rebuilt) still decodes; the
+# rows are then built by the pure loop.
+_row: Callable[[tuple[tuple[str, Any], ...], list[Any]], dict[str, Any]] = getattr(
+    compiled, "row", _py_row
+)

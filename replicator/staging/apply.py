@@ -91,6 +91,41 @@ def _deletes(pend: _Pending) -> list[tuple[tuple[Any, ...], str]]:
     return _by_key(pend.deletes.items())
 
 
+def _stage(pend: _Pending, keycols: tuple[str, ...], ncols: int, ch: Change) -> None:
+    """Coalesce one row change (not a truncate) into ``pend``: the last image of a key wins, a
+    partial image (fewer than ``ncols`` columns: unchanged TOAST columns left out) is merged
+    onto the one before it, a key change deletes the old key. Shared by
+    :meth:`ApplyTxn.apply` and :meth:`ApplyTxn.apply_many`."""
+    if ch.op == "D":
+        src = ch.key or ch.values or {}
+        k = tuple([src[c] for c in keycols])
+        pend.upserts.pop(k, None)
+        pend.deletes[k] = ch.position
+        return
+    values = ch.values or {}
+    k = tuple([values[c] for c in keycols])
+    upserts = pend.upserts
+    if ch.op == "U":
+        if ch.key is not None:
+            old = tuple([ch.key[c] for c in keycols])
+            if old != k:
+                upserts.pop(old, None)
+                pend.deletes[old] = ch.position
+        if len(values) < ncols:  # unchanged TOAST columns left out
+            prev = upserts.get(k)
+            upserts[k] = (
+                ({**prev[0], **values}, prev[1], ch.position)
+                if prev
+                else (values, True, ch.position)
+            )
+            if pend.deletes:
+                pend.deletes.pop(k, None)
+            return
+    upserts[k] = (values, False, ch.position)
+    if pend.deletes:
+        pend.deletes.pop(k, None)
+
+
 class _Spill:
     """Chunks of one large source transaction, parked until its commit (SQLite staging).
 
@@ -268,8 +303,34 @@ class ApplyTxn:
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
-        """Buffer one change (see :meth:`apply_many`)."""
-        self.apply_many((ch,))
+        """Buffer one change, coalesced per row key; a truncate is written at once.
+
+        The per-change path of every capture source: the table's mirror and pending changes
+        are looked up afresh for each change (two dictionary look-ups), so a flush or a
+        mirror change between two changes (a schema change being followed) is always seen.
+        Nothing is flushed here: the caller flushes (or commits) when :attr:`pending_count`
+        reaches its batch size, which bounds memory.
+        """
+        table, op = ch.table, ch.op
+        info = self.store.catalog.get(table)
+        if info is None:
+            raise KeyError(f"no mirror for {table}: ensure_mirror first")
+        self.applied += 1
+        if op != self._run[1] or table != self._run[0]:
+            if self._run_n:
+                counts = self.counts
+                counts[self._run] = counts.get(self._run, 0) + self._run_n
+            self._run, self._run_n = (table, op), 0
+        self._run_n += 1
+        if op == "T":
+            self._truncate(info, ch.position)
+            return
+        pend = self._pending.get(table)
+        if pend is None:
+            pend = self._pending[table] = _Pending()
+        # pending_count counts changes since the last flush (an upper bound of what is held).
+        self.pending_count += 1
+        _stage(pend, info.schema.key, len(info.schema.columns), ch)
 
     def apply_many(self, changes: Iterable[Change]) -> None:
         """Buffer ``changes`` in order, coalesced per row key; a truncate is written at once.
@@ -318,37 +379,8 @@ class ApplyTxn:
                     pend = pending.get(table)
                     if pend is None:
                         pend = pending[table] = _Pending()
-                # pending_count counts changes since the last flush (an upper bound of what
-                # is held).
                 staged += 1
-                if op == "D":
-                    src = ch.key or ch.values or {}
-                    k = tuple([src[c] for c in keycols])
-                    pend.upserts.pop(k, None)
-                    pend.deletes[k] = ch.position
-                    continue
-                values = ch.values or {}
-                k = tuple([values[c] for c in keycols])
-                upserts = pend.upserts
-                if op == "U":
-                    if ch.key is not None:
-                        old = tuple([ch.key[c] for c in keycols])
-                        if old != k:
-                            upserts.pop(old, None)
-                            pend.deletes[old] = ch.position
-                    if len(values) < ncols:  # unchanged TOAST columns left out
-                        prev = upserts.get(k)
-                        upserts[k] = (
-                            ({**prev[0], **values}, prev[1], ch.position)
-                            if prev
-                            else (values, True, ch.position)
-                        )
-                        if pend.deletes:
-                            pend.deletes.pop(k, None)
-                        continue
-                upserts[k] = (values, False, ch.position)
-                if pend.deletes:
-                    pend.deletes.pop(k, None)
+                _stage(pend, keycols, ncols, ch)
         finally:
             self.applied += applied
             self.pending_count += staged
