@@ -75,7 +75,6 @@ the last committed chunk, into the persisted shadow.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import queue
 import sqlite3
@@ -99,8 +98,9 @@ from replicator.cdc.triggers.dialects import (
     SqliteDialect,
     dialect_for,
 )
-from replicator.changes import Change, Checkpoint, Column, TableSchema
-from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError, SchemaError
+from replicator.cdc.triggers.follow import SchemaFollow, with_types
+from replicator.changes import Change, Checkpoint, Column
+from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
 from replicator.errors_map import DRIVER_UNAVAILABLE
 from replicator.failpoints import failpoint
 from replicator.staging import ApplyTxn, StagingStore
@@ -185,6 +185,7 @@ class TriggerSource(CaptureSource):
         # being copied, persisted in the checkpoint's extra with every batch; their shadows and
         # `resync --table` requests (taken by the next batch).
         self._copies = OnlineCopies(store, name, self.progress, events="table_copy")
+        self._schema = SchemaFollow(self.dialect, store, name)
         self.chunk_rows = cfg.capture.batch_size
         self._requests_checked = 0.0
         # A column retyped in the ERP leaves the row images' keys as they were, so it is found
@@ -343,7 +344,11 @@ class TriggerSource(CaptureSource):
                 self.reader.open_doorbell()
                 self._need_resume = False
             if time.monotonic() - self._schema_checked >= self.capture.heartbeat_interval:
-                self._retyped = self._find_retyped()
+                # A retyped column fires no trigger: only the catalog tells (see follow.py).
+                self._schema_checked = time.monotonic()
+                self._retyped = self._schema.find_retyped(
+                    t for t in self.tables if t in self.decoders
+                )
             if time.monotonic() - self._requests_checked >= 1.0:
                 self._requests_checked = time.monotonic()
                 self._copies.poll_requests()
@@ -391,17 +396,10 @@ class TriggerSource(CaptureSource):
     # ------------------------------------------------------------------ shared apply path
     def refresh_schema(self, table: str, txn: ApplyTxn) -> RowDecoder:
         """A row image with other columns than the mirror's: the table changed shape in the ERP.
-        Make the mirror follow, in the staging transaction of the changes around it.
-
-        Columns are matched by catalog number where the ERP has a stable one (PostgreSQL's
-        ``attnum``: a renamed column keeps its values); elsewhere by name, so a rename there is
-        a dropped and an added column, and is said loudly.
-        """
-        conn = self.dialect.connect("capture-setup")
-        try:
-            schema: TableSchema = self.dialect.table_schema(conn, table)
-        finally:
-            conn.close()
+        Make the mirror follow (:mod:`replicator.cdc.triggers.follow`), in the staging
+        transaction of the changes around it; a new key, or rows the change leaves wrong, copy
+        the table again."""
+        schema = self._schema.catalog_schema(table)
         info = self.store.mirror(table)
         dec = self.decoders[table] = RowDecoder(schema)  # a re-copy's shadow takes this shape
         if info is None:
@@ -418,61 +416,12 @@ class TriggerSource(CaptureSource):
             )
             self._frozen.add(table)
             self.recopy(table, txn)
-        else:
-            self._follow(table, info.schema, schema, txn)
+        elif self._schema.follow(table, info.schema, schema, txn, self._copying(table)):
+            self.recopy(table, txn)
         return dec
 
-    def _follow(self, table: str, mirror: TableSchema, schema: TableSchema, txn: ApplyTxn) -> None:
-        renamed: dict[str, str] = {}
-        dropped: list[str] = []
-        for col in mirror.columns:
-            if schema.column(col.name) is not None:
-                continue
-            now = next((c for c in schema.columns if col.attnum and c.attnum == col.attnum), None)
-            if now is not None and mirror.column(now.name) is None:
-                renamed[col.name] = now.name
-            else:
-                dropped.append(col.name)
-        before = {renamed.get(c.name, c.name): c for c in mirror.columns}
-        added = [c.name for c in schema.columns if c.name not in before]
-        retyped = [
-            c.name
-            for c in schema.columns
-            if c.name in before and before[c.name].type_name != c.type_name
-        ]
-        if not (renamed or dropped or added or retyped):
-            return  # an image from triggers older than the table: nothing to follow
-        conn = txn.conn
-        txn.flush()  # the changes before the DDL, in the shape they were made in
-        self.store.alter_mirror(conn, schema, renamed=renamed, dropped=dropped, retyped=retyped)
-        self.store.journal_event(conn, self.name, table, "S", "")
-        log.warning(
-            "mirror_schema_changed",
-            table=table,
-            renamed=renamed or None,
-            dropped=dropped or None,
-            added=added or None,
-            retyped=retyped or None,
-        )
-        unmatched = bool(dropped and added and not any(c.attnum for c in mirror.columns))
-        filled: list[str] = []
-        if added and not unmatched:
-            with self.dialect.connection("capture-setup") as erp:
-                filled = self.dialect.filled_columns(erp, table, added)
-        if unmatched or retyped or filled or any(c.table == table for c in self.copies):
-            # Rows not written since hold the old type's form, or (no stable column numbers: a
-            # rename reads as a drop and an add) no value under the new name, or NULL in an
-            # added column the ERP filled (a default); a copy under way holds the old shape.
-            # Copy the table again, online, in the new shape.
-            log.warning(
-                "table_recopy_after_schema_change",
-                table=table,
-                retyped=retyped or None,
-                rename_not_recognised=unmatched or None,
-                filled=filled or None,
-                hint="the table is copied again online; staging equals the source when done",
-            )
-            self.recopy(table, txn)
+    def _copying(self, table: str) -> bool:
+        return any(c.table == table for c in self._copies.queue)
 
     # ------------------------------------------------------------------ online table copies
     @property
@@ -506,54 +455,19 @@ class TriggerSource(CaptureSource):
         for (every batch reads a chunk), or a retyped column is to be followed."""
         return bool(self._copies.queue or self._copies.requests or self._retyped)
 
-    def _find_retyped(self) -> dict[str, dict[str, Column]]:
-        """Columns the ERP retyped (``ALTER COLUMN ... TYPE``, ``MODIFY``): the rows it
-        converted fired no trigger, and the row images keep their keys, so only the catalog
-        tells. Per table, the retyped columns as the catalog has them (the next batch follows
-        them and copies the table again, see :meth:`_follow`). Only the types of columns the
-        mirror has are compared; added, dropped and renamed columns are followed from the row
-        images, in order with the rows."""
-        self._schema_checked = time.monotonic()
-        now: dict[str, TableSchema] = {}
-        with self.dialect.connection("capture-setup") as conn:
-            for t in self.tables:
-                try:
-                    now[t] = self.dialect.table_schema(conn, t)
-                except SchemaError as exc:  # gone or keyless now: its row images will tell
-                    log.warning("catalog_check_failed", table=t, error=str(exc))
-        found: dict[str, dict[str, Column]] = {}
-        for table, schema in now.items():
-            info = self.store.mirror(table)
-            if info is None or table not in self.decoders:
-                continue
-            changed = {
-                c.name: new
-                for c in info.schema.columns
-                if (new := schema.column(c.name)) is not None and new.type_name != c.type_name
-            }
-            if changed:
-                found[table] = changed
-        return found
-
     def _follow_retyped(self, txn: ApplyTxn) -> None:
-        """The retyped columns :meth:`_find_retyped` found, applied to the mirror as it is now
-        (the batch before may have changed it)."""
+        """The retyped columns the catalog check found, applied to the mirror as it is now (the
+        batch before may have changed it)."""
         retyped, self._retyped = self._retyped, {}
         for table, changed in retyped.items():
             info = self.store.mirror(table)
             if info is None or table not in self.decoders:
                 continue
-            mirror = info.schema
-            cols = tuple(
-                dataclasses.replace(c, type_name=new.type_name, type_oid=new.type_oid)
-                if (new := changed.get(c.name)) is not None and new.type_name != c.type_name
-                else c
-                for c in mirror.columns
-            )
-            if cols != mirror.columns:
-                schema = TableSchema(mirror.schema, mirror.name, cols, mirror.key)
+            schema = with_types(info.schema, changed)
+            if schema is not None:
                 self.decoders[table] = RowDecoder(schema)
-                self._follow(table, mirror, schema, txn)
+                if self._schema.follow(table, info.schema, schema, txn, self._copying(table)):
+                    self.recopy(table, txn)
 
     def chunk_changes(
         self, txn: ApplyTxn, run: Callable[[str], list[Any]], position: Callable[[], str]
