@@ -99,7 +99,7 @@ from replicator.cdc.triggers.dialects import (
     dialect_for,
 )
 from replicator.cdc.triggers.follow import SchemaFollow, with_types
-from replicator.changes import Change, Checkpoint, Column
+from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
 from replicator.errors_map import DRIVER_UNAVAILABLE
 from replicator.failpoints import failpoint
@@ -207,6 +207,46 @@ class TriggerSource(CaptureSource):
                 f"another daemon already reads changelog {self.capture.changelog_table} "
                 "of this ERP database"
             )
+        schemas = self._installed_schemas()
+        cp = self.store.load_checkpoint(self.name)
+        had_mirror = {t for t in self.tables if self.store.mirror(t) is not None}
+        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
+        plain = {"columns": None, "filter": None}
+        respecified = sorted(
+            t for t in self.tables if recorded.get(t, plain) != self.dialect.spec(t)
+        )
+        keyed_anew = self._prepare_mirrors(schemas, respecified)
+        if cp is None or cp.state != "streaming" or cp.extra.get("mode") != "triggers":
+            if cp is not None:
+                log.warning(
+                    "checkpoint_not_from_triggers",
+                    source=self.name,
+                    hint="taking a new initial copy",
+                )
+            if keyed_anew:  # the initial copy fills mirrors of the new shape from empty
+                with self.store.engine.begin() as sconn:
+                    for table in keyed_anew:
+                        self.store.ensure_shadow(
+                            self.decoders[table].schema, fresh=True, conn=sconn
+                        )
+                        self.store.swap_shadow(sconn, table)
+            self.reader.initial_copy()
+            self._copies.set([])
+        else:
+            self.reader.resume(cp)
+            self._plan_copies(cp, had_mirror, respecified, keyed_anew)
+        self.reader.open_doorbell()
+        self._started = True
+        log.info(
+            "trigger_capture_started",
+            source=self.name,
+            dialect=self.dialect.name,
+            tables=len(self.tables),
+        )
+
+    def _installed_schemas(self) -> list[TableSchema]:
+        """The watched tables as the ERP's catalog describes them, once the triggers are known
+        to be installed and current (else a FatalError saying to install them)."""
         with self.dialect.connection("capture-setup") as conn:
             statuses = self.dialect.status(conn, self.tables)
             bad = [s for s in statuses if s.table in self.tables and s.state != "current"]
@@ -226,22 +266,20 @@ class TriggerSource(CaptureSource):
                         hint="MariaDB fires no triggers for rows changed by foreign-key actions; "
                         "these changes reach staging only with `sync-daemon resync --table T`",
                     )
-        cp = self.store.load_checkpoint(self.name)
-        had_mirror = {t for t in self.tables if self.store.mirror(t) is not None}
-        recorded: dict[str, Any] = (cp.extra if cp else {}).get("specs", {})
-        plain = {"columns": None, "filter": None}
-        respecified = sorted(
-            t for t in self.tables if recorded.get(t, plain) != self.dialect.spec(t)
-        )
+        return schemas
+
+    def _prepare_mirrors(self, schemas: list[TableSchema], respecified: list[str]) -> list[str]:
+        """A mirror and a decoder for every watched table; the tables whose mirror is keyed
+        differently now (left as they are: a copy with the new key replaces them)."""
         keyed_anew: list[str] = []
         with self.store.engine.begin() as sconn:
             for table, schema in zip(self.tables, schemas, strict=True):
+                self.decoders[table] = RowDecoder(schema)
                 existing = self.store.mirror(table)
                 if existing is not None and existing.schema.key != schema.key:
-                    # Keyed differently now: the mirror cannot be altered into the new key (its
-                    # rows are keyed by the old one); a copy with the new key replaces it.
+                    # The mirror cannot be altered into the new key (its rows are keyed by the
+                    # old one).
                     keyed_anew.append(table)
-                    self.decoders[table] = RowDecoder(schema)
                     log.warning(
                         "mirror_key_changed",
                         table=table,
@@ -253,80 +291,64 @@ class TriggerSource(CaptureSource):
                 info = self.store.ensure_mirror(schema, sconn)
                 if table in respecified or self.capture.column_list(table) is not None:
                     # Columns left out of the list leave the mirror (personal data must not
-                    # stay in staging); the copy below fills what is listed now.
+                    # stay in staging); the copy fills what is listed now.
                     gone = [c.name for c in info.schema.columns if schema.column(c.name) is None]
                     if gone:
                         self.store.alter_mirror(sconn, schema, renamed={}, dropped=gone, retyped=[])
                         log.warning("mirror_columns_dropped", table=table, columns=gone)
-                self.decoders[table] = RowDecoder(schema)
-        if cp is None or cp.state != "streaming" or cp.extra.get("mode") != "triggers":
-            if cp is not None:
+        return keyed_anew
+
+    def _plan_copies(
+        self,
+        cp: Checkpoint,
+        had_mirror: set[str],
+        respecified: list[str],
+        keyed_anew: list[str],
+    ) -> None:
+        """Resuming from ``cp``: the online copies it left, plus a copy of each table added to
+        capture.tables, given another column list or row filter, or keyed anew."""
+        copies = self._copies.stored(cp.extra, self.decoders)
+        before = set(cp.extra.get("tables", []))
+        for table in self.tables:
+            if table not in before:
+                # A table joined capture.tables: copy just it, online; the others stream on.
+                # A mirror left from an earlier time it was captured is replaced at the end.
                 log.warning(
-                    "checkpoint_not_from_triggers",
+                    "capture_table_added",
                     source=self.name,
-                    hint="taking a new initial copy",
+                    table=table,
+                    hint="copying it online while the other tables stream",
                 )
-            if keyed_anew:  # the initial copy fills mirrors of the new shape from empty
-                with self.store.engine.begin() as sconn:
-                    for table in keyed_anew:
-                        self.store.ensure_shadow(
-                            self.decoders[table].schema, fresh=True, conn=sconn
-                        )
-                        self.store.swap_shadow(sconn, table)
-            self.reader.initial_copy()
-            self._copies.set([])
-        else:
-            self.reader.resume(cp)
-            copies = self._copies.stored(cp.extra, self.decoders)
-            before = set(cp.extra.get("tables", []))
-            for table in self.tables:
-                if table not in before:
-                    # A table joined capture.tables: copy just it, online; the others stream on.
-                    # A mirror left from an earlier time it was captured is replaced at the end.
-                    log.warning(
-                        "capture_table_added",
-                        source=self.name,
-                        table=table,
-                        hint="copying it online while the other tables stream",
-                    )
-                    copies = requeued(copies, TableCopy(table, shadow=table in had_mirror))
-                elif table in respecified:
-                    # A column list or row filter changed: rows that now match (or columns now
-                    # listed) are in no mirror. The triggers already log the new way (`triggers
-                    # install`, else the status check above stops us).
-                    log.warning(
-                        "capture_spec_changed",
-                        source=self.name,
-                        table=table,
-                        hint="copying it again online",
-                    )
-                    copies = requeued(copies, TableCopy(table, shadow=True))
-            for table in keyed_anew:
-                self._frozen.add(table)
-                if all(c.table != table for c in copies):  # else: a copy under way goes on
-                    copies = requeued(copies, TableCopy(table, shadow=True))
-            gone = sorted(before - set(self.tables))
-            if gone:
-                log.info("capture_tables_removed", source=self.name, tables=gone)
-            self._resume_copies(copies)
-            if before != set(self.tables) or respecified:
-                # On record now, not with the next batch: a table removed, and added back before
-                # any batch committed, would otherwise not be seen as added (nor copied).
-                fresh = self.checkpoint(cp.position, {})
-                with self.store.engine.begin() as sconn:
-                    self.store.write_checkpoint(
-                        sconn,
-                        Checkpoint(self.name, cp.position, cp.state, {**cp.extra, **fresh.extra}),
-                        replicated=False,
-                    )
-        self.reader.open_doorbell()
-        self._started = True
-        log.info(
-            "trigger_capture_started",
-            source=self.name,
-            dialect=self.dialect.name,
-            tables=len(self.tables),
-        )
+                copies = requeued(copies, TableCopy(table, shadow=table in had_mirror))
+            elif table in respecified:
+                # A column list or row filter changed: rows that now match (or columns now
+                # listed) are in no mirror. The triggers already log the new way (`triggers
+                # install`, else the status check stops us).
+                log.warning(
+                    "capture_spec_changed",
+                    source=self.name,
+                    table=table,
+                    hint="copying it again online",
+                )
+                copies = requeued(copies, TableCopy(table, shadow=True))
+        for table in keyed_anew:
+            self._frozen.add(table)
+            if all(c.table != table for c in copies):  # else: a copy under way goes on
+                copies = requeued(copies, TableCopy(table, shadow=True))
+        gone = sorted(before - set(self.tables))
+        if gone:
+            log.info("capture_tables_removed", source=self.name, tables=gone)
+        self._resume_copies(copies)
+        if before != set(self.tables) or respecified:
+            # On record now, not with the next batch: a table removed, and added back before
+            # any batch committed, would otherwise not be seen as added (nor copied).
+            fresh = self.checkpoint(cp.position, {})
+            with self.store.engine.begin() as sconn:
+                self.store.write_checkpoint(
+                    sconn,
+                    Checkpoint(self.name, cp.position, cp.state, {**cp.extra, **fresh.extra}),
+                    replicated=False,
+                )
 
     def run_cycle(self, timeout: float, stop: threading.Event) -> int:
         deadline = time.monotonic() + timeout
