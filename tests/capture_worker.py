@@ -185,6 +185,21 @@ def new_sqlite_db(path: Path) -> Erp:
     return Erp("sqlite", f"sqlite:///{path}")
 
 
+def erp_of(dialect: str, request: Any, tmp_path: Path) -> Iterator[Erp]:
+    """A fixture's body: one ERP database of ``dialect`` (``postgresql``, ``mysql``, ``sqlite``)
+    for the test ``request`` belongs to, dropped afterwards."""
+    if dialect == "postgresql":
+        yield Erp("postgresql", request.getfixturevalue("erp_db"))
+    elif dialect == "mysql":
+        erp = new_mysql_db(request.getfixturevalue("mariadb_url"))
+        try:
+            yield erp
+        finally:
+            erp.drop()
+    else:
+        yield new_sqlite_db(tmp_path / "erp.db")
+
+
 def build_source(mode: str, cfg: Config, store: StagingStore, stop: threading.Event) -> Any:
     if mode == "triggers":
         from replicator.cdc.triggers import TriggerSource

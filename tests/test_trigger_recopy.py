@@ -27,7 +27,12 @@ from replicator.cdc.triggers import TriggerSource
 from replicator.cli import main as cli_main
 from replicator.ops.readmodel import collect_status
 from replicator.staging import StagingStore
-from tests.capture_worker import Erp, install_triggers, make_config, new_mysql_db, new_sqlite_db
+from tests.capture_worker import (
+    Erp,
+    erp_of,
+    install_triggers,
+    make_config,
+)
 from tests.helpers import (
     ROOT,
     DaemonProcess,
@@ -43,16 +48,7 @@ WORKER = Path(__file__).with_name("capture_worker.py")
 
 @pytest.fixture(params=["postgresql", "mysql", "sqlite"])
 def erp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Erp]:
-    if request.param == "postgresql":
-        yield Erp("postgresql", request.getfixturevalue("erp_db"))
-    elif request.param == "mysql":
-        e = new_mysql_db(request.getfixturevalue("mariadb_url"))
-        try:
-            yield e
-        finally:
-            e.drop()
-    else:
-        yield new_sqlite_db(tmp_path / "erp.db")
+    yield from erp_of(request.param, request, tmp_path)
 
 
 def _tables(erp: Erp, *names: str) -> None:

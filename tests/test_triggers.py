@@ -22,7 +22,14 @@ from replicator.cdc.triggers.dialects import VERSION, dialect_for
 from replicator.cli import main
 from replicator.errors import FatalError
 from replicator.staging import StagingStore
-from tests.capture_worker import Erp, install_triggers, make_config, new_mysql_db, new_sqlite_db
+from tests.capture_worker import (
+    Erp,
+    erp_of,
+    install_triggers,
+    make_config,
+    new_mysql_db,
+    new_sqlite_db,
+)
 
 
 def _write_config(tmp_path: Path, erp_url: str, tables: list[str], **capture: Any) -> str:
@@ -62,16 +69,7 @@ def my_erp(mariadb_url: str) -> Iterator[Erp]:
 
 @pytest.fixture(params=["postgresql", "mysql", "sqlite"])
 def any_erp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Erp]:
-    if request.param == "postgresql":
-        yield Erp("postgresql", request.getfixturevalue("erp_db"))
-    elif request.param == "mysql":
-        erp = new_mysql_db(request.getfixturevalue("mariadb_url"))
-        try:
-            yield erp
-        finally:
-            erp.drop()
-    else:
-        yield new_sqlite_db(tmp_path / "erp.db")
+    yield from erp_of(request.param, request, tmp_path)
 
 
 # ------------------------------------------------------------------------------- install / CLI

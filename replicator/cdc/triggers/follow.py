@@ -80,6 +80,21 @@ def with_types(mirror: TableSchema, changed: dict[str, Column]) -> TableSchema |
     return TableSchema(mirror.schema, mirror.name, cols, mirror.key)
 
 
+def key_changed(table: str, mirror: TableSchema, schema: TableSchema) -> bool:
+    """Whether ``table``'s key is another than its mirror's (said in the log when it is): such a
+    mirror cannot be altered into the new key, a copy with the new key must replace it."""
+    if mirror.key == schema.key:
+        return False
+    log.warning(
+        "mirror_key_changed",
+        table=table,
+        before=list(mirror.key),
+        now=list(schema.key),
+        hint="the table is copied again with the new key",
+    )
+    return True
+
+
 class SchemaFollow:
     """The ERP's catalog and the mirrors of one trigger-capture source."""
 

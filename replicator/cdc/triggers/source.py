@@ -98,7 +98,7 @@ from replicator.cdc.triggers.dialects import (
     SqliteDialect,
     dialect_for,
 )
-from replicator.cdc.triggers.follow import SchemaFollow, with_types
+from replicator.cdc.triggers.follow import SchemaFollow, key_changed, with_types
 from replicator.changes import Change, Checkpoint, Column, TableSchema
 from replicator.errors import DaemonAlreadyRunning, FatalError, RetryableError
 from replicator.errors_map import DRIVER_UNAVAILABLE
@@ -276,17 +276,10 @@ class TriggerSource(CaptureSource):
             for table, schema in zip(self.tables, schemas, strict=True):
                 self.decoders[table] = RowDecoder(schema)
                 existing = self.store.mirror(table)
-                if existing is not None and existing.schema.key != schema.key:
+                if existing is not None and key_changed(table, existing.schema, schema):
                     # The mirror cannot be altered into the new key (its rows are keyed by the
                     # old one).
                     keyed_anew.append(table)
-                    log.warning(
-                        "mirror_key_changed",
-                        table=table,
-                        before=list(existing.schema.key),
-                        now=list(schema.key),
-                        hint="the table is copied again with the new key",
-                    )
                     continue
                 info = self.store.ensure_mirror(schema, sconn)
                 if table in respecified or self.capture.column_list(table) is not None:
@@ -426,16 +419,9 @@ class TriggerSource(CaptureSource):
         dec = self.decoders[table] = RowDecoder(schema)  # a re-copy's shadow takes this shape
         if info is None:
             self.store.ensure_mirror(schema, txn.conn)
-        elif info.schema.key != schema.key:
+        elif key_changed(table, info.schema, schema):
             # The key changed under a running reader: the mirror keeps its rows, unfed, until a
             # copy with the new key replaces it (see start()).
-            log.warning(
-                "mirror_key_changed",
-                table=table,
-                before=list(info.schema.key),
-                now=list(schema.key),
-                hint="the table is copied again with the new key",
-            )
             self._frozen.add(table)
             self.recopy(table, txn)
         elif self._schema.follow(table, info.schema, schema, txn, self._copying(table)):
