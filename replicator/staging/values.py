@@ -257,8 +257,8 @@ def _sqlite_date(load: Callable[[bytes], Any]) -> TextAdapter:
 
 def _sqlite_time(load: Callable[[bytes], Any]) -> TextAdapter:
     def time(v: bytes) -> Any:
-        # "24:00:00" is a valid PostgreSQL time that Python's time cannot hold: the loader's
-        # error stays the behaviour.
+        # "24:00:00" is a valid PostgreSQL time that Python's time cannot hold: it is left to
+        # the loader (see replicator.pgvalues), so both paths store the same.
         n = len(v)
         if n >= 8 and v[2] == 58 and v[:2] < b"24":
             if n == 8:

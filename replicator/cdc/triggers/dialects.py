@@ -896,7 +896,7 @@ class PostgresDialect(Dialect):
         # t.* (not t): a column named "t" would shadow the row.
         where = self.filter_sql(table, "t")
         return f"SELECT {self.image(table, 't.*')}::text FROM {self.qtable(table)} AS t" + (
-            f" WHERE coalesce({where}, false)" if where else ""
+            f" WHERE {self._filter_true(where)}" if where else ""
         )
 
     @staticmethod
@@ -1050,7 +1050,7 @@ class _ListedColumnsDialect(Dialect):
         if new_f is None or old_f is None:
             return None
         a = self._template_args(schema, table, "")
-        new_m, old_m = f"COALESCE({new_f}, 0)", f"COALESCE({old_f}, 0)"
+        new_m, old_m = self._filter_true(new_f), self._filter_true(old_f)
 
         def logged(cols: str, values: str, cond: str) -> str:
             return (
@@ -1079,7 +1079,7 @@ class _ListedColumnsDialect(Dialect):
         """The initial copy's SELECT (``t``: the table as written in FROM)."""
         where = self.filter_sql(table, "t")
         return f"SELECT {self.image(schema.columns, 't')} FROM {t} AS t" + (
-            f" WHERE COALESCE({where}, 0)" if where else ""
+            f" WHERE {self._filter_true(where)}" if where else ""
         )
 
     def key_after(self, values: tuple[Any, ...]) -> list[str]:
