@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicator.cdc import pgoutput
+from replicator.staging.values import FAST_KINDS, text_adapter, text_adapter_kind
 from tests.pgoutput_frames import copy_frame, cstr, messages, mutated, tuple_data
 
 compiled = pgoutput.compiled
@@ -158,7 +159,7 @@ raw_values = st.lists(
 def test_row_twin(names: list[str], raw: list[Any]) -> None:
     """``row`` builds the same dict, in the same order, as the pure loop (names repeated,
     plan and row of different lengths), and passes a column function's error on."""
-    plan = tuple((n, bytes.hex) for n in names)
+    plan = tuple((n, bytes.hex, 0) for n in names)
     got = compiled.row(plan, raw)
     want = pgoutput.pure_row(plan, raw)
     assert list(got.items()) == list(want.items())
@@ -167,9 +168,103 @@ def test_row_twin(names: list[str], raw: list[Any]) -> None:
     def boom(v: bytes) -> None:
         raise ValueError(v)
 
-    bad = tuple((n, boom) for n in names)
+    bad = tuple((n, boom, 0) for n in names)
     if any(v is not None and v is not pgoutput.UNCHANGED for v in raw[: len(names)]):
         with pytest.raises(ValueError):
             compiled.row(bad, raw)
     with pytest.raises(TypeError):
         compiled.row(list(plan), raw)
+    if names and raw and raw[0] is not None and raw[0] is not pgoutput.UNCHANGED:
+        with pytest.raises(TypeError):  # a pair, as a module built before the kinds took
+            compiled.row(((names[0], bytes.hex),), raw)
+
+
+# The texts the fast kinds are about: PostgreSQL's output of each type, and near misses of
+# every check their fast branch makes (lengths, separators, fractions of 1-9 digits, offsets,
+# infinity, BC, 24:00, years past 9999, scientific numerics, bytes that are not UTF-8).
+_dates = st.sampled_from(
+    [b"2026-11-26", b"0001-01-01", b"12345-01-01", b"infinity", b"-infinity", b"2026-11-2x"]
+)
+_times = st.sampled_from([b"17:42:55", b"00:00:00", b"24:00:00", b"23:59:60", b"7:42:55"])
+_fractions = st.one_of(
+    st.just(b""), st.text("0123456789", min_size=0, max_size=9).map(lambda d: b"." + d.encode())
+)
+_offsets = st.sampled_from([b"", b"+00", b"+02", b"-07:30", b"+00:00", b"+05:30:15", b"+0"])
+_times_of_day = st.tuples(_times, _fractions, _offsets).map(b"".join)
+_timestamps = st.tuples(
+    _dates,
+    st.one_of(st.just(b""), _times_of_day.map(lambda t: b" " + t), _times_of_day),
+    st.sampled_from([b"", b" BC"]),
+).map(b"".join)
+_numerics = st.one_of(
+    st.from_regex(r"-?[0-9]{1,12}(\.[0-9]{0,10})?", fullmatch=True).map(str.encode),
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"0.0000001", b"1e5", b"-0.000000"]),
+)
+_uuids = st.uuids().flatmap(
+    lambda u: st.sampled_from([str(u).encode(), str(u).upper().encode(), u.hex.encode()])
+)
+value_texts = st.one_of(
+    _timestamps,
+    _times_of_day,
+    _numerics,
+    _uuids,
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"\xff" * 36, b"2026-11-26 17:42:55.\xc3\xa9+00"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(sorted({(d, oid) for d, kinds in FAST_KINDS.items() for oid in kinds})),
+    st.lists(value_texts, min_size=1, max_size=4),
+)
+def test_fast_kinds_are_their_adapters(which: tuple[str, int], texts: list[bytes]) -> None:
+    """For every text, a fast kind gives what its Python adapter gives — the same value of the
+    same type, or the same error — so the compiled decoder stores what the pure one stores."""
+    dialect, oid = which
+    load = pgoutput.ValueDecoder().loader(oid)
+    adapter = text_adapter(oid, dialect, load)
+    assert adapter is not None
+    kind = text_adapter_kind(oid, dialect)
+    assert kind > 0
+    for text in texts:
+        plan = (("v", adapter, kind),)
+        assert outcome_of(compiled.row, plan, [text]) == outcome_of(pgoutput.pure_row, plan, [text])
+
+
+def test_fast_kinds_every_shape() -> None:
+    """The same, for every combination of the shapes above (each length of fraction, each
+    offset, with and without a time, BC…) and every kind: no example left to chance."""
+    dates = [b"2026-11-26", b"0001-01-01", b"12345-01-01", b"infinity", b"2026-11-2x"]
+    times = [b"17:42:55", b"00:00:00", b"24:00:00", b"7:42:55"]
+    fractions = [b""] + [b"." + b"1234567809"[:n] for n in range(10)]
+    offsets = [b"", b"+00", b"+02", b"-07:30", b"+00:00", b"+0"]
+    of_day = [t + f + o for t in times for f in fractions for o in offsets]
+    texts = (
+        dates
+        + of_day
+        + [
+            d + sep + t + bc
+            for d in dates
+            for sep in (b" ", b"T")
+            for t in of_day
+            for bc in (b"", b" BC")
+        ]
+        + [b"1", b"-1234.50", b"0.000000", b"10.0000001", b"NaN", b"-Infinity", b"", b"1e5"]
+        + [b"6f1c0b4e-6f8a-4a4f-9e1e-2b7d1d0c9a11", b"6F1C0B4E-6F8A-4A4F-9E1E-2B7D1D0C9A11"]
+    )
+    for dialect, kinds in FAST_KINDS.items():
+        for oid in kinds:
+            adapter = text_adapter(oid, dialect, pgoutput.ValueDecoder().loader(oid))
+            plan = (("v", adapter, text_adapter_kind(oid, dialect)),)
+            for text in texts:
+                want = outcome_of(pgoutput.pure_row, plan, [text])
+                assert outcome_of(compiled.row, plan, [text]) == want, (dialect, oid, text)
+
+
+def outcome_of(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+    try:
+        result = fn(*args)
+    except Exception as e:  # the loaders' own errors, UnicodeDecodeError, IndexError …
+        return ("error", type(e), str(e))
+    return ("ok", {k: (type(v), repr(v)) for k, v in result.items()})  # NaN != NaN

@@ -524,10 +524,98 @@ static PyObject *cstring(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return res;
 }
 
+/* Text adapters taken in C: the kinds of replicator.staging.values.FAST_KINDS (keep the
+ * numbers in step). Each is the "fast branch" of its Python adapter in that module, and no more:
+ * fast_text() returns the very str that branch returns, or NULL *without* an error when the text
+ * is not of the shape the branch takes — row() then calls the Python adapter itself, so for any
+ * other text (and any error, such as invalid UTF-8) the outcome is the adapter's by
+ * construction. tests/test_pgoutput_compiled.py compares both over generated texts. */
+enum {
+    K_CALL = 0,
+    K_SQLITE_NUMERIC = 1,
+    K_SQLITE_TIMESTAMP = 2,
+    K_SQLITE_TIMESTAMPTZ = 3,
+    K_SQLITE_DATE = 4,
+    K_SQLITE_TIME = 5,
+    K_UUID = 6,
+    K_PG_TEXT = 7,
+    K_PG_TEMPORAL = 8,
+    K_PG_TIME = 9,
+};
+
+static int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+/* buf[0:n] + `zeros` zeros + tail, decoded as UTF-8; NULL without an error when it is not
+ * valid UTF-8 (the Python adapter then raises its own error). */
+static PyObject *text_of(const char *buf, Py_ssize_t n, int zeros, const char *tail) {
+    char tmp[64];
+    Py_ssize_t tl = tail ? (Py_ssize_t)strlen(tail) : 0;
+    const char *src = buf;
+    Py_ssize_t len = n;
+    if (zeros || tl) {
+        if (n + zeros + tl > (Py_ssize_t)sizeof(tmp)) return NULL;
+        memcpy(tmp, buf, (size_t)n);
+        memset(tmp + n, '0', (size_t)zeros);
+        if (tl) memcpy(tmp + n + zeros, tail, (size_t)tl);
+        src = tmp;
+        len = n + zeros + tl;
+    }
+    PyObject *s = PyUnicode_DecodeUTF8(src, len, NULL);
+    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
+    return s;
+}
+
+static PyObject *fast_text(long kind, PyObject *raw) {
+    if (!PyBytes_CheckExact(raw)) return NULL;
+    const char *b = PyBytes_AS_STRING(raw);
+    const unsigned char *v = (const unsigned char *)b;
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    switch (kind) {
+    case K_SQLITE_NUMERIC:
+        /* str(Decimal) equals the text unless it is NaN/Infinity or has "0.000000" in it. */
+        if (n < 1 || !is_digit(v[n - 1])) return NULL;
+        for (Py_ssize_t i = 0; i + 8 <= n; i++)
+            if (memcmp(b + i, "0.000000", 8) == 0) return NULL;
+        return text_of(b, n, 0, NULL);
+    case K_SQLITE_TIMESTAMP:
+        if (n < 19 || v[4] != '-' || v[10] != ' ' || !is_digit(v[n - 1])) return NULL;
+        if (n == 19) return text_of(b, n, 0, NULL);
+        if (n >= 21 && n <= 26 && v[19] == '.') return text_of(b, n, (int)(26 - n), NULL);
+        return NULL;
+    case K_SQLITE_TIMESTAMPTZ:
+        if (n < 22 || memcmp(b + n - 3, "+00", 3) != 0 || v[4] != '-' || v[10] != ' ')
+            return NULL;
+        if (n == 22) return text_of(b, 19, 0, "+00:00");
+        if (n >= 24 && n <= 29 && v[19] == '.') return text_of(b, n - 3, (int)(29 - n), "+00:00");
+        return NULL;
+    case K_SQLITE_DATE:
+        if (n != 10 || v[4] != '-' || !is_digit(v[9])) return NULL;
+        return text_of(b, n, 0, NULL);
+    case K_SQLITE_TIME:
+        if (n < 8 || v[2] != ':' || memcmp(b, "24", 2) >= 0) return NULL;
+        if (n == 8) return text_of(b, n, 0, NULL);
+        if (n >= 10 && n <= 15 && v[8] == '.') return text_of(b, n, (int)(15 - n), NULL);
+        return NULL;
+    case K_UUID:
+        return n == 36 ? text_of(b, n, 0, NULL) : NULL;
+    case K_PG_TEXT:
+        return text_of(b, n, 0, NULL);
+    case K_PG_TEMPORAL:
+        if (n < 10 || v[4] != '-' || !is_digit(v[n - 1]) || (n != 10 && v[10] != ' ')) return NULL;
+        return text_of(b, n, 0, NULL);
+    case K_PG_TIME:
+        if (n < 8 || v[2] != ':' || memcmp(b, "24", 2) >= 0) return NULL;
+        return text_of(b, n, 0, NULL);
+    default:
+        return NULL;
+    }
+}
+
 /* row(plan, raw) -> dict: the twin of pgoutput._py_row. ``plan`` is a tuple of (column name,
- * function of the raw value) pairs, ``raw`` a row's values as tuple_data gives them: None stays
- * None, UNCHANGED is left out, anything else goes through its column's function. Columns past
- * the shorter of the two are left out, as zip() does. */
+ * function of the raw value, fast kind) triples, ``raw`` a row's values as tuple_data gives
+ * them: None stays None, UNCHANGED is left out, anything else goes through its column's
+ * function — or, for a kind other than 0, through the same function's fast branch written
+ * above. Columns past the shorter of the two are left out, as zip() does. */
 static PyObject *row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!configured()) return NULL;
     if (nargs != 2 || !PyTuple_Check(args[0]) || !PyList_Check(args[1])) {
@@ -539,22 +627,30 @@ static PyObject *row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (out == NULL) return NULL;
     /* The list's size is read again each round: a column's function could change it. */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plan) && i < PyList_GET_SIZE(raw); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(plan, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "row(): plan items are (name, function) pairs");
+        PyObject *item = PyTuple_GET_ITEM(plan, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "row(): plan items are (name, function, kind: int) triples");
             goto fail;
         }
-        PyObject *name = PyTuple_GET_ITEM(pair, 0);
+        PyObject *name = PyTuple_GET_ITEM(item, 0);
         PyObject *v = PyList_GET_ITEM(raw, i);
         if (v == Unchanged) continue;
         if (v == Py_None) {
             if (PyDict_SetItem(out, name, Py_None) < 0) goto fail;
             continue;
         }
-        Py_INCREF(v); /* held across the call, which may run any Python code */
-        PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(pair, 1), v);
-        Py_DECREF(v);
-        if (r == NULL) goto fail;
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (kind == -1 && PyErr_Occurred()) goto fail;
+        PyObject *r = kind != K_CALL ? fast_text(kind, v) : NULL;
+        if (r == NULL) {
+            if (PyErr_Occurred()) goto fail;
+            Py_INCREF(v); /* held across the call, which may run any Python code */
+            r = PyObject_CallOneArg(PyTuple_GET_ITEM(item, 1), v);
+            Py_DECREF(v);
+            if (r == NULL) goto fail;
+        }
         int rc = PyDict_SetItem(out, name, r);
         Py_DECREF(r);
         if (rc < 0) goto fail;
@@ -606,7 +702,8 @@ static PyMethodDef methods[] = {
     {"cstring", (PyCFunction)(void (*)(void))cstring, METH_FASTCALL,
      "cstring(buf, pos) -> (str, pos after)."},
     {"row", (PyCFunction)(void (*)(void))row, METH_FASTCALL,
-     "row(plan, raw) -> {column name: value}: a row's values through its columns' functions."},
+     "row(plan, raw) -> {column name: value}: a row's values through its columns' functions "
+     "(plan items: (name, function, fast kind))."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -621,5 +718,9 @@ PyMODINIT_FUNC PyInit__pgoutput(void) {
     op_D = PyUnicode_InternFromString("D");
     public_str = PyUnicode_InternFromString("public");
     if (op_I == NULL || op_U == NULL || op_D == NULL || public_str == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* The shape of row()'s plan items: 3 since the fast kinds (a module built before takes
+     * pairs, and pgoutput.py then uses its pure loop). */
+    if (m != NULL && PyModule_AddIntConstant(m, "ROW_PLAN", 3) < 0) Py_CLEAR(m);
+    return m;
 }

@@ -24,7 +24,7 @@ from typing import Any
 from psycopg import adapt, pq
 
 from replicator.changes import TableSchema
-from replicator.staging.values import text_adapter
+from replicator.staging.values import text_adapter, text_adapter_kind
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _UNIX_TO_PG_US = 946_684_800_000_000
@@ -375,7 +375,7 @@ class ValueDecoder:
     ) -> None:
         self._tx = adapt.Transformer(context)
         self._loaders: dict[int, Any] = {}
-        self._plans: dict[int, tuple[Relation, tuple[tuple[str, Any], ...]]] = {}
+        self._plans: dict[int, tuple[Relation, tuple[tuple[str, Any, int], ...]]] = {}
         if text_values is None:
             text_values = os.environ.get(OBJECT_VALUES_ENV, "") in ("", "0")
         self.dialect = dialect
@@ -393,17 +393,22 @@ class ValueDecoder:
             ld = self._loaders[oid] = self._tx.get_loader(oid, pq.Format.TEXT).load
         return ld
 
-    def _plan(self, rel: Relation) -> tuple[tuple[str, Any], ...]:
-        """(column name, function of the raw text) for each column of ``rel``."""
+    def _plan(self, rel: Relation) -> tuple[tuple[str, Any, int], ...]:
+        """(column name, function of the raw text, its compiled fast kind) for each column of
+        ``rel`` (the kind: see :data:`replicator.staging.values.FAST_KINDS`)."""
         schema = self._schema_of(rel) if self.text_values and self._schema_of else None
         plan = []
         for c in rel.columns:
             fn = load = self.loader(c.type_oid)
+            kind = 0
             if schema is not None and self.dialect is not None and c.name not in schema.key:
                 mirror = schema.column(c.name)
+                adapter = None
                 if mirror is not None and mirror.type_oid == c.type_oid:
-                    fn = text_adapter(c.type_oid, self.dialect, load) or load
-            plan.append((c.name, fn))
+                    adapter = text_adapter(c.type_oid, self.dialect, load)
+                if adapter is not None:
+                    fn, kind = adapter, text_adapter_kind(c.type_oid, self.dialect)
+            plan.append((c.name, fn, kind))
         return tuple(plan)
 
     def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
@@ -415,12 +420,13 @@ class ValueDecoder:
         return _row(plan[1], raw)
 
 
-def _py_row(plan: tuple[tuple[str, Any], ...], raw: list[Any]) -> dict[str, Any]:
-    """Column name -> ``function(raw value)`` for each (name, function) of ``plan`` and value
-    of ``raw``: None stays None, UNCHANGED (a TOAST column not sent) is left out. The inner
-    loop of every streamed row; ``_pgoutput.row`` is its compiled twin."""
+def _py_row(plan: tuple[tuple[str, Any, int], ...], raw: list[Any]) -> dict[str, Any]:
+    """Column name -> ``function(raw value)`` for each (name, function, kind) of ``plan`` and
+    value of ``raw``: None stays None, UNCHANGED (a TOAST column not sent) is left out. The
+    inner loop of every streamed row; ``_pgoutput.row`` is its compiled twin, which runs the
+    fast branch of the text adapters of a kind other than 0 in C (the same values)."""
     out: dict[str, Any] = {}
-    for (name, load), v in zip(plan, raw, strict=False):
+    for (name, load, _kind), v in zip(plan, raw, strict=False):
         if v is None:
             out[name] = None
         elif v is not UNCHANGED:
@@ -479,8 +485,8 @@ else:
     _tuple = _py_tuple
     _cstring = _py_cstring
 
-# A compiled module built before ``row`` existed (an install not rebuilt) still decodes; the
-# rows are then built by the pure loop.
-_row: Callable[[tuple[tuple[str, Any], ...], list[Any]], dict[str, Any]] = getattr(
-    compiled, "row", _py_row
+# A compiled module built before ``row`` took (name, function, kind) triples (an install not
+# rebuilt) still decodes; the rows are then built by the pure loop.
+_row: Callable[[tuple[tuple[str, Any, int], ...], list[Any]], dict[str, Any]] = (
+    compiled.row if getattr(compiled, "ROW_PLAN", 0) == 3 else _py_row
 )

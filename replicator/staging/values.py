@@ -326,6 +326,35 @@ stored form at C speed; json/jsonb because the stored form is json.dumps of the 
 timetz because their stored form needs the parse; and every type not listed."""
 
 
+# The adapters above whose fast branch the compiled decoder also has (``row`` in
+# replicator/cdc/_pgoutput.c, same numbers there): it runs that branch in C and calls the adapter
+# for every other text, so the values are the adapter's either way; 0 means "call the adapter".
+FAST_KINDS: dict[str, dict[int, int]] = {
+    "sqlite": {
+        _OID_NUMERIC: 1,
+        _OID_TIMESTAMP: 2,
+        _OID_TIMESTAMPTZ: 3,
+        _OID_DATE: 4,
+        _OID_TIME: 5,
+        _OID_UUID: 6,
+    },
+    "postgresql": {
+        _OID_NUMERIC: 7,
+        _OID_TIMESTAMP: 8,
+        _OID_TIMESTAMPTZ: 8,
+        _OID_DATE: 8,
+        _OID_TIME: 9,
+        _OID_UUID: 6,
+    },
+}
+
+
+def text_adapter_kind(type_oid: int, dialect: str) -> int:
+    """The compiled decoder's number for :func:`text_adapter`'s adapter of ``type_oid`` on
+    ``dialect`` staging (see :data:`FAST_KINDS`); 0 when it has none."""
+    return FAST_KINDS.get(dialect, {}).get(type_oid, 0)
+
+
 def text_adapter(type_oid: int, dialect: str, load: Callable[[bytes], Any]) -> TextAdapter | None:
     """An adapter from PostgreSQL's text output of ``type_oid`` to the value to store on
     ``dialect`` staging, falling back to ``load`` (the psycopg loader) for texts it does not
