@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck bench faults clean
 
-$(STAMP): pyproject.toml setup.py replicator/cdc/_pgoutput.c
+$(STAMP): pyproject.toml setup.py replicator/cdc/_pgoutput.c replicator/staging/_rows.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

@@ -15,6 +15,7 @@ user-defined ones (enums, domains) as text; on SQLite a coarse affinity per cate
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from replicator.staging.engine import StagingDb
 from replicator.staging.values import (
     BUILTIN_OID_LIMIT,
     column_category,
+    params,
     pg_param,
     pg_type,
     scalar_text,
@@ -293,24 +295,21 @@ class Mirrors:
     # -- writing rows ---------------------------------------------------------------------------
     def converter(self, info: MirrorInfo, cols: Sequence[str]) -> Any:
         """A function turning a row of Python values into driver parameters for ``cols``."""
+        names = tuple(cols)
         if self.db.dialect == "sqlite":
             # Only columns whose values need converting pay for it (ints, text, floats, blobs
             # go to SQLite as they are), with a converter chosen once per column type.
-            conv = [(c, sqlite_converter(info.schema.column(c))) for c in cols]
-            if all(f is None for _, f in conv):
-                return lambda values: tuple([values[c] for c in cols])
-            return lambda values: tuple(
-                [values[c] if f is None or values[c] is None else f(values[c]) for c, f in conv]
-            )
+            convs = tuple(sqlite_converter(info.schema.column(c)) for c in names)
+            return functools.partial(params, names, convs)
         schema = info.schema
-        typed = [schema.column(c) for c in cols]
+        typed = [schema.column(c) for c in names]
         plain = all(
             c is not None and column_category(c) != "json" and (c.type_oid or 0) < BUILTIN_OID_LIMIT
             for c in typed
         )
         if plain:
-            return lambda values: tuple(values[c] for c in cols)
-        pairs = list(zip(cols, typed, strict=True))
+            return functools.partial(params, names, (None,) * len(names))
+        pairs = list(zip(names, typed, strict=True))
         return lambda values: tuple(pg_param(t, values[c]) for c, t in pairs)
 
     def key_params(self, info: MirrorInfo) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:

@@ -159,6 +159,28 @@ def sqlite_converter(col: Column | None) -> Any:
     return scalar_text
 
 
+def py_params(
+    cols: tuple[str, ...], convs: tuple[Any, ...], values: dict[str, Any]
+) -> tuple[Any, ...]:
+    """A mirror row's driver parameters: ``values[c]`` for each column of ``cols`` through its
+    converter in ``convs`` (None: as it is). None and a ``str`` go through as they are: every
+    SQLite converter above returns a str unchanged (it is the stored form already), and the
+    text path hands most values over as one. ``params`` is this function's compiled twin
+    (``replicator/staging/_rows.c``) when it is built."""
+    return tuple(
+        [
+            v if f is None or v is None or type(v) is str else f(v)
+            for v, f in zip([values[c] for c in cols], convs, strict=True)
+        ]
+    )
+
+
+try:
+    from replicator.staging._rows import params  # type: ignore[import-not-found]
+except ImportError:  # built without a C compiler
+    params = py_params
+
+
 def sqlite_type(col: Column) -> str:
     return {"int": "INTEGER", "bool": "INTEGER", "float": "REAL", "bytes": "BLOB"}.get(
         column_category(col), "TEXT"
