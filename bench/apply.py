@@ -147,12 +147,12 @@ def journal_only(url: str, journal: str, changes: int, batch: int) -> dict[str, 
     store = StagingStore(url)
     store.setup()
     _journal_shape(store, journal)
-    entries = [("public.big", "U", (i,), f"0/{i:X}") for i in range(changes)]
+    pairs = [((i,), f"0/{i:X}") for i in range(changes)]
     started = time.perf_counter()
     cpu = time.process_time()
     for lo in range(0, changes, batch):
         with store.engine.begin() as conn:
-            store.journal.append(conn, "bench", entries[lo : lo + batch])
+            store.journal.append(conn, "bench", [("public.big", "U", pairs[lo : lo + batch])])
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu
     store.dispose()

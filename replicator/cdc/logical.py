@@ -44,7 +44,7 @@ import json
 import select
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import structlog
@@ -75,7 +75,7 @@ from replicator.cdc.schema_follow import catalog_columns, declared_types, match_
 from replicator.cdc.slot import ReplicationSlot
 from replicator.cdc.snapshot import Chunk, IncrementalSnapshots
 from replicator.cdc.tables import describe_tables
-from replicator.changes import Change, Checkpoint, Column, TableSchema
+from replicator.changes import Change, Checkpoint, Column, Op, TableSchema
 from replicator.config import Config
 from replicator.errors import RetryableError
 from replicator.errors_map import STORE_UNAVAILABLE
@@ -461,30 +461,36 @@ class LogicalSource(CaptureSource):
         if table not in self._schemas:
             return
         rel = self._relations[oid]
-        if self._pipe.txn is None:
+        pipe = self._pipe
+        if pipe.txn is None:
             self._open_txn()
-        pos = self._txn_pos
         row = self._decoder.row
-        # Positional arguments: this runs once per streamed row.
+        # Positional arguments and no Change object on the common path: this runs once per
+        # streamed row.
         op = msg.op
         if op == "I":
             assert msg.new is not None
-            change = Change(table, "I", row(rel, msg.new), None, pos)
+            values, old = row(rel, msg.new), None
         elif op == "U":
             assert msg.new is not None
             values = row(rel, msg.new)
             old = row(rel, msg.old) if msg.old is not None else None
-            change = Change(table, "U", values, old, pos)
         else:
             assert msg.old is not None
-            change = Change(table, "D", None, row(rel, msg.old), pos)
-        if table not in self._frozen:
-            # Flushed every batch_size changes (bounded memory inside a large source
-            # transaction); the commit comes with the source's Commit.
-            self._pipe.apply(change)
-        if self._snaps.active:
-            self._snapshot_sees(change)
+            values, old = None, row(rel, msg.old)
         self.progress.changes += 1
+        if self._copies.queue or table in self._frozen:
+            # An online copy is under way (its shadow and chunk see every change), or the
+            # table's mirror is frozen until its re-copy takes its place.
+            change = Change(table, cast(Op, op), values, old, self._txn_pos)
+            if table not in self._frozen:
+                pipe.apply(change)
+            if self._copies.queue:
+                self._snapshot_sees(change)
+            return
+        # Flushed every batch_size changes (bounded memory inside a large source
+        # transaction); the commit comes with the source's Commit.
+        pipe.apply_row(table, op, values, old, self._txn_pos)
 
     # ------------------------------------------------------------------ incremental snapshots
     def _start_chunk(self) -> None:

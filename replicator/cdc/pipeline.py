@@ -94,8 +94,20 @@ class ApplyPipeline:
 
     def apply(self, change: Change) -> None:
         """One change into the open transaction; a flush when the batch size is reached."""
+        self.apply_row(change.table, change.op, change.values, change.key, change.position)
+
+    def apply_row(
+        self,
+        table: str,
+        op: str,
+        values: dict[str, Any] | None,
+        key: dict[str, Any] | None,
+        position: str,
+    ) -> None:
+        """:meth:`apply` of ``Change(table, op, values, key, position)`` without the object:
+        the logical source's per-row path."""
         txn = self.txn or self.open()
-        txn.apply(change)
+        txn.apply_row(table, op, values, key, position)
         if txn.pending_count >= self.batch_size:
             txn.flush()  # bounded memory; still invisible until the commit
             if self._gc_paused:

@@ -75,15 +75,23 @@ class _Pending:
         return len(self.upserts) + len(self.deletes)
 
 
-def _upsert_groups(
-    pend: _Pending,
-) -> dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]]:
-    """Pending upserts grouped by column set (full images, and each shape of partial image):
-    ``(values, key, position)`` per row, one ``executemany`` or ``INSERT … SELECT`` a group."""
-    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[Any, ...], str]]] = {}
-    for k, (values, _partial, pos) in pend.upserts.items():
-        groups.setdefault(tuple(values.keys()), []).append((values, k, pos))
-    return {cols: _by_key(rows, 1) for cols, rows in groups.items()}
+Group = tuple[list[dict[str, Any]], list[tuple[tuple[Any, ...], str]]]
+"""A group of pending upserts of one column set: the rows' values and their ``(key, position)``
+pairs (what the journal records), both in key order."""
+
+
+def _upsert_groups(pend: _Pending) -> dict[tuple[str, ...], Group]:
+    """Pending upserts grouped by column set (full images, and each shape of partial image),
+    each in key order: one ``executemany`` or ``INSERT … SELECT`` a group."""
+    groups: dict[tuple[str, ...], Group] = {}
+    for k, (values, _partial, pos) in _by_key(pend.upserts.items()):
+        cols = tuple(values)
+        group = groups.get(cols)
+        if group is None:
+            group = groups[cols] = ([], [])
+        group[0].append(values)
+        group[1].append((k, pos))
+    return groups
 
 
 def _deletes(pend: _Pending) -> list[tuple[tuple[Any, ...], str]]:
@@ -91,37 +99,43 @@ def _deletes(pend: _Pending) -> list[tuple[tuple[Any, ...], str]]:
     return _by_key(pend.deletes.items())
 
 
-def _stage(pend: _Pending, keycols: tuple[str, ...], ncols: int, ch: Change) -> None:
+def _stage(
+    pend: _Pending,
+    keycols: tuple[str, ...],
+    ncols: int,
+    op: str,
+    values: dict[str, Any] | None,
+    key: dict[str, Any] | None,
+    position: str,
+) -> None:
     """Coalesce one row change (not a truncate) into ``pend``: the last image of a key wins, a
     partial image (fewer than ``ncols`` columns: unchanged TOAST columns left out) is merged
     onto the one before it, a key change deletes the old key. Shared by
-    :meth:`ApplyTxn.apply` and :meth:`ApplyTxn.apply_many`."""
-    if ch.op == "D":
-        src = ch.key or ch.values or {}
+    :meth:`ApplyTxn.apply_row` and :meth:`ApplyTxn.apply_many`."""
+    if op == "D":
+        src = key or values or {}
         k = tuple([src[c] for c in keycols])
         pend.upserts.pop(k, None)
-        pend.deletes[k] = ch.position
+        pend.deletes[k] = position
         return
-    values = ch.values or {}
+    values = values or {}
     k = tuple([values[c] for c in keycols])
     upserts = pend.upserts
-    if ch.op == "U":
-        if ch.key is not None:
-            old = tuple([ch.key[c] for c in keycols])
+    if op == "U":
+        if key is not None:
+            old = tuple([key[c] for c in keycols])
             if old != k:
                 upserts.pop(old, None)
-                pend.deletes[old] = ch.position
+                pend.deletes[old] = position
         if len(values) < ncols:  # unchanged TOAST columns left out
             prev = upserts.get(k)
             upserts[k] = (
-                ({**prev[0], **values}, prev[1], ch.position)
-                if prev
-                else (values, True, ch.position)
+                ({**prev[0], **values}, prev[1], position) if prev else (values, True, position)
             )
             if pend.deletes:
                 pend.deletes.pop(k, None)
             return
-    upserts[k] = (values, False, ch.position)
+    upserts[k] = (values, False, position)
     if pend.deletes:
         pend.deletes.pop(k, None)
 
@@ -205,7 +219,7 @@ class _Spill:
                             info.schema.key,
                             [(pos, key_json(k), *params(k)) for k, pos in _deletes(pend)],
                         )
-                    for cols, rows in _upsert_groups(pend).items():
+                    for cols, (rows, keys) in _upsert_groups(pend).items():
                         conv = store.catalog.converter(info, cols)
                         self._segment(
                             cur,
@@ -213,7 +227,10 @@ class _Spill:
                             info,
                             "U",
                             cols,
-                            [(pos, key_json(k), *conv(values)) for values, k, pos in rows],
+                            [
+                                (pos, key_json(k), *conv(values))
+                                for values, (k, pos) in zip(rows, keys, strict=True)
+                            ],
                         )
             finally:
                 cur.close()
@@ -303,15 +320,26 @@ class ApplyTxn:
 
     # apply ---------------------------------------------------------------
     def apply(self, ch: Change) -> None:
-        """Buffer one change, coalesced per row key; a truncate is written at once.
+        """Buffer one change, coalesced per row key; a truncate is written at once (see
+        :meth:`apply_row`)."""
+        self.apply_row(ch.table, ch.op, ch.values, ch.key, ch.position)
 
-        The per-change path of every capture source: the table's mirror and pending changes
-        are looked up afresh for each change (two dictionary look-ups), so a flush or a
-        mirror change between two changes (a schema change being followed) is always seen.
-        Nothing is flushed here: the caller flushes (or commits) when :attr:`pending_count`
-        reaches its batch size, which bounds memory.
+    def apply_row(
+        self,
+        table: str,
+        op: str,
+        values: dict[str, Any] | None,
+        key: dict[str, Any] | None,
+        position: str,
+    ) -> None:
+        """:meth:`apply` of the change ``Change(table, op, values, key, position)``, without
+        the object (the logical source's per-row path).
+
+        The table's mirror and pending changes are looked up afresh for each change (two
+        dictionary look-ups), so a flush or a mirror change between two changes (a schema
+        change being followed) is always seen. Nothing is flushed here: the caller flushes (or
+        commits) when :attr:`pending_count` reaches its batch size, which bounds memory.
         """
-        table, op = ch.table, ch.op
         info = self.store.catalog.get(table)
         if info is None:
             raise KeyError(f"no mirror for {table}: ensure_mirror first")
@@ -323,14 +351,14 @@ class ApplyTxn:
             self._run, self._run_n = (table, op), 0
         self._run_n += 1
         if op == "T":
-            self._truncate(info, ch.position)
+            self._truncate(info, position)
             return
         pend = self._pending.get(table)
         if pend is None:
             pend = self._pending[table] = _Pending()
         # pending_count counts changes since the last flush (an upper bound of what is held).
         self.pending_count += 1
-        _stage(pend, info.schema.key, len(info.schema.columns), ch)
+        _stage(pend, info.schema.key, len(info.schema.columns), op, values, key, position)
 
     def apply_many(self, changes: Iterable[Change]) -> None:
         """Buffer ``changes`` in order, coalesced per row key; a truncate is written at once.
@@ -380,7 +408,7 @@ class ApplyTxn:
                     if pend is None:
                         pend = pending[table] = _Pending()
                 staged += 1
-                _stage(pend, keycols, ncols, ch)
+                _stage(pend, keycols, ncols, op, ch.values, ch.key, ch.position)
         finally:
             self.applied += applied
             self.pending_count += staged
@@ -391,7 +419,7 @@ class ApplyTxn:
         self._pending.pop(info.source_table, None)
         self.conn.exec_driver_sql(f"DELETE FROM {self.store.q(info.name)}")
         if self.store.journal_enabled and info.journaled:
-            self._journal([(info.source_table, "T", None, position)])
+            self._journal([(info.source_table, "T", [(None, position)])])
 
     def flush(self) -> None:
         """Write all pending changes, still invisible to readers of the mirrors: into the open
@@ -409,7 +437,7 @@ class ApplyTxn:
 
     def _write_pending(self, conn: sa.Connection) -> None:
         store = self.store
-        journal: list[tuple[str, str, Any, str]] = []
+        journal: list[tuple[str, str, list[tuple[Any, str]]]] = []
         dbapi = conn.connection.driver_connection
         assert dbapi is not None
         cur = dbapi.cursor()
@@ -427,17 +455,15 @@ class ApplyTxn:
                             store.catalog.delete_sql(info), [params(k) for k, _ in deletes]
                         )
                     if journaled:
-                        journal.extend((table, "D", k, pos) for k, pos in deletes)
-                for cols, rows in _upsert_groups(pend).items():
+                        journal.append((table, "D", deletes))
+                for cols, (rows, keys) in _upsert_groups(pend).items():
                     conv = store.catalog.converter(info, cols)
                     if store.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
-                        self._copy_upsert(cur, info, cols, (conv(r[0]) for r in rows))
+                        self._copy_upsert(cur, info, cols, map(conv, rows))
                     else:
-                        cur.executemany(
-                            store.catalog.upsert_sql(info, cols), [conv(r[0]) for r in rows]
-                        )
+                        cur.executemany(store.catalog.upsert_sql(info, cols), list(map(conv, rows)))
                     if journaled:  # group by group, as the spill replays them
-                        journal.extend((table, "U", k, pos) for _, k, pos in rows)
+                        journal.append((table, "U", keys))
         finally:
             cur.close()
         if journal:
@@ -494,8 +520,8 @@ class ApplyTxn:
         cur.execute(f"DELETE FROM {q(info.name)} AS m USING {tmp} AS s WHERE {on}")
         cur.execute("RESET enable_hashjoin; RESET enable_mergejoin")
 
-    def _journal(self, entries: list[tuple[str, str, Any, str]]) -> None:
-        self.store.journal.append(self.conn, self.source, entries)
+    def _journal(self, groups: list[tuple[str, str, list[tuple[Any, str]]]]) -> None:
+        self.store.journal.append(self.conn, self.source, groups)
 
     def commit(self, checkpoint: Checkpoint | None, **kw: Any) -> None:
         """Flush, write ``checkpoint`` in the same transaction, commit."""

@@ -114,13 +114,19 @@ class Journal:
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (_JOURNAL_LOCK,))
 
     def append(
-        self, conn: sa.Connection, source: str, entries: Sequence[tuple[str, str, Any, str]]
+        self,
+        conn: sa.Connection,
+        source: str,
+        groups: Sequence[tuple[str, str, Sequence[tuple[Any, str]]]],
     ) -> None:
-        """Row entries ``(table, op, key tuple, position)``, in ``conn``'s transaction."""
+        """Row entries, in ``conn``'s transaction and in the order given: per group
+        ``(table, op, [(key tuple, position), …])`` (a key of None: a table-level entry)."""
         db = self.db
         self._in_commit_order(conn)
         now = db.now()
-        rows = [(source, t, op, key_json(k), pos, now) for t, op, k, pos in entries]
+        rows = [
+            (source, t, op, key_json(k), pos, now) for t, op, pairs in groups for k, pos in pairs
+        ]
         if db.dialect == "postgresql" and len(rows) >= _COPY_THRESHOLD:
             dbapi = conn.connection.driver_connection
             assert dbapi is not None

@@ -57,8 +57,11 @@ class Mirrors:
 
     def __init__(self, db: StagingDb) -> None:
         self.db = db
-        self._by_table: dict[str, MirrorInfo] = {}
+        self._by_table: dict[str, MirrorInfo] = {}  # never rebound: ``get`` is its method
         self._sql_cache: dict[tuple[Any, ...], str] = {}
+        # The mirror of a table, or None: the dictionary's own method, since the apply path
+        # asks once per change and a Python method around it costs a frame each time.
+        self.get: Callable[[str], MirrorInfo | None] = self._by_table.get
 
     def __getitem__(self, table: str) -> MirrorInfo:
         """The mirror of ``table`` (KeyError when it has none)."""
@@ -104,9 +107,6 @@ class Mirrors:
     def mirror_name(table: str) -> str:
         schema, _, name = table.partition(".")
         return name if schema == "public" else f"{schema}__{name}"
-
-    def get(self, table: str) -> MirrorInfo | None:
-        return self._by_table.get(table)
 
     def all(self) -> list[MirrorInfo]:
         return list(self._by_table.values())
