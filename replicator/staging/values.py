@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -175,10 +176,18 @@ def py_params(
     )
 
 
-try:
-    from replicator.staging._rows import params  # type: ignore[import-not-found]
-except ImportError:  # built without a C compiler
-    params = py_params
+# The compiled twin of py_params, when it is built; SYNC_DAEMON_PURE_DECODER=1 switches both
+# compiled twins (this one and the decoder) off.
+_compiled: Any = None
+if os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0"):
+    try:
+        from replicator.staging import _rows as _compiled  # type: ignore[attr-defined,no-redef]
+    except ImportError:  # built without a C compiler
+        _compiled = None
+
+params: Callable[[tuple[str, ...], tuple[Any, ...], dict[str, Any]], tuple[Any, ...]] = (
+    _compiled.params if _compiled is not None else py_params
+)
 
 
 def sqlite_type(col: Column) -> str:
