@@ -230,7 +230,8 @@ class LogicalSource(CaptureSource):
             self._take_recopy_requests()
         try:
             while not stop.is_set():
-                if self._snaps.active and self._snaps.chunk is None and not self._in_source_txn:
+                # The copy queue itself, not the `active` properties: this runs once a frame.
+                if self._copies.queue and self._snaps.chunk is None and not self._in_source_txn:
                     self._start_chunk()
                 n, data = pgconn.get_copy_data(1)
                 if n == 0:
