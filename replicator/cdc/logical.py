@@ -44,6 +44,7 @@ import json
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import psycopg
@@ -114,6 +115,8 @@ class LogicalSource(CaptureSource):
             dialect=store.dialect, schema_of=lambda rel: self._schemas.get(rel.qualified)
         )
         self._relations: dict[int, Relation] = {}
+        # Per relation oid, its current Relation's row builder (see ValueDecoder.row_builder).
+        self._row_builders: dict[int, Callable[[list[Any]], dict[str, Any]]] = {}
         self._rel_tables: dict[int, str] = {}
         self._schemas: dict[str, TableSchema] = {}
         # begin → apply (bounded flushes, spilled on SQLite) → commit with the LSN → feedback
@@ -360,6 +363,7 @@ class LogicalSource(CaptureSource):
 
     def _on_relation(self, rel: Relation) -> None:
         self._relations[rel.oid] = rel
+        self._row_builders.pop(rel.oid, None)  # built for the Relation before
         table = rel.qualified
         self._rel_tables[rel.oid] = table
         known = self._schemas.get(table)
@@ -465,20 +469,22 @@ class LogicalSource(CaptureSource):
         pipe = self._pipe
         if pipe.txn is None:
             self._open_txn()
-        row = self._decoder.row
+        row = self._row_builders.get(oid)
+        if row is None:
+            row = self._row_builders[oid] = self._decoder.row_builder(rel)
         # Positional arguments and no Change object on the common path: this runs once per
         # streamed row.
         op = msg.op
         if op == "I":
             assert msg.new is not None
-            values, old = row(rel, msg.new), None
+            values, old = row(msg.new), None
         elif op == "U":
             assert msg.new is not None
-            values = row(rel, msg.new)
-            old = row(rel, msg.old) if msg.old is not None else None
+            values = row(msg.new)
+            old = row(msg.old) if msg.old is not None else None
         else:
             assert msg.old is not None
-            values, old = None, row(rel, msg.old)
+            values, old = None, row(msg.old)
         self.progress.changes += 1
         if self._copies.queue or table in self._frozen:
             # An online copy is under way (its shadow and chunk see every change), or the

@@ -15,6 +15,7 @@ Reference: PostgreSQL docs, "Logical Streaming Replication Protocol" / "Message 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -411,13 +412,21 @@ class ValueDecoder:
             plan.append((c.name, fn, kind))
         return tuple(plan)
 
-    def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
-        """Column name -> value, leaving out unchanged TOAST columns."""
+    def _plan_of(self, rel: Relation) -> tuple[tuple[str, Any, int], ...]:
         plan = self._plans.get(id(rel))
         if plan is None or plan[0] is not rel:
             plan = (rel, self._plan(rel))
             self._plans[id(rel)] = plan
-        return _row(plan[1], raw)
+        return plan[1]
+
+    def row(self, rel: Relation, raw: list[Any]) -> dict[str, Any]:
+        """Column name -> value, leaving out unchanged TOAST columns."""
+        return _row(self._plan_of(rel), raw)
+
+    def row_builder(self, rel: Relation) -> Callable[[list[Any]], dict[str, Any]]:
+        """``row(rel, ·)`` as one callable with the plan bound (no Python call of its own per
+        row): for a caller that keeps it as long as ``rel`` is the table's Relation."""
+        return functools.partial(_row, self._plan_of(rel))
 
 
 def _py_row(plan: tuple[tuple[str, Any, int], ...], raw: list[Any]) -> dict[str, Any]:
