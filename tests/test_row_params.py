@@ -21,6 +21,10 @@ from replicator.changes import Column
 from replicator.staging import values as V
 
 compiled = V.params if V.params is not V.py_params else None
+NOT_BUILT = (
+    "replicator.staging._rows is not built (no C compiler at install time), "
+    "or SYNC_DAEMON_PURE_DECODER=1 turned it off"
+)
 
 TYPES = [
     ("bigint", 20),
@@ -70,7 +74,7 @@ def outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
 @given(st.lists(st.tuples(st.sampled_from(range(len(TYPES))), values_st), max_size=8))
 def test_compiled_params_is_its_twin(cells: list[tuple[int, Any]]) -> None:
     if compiled is None:
-        pytest.skip("replicator.staging._rows is not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
     cols = tuple(f"c{i}" for i in range(len(cells)))
     convs = tuple(CONVERTERS[t] for t, _ in cells)
     row = {c: v for c, (_, v) in zip(cols, cells, strict=True)}
@@ -93,7 +97,7 @@ def test_every_sqlite_converter_keeps_a_str(text: str) -> None:
 
 def test_a_failing_converter_and_bad_arguments() -> None:
     if compiled is None:
-        pytest.skip("replicator.staging._rows is not built (no C compiler at install time)")
+        pytest.skip(NOT_BUILT)
 
     def boom(v: Any) -> Any:
         raise ValueError(f"cannot store {v!r}")
