@@ -1,10 +1,12 @@
-"""Benchmark: the logical source's per-change path in process, CPU per change, no server.
+"""Benchmark: the logical source's per-change path in process, CPU per change, no ERP server.
 
 pgoutput CopyBoth frames are built in memory (the table and workloads of
 ``bench/logical_replication.py``: ``bench (id bigint, sku text, qty int, price numeric(12,2),
 at timestamptz)``), then fed to :meth:`LogicalSource._handle_frame` as the stream loop would:
 walsender frame → decoder → ``_apply_row`` → :class:`ApplyPipeline` → :class:`ApplyTxn` →
-flushes and batch commits (with the checkpoint) into SQLite staging. Workloads, in one run:
+flushes and batch commits (with the checkpoint) into SQLite staging (or, with
+``--postgresql``, a fresh database on that PostgreSQL server, whose own CPU is not counted).
+Workloads, in one run:
 large transactions of inserts and then of updates, and small transactions of 1-10 inserts.
 The figure is process CPU time (``time.process_time``) per row change, the best of
 ``--repeat`` runs, so other load on the machine disturbs it less than a wall clock; the slot
@@ -13,11 +15,13 @@ feedback is not sent (no server). ``--profile`` prints a cProfile of one run ins
 Nothing is asserted.
 
 Usage: python bench/capture_path.py [--changes 100000] [--repeat 3] [--batch 5000] [--profile]
+                                   [--postgresql HOST:PORT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -25,7 +29,10 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import psycopg
 
 ROOT = Path(os.environ.get("SYNC_BENCH_CODE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
@@ -114,10 +121,15 @@ def frames(changes: int) -> list[bytes]:
     return out
 
 
-def run(data: list[bytes], batch: int, profile: cProfile.Profile | None = None) -> float:
-    """CPU seconds to feed ``data`` into a fresh SQLite staging store."""
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 's.db'}"
+def run(
+    data: list[bytes],
+    batch: int,
+    profile: cProfile.Profile | None = None,
+    pg_server: str | None = None,
+) -> float:
+    """CPU seconds to feed ``data`` into a fresh staging store: SQLite, or a fresh database on
+    the PostgreSQL server ``pg_server`` (``host:port``; the server's own CPU is not counted)."""
+    with tempfile.TemporaryDirectory() as tmp, _staging_url(tmp, pg_server) as url:
         cfg = parse_config(
             {
                 "erp": {"dsn": "postgresql://unused"},
@@ -145,6 +157,23 @@ def run(data: list[bytes], batch: int, profile: cProfile.Profile | None = None) 
     return spent
 
 
+@contextlib.contextmanager
+def _staging_url(tmp: str, pg_server: str | None) -> Iterator[str]:
+    if pg_server is None:
+        yield f"sqlite:///{Path(tmp) / 's.db'}"
+        return
+    name = f"bench_capture_path_{os.getpid()}"
+    admin = f"postgresql://postgres@{pg_server}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@{pg_server}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -153,17 +182,23 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=5000, help="capture.batch_size")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one run")
+    ap.add_argument(
+        "--postgresql",
+        metavar="HOST:PORT",
+        help="PostgreSQL staging on this server (trust auth, user postgres) instead of SQLite",
+    )
     args = ap.parse_args()
     data = frames(args.changes)
     n = len([f for f in data if f[25:26] in (b"I", b"U", b"D")])
     if args.profile:
         prof = cProfile.Profile()
-        run(data, args.batch, prof)
+        run(data, args.batch, prof, args.postgresql)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
-    best = min(run(data, args.batch) for _ in range(args.repeat))
+    best = min(run(data, args.batch, None, args.postgresql) for _ in range(args.repeat))
+    staging = "PostgreSQL" if args.postgresql else "SQLite"
     print(
-        f"{n:,} changes (decoder {pgoutput.DECODER}), SQLite staging, batch {args.batch}: "
+        f"{n:,} changes (decoder {pgoutput.DECODER}), {staging} staging, batch {args.batch}: "
         f"{best / n * 1e6:.2f} us CPU per change (best of {args.repeat})"
     )
     return 0
