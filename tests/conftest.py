@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,46 @@ settings.register_profile(
     "sync-daemon", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("sync-daemon")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The Tryton tests share one database template that takes a minute of CPU to build when the server
+# does not have it yet (a fresh machine). Built in the background from the start of the session,
+# at the lowest priority, it is ready by the time those tests run instead of holding up the first
+# of them; the build takes the same lock as the tests' own `ensure_template`, which waits for it.
+_tryton_build: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _tryton_build
+    if os.environ.get("PYTEST_XDIST_WORKER") not in (None, "gw0"):
+        return
+    if not any("tryton" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    try:
+        from tests.erp import tryton_db
+
+        if tryton_db._exists(tryton_db.TEMPLATE):
+            return
+    except Exception:  # no trytond, no server: the fixture skips or says why itself
+        return
+    _tryton_build = subprocess.Popen(
+        ["nice", "-n", "19", sys.executable, "-m", "tests.erp.tryton_db"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A build that outlives the session (its tests deselected or failed early) is stopped; a
+    # half-built template is never renamed into place, the next build starts it again.
+    if _tryton_build is not None and _tryton_build.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_tryton_build.pid, signal.SIGTERM)
+        _tryton_build.wait(30)
 
 
 class PgServer:

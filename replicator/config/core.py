@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import sqlglot
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from sqlglot import exp
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -165,6 +163,11 @@ def filter_columns(table: str, condition: str) -> list[str]:
     refuses early, with the key named, what is certainly not a condition: several statements, a
     subquery, an empty text.
     """
+    # sqlglot costs 60-180 ms to import; only configs with row filters need it, so every other
+    # daemon start (and every CLI command) does without.
+    import sqlglot  # noqa: PLC0415 - start-up cost
+    from sqlglot import exp  # noqa: PLC0415 - start-up cost
+
     try:
         tree = sqlglot.parse_one(f"SELECT 1 WHERE {condition}", read="postgres")
     except sqlglot.errors.ParseError:

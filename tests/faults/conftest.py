@@ -76,6 +76,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _report_wanted(config: pytest.Config) -> bool:
+    return bool(
+        config.getoption("--reliability-report", False) or os.environ.get("SYNC_RELIABILITY_REPORT")
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # The report is written from the rows this process measured; spread over pytest-xdist
+    # workers (pyproject's `-n 2`) each would hold a part, so a report run stays in one process.
+    if _report_wanted(config) and getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "faults_full: long fault-suite variants (SYNC_FAULTS_FULL=1 or -m faults_full)"
@@ -195,10 +210,10 @@ def reliability(request: pytest.FixtureRequest) -> Iterator[Reliability]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    wanted = session.config.getoption("--reliability-report", False) or os.environ.get(
-        "SYNC_RELIABILITY_REPORT"
-    )
-    if not wanted or _RELIABILITY is None:
+    # A pytest-xdist worker holds only its share of the rows: never write a partial table.
+    if not _report_wanted(session.config) or _RELIABILITY is None:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     command = ("SYNC_FAULTS_FULL=1 " if _RELIABILITY.full else "") + (
         ".venv/bin/pytest tests/faults --reliability-report"
