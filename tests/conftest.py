@@ -50,7 +50,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     try:
         from tests.erp import tryton_db
 
-        if tryton_db._exists(tryton_db.TEMPLATE):
+        if tryton_db.database_exists(tryton_db.TEMPLATE):
             return
     except Exception:  # no trytond, no server: the fixture skips or says why itself
         return

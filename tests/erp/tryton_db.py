@@ -55,7 +55,7 @@ def config_file(directory: Path | None = None) -> Path:
     return path
 
 
-def _exists(name: str) -> bool:
+def database_exists(name: str) -> bool:
     with psycopg.connect(ADMIN_DSN, dbname="postgres", autocommit=True) as conn:
         return (
             conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
@@ -65,11 +65,11 @@ def _exists(name: str) -> bool:
 
 def ensure_template() -> str:
     """The template database, built now unless a previous run left it."""
-    if _exists(TEMPLATE):
+    if database_exists(TEMPLATE):
         return TEMPLATE
     with open(f"/tmp/sync-tryton-build-{os.getuid()}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _exists(TEMPLATE):
+        if not database_exists(TEMPLATE):
             _build()
     return TEMPLATE
 
