@@ -357,27 +357,26 @@ stored form at C speed; json/jsonb because the stored form is json.dumps of the 
 timetz because their stored form needs the parse; and every type not listed."""
 
 
-# The adapters above whose fast branch the compiled decoder also has (``row`` in
+# The compiled decoder's number for each adapter above whose fast branch it also has (``row`` in
 # replicator/cdc/_pgoutput.c, same numbers there): it runs that branch in C and calls the adapter
 # for every other text, so the values are the adapter's either way; 0 means "call the adapter".
-FAST_KINDS: dict[str, dict[int, int]] = {
-    "sqlite": {
-        _OID_NUMERIC: 1,
-        _OID_TIMESTAMP: 2,
-        _OID_TIMESTAMPTZ: 3,
-        _OID_DATE: 4,
-        _OID_TIME: 5,
-        _OID_UUID: 6,
-    },
-    "postgresql": {
-        _OID_NUMERIC: 7,
-        _OID_TIMESTAMP: 8,
-        _OID_TIMESTAMPTZ: 8,
-        _OID_DATE: 8,
-        _OID_TIME: 9,
-        _OID_UUID: 6,
-    },
+_FAST_KIND: dict[Callable[[Callable[[bytes], Any]], TextAdapter], int] = {
+    _sqlite_numeric: 1,
+    _sqlite_timestamp: 2,
+    _sqlite_timestamptz: 3,
+    _sqlite_date: 4,
+    _sqlite_time: 5,
+    _uuid: 6,
+    _pg_text: 7,
+    _pg_temporal: 8,
+    _pg_time: 9,
 }
+
+FAST_KINDS: dict[str, dict[int, int]] = {
+    dialect: {oid: _FAST_KIND.get(make, 0) for oid, make in adapters.items()}
+    for dialect, adapters in _TEXT_ADAPTERS.items()
+}
+"""Per staging dialect and type oid, the compiled decoder's number of its text adapter."""
 
 
 def text_adapter_kind(type_oid: int, dialect: str) -> int:
