@@ -25,7 +25,7 @@ from typing import Any
 from psycopg import adapt, pq
 
 from replicator.changes import TableSchema
-from replicator.staging.values import text_adapter, text_adapter_kind
+from replicator.staging.values import COMPILED_TWINS, text_adapter, text_adapter_kind
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _UNIX_TO_PG_US = 946_684_800_000_000
@@ -455,7 +455,7 @@ pure_cstring = _py_cstring
 pure_row = _py_row
 
 compiled: Any = None
-if os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0"):
+if COMPILED_TWINS:
     try:
         from replicator.cdc import _pgoutput as compiled  # type: ignore[attr-defined,no-redef]
     except ImportError:

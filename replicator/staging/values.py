@@ -176,10 +176,14 @@ def py_params(
     )
 
 
-# The compiled twin of py_params, when it is built; SYNC_DAEMON_PURE_DECODER=1 switches both
-# compiled twins (this one and the decoder) off.
+COMPILED_TWINS = os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0")
+"""Whether the compiled twins (this module's ``params``, the pgoutput decoder in
+:mod:`replicator.cdc.pgoutput`) are used when built: SYNC_DAEMON_PURE_DECODER=1 switches both
+off."""
+
+# The compiled twin of py_params, when it is built.
 _compiled: Any = None
-if os.environ.get("SYNC_DAEMON_PURE_DECODER", "") in ("", "0"):
+if COMPILED_TWINS:
     try:
         from replicator.staging import _rows as _compiled  # type: ignore[attr-defined,no-redef]
     except ImportError:  # built without a C compiler
